@@ -1,0 +1,52 @@
+"""Base class for measurement results: small dataclasses that JSON can hold."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Result", "to_jsonable"]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert tensors, arrays, dataclasses and non-finite floats to plain JSON values.
+
+    NaN and infinities become ``None`` so the output is strict JSON.
+    """
+    if isinstance(value, Result):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.device | torch.dtype):
+        return str(value)
+    return value
+
+
+@dataclasses.dataclass
+class Result:
+    """A measurement's outcome. Fields marked ``metadata={"json": False}`` (large tensors such
+    as eigenvectors) are left out of :meth:`to_dict`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary of the result, including the settings that produced it."""
+        out: dict[str, Any] = {"kind": type(self).__name__}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("json", True):
+                out[f.name] = to_jsonable(getattr(self, f.name))
+        return out

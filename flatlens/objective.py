@@ -152,7 +152,7 @@ class Objective:
         self.distributed = bool(distributed)
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
-        self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]]] | None = None
+        self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
         self._checked = not check_determinism
         self.num_samples: int | None = None
         self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
@@ -304,6 +304,22 @@ class Objective:
         """L and its gradient (a flat vector) in one pass over the data."""
         self._ensure_checked()
         theta = self._point(at)
+        if self.cache_graph:
+            # Build (or reuse) the first-order graph, so an HVP at this point that follows
+            # costs only the second backward pass.
+            graphs, value = self._cached_graph(theta)
+            grad = self.zeros()
+            for _, g in graphs:
+                if g is not None:
+                    grad += g.detach()
+            if self.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(grad)
+            if self.reduction == "mean":
+                grad.mul_(1.0 / (self.num_samples or 1))
+            self.counts["gradient"] += 1
+            return value, grad
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         grad = self.zeros()
         parts, count = [], 0
@@ -335,9 +351,10 @@ class Objective:
         # backward remains, otherwise forward-over-reverse saves most of a backward pass.
         return "double_backward" if self.cache_graph else "forward_over_reverse"
 
-    def _cached_graph(self, theta: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _cached_graph(self, theta: Tensor) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        """Per-batch ``(leaf, grad)`` with ``create_graph=True`` at ``theta``, and L(theta)."""
         if self._graph is not None and torch.equal(self._graph[0], theta):
-            return self._graph[1]
+            return self._graph[1], self._graph[2]
         self._graph = None
         graphs, parts, count = [], [], 0
         total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -350,9 +367,9 @@ class Objective:
                 parts.append(part.detach())
                 total += part.detach()
                 count += n
-        self._finish(total, parts, count)
-        self._graph = (theta.clone(), graphs)
-        return graphs
+        value = self._finish(total, parts, count)
+        self._graph = (theta.clone(), graphs, value)
+        return graphs, value
 
     def hvp(self, v: Tensor, at: Tensor | None = None) -> Tensor:
         """Hessian-vector product (grad^2 L(theta)) v as a flat vector.
@@ -373,7 +390,7 @@ class Objective:
         count = 0
         method = self._resolved_hvp_method()
         if self.cache_graph:
-            for leaf, g in self._cached_graph(theta):
+            for leaf, g in self._cached_graph(theta)[0]:
                 if g is not None and g.requires_grad:
                     (hv,) = torch.autograd.grad(
                         g, leaf, grad_outputs=v, retain_graph=True, allow_unused=True

@@ -254,7 +254,8 @@ class Objective:
                 v.mul_(scale)
         return value * scale
 
-    def _point(self, at: Tensor | None) -> Tensor:
+    def point(self, at: Tensor | None = None) -> Tensor:
+        """The flat parameter vector to evaluate: ``at`` (checked) or the model's current one."""
         if at is None:
             return self.theta
         if not isinstance(at, Tensor) or at.shape != (self.num_params,):
@@ -298,12 +299,12 @@ class Objective:
     def loss(self, at: Tensor | None = None) -> float:
         """L(theta), or L(at) for a flat parameter vector ``at``."""
         self._ensure_checked()
-        return self._loss(self._point(at))
+        return self._loss(self.point(at))
 
     def loss_and_gradient(self, at: Tensor | None = None) -> tuple[float, Tensor]:
         """L and its gradient (a flat vector) in one pass over the data."""
         self._ensure_checked()
-        theta = self._point(at)
+        theta = self.point(at)
         if self.cache_graph:
             # Build (or reuse) the first-order graph, so an HVP at this point that follows
             # costs only the second backward pass.
@@ -380,7 +381,7 @@ class Objective:
                 model's current parameters.
         """
         self._ensure_checked()
-        theta = self._point(at)
+        theta = self.point(at)
         if v.shape != (self.num_params,):
             raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
         if v.device != self.device:
@@ -454,7 +455,7 @@ class Objective:
         """
         from scipy.sparse.linalg import LinearOperator
 
-        point = self._point(at)
+        point = self.point(at)
         n = self.num_params
 
         def matvec(x: np.ndarray) -> np.ndarray:

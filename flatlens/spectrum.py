@@ -88,6 +88,7 @@ def hessian_eigenvalues(
     max_iter: int | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    at: Tensor | None = None,
 ) -> EigenResult:
     """The k extreme eigenvalues of H = grad^2 L(theta) and their eigenvectors.
 
@@ -107,6 +108,7 @@ def hessian_eigenvalues(
         max_iter: Budget of HVPs (Lanczos) or of iterations per eigenvalue (power).
         seed: Seed or generator for the start vector.
         progress: Show a tqdm bar.
+        at: Flat parameter vector where the Hessian is taken (default: the model's).
 
     Returns:
         An :class:`EigenResult`.
@@ -121,7 +123,7 @@ def hessian_eigenvalues(
     if max_iter is not None and max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     gen = _generator(seed)
-    theta = objective.theta
+    theta = objective.point(at)
     start_hvps = objective.counts["hvp"]
 
     def matvec(v: Tensor) -> Tensor:
@@ -193,6 +195,7 @@ def hessian_trace(
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    at: Tensor | None = None,
 ) -> TraceResult:
     """Estimate tr(H) with ``num_samples`` Hessian-vector products.
 
@@ -207,6 +210,7 @@ def hessian_trace(
         method: ``"hutch++"`` or ``"hutchinson"``.
         seed: Seed or generator.
         progress: Show a tqdm bar.
+        at: Flat parameter vector where the Hessian is taken (default: the model's).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', not {method!r}")
@@ -214,7 +218,7 @@ def hessian_trace(
     if not isinstance(num_samples, int) or num_samples < least:
         raise ValueError(f"num_samples must be an integer >= {least} for {method}")
     gen = _generator(seed)
-    theta = objective.theta
+    theta = objective.point(at)
     start = objective.counts["hvp"]
     bar = tqdm(total=num_samples, desc="trace", disable=not progress, leave=False)
 
@@ -283,6 +287,7 @@ def hessian_density(
     kernel_width: float = 0.01,
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    at: Tensor | None = None,
 ) -> DensityResult:
     """Spectral density phi(t) = (1/n) sum_i delta(t - lambda_i) by stochastic Lanczos quadrature.
 
@@ -301,13 +306,14 @@ def hessian_density(
         kernel_width: Gaussian width relative to the spectrum's range.
         seed: Seed or generator.
         progress: Show a tqdm bar.
+        at: Flat parameter vector where the Hessian is taken (default: the model's).
     """
     if num_runs < 1 or lanczos_steps < 1 or num_points < 2:
         raise ValueError("num_runs and lanczos_steps must be >= 1 and num_points >= 2")
     if not kernel_width > 0:
         raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
     gen = _generator(seed)
-    theta = objective.theta
+    theta = objective.point(at)
     start = objective.counts["hvp"]
     nodes, weights = [], []
     for _ in tqdm(range(num_runs), desc="density", disable=not progress, leave=False):

@@ -44,6 +44,16 @@ def _is_batch(data: Any) -> bool:
     )
 
 
+def _is_classification(outputs: Any, targets: Any) -> bool:
+    return (
+        isinstance(outputs, Tensor)
+        and isinstance(targets, Tensor)
+        and outputs.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+    )
+
+
 def _batch_size(targets: Any) -> int:
     if isinstance(targets, Tensor):
         return int(targets.shape[0]) if targets.dim() > 0 else 1
@@ -221,7 +231,9 @@ class Objective:
 
     def _batch_loss(self, theta: Tensor, x: Any, y: Any, n: int) -> Tensor:
         """``w_b * loss(B_b; theta)`` with w_b = n_b for mean reduction, 1 for sum."""
-        loss = self.loss_fn(self.forward(theta, x), y)
+        return self._weighted(self.loss_fn(self.forward(theta, x), y), n)
+
+    def _weighted(self, loss: Any, n: int) -> Tensor:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor; use a reduced loss")
         loss = loss.reshape(())
@@ -300,6 +312,41 @@ class Objective:
         """L(theta), or L(at) for a flat parameter vector ``at``."""
         self._ensure_checked()
         return self._loss(self.point(at))
+
+    @torch.no_grad()
+    def evaluate(self, at: Tensor | None = None) -> dict[str, float]:
+        """Loss and, for classification (2-D outputs, integer targets), accuracy in one pass.
+
+        Returns:
+            ``{"loss": L}`` plus ``"accuracy"`` (fraction of argmax predictions equal to the
+            targets over all samples) when the task is classification.
+        """
+        self._ensure_checked()
+        theta = self.point(at)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        parts, count, classify = [], 0, True
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                out = self.forward(theta, x)
+                part = self._weighted(self.loss_fn(out, y), n)
+                parts.append(part)
+                total += part
+                count += n
+                classify = classify and _is_classification(out, y)
+                if classify:
+                    correct += (out.argmax(dim=-1) == y).sum()
+        if count == 0:
+            raise ValueError("data is empty: it yielded no samples")
+        self.counts["loss"] += 1
+        if classify and self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(correct)
+        result = {"loss": self._finish(total, parts, count)}
+        if classify:
+            result["accuracy"] = float(correct) / self.num_samples
+        return result
 
     def loss_and_gradient(self, at: Tensor | None = None) -> tuple[float, Tensor]:
         """L and its gradient (a flat vector) in one pass over the data."""

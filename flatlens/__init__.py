@@ -2,6 +2,7 @@
 
 from flatlens.objective import DataChangedError, Objective
 from flatlens.params import ParamSpace, preserved, select_parameters
+from flatlens.spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 
 __version__ = "0.1.0"
 
@@ -10,6 +11,9 @@ __all__ = [
     "Objective",
     "ParamSpace",
     "__version__",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
     "preserved",
     "select_parameters",
 ]

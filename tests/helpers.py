@@ -1,0 +1,399 @@
+"""Shared test helpers: tiny models, data, and dense float64 references.
+
+The references never go through :class:`flatlens.Objective`: they concatenate all batches,
+call the model with :func:`torch.func.functional_call` and differentiate with
+``torch.func.jacrev`` / ``torch.func.hessian``. For a per-sample decomposable loss,
+
+* mean reduction: L(theta) = (1/N) sum_i loss(x_i, y_i; theta) = the full-batch mean loss,
+* sum reduction:  L(theta) = sum_i loss(x_i, y_i; theta) = the full-batch summed loss,
+
+which is exactly what the Objective must compute from uneven mini-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "DenseReference",
+    "ModelSnapshot",
+    "OneShot",
+    "Quadratic",
+    "ReIterable",
+    "bn_cnn",
+    "classification_data",
+    "dense_hessian",
+    "dense_reference",
+    "image_data",
+    "logistic_data",
+    "logistic_hessian",
+    "logistic_regression",
+    "objective_reference",
+    "quadratic_objective_parts",
+    "rel_err",
+    "symmetric_with_spectrum",
+    "tiny_mlp",
+    "uneven_batches",
+    "with_unused",
+]
+
+
+# ---------------------------------------------------------------------------------- numbers
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (absolute when expected is 0)."""
+    a = torch.as_tensor(actual).detach().to("cpu", torch.float64)
+    e = torch.as_tensor(expected).detach().to("cpu", torch.float64)
+    den = float(torch.linalg.vector_norm(e))
+    num = float(torch.linalg.vector_norm(a - e))
+    return num / den if den > 0 else num
+
+
+def symmetric_with_spectrum(
+    eigenvalues: Sequence[float] | Tensor, *, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """A dense symmetric float64 matrix ``Q diag(eigenvalues) Q^T`` with random orthogonal Q.
+
+    Returns:
+        ``(A, Q)``; the columns of Q are the eigenvectors.
+    """
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(
+        torch.randn(lam.numel(), lam.numel(), generator=gen, dtype=torch.float64)
+    )
+    q = q * torch.sign(torch.diagonal(r))
+    a = (q * lam) @ q.T
+    return (a + a.T) / 2, q
+
+
+# ---------------------------------------------------------------------------------- models
+def tiny_mlp(
+    in_features: int = 4,
+    hidden: int = 5,
+    num_classes: int = 3,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Sequential:
+    """Linear - tanh - Linear (smooth, so the Hessian is well defined everywhere).
+
+    Parameter names: ``0.weight, 0.bias, 2.weight, 2.bias``.
+    """
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, num_classes)
+    ).to(dtype)
+
+
+def logistic_regression(dim: int = 5, *, seed: int = 0) -> nn.Linear:
+    """``nn.Linear(dim, 1)`` in float64: logit = w^T x + b."""
+    torch.manual_seed(seed)
+    model = nn.Linear(dim, 1).to(torch.float64)
+    with torch.no_grad():
+        model.weight.mul_(3.0)
+    return model
+
+
+class _WithUnused(nn.Module):
+    """An MLP with an extra layer that the forward pass never reaches."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.body = tiny_mlp(dtype=dtype)
+        self.unused = nn.Linear(2, 2).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def with_unused(*, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A tiny MLP (``body.*``) plus ``unused.weight``/``unused.bias`` that get no gradient."""
+    torch.manual_seed(seed)
+    return _WithUnused(dtype)
+
+
+def bn_cnn(*, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """Conv - BatchNorm - tanh - Linear on 1x4x4 images, with non-trivial running stats.
+
+    The running statistics are set far from what the data would give, so a loss evaluated
+    with batch statistics (train mode) differs clearly from one with running statistics.
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, bias=False),
+        nn.BatchNorm2d(2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).to(dtype)
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.3, -0.2], dtype=dtype))
+        bn.running_var.copy_(torch.tensor([2.0, 0.5], dtype=dtype))
+        bn.weight.copy_(torch.tensor([1.3, 0.7], dtype=dtype))
+        bn.bias.copy_(torch.tensor([0.1, -0.4], dtype=dtype))
+        bn.num_batches_tracked.fill_(7)
+    return model
+
+
+class Quadratic(nn.Module):
+    """``forward(x)`` returns the parameter vector; with :func:`quadratic_objective_parts`
+    the loss is 0.5 * theta^T A theta, whose Hessian is exactly A."""
+
+    def __init__(self, n: int, *, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.theta = nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.theta + 0 * x.sum()
+
+
+def quadratic_objective_parts(
+    eigenvalues: Sequence[float] | Tensor, *, seed: int = 0
+) -> tuple[Quadratic, Callable[[Tensor, Tensor], Tensor], tuple[Tensor, Tensor], Tensor]:
+    """``(model, loss_fn, data, A)`` for the loss 0.5 theta^T A theta with spec(A) given."""
+    a, _ = symmetric_with_spectrum(eigenvalues, seed=seed)
+    model = Quadratic(a.shape[0], seed=seed)
+
+    def loss_fn(out: Tensor, _target: Tensor) -> Tensor:
+        return 0.5 * out @ (a.to(out.dtype) @ out)
+
+    data = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    return model, loss_fn, data, a
+
+
+# ---------------------------------------------------------------------------------- data
+def classification_data(
+    n: int = 23,
+    in_features: int = 4,
+    num_classes: int = 3,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` with standard normal features and uniform labels."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    return x, y
+
+
+def image_data(
+    n: int = 13, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` with x of shape ``(n, 1, 4, 4)`` for :func:`bn_cnn`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 4, 4, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return x, y
+
+
+def logistic_data(n: int = 40, dim: int = 5, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` with float64 features and 0/1 float targets of shape ``(n, 1)``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (n, 1), generator=gen).to(torch.float64)
+    return x, y
+
+
+def logistic_hessian(model: nn.Linear, x: Tensor) -> Tensor:
+    """Closed form Hessian of the mean logistic loss over (weight, bias):
+    H = X~^T diag(p (1 - p)) X~ / N with X~ = [X, 1] and p = sigmoid(X~ [w; b])."""
+    xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x)).reshape(-1)
+    return xt.T @ (xt * (p * (1 - p))[:, None]) / x.shape[0]
+
+
+def uneven_batches(x: Tensor, y: Tensor, sizes: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    """Cut ``(x, y)`` into consecutive batches of the given sizes (which must sum to N)."""
+    assert sum(sizes) == len(y)
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start : start + s], y[start : start + s]))
+        start += s
+    return out
+
+
+class ReIterable:
+    """A re-iterable of batches made by ``make(pass_index)``: new data every pass if wanted."""
+
+    def __init__(self, make: Callable[[int], list[tuple[Any, Any]]]) -> None:
+        self.make = make
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        batches = self.make(self.passes)
+        self.passes += 1
+        return iter(batches)
+
+
+class OneShot:
+    """An iterator over batches that is exhausted after one pass (``iter(self) is self``)."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self._it = iter(batches)
+
+    def __iter__(self) -> OneShot:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return next(self._it)
+
+
+# ---------------------------------------------------------------------------------- references
+@dataclass
+class DenseReference:
+    """Loss, gradient and Hessian of the full-data risk, in float64."""
+
+    loss: float
+    gradient: Tensor
+    hessian: Tensor
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Ascending eigenvalues of the (symmetrized) Hessian."""
+        return torch.linalg.eigvalsh((self.hessian + self.hessian.T) / 2)
+
+
+def _concat(batches: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def dense_reference(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]],
+    names: Sequence[str] | None = None,
+    *,
+    train: bool = False,
+    at: Tensor | None = None,
+) -> DenseReference:
+    """Dense float64 loss, gradient and Hessian over ``names`` (default: every parameter).
+
+    Works on a float64 deep copy of ``model`` (so a float32 model gets a float64 reference).
+    ``loss_fn`` is called once on all samples; for ``reduction="mean"`` it must return the
+    mean over samples, for ``"sum"`` the sum.
+
+    Args:
+        model: The network (not modified).
+        loss_fn: Per-sample decomposable, mean- or sum-reduced as ``reduction`` says.
+        data: One ``(x, y)`` pair or a list of them (concatenated).
+        names: Parameter names spanning the flat vector, in this order.
+        train: Evaluate in train mode (batch statistics) instead of eval mode.
+        at: Flat float64 point; default the model's parameters.
+    """
+    ref = copy.deepcopy(model).to(torch.float64)
+    ref.train(train)
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+    else:
+        x, y = _concat(list(data))
+    x = x.to(torch.float64) if x.is_floating_point() else x
+    y = y.to(torch.float64) if y.is_floating_point() else y
+    params = dict(ref.named_parameters())
+    names = list(names) if names is not None else list(params)
+    shapes = [params[n].shape for n in names]
+    numels = [s.numel() for s in shapes]
+    theta0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    theta = theta0 if at is None else at.detach().to("cpu", torch.float64)
+    buffers = {n: b.clone() for n, b in ref.named_buffers()}
+
+    def risk(flat: Tensor) -> Tensor:
+        values = {n: c.view(s) for n, c, s in zip(names, flat.split(numels), shapes, strict=True)}
+        values.update({n: b.clone() for n, b in buffers.items()})
+        return loss_fn(functional_call(ref, values, (x,), strict=False), y).reshape(())
+
+    loss = float(risk(theta))
+    grad = torch.func.jacrev(risk)(theta).detach()
+    hess = torch.func.hessian(risk)(theta).detach()
+    return DenseReference(loss, grad, hess)
+
+
+def dense_hessian(objective: Any, at: Tensor | None = None) -> Tensor:
+    """Dense float64 Hessian of an Objective's risk, built without the Objective's HVP.
+
+    Uses only the Objective's model, loss function, reduction, eval-mode flag, parameter
+    names and one pass of its batches (concatenated); the loss function must be per-sample
+    decomposable.
+    """
+    return _objective_reference(objective, at).hessian
+
+
+def _objective_reference(objective: Any, at: Tensor | None = None) -> DenseReference:
+    batches = [(x, y) for x, y, _ in objective.batches()]
+    x, y = _concat(batches)
+    return dense_reference(
+        objective.model,
+        objective.loss_fn,
+        (x, y),
+        objective.space.names,
+        train=not objective.eval_mode,
+        at=at,
+    )
+
+
+def objective_reference(objective: Any, at: Tensor | None = None) -> DenseReference:
+    """Dense float64 loss, gradient and Hessian of an Objective's risk (see
+    :func:`dense_hessian`)."""
+    return _objective_reference(objective, at)
+
+
+# ---------------------------------------------------------------------------------- state
+def _bytes(t: Tensor) -> Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+@dataclass
+class ModelSnapshot:
+    """Everything about a model that a measurement must leave exactly as it was."""
+
+    tensors: dict[str, Tensor]
+    data_ptrs: dict[str, int]
+    ids: dict[str, int]
+    training: dict[str, bool]
+    requires_grad: dict[str, bool]
+    grads: dict[str, Tensor | None]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> ModelSnapshot:
+        """Copy parameters, buffers, storage pointers, flags and ``.grad`` fields."""
+        named = [*model.named_parameters(), *model.named_buffers()]
+        return cls(
+            tensors={n: t.detach().clone() for n, t in named},
+            data_ptrs={n: t.data_ptr() for n, t in named},
+            ids={n: id(t) for n, t in named},
+            training={n: m.training for n, m in model.named_modules()},
+            requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+            grads={
+                n: None if p.grad is None else p.grad.detach().clone()
+                for n, p in model.named_parameters()
+            },
+        )
+
+    def assert_unchanged(self, model: nn.Module) -> None:
+        """Fail unless the model is bit-for-bit what it was when the snapshot was taken."""
+        now = ModelSnapshot.take(model)
+        assert now.tensors.keys() == self.tensors.keys()
+        for name, saved in self.tensors.items():
+            live = now.tensors[name]
+            assert live.dtype == saved.dtype and live.shape == saved.shape, name
+            # Bit-for-bit: compare the raw bytes, so -0.0 vs 0.0 and NaN payloads count too.
+            assert torch.equal(_bytes(live), _bytes(saved)), f"{name} changed"
+        assert now.data_ptrs == self.data_ptrs, "a parameter or buffer was reallocated"
+        assert now.ids == self.ids, "a parameter or buffer object was replaced"
+        assert now.training == self.training, "train/eval flags changed"
+        assert now.requires_grad == self.requires_grad, "requires_grad flags changed"
+        for name, g in self.grads.items():
+            h = now.grads[name]
+            assert (g is None) == (h is None), f"{name}.grad changed"
+            if g is not None:
+                assert torch.equal(g, h), f"{name}.grad changed"

@@ -120,6 +120,7 @@ def lanczos_eigsh(
     V[0] = _unit(v0)
     T = torch.zeros(m, m, dtype=torch.float64)
     j, count, restarts = 0, 0, 0
+    broke = False  # an exact breakdown happened since the last restart
     beta = 0.0
     theta = res = bounds = Y = None
     bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
@@ -139,6 +140,7 @@ def lanczos_eigsh(
             elif beta <= 1e-12 * scale * math.sqrt(n):
                 # Invariant subspace found: continue from a fresh orthogonal direction.
                 beta = 0.0
+                broke = True
                 fresh = torch.randn(n, generator=generator, dtype=torch.float64).to(dev, dt)
                 V[j + 1] = _unit(_orthogonalize(fresh, V[: j + 1])[0])
             else:
@@ -152,7 +154,7 @@ def lanczos_eigsh(
                 want = _order(theta, which)[:k]
                 floor = 1e-6 * float(theta.abs().max())
                 limit = tol * torch.clamp(theta[want].abs(), min=floor)
-                done = bool((bounds[want] <= limit).all())
+                done = bool((bounds[want] <= limit).all()) and (not broke or j == m)
                 if done or count >= budget or (j == n):
                     break
             if j == m:
@@ -166,6 +168,7 @@ def lanczos_eigsh(
                 T[:p, :p] = torch.diag(theta[keep])
                 j = p
                 restarts += 1
+                broke = False
     finally:
         bar.close()
 

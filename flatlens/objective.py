@@ -164,6 +164,7 @@ class Objective:
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
         self._checked = not check_determinism
+        self._fwd_rev_failed = False
         self.num_samples: int | None = None
         self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
 
@@ -279,7 +280,6 @@ class Objective:
     def _ensure_checked(self) -> None:
         if self._checked:
             return
-        self._checked = True
         theta = self.theta
         first, second = self._loss(theta), self._loss(theta)
         self.counts["loss"] -= 2
@@ -291,6 +291,7 @@ class Objective:
                 "non-deterministic transforms, dropout left on with eval_mode=False). Use "
                 "fixed batches, or pass check_determinism=False if this is intended"
             )
+        self._checked = True
 
     # ------------------------------------------------------------------ L, grad L, H v
     @torch.no_grad()
@@ -395,6 +396,8 @@ class Objective:
     def _resolved_hvp_method(self) -> str:
         if self.hvp_method != "auto":
             return self.hvp_method
+        if self._fwd_rev_failed:
+            return "double_backward"
         # Measured in benchmarks/bench_spectrum.py: with a cached graph only the second
         # backward remains, otherwise forward-over-reverse saves most of a backward pass.
         return "double_backward" if self.cache_graph else "forward_over_reverse"
@@ -410,11 +413,15 @@ class Objective:
             for x, y, n in self.batches():
                 leaf = theta.detach().requires_grad_(True)
                 part = self._batch_loss(leaf, x, y, n)
-                (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+                g = None
+                if part.requires_grad:
+                    (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
                 graphs.append((leaf, g))
                 parts.append(part.detach())
                 total += part.detach()
                 count += n
+        if count == 0:
+            raise ValueError("data is empty: it yielded no samples")
         value = self._finish(total, parts, count)
         self._graph = (theta.clone(), graphs, value)
         return graphs, value
@@ -460,7 +467,19 @@ class Objective:
         with eval_mode(self.model, self.eval_mode):
             for x, y, n in self.batches():
                 if method == "forward_over_reverse":
-                    part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
+                    try:
+                        part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
+                    except (RuntimeError, NotImplementedError) as err:
+                        # PyTorch gaps: mse_loss ("ZeroTensors are immutable"), huber_loss
+                        # (no forward-AD formula). Anything else is the caller's error.
+                        msg = str(err)
+                        if self.hvp_method != "auto" or not (
+                            "forward AD" in msg or "ZeroTensor" in msg
+                        ):
+                            raise
+                        self._fwd_rev_failed = True
+                        method = "double_backward"
+                        part, hv = self._hvp_double_backward(theta, v, x, y, n)
                 else:
                     part, hv = self._hvp_double_backward(theta, v, x, y, n)
                 out += hv

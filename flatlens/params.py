@@ -134,7 +134,7 @@ class ParamSpace:
             raise ValueError(f"flat vector has length {flat.shape[-1]}, expected {self.dim}")
         lead = flat.shape[:-1]
         return [
-            chunk.view(*lead, *shape)
+            chunk.view((*lead, *shape))
             for chunk, shape in zip(flat.split(self.numels, dim=-1), self.shapes, strict=True)
         ]
 

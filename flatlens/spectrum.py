@@ -230,11 +230,11 @@ def hessian_trace(
     Q = None
     n_stoch = num_samples
     if method == "hutch++":
-        s = num_samples // 3
+        s = min(num_samples // 3, objective.num_params)
         S = torch.stack([random_vector(objective, gen, "rademacher") for _ in range(s)], dim=1)
         HS = torch.stack([hvp(S[:, i]) for i in range(s)], dim=1)
         Q, _ = torch.linalg.qr(HS)
-        exact = sum(float(Q[:, i] @ hvp(Q[:, i])) for i in range(s))
+        exact = sum(float(Q[:, i] @ hvp(Q[:, i])) for i in range(Q.shape[1]))
         n_stoch = num_samples - 2 * s
     samples = []
     for _ in range(n_stoch):

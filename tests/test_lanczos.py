@@ -114,17 +114,6 @@ def test_zero_matrix_and_definite_matrices():
     check_pairs(a, out, wanted(lam, "SA", 2), rtol=1e-9)
 
 
-BREAKDOWN_BUG = (
-    "BUG lanczos.py lanczos_eigsh: after an exact breakdown (beta ~ 0, the Krylov space is "
-    "invariant) every Ritz residual is 0, so the step is declared converged although copies of "
-    "a repeated eigenvalue outside that subspace were never seen; returns e.g. [5, 1, 0] for "
-    "spec {5 x3, 1, 0} with converged=True. Fix: once a breakdown happened since the last "
-    "restart, accept convergence only when the basis is full (j == m) or j == n, i.e. keep "
-    "filling it from fresh directions first, as ARPACK does"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BREAKDOWN_BUG)
 @pytest.mark.parametrize(
     "lam",
     [

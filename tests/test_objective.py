@@ -198,14 +198,6 @@ def test_counts():
     assert obj.counts == {"loss": 1, "gradient": 2, "hvp": 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG objective.py: the default HVP for non-cached data is forward-over-reverse, "
-    "which crashes for nn.MSELoss (PyTorch: 'ZeroTensors are immutable') and nn.HuberLoss "
-    "(no forward-AD formula); fix: with hvp_method='auto', catch RuntimeError/"
-    "NotImplementedError from _hvp_fwd_rev whose message names forward AD or ZeroTensor, "
-    "retry that batch with _hvp_double_backward and resolve 'auto' to double_backward after",
-)
 @pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.HuberLoss(delta=0.5)], ids=["mse", "huber"])
 def test_regression_losses_with_the_default_hvp(loss_fn):
     model = tiny_mlp(num_classes=2)
@@ -283,12 +275,6 @@ def test_unused_parameter_gets_zero_gradient_and_hvp(method, cache):
         assert rel_err(hv, ref.hessian @ v) <= TOL64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG objective.py _cached_graph: torch.autograd.grad(part, leaf, create_graph=True) "
-    "raises when the batch loss does not reach the selected parameters (part.requires_grad is "
-    "False); fix: `g = torch.autograd.grad(...)[0] if part.requires_grad else None`",
-)
 def test_only_unused_parameters_selected():
     model = with_unused()
     x, y = classification_data()
@@ -370,11 +356,6 @@ class ScaledLinear(nn.Module):
         return self.lin(x) / self.temperature
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG params.py ParamSpace.unflatten: 0-dim parameters (a learnable temperature) "
-    "crash every evaluation; fix: chunk.view((*lead, *shape))",
-)
 def test_scalar_parameter():
     torch.manual_seed(0)
     model = ScaledLinear().double()
@@ -540,12 +521,6 @@ def test_data_that_changes_between_passes_is_detected():
     Objective(model, F.cross_entropy, ReIterable(fresh), check_determinism=False).loss()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG objective.py _ensure_checked sets self._checked = True before comparing the "
-    "two passes, so after a DataChangedError (or an interrupt during the check) the next call "
-    "silently evaluates the changing data; fix: set it only after the check passed",
-)
 def test_data_change_is_reported_on_every_call():
     def fresh(pass_index):
         return [classification_data(seed=100 + pass_index)]
@@ -625,16 +600,7 @@ def test_empty_data():
 
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("call", ["loss", "gradient", "hvp"])
-def test_empty_data_without_determinism_check(call, cache, request):
-    if cache and call != "loss":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG objective.py _cached_graph: no `count == 0` check before _finish, "
-                "so torch.stack([]) raises RuntimeError; fix: raise ValueError('data is "
-                "empty: it yielded no samples') there (or at the top of _finish)",
-            )
-        )
+def test_empty_data_without_determinism_check(call, cache):
     model = tiny_mlp()
     x, y = classification_data()
     obj = Objective(

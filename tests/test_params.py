@@ -98,11 +98,6 @@ def test_flatten_unflatten_round_trip(shapes, lead):
         assert torch.equal(space.as_dict(batched)[name], part)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG params.py ParamSpace.unflatten: chunk.view(*lead, *shape) fails for a 0-dim "
-    "parameter (shape ()); fix: chunk.view((*lead, *shape))",
-)
 def test_unflatten_scalar_parameter():
     space = ParamSpace(("t", "w"), (torch.Size([]), torch.Size([2])))
     t, w = space.unflatten(torch.tensor([3.0, 1.0, 2.0]))

@@ -141,19 +141,11 @@ def test_logistic_regression_closed_form_spectrum():
         hessian_eigenvalues(obj, k=6)
 
 
-LAYER_ZERO_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG lanczos.py exact breakdown (test_lanczos.py BREAKDOWN_BUG): the last layer's "
-    "cross-entropy block has a 6-fold zero eigenvalue (softmax shift invariance); SA top-3 "
-    "returns [0, 2.0e-4, 2.4e-4] with converged=True instead of [0, 0, 0]",
-)
-
-
 @pytest.mark.parametrize(
     ("spec", "names", "which"),
     [
         ("2", ["2.weight", "2.bias"], "LA"),
-        pytest.param("2", ["2.weight", "2.bias"], "SA", marks=LAYER_ZERO_BUG),
+        pytest.param("2", ["2.weight", "2.bias"], "SA"),
         ("0.weight", ["0.weight"], "LA"),
         ("0.weight", ["0.weight"], "SA"),
     ],
@@ -182,12 +174,6 @@ def test_module_selection_spectrum():
     assert_eigs_close(res.eigenvalues, expected_eigs(torch.linalg.eigvalsh(block), "LA", 2), 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lanczos.py: exact breakdown declared converged (see test_lanczos.py "
-    "BREAKDOWN_BUG). A multi-output linear model has H = I_c (x) X^T X / N, every eigenvalue "
-    "repeated c times; top-4 returns [l1, l2, l3, l4] instead of [l1, l1, l2, l2]",
-)
 def test_repeated_eigenvalues_of_a_multi_output_linear_model():
     torch.manual_seed(0)
     model = nn.Linear(4, 2).double()
@@ -270,13 +256,6 @@ def test_trace_within_four_standard_errors(method, case):
     assert res.method == method and res.num_samples == 60
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG spectrum.py hessian_trace: with num_samples // 3 > num_params the reduced QR "
-    "gives Q with num_params columns, and `for i in range(s)` indexes past them (IndexError; "
-    "hits the default num_samples=99 on any model with < 33 parameters); fix: "
-    "s = min(num_samples // 3, n) and loop over range(Q.shape[1])",
-)
 def test_hutchpp_is_exact_when_the_sketch_spans_the_space():
     model, loss_fn, data, a = quadratic_objective_parts(torch.linspace(-1.0, 3.0, 10))
     obj = Objective(model, loss_fn, data)

@@ -91,6 +91,41 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig) -> dict:
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
 
+def _landscapes(
+    objective: Objective, config: DiagnoseConfig, out: Path, *, resume: bool, progress: bool
+) -> dict[str, Any]:
+    """A 1-D slice and a 2-D plane along filter-normalized random directions (stored as npz)."""
+    from flatlens import landscape as fl
+
+    d1 = fl.random_direction(objective, seed=config.seed)
+    d2 = fl.random_direction(objective, seed=config.seed + 1)
+    info: dict[str, Any] = {"cosine_d1_d2": fl.cosine(d1, d2)}
+    for name, steps in (
+        ("landscape_1d", config.landscape_1d),
+        ("landscape_2d", config.landscape_2d),
+    ):
+        if not steps:
+            continue
+        path = out / f"{name}.npz"
+        if not resume:
+            for stale in out.glob(f"{name}.*"):
+                stale.unlink()
+        if name == "landscape_1d":
+            result = fl.line(objective, d1, steps=steps, store=path, progress=progress)
+        else:
+            result = fl.plane(
+                objective, d1, d2, steps=(steps, steps), store=path, progress=progress
+            )
+        values = result.values["loss"]
+        info[name] = {
+            "path": path.name,
+            "steps": steps,
+            "loss_min": float(values.min()),
+            "loss_max": float(values.max()),
+        }
+    return info
+
+
 def summary_row(report: dict) -> dict[str, Any]:
     """The headline numbers of a diagnosis, as one flat row."""
     perf = report["performance"]
@@ -163,6 +198,7 @@ def diagnose(
         ),
     )
     report["sharpness"] = store.run("sharpness", lambda: _sharpness_parts(objective, config))
+    report["landscape"] = _landscapes(objective, config, out, resume=resume, progress=progress)
     report["reused_parts"] = list(store.reused)
     report["summary"] = summary_row(report)
 
@@ -225,4 +261,25 @@ def _figures(report: dict, out: Path) -> list[Section]:
                 images=[("R0/ρ², R1/ρ² and λ_max against ρ", figs / "bound.png")],
             )
         )
+    land = report.get("landscape", {})
+    if land.get("landscape_1d") or land.get("landscape_2d"):
+        from flatlens import landscape as fl
+
+        section = Section(
+            "Loss landscape",
+            text=(
+                "Slices along filter-normalized Gaussian directions d1, d2 (Li et al., 2018); "
+                f"cosine(d1, d2) = {land['cosine_d1_d2']:.3f}."
+            ),
+        )
+        if land.get("landscape_1d"):
+            line = fl.load(out / land["landscape_1d"]["path"])
+            fl.plot_line(line, figs / "landscape_1d.png")
+            section.images.append(("1-D slice θ + a·d1", figs / "landscape_1d.png"))
+        if land.get("landscape_2d"):
+            plane = fl.load(out / land["landscape_2d"]["path"])
+            fl.plot_contour(plane, figs / "landscape_2d.png", filled=True)
+            section.images.append(("2-D plane θ + a·d1 + b·d2", figs / "landscape_2d.png"))
+            section.plotly.append(fl.plot_surface(plane, title="loss surface"))
+        sections.append(section)
     return sections

@@ -112,6 +112,162 @@ def _quick(config):
     )
 
 
+def _train_config(args: argparse.Namespace, optimizer: str):
+    from flatlens.train import TrainConfig
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+        return TrainConfig(
+            model=args.model,
+            model_kwargs=kwargs,
+            optimizer=optimizer,
+            base=args.base,
+            lr=args.lr,
+            rho=args.rho,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            measure_every=args.measure_every,
+            device=args.device,
+        )
+    except (json.JSONDecodeError, ValueError, TypeError) as err:
+        raise UserError(str(err)) from err
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from flatlens.io import save_torch, write_json
+    from flatlens.resolve import load_data
+    from flatlens.train import train
+
+    try:
+        data = load_data(args.data)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    out = Path(args.out or f"flatlens_train_{args.optimizer}")
+    config = _train_config(args, args.optimizer)
+    config.checkpoint_dir = str(out / "checkpoints")
+    result = train(config, data, resume=args.resume, progress=not args.quiet)
+    save_torch(out / "model.pt", result.model.state_dict())
+    write_json(out / "metrics.json", result)
+    final = result.final
+    _emit(
+        args,
+        result,
+        f"test acc {final.get('test_acc', float('nan')):.4f}, gap (loss) "
+        f"{final.get('gap_loss', float('nan')):.4g}; weights: {out / 'model.pt'}",
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from flatlens.io import write_json
+    from flatlens.report.html import Section, write_report
+    from flatlens.resolve import load_data
+    from flatlens.train import compare
+
+    try:
+        data = load_data(args.data)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    out = Path(args.out or "flatlens_compare")
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    base = _train_config(args, "sgd")
+    if not base.measure_every:
+        base.measure_every = base.epochs
+    study = compare(data, optimizers, seeds=seeds, base=base, progress=not args.quiet)
+    study.plot(out / "flatness_vs_gap.png")
+    write_json(out / "study.json", study)
+    write_report(
+        out / "report.html",
+        f"flatlens compare: {', '.join(optimizers)} on {data.name}",
+        [
+            Section("Mean over seeds", table=study.summary),
+            Section(
+                "Flatness against the generalization gap",
+                text="Kendall's τ between each measure and the gap, over all runs.",
+                table=[
+                    {"measure": m, **{g: v["tau"] for g, v in gaps.items()}}
+                    for m, gaps in study.kendall.items()
+                ],
+                images=[("measures vs gap", out / "flatness_vs_gap.png")],
+            ),
+            Section("Runs", table=study.runs),
+        ],
+    )
+    _emit(args, study, study.table() + f"\nreport: {out / 'report.html'}")
+
+
+def cmd_bound(args: argparse.Namespace) -> None:
+    from flatlens.bounds import check_bound
+    from flatlens.io import write_json
+    from flatlens.report.diagnose import DiagnoseConfig, measure_objective
+
+    model, data = _load(args)
+    objective = measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples))
+    report = check_bound(
+        objective, list(args.rho), steps=args.steps, seed=args.seed, progress=not args.quiet
+    )
+    out = Path(args.out or "flatlens_bound")
+    report.plot(out / "bound.png")
+    write_json(out / "bound.json", report)
+    _emit(args, report, f"{report.table()}\nplot: {out / 'bound.png'}")
+
+
+def cmd_landscape(args: argparse.Namespace) -> None:
+    from flatlens import landscape as fl
+    from flatlens.report.diagnose import DiagnoseConfig, measure_objective
+
+    model, data = _load(args)
+    objective = measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples))
+    out = Path(args.out or "flatlens_landscape")
+    d1 = fl.random_direction(objective, seed=args.seed)
+    span = (-args.span, args.span)
+    if args.dim == 1:
+        result = fl.line(
+            objective,
+            d1,
+            span=span,
+            steps=args.steps,
+            store=out / "line.npz",
+            progress=not args.quiet,
+        )
+        fl.plot_line(result, out / "line.png", log=args.log)
+        files = ["line.npz", "line.png"]
+    else:
+        d2 = fl.random_direction(objective, seed=args.seed + 1)
+        result = fl.plane(
+            objective,
+            d1,
+            d2,
+            span=span,
+            steps=(args.steps, args.steps),
+            store=out / "plane.npz",
+            progress=not args.quiet,
+        )
+        fl.plot_contour(result, out / "plane.png", filled=True, log=args.log)
+        fl.plot_surface(result, out / "plane.html", log=args.log)
+        files = ["plane.npz", "plane.png", "plane.html"]
+    loss = result.values["loss"]
+    summary = {
+        "files": [str(out / f) for f in files],
+        "loss_min": float(loss.min()),
+        "loss_max": float(loss.max()),
+    }
+    _emit(args, summary, "written: " + ", ".join(summary["files"]))
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mlp", help="zoo model: mlp, cnn or resnet18")
+    p.add_argument("--model-kwargs", default="{}", help="JSON dict of model arguments")
+    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--rho", type=float, default=0.05, help="SAM/GAM radius")
+    p.add_argument("--base", default="sgd", choices=["sgd", "adamw"], help="base optimizer")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--measure-every", type=int, default=0, help="epochs between flatness measures")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from flatlens.demo import run_demo
 
@@ -137,6 +293,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small settings for a fast look")
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("train", help="train with sgd, adamw, sam or gam; checkpoints and metrics")
+    _train_args(p)
+    _common(p)
+    p.add_argument("--optimizer", default="sgd", help="sgd, adamw, sam, gam or gam-exact")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="optimizers x seeds: flatness against the gap")
+    _train_args(p)
+    _common(p)
+    p.add_argument("--optimizers", default="sgd,sam,gam", help="comma-separated optimizers")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bound", help="check R0 <= R1 and R1/rho^2 -> lambda_max over radii")
+    _model_args(p)
+    _common(p)
+    p.add_argument("--rho", type=_rhos, default=(0.005, 0.01, 0.02, 0.05), help="radii")
+    p.add_argument("--steps", type=int, default=20, help="projected-ascent steps")
+    p.add_argument("--samples", type=int, default=512, help="training examples measured")
+    p.set_defaults(func=cmd_bound)
+
+    p = sub.add_parser("landscape", help="1-D or 2-D loss slice around a checkpoint")
+    _model_args(p)
+    _common(p)
+    p.add_argument("--dim", type=int, choices=[1, 2], default=2)
+    p.add_argument(
+        "--steps", type=int, default=41, help="grid points per axis (odd keeps the centre)"
+    )
+    p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
+    p.add_argument("--samples", type=int, default=None, help="training examples (default all)")
+    p.add_argument("--log", action="store_true", help="log-scale loss")
+    p.set_defaults(func=cmd_landscape)
 
     p = sub.add_parser("demo", help="SGD, SAM and GAM on digits, each diagnosed, one report")
     _common(p)

@@ -257,7 +257,17 @@ def _figures(report: dict, out: Path) -> list[Section]:
                     "R0 = max L(θ+δ) − L(θ) and R1 = ρ·max ‖∇L(θ+δ)‖ over the ρ-ball; the "
                     "bound says R0 ≤ R1 and R1/ρ² → λ_max at a minimum."
                 ),
-                table=sharp["bound"]["rows"],
+                table=[
+                    {
+                        "ρ": r["rho"],
+                        "R0": r["r0"],
+                        "R1": r["r1"],
+                        "ρ²λ_max": r["rho2_lambda"],
+                        "R1/(ρ²λ_max)": r["r1_ratio"],
+                        "R0 ≤ R1": r["holds"],
+                    }
+                    for r in sharp["bound"]["rows"]
+                ],
                 images=[("R0/ρ², R1/ρ² and λ_max against ρ", figs / "bound.png")],
             )
         )

@@ -53,6 +53,8 @@ def plot_eigenvalues(
     for i, (label, vals) in enumerate(values.items()):
         x = np.arange(len(vals)) + i * width
         ax.bar(x, vals, width=width, label=label)
+    ax.set_xticks(np.arange(max(len(v) for v in values.values())) + 0.4 - width / 2)
+    ax.set_xticklabels([str(i + 1) for i in range(max(len(v) for v in values.values()))])
     ax.set_xlabel("index i")
     ax.set_ylabel("λ_i")
     ax.set_title(title or "Top Hessian eigenvalues")

@@ -82,6 +82,11 @@ class _CifarUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "_reconstruct"),
             ("numpy", "ndarray"),
             ("numpy", "dtype"),
+            # Re-pickled copies: protocol 2 from Python 3 stores bytes via _codecs.encode,
+            # protocol 5 stores arrays via _frombuffer. Both only build data.
+            ("_codecs", "encode"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
         }
     )
 
@@ -174,8 +179,34 @@ def synthetic_classification(
     return Dataset(x_train, y_train, x_test, y_test, num_classes, "synthetic")
 
 
-def batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
-    """Cut ``(x, y)`` into consecutive batches; the last one may be smaller."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+def batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> list[tuple[Tensor, Tensor]]:
+    """Cut ``(x, y)`` into batches of ``batch_size``; the last one may be smaller.
+
+    Args:
+        x: Inputs, first dimension the samples.
+        y: Targets with the same number of samples.
+        batch_size: Samples per batch (>= 1).
+        shuffle: Visit the samples in the order of ``torch.randperm(N, generator=...)``.
+        generator: Source of the permutation (required with ``shuffle``, so runs repeat).
+        drop_last: Leave out a last batch smaller than ``batch_size``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+    n = len(y)
+    if shuffle:
+        if generator is None:
+            raise ValueError("shuffle=True needs a torch.Generator, so the order can be replayed")
+        order = torch.randperm(n, generator=generator)
+        x, y = x[order], y[order]
+    stop = n - n % batch_size if drop_last else n
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, stop, batch_size)]

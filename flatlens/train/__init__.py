@@ -1,0 +1,31 @@
+"""Training with flatness in view: a trainer, atomic checkpoints and multi-run studies."""
+
+from flatlens.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from flatlens.train.compare import StudyResult, compare
+from flatlens.train.trainer import (
+    MEASURES,
+    OPTIMIZERS,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    train,
+)
+
+__all__ = [
+    "MEASURES",
+    "OPTIMIZERS",
+    "StudyResult",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "compare",
+    "load_training_checkpoint",
+    "save_training_checkpoint",
+    "train",
+]

@@ -164,19 +164,16 @@ class StudyResult(Result):
         """Scatter of each measure against ``gap``, one color per optimizer.
 
         Returns:
-            The matplotlib figure (also saved to ``path`` when given).
+            The matplotlib figure (also saved to ``path``, folders created, when given). It
+            is not registered with pyplot, so no GUI backend is needed.
         """
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         if gap not in GAPS:
             raise ValueError(f"gap must be one of {list(GAPS)}, not {gap!r}")
         measures = self.measures() or ["test_acc"]
-        fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures), 3.2))
-        axes = [axes] if len(measures) == 1 else list(axes)
+        fig = Figure(figsize=(3.6 * len(measures), 3.2))
+        axes = fig.subplots(1, len(measures), squeeze=False)[0]
         names = list(dict.fromkeys(r["optimizer"] for r in self.runs))
         for ax, m in zip(axes, measures, strict=True):
             for name in names:
@@ -194,6 +191,7 @@ class StudyResult(Result):
         axes[0].legend()
         fig.tight_layout()
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=120)
         return fig
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 
-import matplotlib
 import pytest
 import torch
 from scipy.stats import kendalltau
@@ -13,8 +12,6 @@ from scipy.stats import kendalltau
 from flatlens.data import synthetic_classification
 from flatlens.train import TrainConfig, compare, train
 from flatlens.train.compare import kendall_tau
-
-matplotlib.use("Agg")
 
 DATA = synthetic_classification(80, dim=5, num_classes=3, test_n=40, seed=2, dtype=torch.float64)
 BASE = TrainConfig(
@@ -92,9 +89,12 @@ def test_table_plot_and_json(study, tmp_path):
     assert text.count("\nsgd") == 3 and text.count("\nsam") == 3  # two seeds and the mean
     markdown = study.table(markdown=True)
     assert markdown.startswith("| optimizer")
-    fig = study.plot(tmp_path / "study.png")
+    fig = study.plot(tmp_path / "new" / "study.png")
     assert len(fig.axes) == 2
-    assert (tmp_path / "study.png").stat().st_size > 0
+    assert (tmp_path / "new" / "study.png").stat().st_size > 0
+    assert [ax.get_xlabel() for ax in fig.axes] == ["lambda_max", "trace"]
+    with pytest.raises(ValueError, match="gap"):
+        study.plot(gap="gap")
     json.dumps(study.to_dict(), allow_nan=False)
 
 

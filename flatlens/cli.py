@@ -124,6 +124,7 @@ def _train_config(args: argparse.Namespace, optimizer: str):
             base=args.base,
             lr=args.lr,
             rho=args.rho,
+            gam={"rho": args.rho} if optimizer.startswith("gam") else {},
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,

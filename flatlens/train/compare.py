@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from flatlens.data import Dataset
 from flatlens.results import Result
-from flatlens.train.trainer import MEASURES, TrainConfig, train
+from flatlens.train.trainer import MEASURES, TrainConfig, TrainResult, train
 
 __all__ = ["GAPS", "StudyResult", "compare", "kendall_tau"]
 
@@ -229,6 +229,7 @@ def compare(
     base: TrainConfig | None = None,
     measures: Sequence[str] = MEASURES,
     progress: bool = False,
+    on_run: Callable[[str, int, TrainResult], None] | None = None,
 ) -> StudyResult:
     """Train each optimizer with each seed and relate flatness to the generalization gap.
 
@@ -245,6 +246,8 @@ def compare(
             ``TrainConfig()``.
         measures: Subset of ``("lambda_max", "trace", "r0", "r1")``.
         progress: A tqdm bar over the runs.
+        on_run: Called as ``on_run(label, seed, result)`` after each run, e.g. to keep or
+            diagnose the trained model (``result.model``).
 
     Returns:
         A :class:`StudyResult` with ``table()`` and ``plot()``.
@@ -272,6 +275,8 @@ def compare(
                 checkpoint_dir=None,
             )
             result = train(run_cfg, data, progress=False)
+            if on_run is not None:
+                on_run(label, seed, result)
             final = result.final
             row = {"optimizer": label, "seed": seed}
             row.update({k: final.get(k) for k in _RUN_KEYS})

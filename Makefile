@@ -11,8 +11,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) --editable ".[test]"
+	$(PIP) --editable ".[test,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,11 +29,16 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix flatlens tests benchmarks examples
 
 $(VENV)/.bench: $(STAMP)
-	$(PIP) ".[benchmark]" --no-deps PyHessian==0.1 loss-landscapes==3.0.6
+	$(PIP) --editable ".[benchmark]"
 	touch $(VENV)/.bench
 
 bench: $(VENV)/.bench
-	$(BIN)/python benchmarks/bench_spectrum.py
+	for b in spectrum flatness landscape optim distributed; do \
+	  test ! -f benchmarks/bench_$$b.py || $(BIN)/python benchmarks/bench_$$b.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
+
+# docs and examples targets
+-include mk/docs.mk

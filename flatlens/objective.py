@@ -44,6 +44,20 @@ def _is_batch(data: Any) -> bool:
     )
 
 
+CACHE_INPUT_NUMEL = 1 << 22
+"""Largest total input size (elements) of a list of batches whose graphs are cached by default."""
+
+
+def _input_numel(batches: list) -> int:
+    total = 0
+    for inputs, _ in batches:
+        if isinstance(inputs, Tensor):
+            total += inputs.numel()
+        else:
+            return CACHE_INPUT_NUMEL + 1
+    return total
+
+
 def _is_classification(outputs: Any, targets: Any) -> bool:
     return (
         isinstance(outputs, Tensor)
@@ -80,8 +94,10 @@ class Objective:
         hvp_method: ``"double_backward"`` (reverse-over-reverse), ``"forward_over_reverse"``
             (``torch.func.jvp`` of ``torch.func.grad``) or ``"auto"``.
         cache_graph: Keep the first-order graph between HVPs at the same point, so each HVP
-            costs one extra backward pass. ``None`` enables it when ``data`` is a single
-            in-memory batch; ``True`` also for a list of batches (memory grows with the data).
+            costs one extra backward pass instead of a forward and two backward passes.
+            Memory grows with the data (the activations of every batch are kept). ``None``
+            enables it for one in-memory batch, and for an in-memory list of batches with at
+            most ``CACHE_INPUT_NUMEL`` input elements in all; never for a DataLoader.
         check_determinism: Before the first evaluation, compute the loss twice and raise
             :class:`DataChangedError` when the passes disagree (random augmentation, dropout
             left on, a shuffled uneven loader is fine).
@@ -155,7 +171,9 @@ class Objective:
                 )
             self._data = data
         in_memory = isinstance(self._data, list)
-        self.cache_graph = (self._single if cache_graph is None else cache_graph) and in_memory
+        if cache_graph is None:
+            cache_graph = self._single or _input_numel(self._data) <= CACHE_INPUT_NUMEL
+        self.cache_graph = bool(cache_graph) and in_memory
 
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -164,7 +182,6 @@ class Objective:
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
         self._checked = not check_determinism
-        self._fwd_rev_failed = False
         self.num_samples: int | None = None
         self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
 
@@ -396,11 +413,9 @@ class Objective:
     def _resolved_hvp_method(self) -> str:
         if self.hvp_method != "auto":
             return self.hvp_method
-        if self._fwd_rev_failed:
-            return "double_backward"
-        # Measured in benchmarks/bench_spectrum.py: with a cached graph only the second
-        # backward remains, otherwise forward-over-reverse saves most of a backward pass.
-        return "double_backward" if self.cache_graph else "forward_over_reverse"
+        # benchmarks/bench_spectrum.py: on the CPU, double backward beat forward-over-reverse
+        # by about 2x on the digits MLP and CNN, so "auto" uses it.
+        return "double_backward"
 
     def _cached_graph(self, theta: Tensor) -> tuple[list[tuple[Tensor, Tensor]], float]:
         """Per-batch ``(leaf, grad)`` with ``create_graph=True`` at ``theta``, and L(theta)."""
@@ -467,19 +482,7 @@ class Objective:
         with eval_mode(self.model, self.eval_mode):
             for x, y, n in self.batches():
                 if method == "forward_over_reverse":
-                    try:
-                        part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
-                    except (RuntimeError, NotImplementedError) as err:
-                        # PyTorch gaps: mse_loss ("ZeroTensors are immutable"), huber_loss
-                        # (no forward-AD formula). Anything else is the caller's error.
-                        msg = str(err)
-                        if self.hvp_method != "auto" or not (
-                            "forward AD" in msg or "ZeroTensor" in msg
-                        ):
-                            raise
-                        self._fwd_rev_failed = True
-                        method = "double_backward"
-                        part, hv = self._hvp_double_backward(theta, v, x, y, n)
+                    part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
                 else:
                     part, hv = self._hvp_double_backward(theta, v, x, y, n)
                 out += hv

@@ -147,10 +147,13 @@ def test_stops_as_soon_as_converged_and_no_later():
     assert loose.num_matvecs < tight.num_matvecs
     err = (loose.eigenvalues - wanted(lam, "LA", 3)).abs()
     assert bool((err <= 1e-3 * wanted(lam, "LA", 3).abs()).all())
-    # One matvec fewer (same start, same path) must not have been good enough.
+    assert bool(loose.converged.all())
+    # It stopped at the first matvec after which the wanted pairs and the one guard pair
+    # (lanczos.GUARD) were certified: one fewer on the same path would not have been enough.
     _, early = solve(lam, 3, "LA", tol=1e-3, max_matvecs=loose.num_matvecs - 1)
     assert early.num_matvecs == loose.num_matvecs - 1
-    assert not bool(early.converged.all())
+    _, guarded = solve(lam, 4, "LA", tol=1e-3, max_matvecs=loose.num_matvecs - 1)
+    assert not bool(guarded.converged.all())
 
 
 def test_budget_exhausted_reports_not_converged():

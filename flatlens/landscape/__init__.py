@@ -1,0 +1,52 @@
+"""Loss landscapes: directions, 1-D and 2-D slices, curvature maps, storage and plots.
+
+Typical use::
+
+    from flatlens import Objective
+    from flatlens import landscape as fl
+
+    obj = Objective(model, loss_fn, data)
+    d1 = fl.random_direction(obj, seed=0)
+    d2 = fl.random_direction(obj, seed=1)
+    ls = fl.plane(obj, d1, d2, span=(-1, 1), steps=(41, 41), store="plane.npz")
+    fl.plot_contour(ls, "plane.png", filled=True)
+    fl.plot_surface(ls, "plane.html")
+"""
+
+from flatlens.landscape.curvature import curvature_map
+from flatlens.landscape.directions import (
+    Direction,
+    PCADirections,
+    as_direction,
+    cosine,
+    eigen_directions,
+    interpolation_direction,
+    normalize_direction,
+    pca_directions,
+    random_direction,
+)
+from flatlens.landscape.evaluate import grid_axis, line, plane
+from flatlens.landscape.plot import plot_contour, plot_line, plot_surface
+from flatlens.landscape.storage import Landscape, load, save
+
+__all__ = [
+    "Direction",
+    "Landscape",
+    "PCADirections",
+    "as_direction",
+    "cosine",
+    "curvature_map",
+    "eigen_directions",
+    "grid_axis",
+    "interpolation_direction",
+    "line",
+    "load",
+    "normalize_direction",
+    "pca_directions",
+    "plane",
+    "plot_contour",
+    "plot_line",
+    "plot_surface",
+    "random_direction",
+    "save",
+]

@@ -81,6 +81,48 @@ def check_spectrum_cnn(device: torch.device, *, quick: bool = False) -> CheckOut
     return _spectrum("cnn", device, quick)
 
 
+@check
+def check_landscape_vmap(device: torch.device, *, quick: bool = False) -> CheckOutput:
+    """Landscape plane: vmap vs serial on the MLP and BN CNN, 1797 digits (target >= 5x)."""
+    from bench_landscape import vmap_check
+
+    out = vmap_check(device, quick=quick)
+    return CheckOutput(payload=out["payload"], tables=out["tables"], lines=out["lines"])
+
+
+@check
+def check_resnet18_steps(device: torch.device, *, quick: bool = False) -> CheckOutput:
+    """CIFAR-shaped ResNet-18 step throughput (random tensors): SGD, SAM, GAM, GAM-exact."""
+    from bench_optim import resnet18_step_throughput
+
+    steps, warmup = (5, 2) if quick else (20, 5)
+    rows = resnet18_step_throughput(device, batch_size=128, steps=steps, warmup=warmup)
+    if device.type == "cuda":
+        rows += [
+            {**r, "optimizer": f"{r['optimizer']} (bf16 autocast)"}
+            for r in resnet18_step_throughput(
+                device,
+                batch_size=128,
+                steps=steps,
+                warmup=warmup,
+                autocast_dtype=torch.bfloat16,
+                optimizers=("SGD", "SAM", "GAM"),
+            )
+        ]
+    columns = [
+        Column("optimizer", "optimizer"),
+        Column("passes", "passes"),
+        Column("ms_per_step", "ms/step", ".1f"),
+        Column("images_per_s", "images/s", ".0f"),
+        Column("relative_to_sgd", "x SGD", ".2f"),
+    ]
+    return CheckOutput(
+        payload={"rows": rows},
+        tables={f"ResNet-18 step throughput on {device}": (rows, columns)},
+        lines=[f"{r['optimizer']}: {r['relative_to_sgd']:.2f}x SGD per step" for r in rows],
+    )
+
+
 def run_checks(
     device: torch.device,
     names: Sequence[str],

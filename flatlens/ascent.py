@@ -698,3 +698,48 @@ def run_measure(
 
 def _since(start: float) -> float:
     return time.perf_counter() - start
+
+
+def ascend_from_sphere(
+    fn: AscentFn,
+    objective: Objective,
+    cfg: AscentConfig,
+    *,
+    ball: Ball,
+    theta: Tensor,
+    gradient: Tensor,
+    center_value: float,
+    generator: torch.Generator,
+    eigen: EigenResult | Tensor | None,
+    starts: Sequence[Tensor] | None,
+    progress: bool,
+    desc: str,
+) -> AscentResult:
+    """Build the starts on the sphere (:func:`sphere_starts`) and keep the best ascent.
+
+    This is the shared driver of R0 and R1: they differ only in ``fn`` and ``center_value``.
+    """
+    points = sphere_starts(
+        objective,
+        ball,
+        theta,
+        init=cfg.init,
+        restarts=cfg.restarts,
+        gradient=gradient,
+        generator=generator,
+        eigen=eigen,
+        num_eigen=cfg.num_eigen,
+        eigen_tol=cfg.eigen_tol,
+        starts=starts,
+    )
+    return multi_start_ascent(
+        fn,
+        ball,
+        points,
+        cfg.steps,
+        center_value=center_value,
+        step_size=cfg.step_size,
+        momentum=cfg.momentum,
+        progress=progress,
+        desc=desc,
+    )

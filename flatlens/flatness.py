@@ -30,12 +30,11 @@ from flatlens.ascent import (
     AscentFn,
     AscentResult,
     Ball,
+    ascend_from_sphere,
     check_init,
     combine_batches,
     make_generator,
-    multi_start_ascent,
     run_measure,
-    sphere_starts,
 )
 from flatlens.objective import Objective
 from flatlens.results import Result
@@ -127,27 +126,17 @@ def _solve(
     ball = cfg.ball(theta)
     grad0 = objective.gradient(theta)
     center = ball.dual_norm(grad0)
-    points = sphere_starts(
+    best = ascend_from_sphere(
+        gradient_norm_function(objective, ball, theta),
         objective,
-        ball,
-        theta,
-        init=cfg.init,
-        restarts=cfg.restarts,
+        cfg,
+        ball=ball,
+        theta=theta,
         gradient=grad0,
+        center_value=center,
         generator=generator,
         eigen=eigen,
-        num_eigen=cfg.num_eigen,
-        eigen_tol=cfg.eigen_tol,
         starts=starts,
-    )
-    best = multi_start_ascent(
-        gradient_norm_function(objective, ball, theta),
-        ball,
-        points,
-        cfg.steps,
-        center_value=center,
-        step_size=cfg.step_size,
-        momentum=cfg.momentum,
         progress=progress,
         desc="R1",
     )

@@ -26,13 +26,12 @@ from flatlens.ascent import (
     AscentConfig,
     AscentResult,
     Ball,
+    ascend_from_sphere,
     check_init,
     check_steps,
     combine_batches,
     make_generator,
-    multi_start_ascent,
     run_measure,
-    sphere_starts,
 )
 from flatlens.objective import Objective
 from flatlens.params import preserved
@@ -118,27 +117,17 @@ def _solve(
             return objective.loss_and_gradient(theta + delta)
         return objective.loss(theta + delta), None
 
-    points = sphere_starts(
+    best = ascend_from_sphere(
+        fn,
         objective,
-        ball,
-        theta,
-        init=cfg.init,
-        restarts=cfg.restarts,
+        cfg,
+        ball=ball,
+        theta=theta,
         gradient=grad0,
+        center_value=loss0,
         generator=generator,
         eigen=eigen,
-        num_eigen=cfg.num_eigen,
-        eigen_tol=cfg.eigen_tol,
         starts=starts,
-    )
-    best = multi_start_ascent(
-        fn,
-        ball,
-        points,
-        cfg.steps,
-        center_value=loss0,
-        step_size=cfg.step_size,
-        momentum=cfg.momentum,
         progress=progress,
         desc="R0",
     )

@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "atomic_path",
     "load_checkpoint",
+    "load_trusted_tensors",
     "write_bytes",
     "write_json",
     "write_text",
@@ -87,21 +88,21 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a state dict with ``torch.load(weights_only=True)`` and explain every failure.
+def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure explained.
 
-    Accepts a plain state dict or a dict holding one under ``"model"``, ``"state_dict"`` or
-    ``"model_state_dict"``.
+    ``weights_only=True`` unpickles only tensors and plain containers, so a file can never
+    run code while it loads.
 
     Raises:
-        CheckpointError: the file is missing, truncated or corrupt, needs code to unpickle
-            (refused: it could run arbitrary code), or holds no state dict.
+        CheckpointError: the file is missing, truncated or corrupt, or needs code to
+            unpickle (refused).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {path} was refused: unpickling it needs code beyond tensors and plain "
@@ -112,6 +113,19 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0]})"
         ) from err
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a state dict with ``torch.load(weights_only=True)`` and explain every failure.
+
+    Accepts a plain state dict or a dict holding one under ``"model"``, ``"state_dict"`` or
+    ``"model_state_dict"``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, needs code to unpickle
+            (refused: it could run arbitrary code), or holds no state dict.
+    """
+    obj = load_trusted_tensors(path, map_location=map_location)
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -11,14 +11,12 @@ leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flatlens.io import CheckpointError, save_torch, write_json
+from flatlens.io import CheckpointError, load_trusted_tensors, save_torch, write_json
 
 __all__ = ["FORMAT", "load_training_checkpoint", "save_training_checkpoint"]
 
@@ -88,19 +86,7 @@ def load_training_checkpoint(
             flatlens training checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it needs code beyond tensors and plain "
-            f"containers to unpickle ({str(err).splitlines()[0]})"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0]})"
-        ) from err
+    payload = load_trusted_tensors(path, map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a flatlens training checkpoint (expected format {FORMAT!r})"

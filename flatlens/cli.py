@@ -1,125 +1,284 @@
 """The ``flatlens`` command (also ``python -m flatlens``).
 
-Subcommands: ``diagnose``, ``train``, ``landscape``, ``bound``, ``compare``, ``demo``.
-Errors a user can fix (a missing or corrupt checkpoint, a bad argument) print one line on
-stderr and exit with code 2.
+Subcommands: ``diagnose``, ``train``, ``compare``, ``bound``, ``landscape``, ``demo``
+(``flatlens SUBCOMMAND --help`` lists the options; docs/cli.md describes them all).
+
+Exit codes: 0 success; 2 an error the user can fix (a missing, corrupt, untrusted or
+mismatched checkpoint, a bad option value), printed as one line on stderr without a
+traceback; 1 a failure while running (non-finite loss, out of memory, an unwritable output
+folder), also one line; 130 interrupted. ``FLATLENS_DEBUG=1`` shows the traceback instead.
+
+Under ``torchrun`` every rank runs the command and only rank 0 writes ``--out`` and prints
+(see :func:`flatlens.distributed.cli_session`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from flatlens.distributed import cli_session
 from flatlens.io import CheckpointError
 from flatlens.results import to_jsonable
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from flatlens.data import Dataset
+    from flatlens.objective import Objective
+    from flatlens.train import TrainConfig, TrainResult
+
+__all__ = ["EXIT_FAILURE", "EXIT_USAGE", "UserError", "build_parser", "main"]
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
+ZOO = ("mlp", "cnn", "resnet18")
 
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+class _Help(argparse.HelpFormatter):
+    """Help that shows an option's default when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        quiet = default is None or default is False or default in ("", argparse.SUPPRESS)
+        if action.option_strings and not quiet:
+            text += " (default: %(default)s)"
+        return text
 
 
-def _model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
-    p.add_argument("--model-kwargs", default="{}", help="JSON dict of factory arguments")
-    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
-    if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="state dict file (.pt)")
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------- option types
+def _int_at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _rhos(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--rho takes numbers like 0.01,0.05: {text!r}") from err
-    if not values or any(not r > 0 for r in values):
-        raise argparse.ArgumentTypeError(f"--rho values must be > 0, got {text!r}")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes radii > 0 separated by commas, like 0.01,0.05; got {text!r}"
+        ) from None
+    if not all(math.isfinite(r) and r > 0 for r in values):
+        raise argparse.ArgumentTypeError(f"radii must be finite and > 0, got {text!r}")
     return values
 
 
-def _load(args: argparse.Namespace, checkpoint: bool = True):
-    from flatlens.resolve import build_model, load_data, load_weights
+def _samples(text: str) -> int | None:
+    if text == "all":
+        return None
+    return _int_at_least(1)(text)
 
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names, like sgd,sam,gam")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, like 0,1,2; got {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+# ---------------------------------------------------------------------- shared options
+def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--out", metavar="DIR", default=out, help="output folder")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice")
+    g.add_argument(
+        "--threads",
+        metavar="N",
+        type=_int_at_least(0),
+        default=threads,
+        help="CPU threads of torch (0: torch's default; 1 is fastest for tiny models)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no summary text")
+    g.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout, nothing else"
+    )
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
+    p.add_argument(
+        "--model-kwargs", metavar="JSON", default="{}", help="JSON object of factory arguments"
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        required=True,
+        help="state dict file (.pt): plain, or {'model': state_dict, ...}",
+    )
+    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
+
+
+def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", default="mlp", help=model_help)
+    p.add_argument(
+        "--model-kwargs", metavar="JSON", default="{}", help="JSON object of model arguments"
+    )
+    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
+    p.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs of training")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate")
+    p.add_argument("--rho", type=_positive_float, default=0.05, help="SAM/GAM radius")
+    p.add_argument("--base", default="sgd", choices=["sgd", "adamw"], help="SAM/GAM base")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="training batch size")
+    p.add_argument(
+        "--scheduler", default="cosine", choices=["cosine", "none"], help="learning-rate schedule"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype"
+    )
+    p.add_argument(
+        "--measure-samples",
+        type=_int_at_least(1),
+        default=256,
+        help="training examples of the flatness measures",
+    )
+    p.add_argument(
+        "--measure-steps", type=_int_at_least(1), default=20, help="ascent steps of R0 and R1"
+    )
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     try:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as err:
-        raise UserError(f"--model-kwargs is not valid JSON: {err}") from err
+        raise UserError(f"--model-kwargs is not valid JSON ({err}): {args.model_kwargs!r}") from err
     if not isinstance(kwargs, dict):
-        raise UserError("--model-kwargs must be a JSON object")
+        raise UserError("--model-kwargs must be a JSON object like '{\"hidden\": 32}'")
+    return kwargs
+
+
+def _data(args: argparse.Namespace) -> Dataset:
+    from flatlens.resolve import load_data
+
     try:
-        data = load_data(args.data)
-        model = build_model(args.model, data, **kwargs)
-        if checkpoint:
-            load_weights(model, args.checkpoint)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+        return load_data(args.data)
+    except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
-    return model.to(args.device), data
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
+    """The model with the checkpoint's weights on ``--device``, and the data (inputs in the
+    model's dtype)."""
+    from flatlens.resolve import build_model, load_weights, match_dtype
+
+    kwargs = _model_kwargs(args)
+    data = _data(args)
+    try:
+        model = build_model(args.model, data, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from err
+    load_weights(model, args.checkpoint)
+    model.to(args.device)
+    return model, match_dtype(data, model)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet
 
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+    """JSON on stdout with ``--json``; else ``text`` unless ``--quiet``."""
     if args.json:
-        print(json.dumps(to_jsonable(result), indent=2))
+        print(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
     elif not args.quiet:
         print(text)
 
 
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(f"flatlens {args.command}: {text}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- diagnose
 def cmd_diagnose(args: argparse.Namespace) -> None:
+    """Measure a checkpoint; write report.json, figures and report.html."""
     from flatlens.report.diagnose import DiagnoseConfig, diagnose
 
     model, data = _load(args)
-    config = DiagnoseConfig(rhos=args.rho, k=args.k, seed=args.seed)
+    try:
+        config = DiagnoseConfig(
+            rhos=args.rho, k=args.k, measure_samples=args.samples, seed=args.seed
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
     if args.quick:
-        config = _quick(config)
-    out = Path(args.out or "flatlens_diagnosis")
-    report = diagnose(model, data, out, config=config, resume=args.resume, progress=not args.quiet)
+        config = config.quick()
+    out = Path(args.out)
+    title = args.title or f"flatlens diagnosis: {Path(args.checkpoint).name} ({args.model})"
+    report = diagnose(
+        model, data, out, config=config, resume=args.resume, progress=_progress(args), title=title
+    )
+    files = ["report.json", "report.html", "figures", "parts"]
+    report["files"] = [str(out / f) for f in files]
     lines = [
         f"{k:>12}: {v:.4g}" if isinstance(v, float) else f"{k:>12}: {v}"
         for k, v in report["summary"].items()
     ]
+    if report["reused_parts"]:
+        lines.append(f"{'reused':>12}: {', '.join(report['reused_parts'])}")
     _emit(args, report, "\n".join(lines) + f"\nreport: {out / 'report.html'}")
 
 
-def _quick(config):
-    from dataclasses import replace
-
-    return replace(
-        config,
-        k=min(config.k, 3),
-        measure_samples=256,
-        trace_samples=9,
-        density_runs=1,
-        density_steps=20,
-        ascent_steps=4,
-        landscape_1d=11,
-        landscape_2d=7,
-    )
-
-
-def _train_config(args: argparse.Namespace, optimizer: str):
+# ---------------------------------------------------------------------- train / compare
+def _train_config(args: argparse.Namespace, optimizer: str, model: str) -> TrainConfig:
     from flatlens.train import TrainConfig
 
     try:
-        kwargs = json.loads(args.model_kwargs)
         return TrainConfig(
-            model=args.model,
-            model_kwargs=kwargs,
+            model=model,
+            model_kwargs=_model_kwargs(args),
             optimizer=optimizer,
             base=args.base,
             lr=args.lr,
@@ -128,238 +287,430 @@ def _train_config(args: argparse.Namespace, optimizer: str):
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
-            measure_every=args.measure_every,
+            scheduler=args.scheduler,
+            measure_every=getattr(args, "measure_every", 0),
+            measure_samples=args.measure_samples,
+            measure_rho=args.rho,
+            measure_steps=args.measure_steps,
+            dtype=args.dtype,
             device=args.device,
         )
-    except (json.JSONDecodeError, ValueError, TypeError) as err:
+    except ValueError as err:
         raise UserError(str(err)) from err
+
+
+def _train_factory(
+    config: TrainConfig, data: Dataset, spec: str, *, resume: bool, progress: bool
+) -> TrainResult:
+    """:func:`flatlens.train.train` for a ``package.module:factory`` model (the trainer's
+    own ``build_model`` knows only zoo names)."""
+    from flatlens.resolve import build_model
+    from flatlens.train import Trainer, build_optimizer, build_scheduler
+    from flatlens.train.trainer import CHECKPOINT_NAME
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            model = build_model(spec, data, **config.model_kwargs)
+        except (ValueError, TypeError) as err:
+            raise UserError(str(err)) from err
+    model = model.to(device=config.device, dtype=getattr(torch, config.dtype))
+    optimizer = build_optimizer(config, model)
+    trainer = Trainer(
+        model,
+        optimizer,
+        data,
+        batch_size=config.batch_size,
+        scheduler=build_scheduler(config, optimizer),
+        seed=config.seed,
+        measure_every=config.measure_every,
+        measures=config.measures,
+        measure_samples=config.measure_samples,
+        measure_rho=config.measure_rho,
+        measure_steps=config.measure_steps,
+        trace_samples=config.trace_samples,
+        checkpoint_dir=config.checkpoint_dir,
+        settings={"config": config.to_dict()},
+        progress=progress,
+    )
+    path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
+    if resume and path.is_file():
+        trainer.load_checkpoint(path)
+    return trainer.fit(config.epochs)
+
+
+def _check_resumable(config: TrainConfig, data: Dataset, spec: str, path: Path) -> None:
+    """Refuse to resume from a training checkpoint of another architecture (one line)."""
+    from flatlens.resolve import build_model, check_state_dict
+    from flatlens.train import load_training_checkpoint
+
+    payload = load_training_checkpoint(path)
+    try:
+        model = build_model(spec, data, **config.model_kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from err
+    check_state_dict(model, payload["model"], path)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train one network; write model.pt, metrics.json and checkpoints/."""
     from flatlens.io import save_torch, write_json
-    from flatlens.resolve import load_data
     from flatlens.train import train
+    from flatlens.train.trainer import CHECKPOINT_NAME
 
-    try:
-        data = load_data(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from err
-    out = Path(args.out or f"flatlens_train_{args.optimizer}")
-    config = _train_config(args, args.optimizer)
+    data = _data(args)
+    out = Path(args.out)
+    factory = args.model not in ZOO
+    config = _train_config(args, args.optimizer, "mlp" if factory else args.model)
+    if factory:
+        config.model = args.model  # recorded in the settings; built by resolve.build_model
     config.checkpoint_dir = str(out / "checkpoints")
-    result = train(config, data, resume=args.resume, progress=not args.quiet)
+    last = Path(config.checkpoint_dir) / CHECKPOINT_NAME
+    if last.is_file():
+        if args.resume:
+            _check_resumable(config, data, args.model, last)
+        else:
+            _note(args, f"starting afresh over {last} (--resume continues it)")
+    if factory:
+        result = _train_factory(
+            config, data, args.model, resume=args.resume, progress=_progress(args)
+        )
+    else:
+        result = train(config, data, resume=args.resume, progress=_progress(args))
     save_torch(out / "model.pt", result.model.state_dict())
     write_json(out / "metrics.json", result)
+    payload = result.to_dict()
+    payload["files"] = [str(out / f) for f in ("model.pt", "metrics.json", "checkpoints")]
     final = result.final
     _emit(
         args,
-        result,
-        f"test acc {final.get('test_acc', float('nan')):.4f}, gap (loss) "
-        f"{final.get('gap_loss', float('nan')):.4g}; weights: {out / 'model.pt'}",
+        payload,
+        f"epoch {final.get('epoch')}: train loss {final.get('train_loss', math.nan):.4g}, test "
+        f"acc {final.get('test_acc') or math.nan:.4f}, gap (loss) "
+        f"{final.get('gap_loss', math.nan):.4g}\nweights: {out / 'model.pt'}",
     )
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    """Optimizers x seeds; write study.json, flatness_vs_gap.png and report.html."""
     from flatlens.io import write_json
-    from flatlens.report.html import Section, write_report
-    from flatlens.resolve import load_data
-    from flatlens.train import compare
+    from flatlens.report.html import write_report
+    from flatlens.report.study import study_sections
+    from flatlens.train import OPTIMIZERS, compare
 
-    try:
-        data = load_data(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from err
-    out = Path(args.out or "flatlens_compare")
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    seeds = [int(v) for v in args.seeds.split(",")]
-    base = _train_config(args, "sgd")
-    if not base.measure_every:
-        base.measure_every = base.epochs
-    study = compare(data, optimizers, seeds=seeds, base=base, progress=not args.quiet)
-    study.plot(out / "flatness_vs_gap.png")
+    if args.model not in ZOO:
+        raise UserError(
+            f"compare trains zoo models only ({', '.join(ZOO)}), not {args.model!r}; train a "
+            "factory model with flatlens train and diagnose its checkpoint"
+        )
+    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
+    if unknown:
+        raise UserError(f"unknown optimizers {unknown}; choose from {list(OPTIMIZERS)}")
+    data = _data(args)
+    out = Path(args.out)
+    base = _train_config(args, "sgd", args.model)
+    study = compare(data, args.optimizers, seeds=args.seeds, base=base, progress=_progress(args))
     write_json(out / "study.json", study)
+    sections = study_sections(study, out)
     write_report(
         out / "report.html",
-        f"flatlens compare: {', '.join(optimizers)} on {data.name}",
-        [
-            Section("Mean over seeds", table=study.summary),
-            Section(
-                "Flatness against the generalization gap",
-                text="Kendall's τ between each measure and the gap, over all runs.",
-                table=[
-                    {"measure": m, **{g: v["tau"] for g, v in gaps.items()}}
-                    for m, gaps in study.kendall.items()
-                ],
-                images=[("measures vs gap", out / "flatness_vs_gap.png")],
-            ),
-            Section("Runs", table=study.runs),
-        ],
+        f"flatlens compare: {', '.join(args.optimizers)} on {data.name}",
+        sections,
+        subtitle=(
+            f"model {args.model}, {args.epochs} epochs, seeds {args.seeds}, lr {args.lr}, "
+            f"ρ {args.rho}"
+        ),
     )
-    _emit(args, study, study.table() + f"\nreport: {out / 'report.html'}")
+    payload = study.to_dict()
+    payload["files"] = [str(out / f) for f in ("study.json", "flatness_vs_gap.png", "report.html")]
+    _emit(args, payload, study.table() + f"\n\nreport: {out / 'report.html'}")
+
+
+# ---------------------------------------------------------------------- bound / landscape
+def _objective(args: argparse.Namespace, model: nn.Module, data: Dataset) -> Objective:
+    from flatlens.report.diagnose import DiagnoseConfig, measure_objective
+
+    return measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples))
 
 
 def cmd_bound(args: argparse.Namespace) -> None:
+    """R0, R1 and ρ²λ_max over radii; write bound.json and bound.png."""
     from flatlens.bounds import check_bound
     from flatlens.io import write_json
-    from flatlens.report.diagnose import DiagnoseConfig, measure_objective
 
     model, data = _load(args)
-    objective = measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples))
+    objective = _objective(args, model, data)
     report = check_bound(
-        objective, list(args.rho), steps=args.steps, seed=args.seed, progress=not args.quiet
+        objective,
+        list(args.rho),
+        steps=args.steps,
+        restarts=args.restarts,
+        seed=args.seed,
+        progress=_progress(args),
     )
-    out = Path(args.out or "flatlens_bound")
+    out = Path(args.out)
     report.plot(out / "bound.png")
     write_json(out / "bound.json", report)
-    _emit(args, report, f"{report.table()}\nplot: {out / 'bound.png'}")
+    payload = report.to_dict()
+    payload["files"] = [str(out / "bound.json"), str(out / "bound.png")]
+    verdict = "R0 <= R1 at every radius" if report.all_hold else "R0 > R1 somewhere: more --steps"
+    _emit(args, payload, f"{report.table()}\n{verdict}\nplot: {out / 'bound.png'}")
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:
+    """A 1-D or 2-D loss slice; write the grid (.npz + .json) and plots."""
     from flatlens import landscape as fl
-    from flatlens.report.diagnose import DiagnoseConfig, measure_objective
+    from flatlens.landscape.storage import store_paths
 
     model, data = _load(args)
-    objective = measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples))
-    out = Path(args.out or "flatlens_landscape")
+    objective = _objective(args, model, data)
+    out = Path(args.out)
+    stem = "line" if args.dim == 1 else "plane"
+    store = out / f"{stem}.npz"
+    if not args.resume:
+        for stale in store_paths(store):
+            stale.unlink(missing_ok=True)
     d1 = fl.random_direction(objective, seed=args.seed)
     span = (-args.span, args.span)
+    common = {"span": span, "store": store, "progress": _progress(args)}
     if args.dim == 1:
-        result = fl.line(
-            objective,
-            d1,
-            span=span,
-            steps=args.steps,
-            store=out / "line.npz",
-            progress=not args.quiet,
-        )
+        result = fl.line(objective, d1, steps=args.steps, **common)
         fl.plot_line(result, out / "line.png", log=args.log)
-        files = ["line.npz", "line.png"]
+        files = ["line.npz", "line.json", "line.png"]
     else:
         d2 = fl.random_direction(objective, seed=args.seed + 1)
-        result = fl.plane(
-            objective,
-            d1,
-            d2,
-            span=span,
-            steps=(args.steps, args.steps),
-            store=out / "plane.npz",
-            progress=not args.quiet,
-        )
+        result = fl.plane(objective, d1, d2, steps=(args.steps, args.steps), **common)
         fl.plot_contour(result, out / "plane.png", filled=True, log=args.log)
         fl.plot_surface(result, out / "plane.html", log=args.log)
-        files = ["plane.npz", "plane.png", "plane.html"]
+        files = ["plane.npz", "plane.json", "plane.png", "plane.html"]
     loss = result.values["loss"]
     summary = {
-        "files": [str(out / f) for f in files],
+        "dim": args.dim,
+        "shape": list(result.shape),
+        "span": list(span),
+        "loss_center": result.center.get("loss"),
         "loss_min": float(loss.min()),
         "loss_max": float(loss.max()),
+        "cosine_d1_d2": result.cosine,
+        "num_params": objective.num_params,
+        "num_evaluated": result.num_evaluated,
+        "files": [str(out / f) for f in files],
     }
-    _emit(args, summary, "written: " + ", ".join(summary["files"]))
+    _emit(
+        args,
+        summary,
+        f"loss at θ {summary['loss_center']:.4g}, range [{summary['loss_min']:.4g}, "
+        f"{summary['loss_max']:.4g}]\nwritten: " + ", ".join(summary["files"]),
+    )
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mlp", help="zoo model: mlp, cnn or resnet18")
-    p.add_argument("--model-kwargs", default="{}", help="JSON dict of model arguments")
-    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--rho", type=float, default=0.05, help="SAM/GAM radius")
-    p.add_argument("--base", default="sgd", choices=["sgd", "adamw"], help="base optimizer")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--measure-every", type=int, default=0, help="epochs between flatness measures")
-
-
+# ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
+    """SGD, SAM and GAM on digits, each diagnosed, one comparison report."""
     from flatlens.demo import run_demo
 
     summary = run_demo(
-        Path(args.out or "demo_out"), quick=args.quick, progress=not args.quiet, seed=args.seed
+        Path(args.out),
+        quick=args.quick,
+        progress=_progress(args),
+        seed=args.seed,
+        device=args.device,
     )
     _emit(args, summary, summary["text"])
 
 
+# ---------------------------------------------------------------------- parser and main
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flatlens`` command."""
-    parser = argparse.ArgumentParser(
-        prog="flatlens",
-        description="Hessian spectra, sharpness, first-order flatness and loss landscapes.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    from flatlens import __version__
 
-    p = sub.add_parser("diagnose", help="measure a checkpoint and write report.json/report.html")
+    fmt = _Help
+    parser = _Parser(
+        prog="flatlens",
+        formatter_class=fmt,
+        description="Hessian spectra, sharpness, first-order flatness and loss landscapes of "
+        "PyTorch checkpoints. Errors a user can fix exit with code 2 and one line on stderr.",
+    )
+    parser.add_argument("--version", action="version", version=f"flatlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "diagnose",
+        formatter_class=fmt,
+        help="measure a checkpoint; write report.json, figures and report.html",
+        description="Performance, top-k Hessian eigenvalues, trace, spectral density, R0 (l2 "
+        "and adaptive), R1 and the bound check over radii, a 1-D slice and a 2-D plane.",
+    )
     _model_args(p)
-    _common(p)
-    p.add_argument("--rho", type=_rhos, default=(0.01, 0.02, 0.05), help="radii, e.g. 0.01,0.05")
-    p.add_argument("--k", type=int, default=5, help="number of top Hessian eigenvalues")
+    p.add_argument(
+        "--rho",
+        metavar="RHOS",
+        type=_rhos,
+        default="0.01,0.02,0.05",
+        help="radii of R0, R1 and the bound check; the middle one is the summary's",
+    )
+    p.add_argument("--k", type=_int_at_least(1), default=5, help="top Hessian eigenvalues")
+    p.add_argument(
+        "--samples",
+        metavar="N",
+        type=_samples,
+        default=512,
+        help="training examples of the curvature measures and slices, or 'all'",
+    )
     p.add_argument("--quick", action="store_true", help="small settings for a fast look")
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")
+    p.add_argument("--title", default="", help="title of report.html (default: from the file)")
+    _common(p, "flatlens_diagnosis")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("train", help="train with sgd, adamw, sam or gam; checkpoints and metrics")
-    _train_args(p)
-    _common(p)
-    p.add_argument("--optimizer", default="sgd", help="sgd, adamw, sam, gam or gam-exact")
+    p = sub.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train with sgd, adamw, sam or gam; write checkpoints and metrics",
+        description="Train one network; --out gets model.pt (the final state dict), "
+        "metrics.json (the per-epoch history) and checkpoints/ (for --resume).",
+    )
+    _train_args(p, "mlp, cnn, resnet18 or package.module:factory")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "adamw", "sam", "gam", "gam-exact"],
+        help="gam: GAM's accelerated mode; gam-exact: its exact Hessian-vector mode",
+    )
+    p.add_argument(
+        "--measure-every",
+        metavar="EPOCHS",
+        type=_int_at_least(0),
+        default=0,
+        help="epochs between flatness measures (0: never)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _common(p, "flatlens_train")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="optimizers x seeds: flatness against the gap")
-    _train_args(p)
-    _common(p)
-    p.add_argument("--optimizers", default="sgd,sam,gam", help="comma-separated optimizers")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p = sub.add_parser(
+        "compare",
+        formatter_class=fmt,
+        help="optimizers x seeds: flatness against the generalization gap",
+        description="Train every optimizer with every seed, measure λ_max, tr(H), R0 and R1 "
+        "of each final network and report Kendall's τ against the generalization gap.",
+    )
+    _train_args(p, "mlp, cnn or resnet18")
+    p.add_argument(
+        "--optimizers",
+        metavar="NAMES",
+        type=_names,
+        default="sgd,sam,gam",
+        help="comma-separated: sgd, adamw, sam, gam, gam-exact",
+    )
+    p.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated seeds")
+    _common(p, "flatlens_compare")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bound", help="check R0 <= R1 and R1/rho^2 -> lambda_max over radii")
+    p = sub.add_parser(
+        "bound",
+        formatter_class=fmt,
+        help="check R0 <= R1 and R1/ρ² → λ_max over radii",
+        description="R0, R1 and ρ²λ_max in the l2 ball for each radius; bound.json, bound.png.",
+    )
     _model_args(p)
-    _common(p)
-    p.add_argument("--rho", type=_rhos, default=(0.005, 0.01, 0.02, 0.05), help="radii")
-    p.add_argument("--steps", type=int, default=20, help="projected-ascent steps")
-    p.add_argument("--samples", type=int, default=512, help="training examples measured")
+    p.add_argument(
+        "--rho", metavar="RHOS", type=_rhos, default="0.005,0.01,0.02,0.05", help="radii"
+    )
+    p.add_argument("--steps", type=_int_at_least(1), default=20, help="projected-ascent steps")
+    p.add_argument("--restarts", type=_int_at_least(0), default=1, help="random restarts")
+    p.add_argument(
+        "--samples", metavar="N", type=_samples, default=512, help="training examples, or 'all'"
+    )
+    _common(p, "flatlens_bound")
     p.set_defaults(func=cmd_bound)
 
-    p = sub.add_parser("landscape", help="1-D or 2-D loss slice around a checkpoint")
-    _model_args(p)
-    _common(p)
-    p.add_argument("--dim", type=int, choices=[1, 2], default=2)
-    p.add_argument(
-        "--steps", type=int, default=41, help="grid points per axis (odd keeps the centre)"
+    p = sub.add_parser(
+        "landscape",
+        formatter_class=fmt,
+        help="1-D or 2-D loss slice around a checkpoint",
+        description="L(θ + a·d1) or L(θ + a·d1 + b·d2) along filter-normalized random "
+        "directions (seeds --seed and --seed + 1).",
     )
-    p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
-    p.add_argument("--samples", type=int, default=None, help="training examples (default all)")
-    p.add_argument("--log", action="store_true", help="log-scale loss")
+    _model_args(p)
+    p.add_argument("--dim", type=int, choices=[1, 2], default=2, help="a line or a plane")
+    p.add_argument("--steps", type=_int_at_least(2), default=41, help="grid points per axis")
+    p.add_argument("--span", type=_positive_float, default=1.0, help="grid covers [-span, span]")
+    p.add_argument(
+        "--samples", metavar="N", type=_samples, default="all", help="training examples, or 'all'"
+    )
+    p.add_argument("--log", action="store_true", help="log-scale loss in the plots")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
+    _common(p, "flatlens_landscape")
     p.set_defaults(func=cmd_landscape)
 
-    p = sub.add_parser("demo", help="SGD, SAM and GAM on digits, each diagnosed, one report")
-    _common(p)
-    p.add_argument("--quick", action="store_true", help="fewer epochs and smaller settings")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="SGD, SAM and GAM on digits, each diagnosed, one report (make demo)",
+        description="3 seeds x SGD/SAM/GAM x 20 epochs on digits, each seed-0 network "
+        "diagnosed, one comparison report (about a minute on one core).",
+    )
+    p.add_argument("--quick", action="store_true", help="2 seeds, 3 epochs, quick diagnoses")
+    _common(p, "demo_out", threads=1)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
     try:
-        if args.device != "cpu" and not _device_ok(args.device):
-            raise UserError(f"--device {args.device} is not available on this machine")
-        func(args)
-    except (UserError, CheckpointError) as err:
-        print(f"flatlens {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"flatlens {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _device_ok(device: str) -> bool:
     try:
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):
+    except (RuntimeError, AssertionError, ValueError):
         return False
     return True
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _fail(command: str, err: BaseException, code: int, hint: str = "") -> int:
+    if os.environ.get("FLATLENS_DEBUG"):
+        raise err
+    print(f"flatlens {command}: error: {_one_line(err)}{hint}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    debug = " (FLATLENS_DEBUG=1 shows the traceback)"
+    try:
+        if args.device != "cpu" and not _device_ok(args.device):
+            raise UserError(f"--device {args.device} is not available on this machine")
+        with cli_session(args), _threads(args.threads):
+            func(args)
+    except (UserError, CheckpointError) as err:
+        return _fail(args.command, err, EXIT_USAGE)
+    except (ValueError, TypeError) as err:
+        return _fail(args.command, err, EXIT_USAGE, debug)
+    except torch.OutOfMemoryError as err:
+        return _fail(args.command, err, EXIT_FAILURE, "; try fewer --samples or a smaller model")
+    except (FloatingPointError, OSError) as err:
+        return _fail(args.command, err, EXIT_FAILURE, debug)
+    except KeyboardInterrupt:
+        hint = "; rerun with --resume to continue" if hasattr(args, "resume") else ""
+        print(f"flatlens {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

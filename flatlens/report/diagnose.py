@@ -1,13 +1,20 @@
 """Diagnose a trained network: performance, Hessian spectrum, sharpness, flatness, landscapes.
 
 :func:`diagnose` runs every measure on one model and data set, stores each part as JSON
-(resumable), draws the figures and writes ``report.json`` and a self-contained
-``report.html``.
+under ``parts/`` (so ``resume=True`` reuses what an earlier or interrupted run finished),
+draws the figures and writes ``report.json`` and a self-contained ``report.html``.
+
+The curvature measures use a fixed subset of the training data, the first
+``measure_samples`` examples: L(θ) = (1/N) Σ_i ℓ(f_θ(x_i), y_i) over that subset.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,27 @@ from flatlens.objective import Objective
 from flatlens.report.figures import plot_density, plot_eigenvalues
 from flatlens.report.html import Section, write_report
 from flatlens.report.pipeline import PartStore, fingerprint, model_digest
+from flatlens.results import to_jsonable
 from flatlens.spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 
-__all__ = ["DiagnoseConfig", "diagnose", "measure_objective", "summary_row"]
+__all__ = [
+    "PARTS",
+    "DiagnoseConfig",
+    "data_digest",
+    "diagnose",
+    "measure_objective",
+    "summary_row",
+]
+
+PARTS = (
+    "performance",
+    "spectrum",
+    "trace",
+    "density",
+    "sharpness",
+    "landscape_1d",
+    "landscape_2d",
+)
 
 
 @dataclass
@@ -29,15 +54,18 @@ class DiagnoseConfig:
     """Settings of :func:`diagnose` (the defaults suit small models on a laptop CPU).
 
     Attributes:
-        rhos: Radii for sharpness, flatness and the bound check.
+        rhos: Radii for sharpness, flatness and the bound check (kept sorted, without
+            repeats); the middle one is the headline radius of the summary.
         k: Number of top Hessian eigenvalues.
         measure_samples: Training examples used for curvature measures (``None``: all).
         batch_size: Batch size of the data passes.
-        trace_samples: HVPs for the Hutch++ trace.
+        trace_samples: HVPs for the Hutch++ trace (at least 3).
         density_runs, density_steps: Stochastic Lanczos quadrature settings.
         ascent_steps: Projected-ascent steps for R0 and R1.
-        landscape_1d, landscape_2d: Grid sizes of the loss slices (0 skips them).
+        landscape_1d, landscape_2d: Grid points per axis of the loss slices (0 skips one).
+        landscape_span: The slices cover ``[-span, span]`` along each direction.
         seed: Seed of every random choice.
+        extra: Free-form values stored with the report.
     """
 
     rhos: tuple[float, ...] = (0.01, 0.02, 0.05)
@@ -50,14 +78,61 @@ class DiagnoseConfig:
     ascent_steps: int = 10
     landscape_1d: int = 41
     landscape_2d: int = 21
+    landscape_span: float = 1.0
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rhos = tuple(self.rhos)
+        if not rhos or not all(math.isfinite(r) and r > 0 for r in rhos):
+            raise ValueError(f"rhos must be finite radii > 0, got {rhos}")
+        self.rhos = tuple(sorted({float(r) for r in rhos}))
+        for name, least in (
+            ("k", 1),
+            ("batch_size", 1),
+            ("trace_samples", 3),
+            ("density_runs", 1),
+            ("density_steps", 2),
+            ("ascent_steps", 1),
+            ("landscape_1d", 0),
+            ("landscape_2d", 0),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("landscape_1d", "landscape_2d"):
+            if getattr(self, name) == 1:
+                raise ValueError(f"{name} must be 0 (skip) or at least 2 grid points")
+        if self.measure_samples is not None and (
+            isinstance(self.measure_samples, bool)
+            or not isinstance(self.measure_samples, int)
+            or self.measure_samples < 1
+        ):
+            raise ValueError(f"measure_samples must be None or >= 1, got {self.measure_samples}")
+        if not (math.isfinite(self.landscape_span) and self.landscape_span > 0):
+            raise ValueError(f"landscape_span must be > 0, got {self.landscape_span!r}")
+
+    def quick(self) -> DiagnoseConfig:
+        """Small settings for a fast first look (seconds on a CPU for the digits MLP)."""
+        return replace(
+            self,
+            k=min(self.k, 3),
+            measure_samples=min(self.measure_samples or 256, 256),
+            trace_samples=9,
+            density_runs=1,
+            density_steps=20,
+            ascent_steps=4,
+            landscape_1d=min(self.landscape_1d, 11),
+            landscape_2d=min(self.landscape_2d, 7),
+        )
 
 
 def measure_objective(
     model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn: nn.Module | None = None
 ) -> Objective:
-    """The objective the curvature measures use: a fixed subset of the training data."""
+    """The objective the curvature measures use: the first ``measure_samples`` training
+    examples, in batches of ``batch_size``."""
     x, y = data.train()
     if config.measure_samples is not None:
         x, y = x[: config.measure_samples], y[: config.measure_samples]
@@ -67,6 +142,17 @@ def measure_objective(
     )
 
 
+def data_digest(data: Dataset) -> str:
+    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs."""
+    h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
+    for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).numpy().tobytes())
+    h.update(f"{len(data.x_train)},{len(data.x_test)}".encode())
+    return h.hexdigest()[:16]
+
+
 def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn) -> dict:
     out = {}
     for split, (x, y) in (("train", data.train()), ("test", data.test())):
@@ -74,12 +160,12 @@ def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_f
         for key, value in obj.evaluate().items():
             out[f"{split}_{key}"] = value
     out["gap_loss"] = out["test_loss"] - out["train_loss"]
-    if "train_accuracy" in out:
+    if "train_accuracy" in out and "test_accuracy" in out:
         out["gap_accuracy"] = out["train_accuracy"] - out["test_accuracy"]
     return out
 
 
-def _sharpness_parts(objective: Objective, config: DiagnoseConfig) -> dict:
+def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: bool) -> dict:
     from flatlens.bounds import check_bound
     from flatlens.sharpness import zeroth_order_sharpness
 
@@ -87,47 +173,100 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig) -> dict:
     adaptive = zeroth_order_sharpness(
         objective, rho, adaptive=True, steps=config.ascent_steps, seed=config.seed
     )
-    bound = check_bound(objective, list(config.rhos), steps=config.ascent_steps, seed=config.seed)
+    bound = check_bound(
+        objective, list(config.rhos), steps=config.ascent_steps, seed=config.seed, progress=progress
+    )
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
 
+def _landscape_part(
+    store: PartStore,
+    name: str,
+    compute: Callable[[Path], Any],
+    settings: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """Run one landscape through ``store``; its grid lives in ``out/<name>.npz``.
+
+    A marker part ``<name>.started`` records the settings before the grid is evaluated, so
+    a resumed run continues an interrupted grid only when it was started with the same
+    weights, data and settings, and otherwise starts it afresh.
+    """
+    from flatlens.landscape.storage import store_paths
+
+    path = out / f"{name}.npz"
+    found, value = store.lookup(name, settings, [path])
+    if found:
+        store.reused.append(name)
+        return value
+    started, _ = store.lookup(f"{name}.started", settings)
+    if not started:
+        for stale in store_paths(path):
+            stale.unlink(missing_ok=True)
+        store.save(f"{name}.started", {"path": path.name}, settings)
+    result = compute(path)
+    values = result.values["loss"]
+    info = {
+        "path": path.name,
+        "steps": settings["steps"],
+        "span": settings["span"],
+        "loss_center": result.center.get("loss"),
+        "loss_min": float(values.min()),
+        "loss_max": float(values.max()),
+    }
+    value = store.save(name, info, settings)
+    store.path(f"{name}.started").unlink(missing_ok=True)
+    store.computed.append(name)
+    return value
+
+
 def _landscapes(
-    objective: Objective, config: DiagnoseConfig, out: Path, *, resume: bool, progress: bool
+    objective: Objective, config: DiagnoseConfig, out: Path, store: PartStore, progress: bool
 ) -> dict[str, Any]:
     """A 1-D slice and a 2-D plane along filter-normalized random directions (stored as npz)."""
     from flatlens import landscape as fl
 
     d1 = fl.random_direction(objective, seed=config.seed)
     d2 = fl.random_direction(objective, seed=config.seed + 1)
+    span = (-config.landscape_span, config.landscape_span)
+    common = {
+        "measure_samples": config.measure_samples,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "span": list(span),
+    }
     info: dict[str, Any] = {"cosine_d1_d2": fl.cosine(d1, d2)}
-    for name, steps in (
-        ("landscape_1d", config.landscape_1d),
-        ("landscape_2d", config.landscape_2d),
-    ):
-        if not steps:
-            continue
-        path = out / f"{name}.npz"
-        if not resume:
-            for stale in out.glob(f"{name}.*"):
-                stale.unlink()
-        if name == "landscape_1d":
-            result = fl.line(objective, d1, steps=steps, store=path, progress=progress)
-        else:
-            result = fl.plane(
-                objective, d1, d2, steps=(steps, steps), store=path, progress=progress
-            )
-        values = result.values["loss"]
-        info[name] = {
-            "path": path.name,
-            "steps": steps,
-            "loss_min": float(values.min()),
-            "loss_max": float(values.max()),
-        }
+    if config.landscape_1d:
+        info["landscape_1d"] = _landscape_part(
+            store,
+            "landscape_1d",
+            lambda path: fl.line(
+                objective, d1, span=span, steps=config.landscape_1d, store=path, progress=progress
+            ),
+            {**common, "steps": config.landscape_1d},
+            out,
+        )
+    if config.landscape_2d:
+        steps = (config.landscape_2d, config.landscape_2d)
+        info["landscape_2d"] = _landscape_part(
+            store,
+            "landscape_2d",
+            lambda path: fl.plane(
+                objective, d1, d2, span=span, steps=steps, store=path, progress=progress
+            ),
+            {**common, "steps": config.landscape_2d},
+            out,
+        )
     return info
 
 
 def summary_row(report: dict) -> dict[str, Any]:
-    """The headline numbers of a diagnosis, as one flat row."""
+    """The headline numbers of a diagnosis, as one flat row.
+
+    Keys: ``train acc``, ``test acc``, ``gap (loss)`` (test − train loss), ``λ_max``,
+    ``trace``, and when sharpness was measured ``ρ`` (the middle radius), ``R0``, ``R1``
+    (l2 ball of radius ρ) and ``adaptive R0``.
+    """
     perf = report["performance"]
     row = {
         "train acc": perf.get("train_accuracy"),
@@ -158,34 +297,60 @@ def diagnose(
 ) -> dict[str, Any]:
     """Measure everything about ``model`` on ``data`` and write a report to ``out_dir``.
 
-    Writes ``parts/*.json`` (one per measure, reused by ``resume=True`` when the weights and
-    settings match), PNG figures, ``report.json`` and ``report.html``. The model is left
-    unchanged.
+    Parts: train/test loss and accuracy and the gap (test − train loss, train − test
+    accuracy); the top-k Hessian eigenvalues (Lanczos), tr(H) (Hutch++) and the spectral
+    density (SLQ); the adaptive R0 at the middle radius and, for every radius ρ, R0 =
+    max_{‖δ‖≤ρ} L(θ+δ) − L(θ), R1 = ρ·max_{‖δ‖≤ρ} ‖∇L(θ+δ)‖ and ρ²λ_max (the bound check);
+    a 1-D slice L(θ + a·d1) and a 2-D plane L(θ + a·d1 + b·d2) along filter-normalized
+    random directions.
+
+    Writes ``parts/*.json`` (one per part; with ``resume=True`` a part is reused when the
+    weights, the data and the settings it depends on match), ``landscape_*.npz``, PNG
+    figures under ``figures/``, ``report.json`` and ``report.html``, each atomically. The
+    model is left unchanged.
 
     Returns:
-        The report as a JSON-ready dictionary.
+        The report as a JSON-ready dictionary; ``reused_parts`` and ``computed_parts`` name
+        the parts taken from an earlier run and those computed now.
     """
     config = config or DiagnoseConfig()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    key = fingerprint(asdict(config), model_digest(model), data.name, len(data.y_train))
-    store = PartStore(out / "parts", key, resume=resume)
+    digest = model_digest(model)
+    store = PartStore(out / "parts", fingerprint(digest, data_digest(data)), resume=resume)
     objective = measure_objective(model, data, config, loss_fn)
     seed = config.seed
-    report: dict[str, Any] = {"settings": asdict(config), "data": data.name}
+    subset = {"measure_samples": config.measure_samples, "batch_size": config.batch_size}
+    report: dict[str, Any] = {
+        "title": title,
+        "data": data.name,
+        "model": {
+            "class": type(model).__name__,
+            "num_params": objective.num_params,
+            "dtype": str(objective.dtype).removeprefix("torch."),
+            "device": str(objective.device),
+            "digest": digest[:16],
+        },
+        "settings": to_jsonable(asdict(config)),
+    }
     report["performance"] = store.run(
-        "performance", lambda: _performance(model, data, config, loss_fn)
+        "performance",
+        lambda: _performance(model, data, config, loss_fn),
+        settings={"batch_size": config.batch_size},
     )
     report["spectrum"] = store.run(
         "spectrum",
         lambda: hessian_eigenvalues(objective, config.k, seed=seed, progress=progress),
+        settings={**subset, "k": config.k, "seed": seed},
     )
     report["trace"] = store.run(
         "trace",
         lambda: hessian_trace(
             objective, num_samples=config.trace_samples, seed=seed, progress=progress
         ),
+        settings={**subset, "trace_samples": config.trace_samples, "seed": seed},
     )
     report["density"] = store.run(
         "density",
@@ -196,32 +361,61 @@ def diagnose(
             seed=seed,
             progress=progress,
         ),
+        settings={
+            **subset,
+            "density_runs": config.density_runs,
+            "density_steps": config.density_steps,
+            "seed": seed,
+        },
     )
-    report["sharpness"] = store.run("sharpness", lambda: _sharpness_parts(objective, config))
-    report["landscape"] = _landscapes(objective, config, out, resume=resume, progress=progress)
+    report["sharpness"] = store.run(
+        "sharpness",
+        lambda: _sharpness_parts(objective, config, progress),
+        settings={**subset, "rhos": config.rhos, "steps": config.ascent_steps, "seed": seed},
+    )
+    report["landscape"] = _landscapes(objective, config, out, store, progress)
     report["reused_parts"] = list(store.reused)
+    report["computed_parts"] = list(store.computed)
     report["summary"] = summary_row(report)
+    report["seconds"] = time.perf_counter() - start
 
-    sections = _figures(report, out)
+    sections = _sections(report, out)
     write_json(out / "report.json", report)
-    write_report(out / "report.html", title, sections, subtitle=f"data: {data.name}")
+    write_report(out / "report.html", title, sections, subtitle=_subtitle(report))
     return report
 
 
-def _figures(report: dict, out: Path) -> list[Section]:
+def _subtitle(report: dict) -> str:
+    s = report["settings"]
+    samples = s["measure_samples"] or "all"
+    return (
+        f"data: {report['data']} · model: {report['model']['class']} with "
+        f"{report['model']['num_params']:,} {report['model']['dtype']} parameters on "
+        f"{report['model']['device']} · curvature on {samples} training examples · "
+        f"seed {s['seed']}"
+    )
+
+
+def _sections(report: dict, out: Path) -> list[Section]:
     """Draw the figures and return the report's sections."""
     from types import SimpleNamespace
 
     figs = out / "figures"
-    density = SimpleNamespace(**report["density"])
-    plot_density(density, figs / "density.png")
+    plot_density(SimpleNamespace(**report["density"]), figs / "density.png")
     plot_eigenvalues({"λ": report["spectrum"]["eigenvalues"]}, figs / "spectrum.png")
+    reused = report.get("reused_parts") or []
     sections = [
-        Section("Summary", table=[report["summary"]]),
         Section(
-            "Performance",
-            table=[{k: v for k, v in report["performance"].items()}],
+            "Summary",
+            text=(
+                "gap = test loss − train loss; λ_max = top Hessian eigenvalue; trace = tr(H); "
+                "R0 = zeroth-order sharpness and R1 = first-order flatness in the l2 ball of "
+                "radius ρ (the middle radius). Smaller λ_max, R0 and R1 mean a flatter minimum."
+                + (f" Reused from an earlier run: {', '.join(reused)}." if reused else "")
+            ),
+            table=[report["summary"]],
         ),
+        Section("Performance", table=[dict(report["performance"])]),
         Section(
             "Hessian spectrum",
             text=(
@@ -255,7 +449,8 @@ def _figures(report: dict, out: Path) -> list[Section]:
                 "Sharpness, flatness and the bound",
                 text=(
                     "R0 = max L(θ+δ) − L(θ) and R1 = ρ·max ‖∇L(θ+δ)‖ over the ρ-ball; the "
-                    "bound says R0 ≤ R1 and R1/ρ² → λ_max at a minimum."
+                    "bound says R0 ≤ R1 and R1/ρ² → λ_max at a minimum. Adaptive R0 at "
+                    f"ρ = {sharp['rho']:.4g}: {sharp['adaptive_r0']['value']:.4g}."
                 ),
                 table=[
                     {
@@ -279,7 +474,7 @@ def _figures(report: dict, out: Path) -> list[Section]:
             "Loss landscape",
             text=(
                 "Slices along filter-normalized Gaussian directions d1, d2 (Li et al., 2018); "
-                f"cosine(d1, d2) = {land['cosine_d1_d2']:.3f}."
+                f"cosine(d1, d2) = {land['cosine_d1_d2']:.3f}. Drag the surface to rotate it."
             ),
         )
         if land.get("landscape_1d"):
@@ -292,4 +487,17 @@ def _figures(report: dict, out: Path) -> list[Section]:
             section.images.append(("2-D plane θ + a·d1 + b·d2", figs / "landscape_2d.png"))
             section.plotly.append(fl.plot_surface(plane, title="loss surface"))
         sections.append(section)
+    settings = {k: v for k, v in report["settings"].items() if k != "extra"}
+    sections.append(
+        Section(
+            "Settings",
+            table=[{"setting": k, "value": _plain(v)} for k, v in settings.items()],
+        )
+    )
     return sections
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return value

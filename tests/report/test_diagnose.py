@@ -1,0 +1,203 @@
+"""diagnose(): every number in report.json against a dense float64 reference or the measure
+it comes from, the model left untouched, and resuming (whole, partial and interrupted)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ModelSnapshot, dense_hessian
+from torch.func import functional_call
+
+import flatlens.landscape as fl
+from flatlens import zoo
+from flatlens.bounds import check_bound
+from flatlens.data import synthetic_classification
+from flatlens.report.diagnose import PARTS, DiagnoseConfig, diagnose, measure_objective
+from flatlens.sharpness import zeroth_order_sharpness
+
+CONFIG = DiagnoseConfig(
+    rhos=(0.05, 0.01),
+    k=3,
+    measure_samples=64,
+    batch_size=40,  # two uneven batches: 40 + 24
+    trace_samples=3 * 57 + 3,  # Hutch++ with a full sketch is exact
+    density_runs=1,
+    density_steps=12,
+    ascent_steps=3,
+    landscape_1d=5,
+    landscape_2d=5,
+)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return zoo.mlp(in_features=5, hidden=6, depth=1, num_classes=3).double()  # 57 parameters
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_classification(n=96, dim=5, num_classes=3, test_n=48, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def diagnosed(data, tmp_path_factory):
+    model = _model()
+    model.train()  # diagnose measures in eval mode and must restore this flag
+    before = ModelSnapshot.take(model)
+    out = tmp_path_factory.mktemp("diagnosis")
+    report = diagnose(model, data, out, config=CONFIG)
+    before.assert_unchanged(model)
+    return {"model": model, "report": report, "out": out}
+
+
+def test_performance_matches_a_direct_evaluation(diagnosed, data):
+    model, perf = diagnosed["model"], diagnosed["report"]["performance"]
+    with torch.no_grad():
+        for split, (x, y) in (("train", data.train()), ("test", data.test())):
+            logits = model(x)  # no dropout or BatchNorm: the mode does not matter
+            assert perf[f"{split}_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), 1e-12)
+            accuracy = float((logits.argmax(1) == y).double().mean())
+            assert perf[f"{split}_accuracy"] == pytest.approx(accuracy, abs=1e-15)
+    assert perf["gap_loss"] == pytest.approx(perf["test_loss"] - perf["train_loss"])
+    assert perf["gap_accuracy"] == pytest.approx(perf["train_accuracy"] - perf["test_accuracy"])
+
+
+def test_spectrum_and_trace_match_the_dense_hessian(diagnosed, data):
+    report = diagnosed["report"]
+    objective = measure_objective(diagnosed["model"], data, CONFIG)
+    hessian = dense_hessian(objective)
+    assert hessian.shape == (57, 57)
+    reference = torch.linalg.eigvalsh(hessian).flip(0)
+    assert report["spectrum"]["eigenvalues"] == pytest.approx(reference[:3].tolist(), rel=1e-6)
+    assert report["trace"]["value"] == pytest.approx(float(hessian.trace()), rel=1e-9)
+    assert report["summary"]["λ_max"] == report["spectrum"]["eigenvalues"][0]
+    grid = report["density"]["grid"]
+    assert grid[0] <= float(reference[-1]) and grid[-1] >= float(reference[0])
+
+
+def test_sharpness_part_is_the_bound_check_with_the_same_settings(diagnosed, data):
+    report = diagnosed["report"]
+    objective = measure_objective(diagnosed["model"], data, CONFIG)
+    bound = check_bound(objective, [0.05, 0.01], steps=3, seed=0).to_dict()
+    stored = report["sharpness"]["bound"]
+    assert [r["rho"] for r in stored["rows"]] == [0.01, 0.05]
+    for key in ("r0", "r1", "lambda_max", "holds"):
+        assert [r[key] for r in stored["rows"]] == [r[key] for r in bound["rows"]]
+    # The headline radius is the middle of the sorted radii: 0.05 of (0.01, 0.05).
+    adaptive = zeroth_order_sharpness(objective, 0.05, adaptive=True, steps=3, seed=0)
+    assert report["sharpness"]["rho"] == 0.05
+    assert report["sharpness"]["adaptive_r0"]["value"] == adaptive.value
+    mid = stored["rows"][1]
+    assert report["summary"]["ρ"] == 0.05
+    assert report["summary"]["R0"] == mid["r0"] and report["summary"]["R1"] == mid["r1"]
+
+
+def test_landscapes_hold_the_loss_along_the_directions(diagnosed, data):
+    out, model = diagnosed["out"], diagnosed["model"]
+    objective = measure_objective(model, data, CONFIG)
+    d1 = fl.random_direction(objective, seed=0).vector
+    d2 = fl.random_direction(objective, seed=1).vector
+    x, y = data.x_train[:64], data.y_train[:64]
+
+    def loss(theta: torch.Tensor) -> float:
+        params = objective.space.as_dict(theta)
+        with torch.no_grad():
+            return float(F.cross_entropy(functional_call(model, params, (x,)), y))
+
+    theta = objective.theta
+    line = fl.load(out / "landscape_1d.npz")
+    for a, value in zip(line.x, line.values["loss"], strict=True):
+        assert value == pytest.approx(loss(theta + a * d1), rel=1e-10)
+    plane = fl.load(out / "landscape_2d.npz")
+    for i, j in ((0, 0), (1, 3), (4, 2)):
+        expected = loss(theta + plane.x[i] * d1 + plane.y[j] * d2)
+        assert plane.values["loss"][i, j] == pytest.approx(expected, rel=1e-10)
+    info = diagnosed["report"]["landscape"]["landscape_2d"]
+    assert info["loss_center"] == pytest.approx(loss(theta), rel=1e-12)
+    assert info["loss_min"] == float(plane.values["loss"].min())
+
+
+def test_report_files(diagnosed):
+    out, report = diagnosed["out"], diagnosed["report"]
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["computed_parts"] == list(PARTS) and report["reused_parts"] == []
+    assert report["model"]["num_params"] == 57 and report["model"]["dtype"] == "float64"
+    page = (out / "report.html").read_text()
+    for title in ("Summary", "Hessian spectrum", "Sharpness, flatness and the bound"):
+        assert f"<h2>{title}</h2>" in page
+    assert page.count('<img alt="') == 5  # spectrum, density, bound, two slices
+    assert 'class="plotly-graph-div"' in page
+
+
+def test_resume_reuses_exactly_what_still_applies(diagnosed, data, tmp_path):
+    out = tmp_path / "d"
+    model = _model()
+    diagnose(model, data, out, config=CONFIG)
+    again = diagnose(model, data, out, config=CONFIG, resume=True)
+    assert again["reused_parts"] == list(PARTS) and again["computed_parts"] == []
+    first = diagnosed["report"]
+    for key in ("performance", "spectrum", "trace", "landscape"):
+        assert again[key] == first[key]
+    assert again["sharpness"]["bound"]["rows"] == first["sharpness"]["bound"]["rows"]
+
+    more_radii = dataclasses.replace(CONFIG, rhos=(0.01, 0.02, 0.05))
+    changed = diagnose(model, data, out, config=more_radii, resume=True)
+    assert changed["computed_parts"] == ["sharpness"]
+    assert len(changed["sharpness"]["bound"]["rows"]) == 3
+
+    with torch.no_grad():
+        model[1].bias[0] += 1e-3
+    moved = diagnose(model, data, out, config=more_radii, resume=True)
+    assert moved["reused_parts"] == [] and moved["computed_parts"] == list(PARTS)
+    assert moved["performance"] != changed["performance"]
+
+
+def test_an_interrupted_plane_continues_where_it_stopped(data, tmp_path, monkeypatch):
+    config = dataclasses.replace(CONFIG, landscape_2d=7)
+    model = _model()
+    plane = fl.plane
+
+    def interrupted(*args, **kwargs):
+        def stop(done: int, total: int) -> None:
+            raise KeyboardInterrupt
+
+        return plane(*args, **kwargs, callback=stop)
+
+    monkeypatch.setattr(fl, "plane", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(model, data, tmp_path / "d", config=config)
+    monkeypatch.setattr(fl, "plane", plane)
+    partial = fl.load(tmp_path / "d" / "landscape_2d.npz")
+    done = int(np.isfinite(partial.values["loss"]).sum())
+    assert 1 < done < 49
+
+    resumed = diagnose(model, data, tmp_path / "d", config=config, resume=True)
+    assert resumed["computed_parts"] == ["landscape_2d"]
+    finished = fl.load(tmp_path / "d" / "landscape_2d.npz")
+    assert finished.num_evaluated == 49 - done
+    fresh = diagnose(model, data, tmp_path / "fresh", config=config)
+    assert fresh["landscape"] == resumed["landscape"]
+    reference = fl.load(tmp_path / "fresh" / "landscape_2d.npz")
+    assert reference.num_evaluated == 49
+    assert (finished.values["loss"] == reference.values["loss"]).all()
+
+
+def test_config_checks_and_quick_settings():
+    with pytest.raises(ValueError, match="rhos"):
+        DiagnoseConfig(rhos=())
+    with pytest.raises(ValueError, match="rhos"):
+        DiagnoseConfig(rhos=(0.1, -0.1))
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        DiagnoseConfig(k=0)
+    with pytest.raises(ValueError, match="landscape_2d"):
+        DiagnoseConfig(landscape_2d=1)
+    with pytest.raises(ValueError, match="measure_samples"):
+        DiagnoseConfig(measure_samples=0)
+    quick = DiagnoseConfig(k=10, measure_samples=None).quick()
+    assert (quick.k, quick.measure_samples, quick.landscape_2d) == (3, 256, 7)
+    assert DiagnoseConfig(landscape_1d=0).quick().landscape_1d == 0

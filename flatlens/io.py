@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,17 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's message that names what was refused (not its advice to disable
+    the safety check)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(err).__name__
+
+
 def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with every failure explained.
 
@@ -102,11 +114,13 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {path} was refused: unpickling it needs code beyond tensors and plain "
-            f"containers, which could run arbitrary code ({str(err).splitlines()[0]}). Re-save "
+            f"containers, which could run arbitrary code ({_unpickler_reason(err)}). Re-save "
             "it as a plain state dict: torch.save(model.state_dict(), path)"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:

@@ -14,6 +14,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from flatlens import Objective
+from flatlens.flatness import first_order_flatness
+from flatlens.landscape import plane, random_direction
+from flatlens.sharpness import zeroth_order_sharpness
 from flatlens.spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 
 pytestmark = pytest.mark.skipif(
@@ -54,15 +57,14 @@ def _measures(objective: Objective) -> dict:
 
 
 def _extra_measures(objective: Objective) -> dict:
-    """R0, R1 and a small plane, when those modules are present."""
+    """R0, R1 and a small plane (each rank evaluating every point on its shard)."""
     out = {}
-    try:
-        from flatlens.flatness import first_order_flatness
-        from flatlens.sharpness import zeroth_order_sharpness
-    except ImportError:
-        return out
     out["r0"] = zeroth_order_sharpness(objective, 0.05, steps=5).value
     out["r1"] = first_order_flatness(objective, 0.05, steps=5).value
+    d1, d2 = random_direction(objective, seed=0), random_direction(objective, seed=1)
+    plane_ = plane(objective, d1, d2, span=(-0.5, 0.5), steps=(5, 4))
+    out["plane_loss"] = plane_.values["loss"].tolist()
+    out["plane_accuracy"] = plane_.values["accuracy"].tolist()
     return out
 
 

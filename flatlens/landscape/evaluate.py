@@ -9,10 +9,18 @@ come back as they were.
 With ``store=path`` the grid is written to ``path`` (``.npz`` + ``.json``) as it fills. A
 run started again with the same arguments skips what the store holds and ends with the same
 arrays as one uninterrupted run; different arguments are refused.
+
+Under ``torch.distributed`` (``distribute=``, see :func:`plane`) a landscape is computed by
+all ranks together: either every rank evaluates every point on its shard of the data and the
+objective sums the shards (``"data"``), or the points are split across ranks that each hold
+all the data (``"points"``). Every rank returns the whole grid; only rank 0 reads and
+writes the store (the others receive its contents), so resuming works in both modes and on
+nodes without a shared file system.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens import distributed as fd
 from flatlens.landscape.directions import Direction, as_direction, cosine
 from flatlens.landscape.engines import SerialEvaluator, VmapEvaluator, chunk_size_for
 from flatlens.landscape.storage import Landscape, read, save, store_paths
@@ -36,6 +45,7 @@ from flatlens.params import eval_mode
 __all__ = ["grid_axis", "line", "plane"]
 
 Method = Literal["auto", "vmap", "serial"]
+Distribute = Literal["auto", "data", "points"]
 Span = tuple[float, float]
 METRICS = ("loss", "accuracy")
 
@@ -181,6 +191,97 @@ def _landscape(
     )
 
 
+def _distribution(distribute: Any, objective: Objective) -> str | None:
+    """How ranks share the work: None (this process alone), ``"data"`` or ``"points"``."""
+    if distribute not in ("auto", "data", "points"):
+        raise ValueError(f"distribute must be 'auto', 'data' or 'points', not {distribute!r}")
+    if distribute == "auto":
+        return "data" if objective.distributed else None
+    if distribute == "data" and not objective.distributed:
+        raise ValueError(
+            "distribute='data' sums each rank's shard of the data, but the objective is not "
+            "distributed; build it with Objective(..., distributed=True) inside an "
+            "initialized torch.distributed process group"
+        )
+    if distribute == "points" and not fd.is_distributed():
+        raise ValueError(
+            "distribute='points' splits the grid across torch.distributed ranks, but no "
+            "process group is initialized; start the processes with torchrun and call "
+            "flatlens.distributed.init_from_env() (or torch.distributed.init_process_group)"
+        )
+    return distribute
+
+
+@contextlib.contextmanager
+def _local(objective: Objective, active: bool) -> Iterator[None]:
+    """Evaluate on this rank's data only (``"points"``): the objective's reduction is off."""
+    if not active:
+        yield
+        return
+    before = objective.distributed
+    objective.distributed = False
+    try:
+        yield
+    finally:
+        objective.distributed = before
+
+
+def _load_store(
+    store: str | os.PathLike | None, collective: bool
+) -> tuple[Landscape, np.ndarray] | None:
+    """The store's contents (None when absent); read by rank 0 and sent to the others when
+    the ranks work together, so every rank resumes from the same state."""
+    if store is None:
+        return None
+    if not collective:
+        return read(store) if store_paths(store)[0].is_file() else None
+    payload: tuple[str, Any] = ("ok", None)
+    if fd.is_main():
+        try:
+            payload = ("ok", read(store) if store_paths(store)[0].is_file() else None)
+        except (OSError, ValueError) as err:
+            payload = ("error", f"{err}")
+    payload = fd.broadcast_object(payload)
+    if payload[0] == "error":
+        raise ValueError(payload[1])
+    return payload[1]
+
+
+def _agree(
+    fingerprint: str, center: dict[str, float], mode: str, store: str | os.PathLike | None
+) -> tuple[dict[str, float], bool]:
+    """Check that every rank computes the same landscape.
+
+    All ranks receive the same views and so raise (or not) together.
+
+    Returns:
+        Rank 0's centre values, and whether this rank writes ``store``: rank 0 does, and
+        another rank only when its store path differs from rank 0's (a private copy, as the
+        ``flatlens`` command gives every rank but 0).
+    """
+    path = None if store is None else str(store_paths(store)[0].resolve())
+    views = fd.all_gather_object((fingerprint, center, path))
+    if any(v[0] != views[0][0] for v in views):
+        raise ValueError(
+            "the ranks disagree on the weights, the directions or the grid (fingerprints "
+            f"{[v[0] for v in views]}); give every rank the same model, directions (same "
+            "seeds), span and steps"
+        )
+    if mode == "points":
+        ref = views[0][1]
+        for r, (_, c, _) in enumerate(views):
+            if set(c) != set(ref) or not all(
+                math.isclose(c[m], ref[m], rel_tol=1e-6, abs_tol=1e-12) for m in ref
+            ):
+                raise ValueError(
+                    f"distribute='points' needs the whole data set on every rank, but rank "
+                    f"{r} has centre values {c} and rank 0 {ref}; when each rank holds a "
+                    "shard of the data use distribute='data' (the default)"
+                )
+    writes = store is not None and (fd.is_main() or path != views[0][2])
+    return dict(views[0][1]), writes
+
+
 def _evaluate(
     objective: Objective,
     dirs: list[Direction],
@@ -194,6 +295,7 @@ def _evaluate(
     save_interval_s: float,
     callback: Callable[[int, int], None] | None,
     progress: bool,
+    distribute: Distribute,
     extra_settings: dict[str, Any],
 ) -> Landscape:
     start = time.perf_counter()
@@ -207,14 +309,15 @@ def _evaluate(
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if not save_interval_s >= 0:
         raise ValueError(f"save_interval_s must be >= 0, got {save_interval_s!r}")
+    mode = _distribution(distribute, objective)
+    collective = mode is not None
+    writes = store is not None
     dirs = [as_direction(objective, d) for d in dirs]
     theta = objective.theta
     model = objective.model
 
-    with eval_mode(model, objective.eval_mode):
-        stored = None
-        if store is not None and store_paths(store)[0].is_file():
-            stored = read(store)
+    with eval_mode(model, objective.eval_mode), _local(objective, mode == "points"):
+        stored = _load_store(store, collective)
         center = objective.evaluate()
         evaluated = 1 if stored is None else 0
         names = _resolve_metrics(metrics, classify="accuracy" in center)
@@ -222,6 +325,8 @@ def _evaluate(
         grid = _Grid(coords, names)
         comps = _components(objective, theta, dirs, grid.coords, names)
         fingerprint = hashlib.sha256(json.dumps(comps, sort_keys=True).encode()).hexdigest()[:16]
+        if collective:
+            center, writes = _agree(fingerprint, center, mode, store)
         settings: dict[str, Any] = {
             **extra_settings,
             "requested_method": method,
@@ -235,6 +340,9 @@ def _evaluate(
             "num_params": objective.num_params,
             "components": comps,
         }
+        if collective:
+            settings["distribute"] = mode
+            settings["world_size"] = fd.world_size()
         if stored is not None:
             _resume(stored, grid, settings, store, method, chunk_size, center)
         for m in names:
@@ -250,56 +358,102 @@ def _evaluate(
         evaluator = _make_evaluator(objective, classify, settings)
         may_fall_back = method == "auto" and settings["method"] == "vmap"
 
+        def run(idx: np.ndarray) -> dict[str, np.ndarray]:
+            """Metric values at the grid points ``idx`` (one data pass)."""
+            nonlocal evaluator, may_fall_back
+            thetas = _points(objective, theta, dirs, grid.coef[idx])
+            try:
+                totals, correct, count = evaluator(thetas)
+            except Exception as err:
+                if not may_fall_back:
+                    raise
+                warnings.warn(
+                    f"vmap evaluation failed ({type(err).__name__}: {err}); "
+                    "falling back to the serial loop",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                settings["method"] = "serial"
+                settings["vmap_error"] = f"{type(err).__name__}: {err}"
+                evaluator = _make_evaluator(objective, classify, settings)
+                totals, correct, count = evaluator(thetas)
+            may_fall_back = False
+            objective.counts["loss"] += len(idx)
+            return _values(names, totals, correct, count, objective.reduction)
+
         def snapshot() -> Landscape:
             return _landscape(
                 grid, center, dirs, trajectory, settings, fingerprint, evaluated, start
             )
 
+        rounds = (
+            _point_rounds(grid, run, settings["chunk_size"])
+            if mode == "points"
+            else _data_rounds(grid, run, settings["chunk_size"])
+        )
         last_save = time.perf_counter()
         unsaved = stored is None
         bar = tqdm(
             total=grid.size,
             initial=int(grid.done.sum()),
             desc="landscape",
-            disable=not progress,
+            disable=not progress or (collective and not fd.is_main()),
             leave=False,
         )
         try:
-            for idx in _chunks(grid.others(), settings["chunk_size"]):
-                if grid.done[idx].all():
-                    continue
-                thetas = _points(objective, theta, dirs, grid.coef[idx])
-                try:
-                    totals, correct, count = evaluator(thetas)
-                except Exception as err:
-                    if not may_fall_back:
-                        raise
-                    warnings.warn(
-                        f"vmap evaluation failed ({type(err).__name__}: {err}); "
-                        "falling back to the serial loop",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    settings["method"] = "serial"
-                    settings["vmap_error"] = f"{type(err).__name__}: {err}"
-                    evaluator = _make_evaluator(objective, classify, settings)
-                    totals, correct, count = evaluator(thetas)
-                may_fall_back = False
-                _record(grid, idx, totals, correct, count, objective.reduction)
-                objective.counts["loss"] += len(idx)
-                evaluated += len(idx)
+            for count in rounds:
+                evaluated += count
                 unsaved = True
-                bar.update(len(idx))
-                if store is not None and time.perf_counter() - last_save >= save_interval_s:
+                bar.update(count)
+                if writes and time.perf_counter() - last_save >= save_interval_s:
                     save(snapshot(), store, done=grid.done.reshape(grid.shape))
                     last_save, unsaved = time.perf_counter(), False
                 if callback is not None:
                     callback(int(grid.done.sum()), grid.size)
         finally:
             bar.close()
-            if store is not None and unsaved:
+            if writes and unsaved:
                 save(snapshot(), store, done=grid.done.reshape(grid.shape))
     return snapshot()
+
+
+def _data_rounds(
+    grid: _Grid, run: Callable[[np.ndarray], dict[str, np.ndarray]], chunk: int
+) -> Iterator[int]:
+    """Evaluate the missing points chunk by chunk, every rank (if any) every point; yield the
+    number of points each chunk filled."""
+    for idx in _chunks(grid.others(), chunk):
+        if grid.done[idx].all():
+            continue
+        _record(grid, idx, run(idx))
+        yield len(idx)
+
+
+def _point_rounds(
+    grid: _Grid, run: Callable[[np.ndarray], dict[str, np.ndarray]], chunk: int
+) -> Iterator[int]:
+    """Split the missing points across ranks: in each round rank r evaluates the r-th chunk
+    of ``chunk`` points, and every rank receives all of the round's values; yield the number
+    of points each round filled."""
+    others = grid.others()
+    todo = others[~grid.done[others]]
+    world, me = fd.world_size(), fd.rank()
+    names = list(grid.values)
+    for start in range(0, len(todo), chunk * world):
+        block = todo[start : start + chunk * world]
+        mine = block[me * chunk : (me + 1) * chunk]
+        local = np.full((chunk, len(names)), np.nan)
+        if len(mine):
+            values = run(mine)
+            for j, m in enumerate(names):
+                local[: len(mine), j] = values[m]
+        parts = fd.all_gather_tensor(torch.from_numpy(local))
+        for q, part in enumerate(parts):
+            idx = block[q * chunk : (q + 1) * chunk]
+            if len(idx):
+                rows = part.numpy()[: len(idx)]
+                _record(grid, idx, {m: rows[:, j] for j, m in enumerate(names)})
+        yield len(block)
 
 
 def _points(
@@ -324,14 +478,21 @@ def _make_evaluator(
     return evaluator
 
 
-def _record(
-    grid: _Grid, idx: np.ndarray, totals: Tensor, correct: Tensor, count: int, reduction: str
-) -> None:
-    """Store S_k / N (mean) or S_k (sum), as ``Objective`` does: float(S_k) * (1.0 / N)."""
+def _values(
+    names: Sequence[str], totals: Tensor, correct: Tensor, count: int, reduction: str
+) -> dict[str, np.ndarray]:
+    """S_k / N (mean) or S_k (sum), as ``Objective`` computes it: float(S_k) * (1.0 / N);
+    accuracy as correct_k / N."""
     scale = 1.0 / count if reduction == "mean" else 1.0
-    grid.values["loss"][idx] = totals.cpu().numpy() * scale
-    if "accuracy" in grid.values:
-        grid.values["accuracy"][idx] = correct.cpu().numpy().astype(np.float64) / count
+    out = {"loss": totals.cpu().numpy() * scale}
+    if "accuracy" in names:
+        out["accuracy"] = correct.cpu().numpy().astype(np.float64) / count
+    return out
+
+
+def _record(grid: _Grid, idx: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    for m, v in values.items():
+        grid.values[m][idx] = v
     grid.done[idx] = True
 
 
@@ -361,8 +522,9 @@ def _resume(
     if old.center != center:
         raise ValueError(
             f"store {path} has the same grid, directions and weights, but the values at the "
-            f"centre differ ({old.center} stored, {center} now): the data, the loss function "
-            "or the model's buffers changed. Use another store path (or delete the file)"
+            f"centre differ ({old.center} stored, {center} now): the data, the loss function, "
+            "the model's buffers or the split of the data across ranks changed (sums over "
+            "other shards round differently). Use another store path (or delete the file)"
         )
     for key, asked in (("method", method), ("chunk_size", chunk_size)):
         kept = old.settings.get(key)
@@ -406,6 +568,7 @@ def line(
     save_interval_s: float = 1.0,
     callback: Callable[[int, int], None] | None = None,
     progress: bool = False,
+    distribute: Distribute = "auto",
 ) -> Landscape:
     """The 1-D slice a -> L(theta + a d) (and accuracy) for a on a grid over ``span``.
 
@@ -423,8 +586,18 @@ def line(
             estimate for vmap, 16 for serial.
         store: Path (``.npz`` + ``.json``) to keep progress in and resume from.
         save_interval_s: Write the store at most this often (seconds), and on exit.
-        callback: Called as ``callback(done, total)`` after each chunk.
-        progress: Show a tqdm bar.
+        callback: Called as ``callback(done, total)`` after each chunk (on every rank).
+        progress: Show a tqdm bar (on rank 0 only when the ranks work together).
+        distribute: How ``torch.distributed`` ranks share the grid. ``"data"``: every rank
+            evaluates every point on its shard of the data and the (distributed) objective
+            sums the shards, one all-reduce per chunk. ``"points"``: each rank holds the
+            whole data set and evaluates a ``1/world_size`` share of the points; the values
+            are gathered after every round of chunks (the objective's own reduction is
+            switched off meanwhile). ``"auto"``: ``"data"`` when ``objective.distributed``,
+            else this process alone. When ranks work together every rank returns the whole
+            grid and only rank 0 reads and writes ``store``. A ``"points"`` grid equals the
+            one-process grid; a ``"data"`` grid differs in the last bits (the shard sums
+            round differently).
 
     Returns:
         A :class:`Landscape` with ``coords = [a]`` and ``values[m]`` of shape ``(len(a),)``.
@@ -442,6 +615,7 @@ def line(
         save_interval_s=save_interval_s,
         callback=callback,
         progress=progress,
+        distribute=distribute,
         extra_settings={"kind": "line", "span": [list(map(float, span))], "steps": [steps]},
     )
 
@@ -469,6 +643,7 @@ def plane(
     save_interval_s: float = 1.0,
     callback: Callable[[int, int], None] | None = None,
     progress: bool = False,
+    distribute: Distribute = "auto",
 ) -> Landscape:
     """The 2-D slice (a, b) -> L(theta + a d1 + b d2) on a grid (Li et al., 2018).
 
@@ -482,8 +657,8 @@ def plane(
         steps: Points per axis, an integer or a pair.
         trajectory: Optional ``(T, 2)`` coordinates to overlay in plots (e.g.
             ``PCADirections.coordinates``).
-        metrics, method, chunk_size, store, save_interval_s, callback, progress: As in
-            :func:`line`.
+        metrics, method, chunk_size, store, save_interval_s, callback, progress,
+            distribute: As in :func:`line`.
 
     Returns:
         A :class:`Landscape` with ``values[m][i, j]`` at ``(coords[0][i], coords[1][j])``.
@@ -502,6 +677,7 @@ def plane(
         save_interval_s=save_interval_s,
         callback=callback,
         progress=progress,
+        distribute=distribute,
         extra_settings={
             "kind": "plane",
             "span": [list(map(float, s)) for s in spans],

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from flatlens.optim.sam import (
     PerturbationOptimizer,
+    Perturbations,
     _ascent,
     _check_finite,
     _check_fraction,
@@ -113,6 +114,10 @@ class GAM(PerturbationOptimizer):
         adaptive: Accelerated only: scale each ascent elementwise by the parameters, as ASAM.
         eps: Guard added to every norm in a denominator.
         grad_scaler: A ``torch.amp.GradScaler`` for float16 training (see :class:`SAM`).
+        perturbations: ``"per_rank"`` (the released code's DDP scheme: every pass inside
+            ``no_sync``, one all-reduce of the final direction per step) or
+            ``"synchronized"`` (every gradient and HVP averaged over the ranks); used when
+            ``model`` is a ``DistributedDataParallel`` module (see :class:`SAM`).
         **base_kwargs: Settings of the base optimizer when it is passed as a class.
 
     The accelerated defaults are the released code's CIFAR-10 ResNet settings
@@ -148,6 +153,7 @@ class GAM(PerturbationOptimizer):
         adaptive: bool = False,
         eps: float = 1e-12,
         grad_scaler: torch.amp.GradScaler | None = None,
+        perturbations: Perturbations = "per_rank",
         **base_kwargs: Any,
     ) -> None:
         settings = self._resolve(
@@ -169,6 +175,7 @@ class GAM(PerturbationOptimizer):
             eps=eps,
             grad_scaler=grad_scaler,
             base_kwargs=base_kwargs,
+            perturbations=perturbations,
         )
         self._apply(settings)
 
@@ -187,6 +194,7 @@ class GAM(PerturbationOptimizer):
         adaptive: bool = False,
         perturb_eps: float = 1e-12,
         grad_scaler: torch.amp.GradScaler | None = None,
+        perturbations: Perturbations = "per_rank",
         **base_kwargs: Any,
     ) -> GAM:
         """The update of the authors' released code (xxgege/GAM, ``gam/gam.py``).
@@ -210,6 +218,7 @@ class GAM(PerturbationOptimizer):
             grad_gamma: Weight of the orthogonal component removed.
             adaptive: ASAM-style elementwise scaling of the three ascents.
             perturb_eps: The eps of every denominator.
+            perturbations: See :class:`GAM`.
         """
         optimizer = cls(
             params,
@@ -223,6 +232,7 @@ class GAM(PerturbationOptimizer):
             adaptive=adaptive,
             eps=perturb_eps,
             grad_scaler=grad_scaler,
+            perturbations=perturbations,
             **base_kwargs,
         )
         settings = optimizer.hyperparameters()

@@ -11,24 +11,40 @@ SAM (Foret et al., ICLR 2021), with g = grad L(theta)::
     e = rho * g / (||g|| + eps)                            (plain)
     e = rho * w^2 * g / (||w * g|| + eps)                  (adaptive, ASAM; w = theta, elementwise)
     theta <- base_step(theta, grad L(theta + e))
+
+Under DistributedDataParallel (pass the DDP module as ``model=``) every pass runs inside
+``model.no_sync()`` and the optimizer does the reductions itself, as all-reduce averages
+over ranks of one flat buffer:
+
+* ``perturbations="per_rank"`` (default, as the GAM authors' code): each rank perturbs with
+  its own gradients and computes its own direction d_r; one all-reduce per step hands
+  (1/W) sum_r d_r to the base optimizer.
+* ``perturbations="synchronized"``: every pass's gradient (and every HVP) is averaged over
+  the ranks before it is used, so with equal shards a step equals the one-process step on
+  the union of the ranks' batches. One all-reduce per pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+
+from flatlens.distributed import all_reduce_mean
 
 __all__ = ["SAM", "PerturbationOptimizer"]
 
 Closure = Callable[..., Any]
+Perturbations = Literal["per_rank", "synchronized"]
 
 _CLOSURE_EXAMPLE = """
     def closure():
@@ -46,6 +62,15 @@ class _Overflow(Exception):
     def __init__(self, grads: list[Tensor | None]) -> None:
         super().__init__("non-finite gradients")
         self.grads = grads
+
+
+@dataclass
+class _Comm:
+    """How a step under DistributedDataParallel reduces: over ``group``, each pass
+    (``synchronized``) or the final direction only (per-rank perturbations)."""
+
+    group: Any
+    synchronized: bool
 
 
 @dataclass
@@ -202,6 +227,7 @@ class PerturbationOptimizer(Optimizer):
         eps: float,
         grad_scaler: torch.amp.GradScaler | None,
         base_kwargs: dict[str, Any],
+        perturbations: Perturbations = "per_rank",
     ) -> None:
         groups = _param_groups(params)
         name = type(self).__name__
@@ -235,7 +261,13 @@ class PerturbationOptimizer(Optimizer):
             raise TypeError(f"model must be a torch.nn.Module or None, not {type(model).__name__}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError("grad_scaler must be a torch.amp.GradScaler or None")
+        if perturbations not in ("per_rank", "synchronized"):
+            raise ValueError(
+                f"perturbations must be 'per_rank' or 'synchronized', not {perturbations!r}"
+            )
         self.eps = _check_nonnegative("eps", eps)
+        self.perturbations = perturbations
+        self._comm: _Comm | None = None
         super().__init__([p for g in groups for p in g["params"]], {})
         self.base_optimizer = base
         self.model = model
@@ -376,6 +408,11 @@ class PerturbationOptimizer(Optimizer):
         buffers: list[tuple[Tensor, Tensor]] = []
         scale = self.grad_scaler.get_scale() if self._scaling() else None
         first: list[Any] = []
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        comm = (
+            None if ddp is None else _Comm(ddp.process_group, self.perturbations == "synchronized")
+        )
+        self._comm = comm  # read by _reduced() during the passes
 
         def run(*, create_graph: bool = False) -> _Pass:
             with torch.enable_grad():
@@ -391,13 +428,11 @@ class PerturbationOptimizer(Optimizer):
             grads = [None if g is None else g.detach() for g in raw]
             if scale is not None:
                 grads = [None if g is None else g / scale for g in grads]
-                if not torch.isfinite(_dot(grads, grads, device)):
-                    raise _Overflow(grads)
-            return _Pass(loss, grads, graph)
+            return _Pass(loss, self._reduced(grads, device), graph)
 
         direction: list[Tensor | None] | None = None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), ddp.no_sync() if ddp else contextlib.nullcontext():
                 # Exact mode asks the closure for backward(create_graph=True); the reference
                 # cycle PyTorch warns about is broken because run() sets every .grad to None.
                 warnings.filterwarnings(
@@ -407,10 +442,15 @@ class PerturbationOptimizer(Optimizer):
         except _Overflow as err:  # let the scaler see the non-finite values and skip the step
             direction = err.grads
         finally:
+            self._comm = None
             for p, t in zip(params, theta, strict=True):
                 p.copy_(t)
             for b, saved in buffers:  # the first pass's running statistics
                 b.copy_(saved)
+        if comm is not None and not comm.synchronized:
+            # Per-rank perturbations: the one all-reduce of the step. A rank whose passes
+            # overflowed sends non-finite values, so every rank's scaler skips the step.
+            direction = all_reduce_mean(direction, like=params, group=comm.group)
 
         for p, d in zip(params, direction, strict=True):
             if d is not None:
@@ -423,6 +463,21 @@ class PerturbationOptimizer(Optimizer):
 
     def _scaling(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def _reduced(self, vecs: list[Tensor | None], device: torch.device) -> list[Tensor | None]:
+        """Average a pass's gradients (or an HVP) over the ranks when perturbations are
+        synchronized; with a GradScaler, raise :class:`_Overflow` on non-finite values.
+
+        Per-rank passes under DDP never raise: every rank must run the same passes (DDP's
+        forward may communicate), so the non-finite values travel to the final all-reduce.
+        """
+        comm = self._comm
+        if comm is not None and comm.synchronized:
+            vecs = all_reduce_mean(vecs, like=self._params, group=comm.group)
+        if self._scaling() and (comm is None or comm.synchronized):
+            if not torch.isfinite(_dot(vecs, vecs, device)):
+                raise _Overflow(vecs)
+        return vecs
 
     def _needs_graph(self) -> bool:
         return False
@@ -450,7 +505,7 @@ class PerturbationOptimizer(Optimizer):
                 outputs.append(g)
                 grad_outputs.append(v.to(g.dtype))
         if not outputs:
-            return [None] * len(params)
+            return self._reduced([None] * len(params), params[0].device)
         with torch.enable_grad():
             hv = torch.autograd.grad(outputs, params, grad_outputs, allow_unused=True)
         result.graph = None  # frees the graph
@@ -458,9 +513,7 @@ class PerturbationOptimizer(Optimizer):
         if self._scaling():
             inv = 1.0 / self.grad_scaler.get_scale()
             out = [None if h is None else h * inv for h in out]
-            if not torch.isfinite(_dot(out, out, params[0].device)):
-                raise _Overflow(out)
-        return out
+        return self._reduced(out, params[0].device)
 
     def _direction(
         self, run: Callable[..., _Pass], theta: list[Tensor], device: torch.device
@@ -489,11 +542,17 @@ class SAM(PerturbationOptimizer):
         adaptive: ASAM (Kwon et al., 2021): scale the ascent by w^2 elementwise and measure
             its length in the norm ||w g||, with w = the parameters.
         model: The network. When given, BatchNorm running statistics (all buffers) are
-            updated by the first pass only; without it every pass updates them.
+            updated by the first pass only; without it every pass updates them. Pass the
+            ``DistributedDataParallel`` module to train across processes (see below).
         eps: Guard in the denominator.
         grad_scaler: A ``torch.amp.GradScaler`` for float16 training: each pass's gradients
             are unscaled, and a step in which any pass overflows is skipped (the scaler's
             ``update()`` then lowers the scale). See ``docs/optimizers.md``.
+        perturbations: Under DDP (``model`` a ``DistributedDataParallel``): ``"per_rank"``
+            (each rank ascends with its own gradient; the final gradients are averaged, one
+            all-reduce per step) or ``"synchronized"`` (each pass's gradient is averaged
+            first, one all-reduce per pass: the one-process step on the union batch).
+            Ignored without DDP. See ``docs/distributed.md``.
         **base_kwargs: Settings of the base optimizer when it is passed as a class.
 
     Example::
@@ -522,6 +581,7 @@ class SAM(PerturbationOptimizer):
         model: nn.Module | None = None,
         eps: float = 1e-12,
         grad_scaler: torch.amp.GradScaler | None = None,
+        perturbations: Perturbations = "per_rank",
         **base_kwargs: Any,
     ) -> None:
         rho = _check_nonnegative("rho", rho)
@@ -534,6 +594,7 @@ class SAM(PerturbationOptimizer):
             eps=eps,
             grad_scaler=grad_scaler,
             base_kwargs=base_kwargs,
+            perturbations=perturbations,
         )
         self.rho = rho
         self.adaptive = adaptive

@@ -6,6 +6,14 @@ epochs: lambda_max and tr(H) of the Hessian, zeroth-order sharpness R0 and first
 flatness R1, all on one fixed subset of the training data. Checkpoints are atomic and a
 resumed run repeats the uninterrupted one exactly (same seed, same device): the trainer
 keeps its own shuffling generator and global-RNG state and saves both.
+
+Under ``torchrun`` (an initialized ``torch.distributed`` process group) the trainer is data
+parallel: the model is wrapped in ``DistributedDataParallel``, every rank draws the same
+shuffled global batches and trains on its contiguous share of each, evaluations and measures
+run on each rank's shard with the objectives summing over ranks, and only rank 0 writes
+checkpoints. Each rank's loss is weighted by W n_r / n (n_r of the batch's n samples on
+this rank), so the averaged gradient is the gradient over the whole batch even when the
+shares are uneven (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
+from flatlens import distributed as fd
 from flatlens import zoo
 from flatlens.data import Dataset, batches
 from flatlens.objective import Objective
-from flatlens.optim import GAM, SAM
+from flatlens.optim import GAM, SAM, PerturbationOptimizer
 from flatlens.results import Result
 from flatlens.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 
@@ -51,14 +60,23 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def _closure_for(
-    optimizer: Optimizer, model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor
+    optimizer: Optimizer,
+    model: nn.Module,
+    loss_fn: Callable,
+    x: Tensor,
+    y: Tensor,
+    weight: float = 1.0,
 ) -> Callable[..., Tensor]:
-    """The closure every optimizer here accepts (``create_graph`` for GAM's exact mode)."""
+    """The closure every optimizer here accepts (``create_graph`` for GAM's exact mode).
+
+    It back-propagates ``weight * loss`` (a rank's share of the batch, see the module
+    docstring) and returns the unweighted loss.
+    """
 
     def closure(create_graph: bool = False) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
-        loss.backward(create_graph=create_graph)
+        (loss if weight == 1.0 else loss * weight).backward(create_graph=create_graph)
         return loss
 
     return closure
@@ -108,7 +126,13 @@ class Trainer:
         checkpoint_dir: Write ``checkpoint.pt`` and ``checkpoint.json`` there.
         checkpoint_every: Checkpoint every this many epochs (and after the last).
         settings: Extra plain values stored with the checkpoints and results.
-        progress: Show a tqdm bar per epoch.
+        progress: Show a tqdm bar per epoch (on rank 0 only when distributed).
+        distributed: Train data parallel over the ranks of the initialized
+            ``torch.distributed`` process group (see the module docstring). ``None``: when
+            one with more than one rank is initialized. SAM and GAM are handed the
+            ``DistributedDataParallel`` module as their ``model`` (so their passes run
+            inside ``no_sync``); their ``perturbations`` setting chooses per-rank or
+            synchronized perturbations.
     """
 
     def __init__(
@@ -132,6 +156,7 @@ class Trainer:
         checkpoint_every: int = 1,
         settings: dict[str, Any] | None = None,
         progress: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -189,6 +214,36 @@ class Trainer:
                 torch.cuda.manual_seed(seed)
                 self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
         self._evaluators: dict[str, Objective] = {}
+        self.distributed = self._check_distributed(distributed)
+        self._train_model: nn.Module = model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._train_model = DistributedDataParallel(model, device_ids=ids)
+            if isinstance(optimizer, PerturbationOptimizer):
+                optimizer.model = self._train_model
+
+    def _check_distributed(self, distributed: bool | None) -> bool:
+        if distributed is None:
+            distributed = fd.is_distributed() and fd.world_size() > 1
+        if not distributed:
+            return False
+        if not fd.is_distributed():
+            raise ValueError(
+                "distributed=True needs an initialized torch.distributed process group; "
+                "start with torchrun and call flatlens.distributed.init_from_env()"
+            )
+        world = fd.world_size()
+        last = len(self.data.y_train) % self.batch_size
+        if self.batch_size < world or 0 < last < world:
+            raise ValueError(
+                f"each of the {world} ranks needs a share of every batch, but batch_size="
+                f"{self.batch_size} over {len(self.data.y_train)} training samples leaves a "
+                f"batch of {last or self.batch_size}; use a batch size of at least {world} "
+                "whose last batch has at least that many samples"
+            )
+        return True
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
@@ -206,6 +261,7 @@ class Trainer:
             "data": self.data.name,
             "dtype": str(self.dtype),
             "device": str(self.device),
+            **({"world_size": fd.world_size()} if self.distributed else {}),
             **self.extra_settings,
         }
 
@@ -239,35 +295,62 @@ class Trainer:
             generator=self._shuffle,
         )
         label = f"epoch {self.epoch + 1}" + (f"/{total_epochs}" if total_epochs else "")
-        bar = tqdm(loader, desc=label, disable=not self.progress, leave=False)
+        quiet = not self.progress or not fd.is_main()
+        bar = tqdm(loader, desc=label, disable=quiet, leave=False)
+        world = fd.world_size() if self.distributed else 1
         total, count = 0.0, 0
         for x, y in bar:
+            weight = 1.0
+            if self.distributed:
+                n = len(y)
+                x, y = fd.shard(x, y)
+                weight = world * len(y) / n
             x, y = self._to_device(x), self._to_device(y)
-            loss = self.optimizer.step(_closure_for(self.optimizer, self.model, self.loss_fn, x, y))
+            closure = _closure_for(self.optimizer, self._train_model, self.loss_fn, x, y, weight)
+            loss = self.optimizer.step(closure)
             value = float(loss.detach() if isinstance(loss, Tensor) else loss)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the training loss became {value} in epoch {self.epoch + 1}; lower the "
-                    "learning rate or the perturbation radius"
-                )
+            if not self.distributed:
+                # (distributed: checked once per epoch on the summed loss, so that every
+                # rank raises at the same point)
+                self._check_finite(value)
             total += value * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{value:.4f}")
         bar.close()
+        if self.distributed:
+            sums = torch.tensor([total, float(count)], dtype=torch.float64)
+            total, count = (fd.all_reduce_mean([sums])[0] * world).tolist()
+            self._check_finite(total)
+            fd.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics, as DDP does
         if self.scheduler is not None:
             self.scheduler.step()
         return total / max(count, 1)
 
+    def _check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the training loss became {value} in epoch {self.epoch + 1}; lower the "
+                "learning rate or the perturbation radius"
+            )
+
+    def _objective(self, x: Tensor, y: Tensor, **kwargs: Any) -> Objective:
+        """The risk over ``(x, y)``: over this rank's shard, summed across ranks, when
+        distributed."""
+        if self.distributed:
+            x, y = fd.shard(x, y)
+        return Objective(
+            self.model,
+            self.loss_fn,
+            batches(x, y, self.eval_batch_size),
+            eval_mode=True,
+            distributed=self.distributed,
+            **kwargs,
+        )
+
     def _evaluator(self, split: str) -> Objective:
         if split not in self._evaluators:
             x, y = self.data.train() if split == "train" else self.data.test()
-            self._evaluators[split] = Objective(
-                self.model,
-                self.loss_fn,
-                batches(x, y, self.eval_batch_size),
-                eval_mode=True,
-                check_determinism=False,
-            )
+            self._evaluators[split] = self._objective(x, y, check_determinism=False)
         return self._evaluators[split]
 
     def evaluate(self) -> dict[str, float | None]:
@@ -299,10 +382,7 @@ class Trainer:
 
         The model is left unchanged; each measure uses its own seeded generator.
         """
-        x, y = self.measure_subset()
-        objective = Objective(
-            self.model, self.loss_fn, batches(x, y, self.eval_batch_size), eval_mode=True
-        )
+        objective = self._objective(*self.measure_subset())
         out: dict[str, float] = {}
         eigen = None
         if {"lambda_max", "r0", "r1"} & set(self.measures):
@@ -378,7 +458,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the full training state to ``path`` (+ ``.json``), atomically."""
+        """Write the full training state to ``path`` (+ ``.json``), atomically (on rank 0
+        only when distributed; every rank returns the path)."""
+        if self.distributed and not fd.is_main():
+            self.last_checkpoint = Path(path)
+            return self.last_checkpoint
         rng = {"shuffle": self._shuffle.get_state(), **self._rng}
         self.last_checkpoint = save_training_checkpoint(
             path,
@@ -396,9 +480,13 @@ class Trainer:
         """Restore model, optimizer, scheduler, RNG states, epoch and history from ``path``.
 
         The trainer must have been built like the one that wrote it (same model
-        architecture, optimizer type and scheduler type).
+        architecture, optimizer type and scheduler type). When distributed, rank 0 reads
+        the file and sends it to the other ranks (which need no access to it).
         """
-        payload = load_training_checkpoint(path, map_location="cpu")
+        if self.distributed:
+            payload = _read_on_main(path)
+        else:
+            payload = load_training_checkpoint(path, map_location="cpu")
         if (payload["scheduler"] is None) != (self.scheduler is None):
             raise ValueError(
                 "the checkpoint and this trainer disagree on having an LR scheduler; build "
@@ -416,6 +504,21 @@ class Trainer:
         self.epoch = int(payload["epoch"])
         self.history = [dict(r) for r in payload["history"]]
         self.last_checkpoint = Path(path)
+
+
+def _read_on_main(path: str | Path) -> dict[str, Any]:
+    """Rank 0's ``load_training_checkpoint(path)`` on every rank; its error, if it fails, is
+    raised on every rank."""
+    payload: Any = None
+    if fd.is_main():
+        try:
+            payload = load_training_checkpoint(path, map_location="cpu")
+        except (OSError, ValueError) as err:
+            payload = err
+    payload = fd.broadcast_object(payload)
+    if isinstance(payload, BaseException):
+        raise payload
+    return payload
 
 
 # ---------------------------------------------------------------------- config-driven runs
@@ -571,6 +674,6 @@ def train(
     )
     if resume and config.checkpoint_dir is not None:
         path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
-        if path.is_file():
+        if fd.broadcast_object(path.is_file()) if trainer.distributed else path.is_file():
             trainer.load_checkpoint(path)
     return trainer.fit(config.epochs)

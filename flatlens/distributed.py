@@ -123,8 +123,9 @@ def init_from_env(device: str | torch.device = "cpu", *, timeout_s: float | None
     return True
 
 
-def shard_range(n: int, *, rank_: int | None = None, world: int | None = None) -> slice:
-    """The contiguous block of ``range(n)`` that rank ``rank_`` (this rank) of ``world`` owns.
+def shard_range(n: int, *, rank_id: int | None = None, world: int | None = None) -> slice:
+    """The contiguous block of ``range(n)`` owned by rank ``rank_id`` of ``world`` ranks
+    (default: this process in the default group).
 
     Blocks are ``[floor(r n / W), floor((r + 1) n / W))``: in order, covering every index once,
     sizes differing by at most one.
@@ -132,13 +133,13 @@ def shard_range(n: int, *, rank_: int | None = None, world: int | None = None) -
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     w = world_size() if world is None else world
-    r = rank() if rank_ is None else rank_
+    r = rank() if rank_id is None else rank_id
     if not 0 <= r < w:
         raise ValueError(f"rank {r} is outside a world of size {w}")
     return slice(r * n // w, (r + 1) * n // w)
 
 
-def shard(*tensors: Tensor, rank_: int | None = None, world: int | None = None) -> tuple:
+def shard(*tensors: Tensor, rank_id: int | None = None, world: int | None = None) -> tuple:
     """The same :func:`shard_range` block (along dim 0) of each tensor, for this rank.
 
     Example::
@@ -153,7 +154,7 @@ def shard(*tensors: Tensor, rank_: int | None = None, world: int | None = None) 
         raise ValueError(
             f"tensors must share their first dimension, got {[len(t) for t in tensors]}"
         )
-    block = shard_range(n, rank_=rank_, world=world)
+    block = shard_range(n, rank_id=rank_id, world=world)
     return tuple(t[block] for t in tensors)
 
 

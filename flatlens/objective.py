@@ -177,6 +177,13 @@ class Objective:
 
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "distributed=True but no torch.distributed process group is initialized; "
+                "launch with torchrun and call torch.distributed.init_process_group first"
+            )
         self.distributed = bool(distributed)
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
@@ -259,7 +266,7 @@ class Objective:
 
     def _finish(self, total: Tensor, parts: list[Tensor], count: int, *vecs: Tensor):
         """Reduce across ranks, divide by N, check the loss is finite."""
-        stacked = torch.stack(parts)
+        stacked = torch.stack(parts) if parts else total.new_zeros(0)
         if self.distributed:
             import torch.distributed as dist
 
@@ -269,6 +276,10 @@ class Objective:
             dist.all_reduce(total)
             for v in vecs:
                 dist.all_reduce(v)
+        if count == 0:
+            # Checked after the reduction, so a rank with an empty shard does not leave the
+            # other ranks waiting in all_reduce.
+            raise ValueError("data is empty: it yielded no samples")
         value = total.item()
         if not math.isfinite(value):
             bad = torch.nonzero(~torch.isfinite(stacked)).flatten()
@@ -321,8 +332,6 @@ class Objective:
                 parts.append(part)
                 total += part
                 count += n
-        if count == 0:
-            raise ValueError("data is empty: it yielded no samples")
         self.counts["loss"] += 1
         return self._finish(total, parts, count)
 
@@ -354,8 +363,6 @@ class Objective:
                 classify = classify and _is_classification(out, y)
                 if classify:
                     correct += (out.argmax(dim=-1) == y).sum()
-        if count == 0:
-            raise ValueError("data is empty: it yielded no samples")
         self.counts["loss"] += 1
         if classify and self.distributed:
             import torch.distributed as dist
@@ -400,8 +407,6 @@ class Objective:
                 parts.append(part.detach())
                 total += part.detach()
                 count += n
-        if count == 0:
-            raise ValueError("data is empty: it yielded no samples")
         self.counts["gradient"] += 1
         value = self._finish(total, parts, count, grad)
         return value, grad
@@ -435,8 +440,6 @@ class Objective:
                 parts.append(part.detach())
                 total += part.detach()
                 count += n
-        if count == 0:
-            raise ValueError("data is empty: it yielded no samples")
         value = self._finish(total, parts, count)
         self._graph = (theta.clone(), graphs, value)
         return graphs, value
@@ -489,8 +492,6 @@ class Objective:
                 parts.append(part)
                 total += part
                 count += n
-        if count == 0:
-            raise ValueError("data is empty: it yielded no samples")
         self.counts["hvp"] += 1
         self._finish(total, parts, count, out)
         return out

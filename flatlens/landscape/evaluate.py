@@ -657,8 +657,8 @@ def plane(
         steps: Points per axis, an integer or a pair.
         trajectory: Optional ``(T, 2)`` coordinates to overlay in plots (e.g.
             ``PCADirections.coordinates``).
-        metrics, method, chunk_size, store, save_interval_s, callback, progress,
-            distribute: As in :func:`line`.
+        metrics: As in :func:`line` (likewise ``method``, ``chunk_size``, ``store``,
+            ``save_interval_s``, ``callback``, ``progress`` and ``distribute``).
 
     Returns:
         A :class:`Landscape` with ``values[m][i, j]`` at ``(coords[0][i], coords[1][j])``.

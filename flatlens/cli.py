@@ -35,13 +35,12 @@ if TYPE_CHECKING:
 
     from flatlens.data import Dataset
     from flatlens.objective import Objective
-    from flatlens.train import TrainConfig, TrainResult
+    from flatlens.train import TrainConfig
 
 __all__ = ["EXIT_FAILURE", "EXIT_USAGE", "UserError", "build_parser", "main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-ZOO = ("mlp", "cnn", "resnet18")
 
 
 class UserError(Exception):
@@ -299,54 +298,14 @@ def _train_config(args: argparse.Namespace, optimizer: str, model: str) -> Train
         raise UserError(str(err)) from err
 
 
-def _train_factory(
-    config: TrainConfig, data: Dataset, spec: str, *, resume: bool, progress: bool
-) -> TrainResult:
-    """:func:`flatlens.train.train` for a ``package.module:factory`` model (the trainer's
-    own ``build_model`` knows only zoo names)."""
-    from flatlens.resolve import build_model
-    from flatlens.train import Trainer, build_optimizer, build_scheduler
-    from flatlens.train.trainer import CHECKPOINT_NAME
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        try:
-            model = build_model(spec, data, **config.model_kwargs)
-        except (ValueError, TypeError) as err:
-            raise UserError(str(err)) from err
-    model = model.to(device=config.device, dtype=getattr(torch, config.dtype))
-    optimizer = build_optimizer(config, model)
-    trainer = Trainer(
-        model,
-        optimizer,
-        data,
-        batch_size=config.batch_size,
-        scheduler=build_scheduler(config, optimizer),
-        seed=config.seed,
-        measure_every=config.measure_every,
-        measures=config.measures,
-        measure_samples=config.measure_samples,
-        measure_rho=config.measure_rho,
-        measure_steps=config.measure_steps,
-        trace_samples=config.trace_samples,
-        checkpoint_dir=config.checkpoint_dir,
-        settings={"config": config.to_dict()},
-        progress=progress,
-    )
-    path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
-    if resume and path.is_file():
-        trainer.load_checkpoint(path)
-    return trainer.fit(config.epochs)
-
-
-def _check_resumable(config: TrainConfig, data: Dataset, spec: str, path: Path) -> None:
+def _check_resumable(config: TrainConfig, data: Dataset, path: Path) -> None:
     """Refuse to resume from a training checkpoint of another architecture (one line)."""
-    from flatlens.resolve import build_model, check_state_dict
-    from flatlens.train import load_training_checkpoint
+    from flatlens.resolve import check_state_dict
+    from flatlens.train import build_model, load_training_checkpoint
 
     payload = load_training_checkpoint(path)
     try:
-        model = build_model(spec, data, **config.model_kwargs)
+        model = build_model(config, data)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
     check_state_dict(model, payload["model"], path)
@@ -360,23 +319,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     data = _data(args)
     out = Path(args.out)
-    factory = args.model not in ZOO
-    config = _train_config(args, args.optimizer, "mlp" if factory else args.model)
-    if factory:
-        config.model = args.model  # recorded in the settings; built by resolve.build_model
+    config = _train_config(args, args.optimizer, args.model)
     config.checkpoint_dir = str(out / "checkpoints")
     last = Path(config.checkpoint_dir) / CHECKPOINT_NAME
     if last.is_file():
         if args.resume:
-            _check_resumable(config, data, args.model, last)
+            _check_resumable(config, data, last)
         else:
             _note(args, f"starting afresh over {last} (--resume continues it)")
-    if factory:
-        result = _train_factory(
-            config, data, args.model, resume=args.resume, progress=_progress(args)
-        )
-    else:
-        result = train(config, data, resume=args.resume, progress=_progress(args))
+    result = train(config, data, resume=args.resume, progress=_progress(args))
     save_torch(out / "model.pt", result.model.state_dict())
     write_json(out / "metrics.json", result)
     payload = result.to_dict()
@@ -396,19 +347,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from flatlens.io import write_json
     from flatlens.report.html import write_report
     from flatlens.report.study import study_sections
-    from flatlens.train import OPTIMIZERS, compare
+    from flatlens.train import OPTIMIZERS, build_model, compare
 
-    if args.model not in ZOO:
-        raise UserError(
-            f"compare trains zoo models only ({', '.join(ZOO)}), not {args.model!r}; train a "
-            "factory model with flatlens train and diagnose its checkpoint"
-        )
     unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
     if unknown:
         raise UserError(f"unknown optimizers {unknown}; choose from {list(OPTIMIZERS)}")
     data = _data(args)
     out = Path(args.out)
     base = _train_config(args, "sgd", args.model)
+    try:  # a model that cannot be built fails here, not under the progress bar
+        build_model(base, data)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from err
     study = compare(data, args.optimizers, seeds=args.seeds, base=base, progress=_progress(args))
     write_json(out / "study.json", study)
     sections = study_sections(study, out)
@@ -595,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every optimizer with every seed, measure λ_max, tr(H), R0 and R1 "
         "of each final network and report Kendall's τ against the generalization gap.",
     )
-    _train_args(p, "mlp, cnn or resnet18")
+    _train_args(p, "mlp, cnn, resnet18 or package.module:factory")
     p.add_argument(
         "--optimizers",
         metavar="NAMES",

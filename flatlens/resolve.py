@@ -27,7 +27,14 @@ from flatlens import zoo
 from flatlens.data import Dataset, load_cifar, load_digits
 from flatlens.io import CheckpointError, load_checkpoint
 
-__all__ = ["build_model", "check_state_dict", "load_data", "load_weights", "match_dtype"]
+__all__ = [
+    "build_model",
+    "check_model_spec",
+    "check_state_dict",
+    "load_data",
+    "load_weights",
+    "match_dtype",
+]
 
 _SHOWN = 8
 
@@ -51,11 +58,33 @@ def load_data(spec: str) -> Dataset:
     raise ValueError(f"unknown data set {spec!r}; use digits, cifar10:DIR or cifar100:DIR")
 
 
-def _factory(spec: str) -> Any:
+def check_model_spec(spec: str) -> None:
+    """Raise unless ``spec`` names a zoo model or has the form ``package.module:factory``.
+
+    Only the form is checked: the factory is imported when the model is built (see
+    :func:`build_model`), so a configuration can name a model whose package is not imported
+    yet.
+
+    Raises:
+        TypeError: ``spec`` is not a string.
+        ValueError: an unknown zoo name, or a ``:`` spec with an empty module or factory.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"model must be a string, not {type(spec).__name__}")
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
             raise ValueError(f"model {spec!r} must look like package.module:factory")
+    elif spec not in zoo.MODELS:
+        raise ValueError(
+            f"unknown model {spec!r}; use one of {sorted(zoo.MODELS)} or package.module:factory"
+        )
+
+
+def _factory(spec: str) -> Any:
+    check_model_spec(spec)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
@@ -66,11 +95,7 @@ def _factory(spec: str) -> Any:
         if not callable(factory):
             raise ValueError(f"model factory {spec!r} is not callable")
         return factory
-    if spec in zoo.MODELS:
-        return zoo.MODELS[spec]
-    raise ValueError(
-        f"unknown model {spec!r}; use one of {sorted(zoo.MODELS)} or package.module:factory"
-    )
+    return zoo.MODELS[spec]
 
 
 def build_model(spec: str, data: Dataset | None = None, **kwargs: Any) -> nn.Module:

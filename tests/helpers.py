@@ -39,6 +39,7 @@ __all__ = [
     "quadratic_objective_parts",
     "rel_err",
     "symmetric_with_spectrum",
+    "tanh_classifier",
     "tiny_mlp",
     "uneven_batches",
     "with_unused",
@@ -90,6 +91,17 @@ def tiny_mlp(
     return nn.Sequential(
         nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, num_classes)
     ).to(dtype)
+
+
+def tanh_classifier(in_features: int, num_classes: int, hidden: int = 5) -> nn.Sequential:
+    """A ``package.module:factory`` model for the trainer and the CLI (``helpers:tanh_classifier``).
+
+    Flatten - Linear - tanh - Linear in the default dtype, drawn from the global RNG (the
+    caller seeds it); ``in_features`` and ``num_classes`` are filled in from the data set.
+    """
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, num_classes)
+    )
 
 
 def logistic_regression(dim: int = 5, *, seed: int = 0) -> nn.Linear:

@@ -348,8 +348,29 @@ def test_train_accepts_a_factory_and_matches_the_zoo_path(tmp_path, capsys, monk
 
     code, _, err = call([*common, "--model", "tinynets:not_a_model", "--out", str(out)], capsys)
     assert code == 2 and "returned int, not a Module" in one_error_line(err, "train")
-    code, _, err = call(["compare", "--model", "tinynets:tiny", "--out", str(out)], capsys)
-    assert code == 2 and "zoo models only" in one_error_line(err, "compare")
+
+
+def test_compare_trains_a_factory_model_like_train_does(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tinynets.py").write_text(_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--model", "tinynets:tiny", "--model-kwargs", '{"width": 3}', "--epochs", "1"]
+    common += ["--measure-steps", "2", "--measure-samples", "32", "--quiet"]
+    argv = ["compare", *common, "--optimizers", "sgd", "--seeds", "0,4", "--json"]
+    code, out, err = call([*argv, "--out", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    study = json.loads(out)
+    assert [(r["optimizer"], r["seed"]) for r in study["runs"]] == [("sgd", 0), ("sgd", 4)]
+    # compare and train build, seed and train the model on one path: the same run.
+    code, out, err = call(["train", *common, "--seed", "4", "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, err
+    final = json.loads((tmp_path / "t" / "metrics.json").read_text())["final"]
+    for key in ("train_loss", "test_loss", "test_acc", "gap_loss"):
+        assert study["runs"][1][key] == final[key], key
+
+    code, _, err = call(["compare", "--model", "tinynets:nothing", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "cannot import model factory" in one_error_line(err, "compare")
+    code, _, err = call(["compare", "--model", "vit", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "unknown model 'vit'" in one_error_line(err, "compare")
 
 
 def test_interrupt_exits_130_and_threads_are_restored(trained, monkeypatch, capsys):

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from flatlens import distributed as fd
-from flatlens import zoo
+from flatlens import resolve
 from flatlens.data import Dataset, batches
 from flatlens.objective import Objective
 from flatlens.optim import GAM, SAM, PerturbationOptimizer
@@ -527,7 +527,9 @@ class TrainConfig:
     """Everything that defines one run by name: for the CLI, the demo and studies.
 
     Attributes:
-        model: A :mod:`flatlens.zoo` name (``mlp``, ``cnn``, ``resnet18``).
+        model: A :mod:`flatlens.zoo` name (``mlp``, ``cnn``, ``resnet18``) or
+            ``package.module:factory`` (see :func:`flatlens.resolve.build_model`); only its
+            form is checked here, the factory is imported when the model is built.
         model_kwargs: Extra arguments of the model builder.
         optimizer: ``sgd``, ``adamw``, ``sam``, ``gam`` (accelerated) or ``gam-exact``.
         base: Base optimizer of SAM/GAM: ``sgd`` or ``adamw``.
@@ -574,8 +576,7 @@ class TrainConfig:
             raise ValueError(f"scheduler must be 'cosine' or 'none', not {self.scheduler!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, not {self.dtype!r}")
-        if self.model not in zoo.MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(zoo.MODELS)}")
+        resolve.check_model_spec(self.model)
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         self.measures = tuple(self.measures)
@@ -588,18 +589,20 @@ class TrainConfig:
 
 
 def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
-    """The zoo model sized for ``data`` (inputs and classes), on ``config``'s device/dtype,
-    initialized from ``config.seed`` without touching the caller's global RNG."""
-    shape = data.input_shape
-    kwargs: dict[str, Any] = {"num_classes": data.num_classes}
-    if config.model == "mlp":
-        kwargs["in_features"] = math.prod(shape)
-    elif config.model == "cnn":
-        kwargs["in_channels"] = shape[0]
-    kwargs.update(config.model_kwargs)
+    """The model ``config.model`` names, sized for ``data``, on ``config``'s device/dtype.
+
+    A zoo name or ``package.module:factory`` is built by :func:`flatlens.resolve.build_model`
+    with ``config.model_kwargs`` (``num_classes``, ``in_features`` and ``in_channels`` are
+    filled in from ``data`` where the factory takes them), initialized from ``config.seed``
+    without touching the caller's global RNG.
+
+    Raises:
+        ValueError: the factory cannot be imported or does not take the arguments.
+        TypeError: the factory did not return a ``torch.nn.Module``.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = zoo.build(config.model, **kwargs)
+        model = resolve.build_model(config.model, data, **config.model_kwargs)
     return model.to(device=config.device, dtype=_DTYPES[config.dtype])
 
 

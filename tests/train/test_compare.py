@@ -60,6 +60,23 @@ def test_runs_are_the_trainers_runs(study):
         assert row[key] == alone[key], key
 
 
+def test_a_factory_model_is_trained_like_a_zoo_model():
+    base = TrainConfig(
+        **{**BASE.__dict__, "model": "helpers:tanh_classifier", "model_kwargs": {"hidden": 4}}
+    )
+    factory_study = compare(DATA, ["sgd"], seeds=[0, 1], base=base, measures=("trace",))
+    assert [(r["optimizer"], r["seed"]) for r in factory_study.runs] == [("sgd", 0), ("sgd", 1)]
+    alone = train(
+        TrainConfig(**{**base.__dict__, "seed": 1, "measure_every": 2, "measures": ("trace",)}),
+        DATA,
+    )
+    assert alone.model[1].weight.shape == (4, 5)
+    for key in ("test_acc", "gap_loss", "gap_acc", "trace"):
+        assert factory_study.runs[1][key] == alone.final[key], key
+    # Different seeds give different initial weights, so different runs.
+    assert factory_study.runs[0]["train_loss"] != factory_study.runs[1]["train_loss"]
+
+
 def test_summary_and_kendall_tau(study):
     for entry in study.summary:
         mine = [r for r in study.runs if r["optimizer"] == entry["optimizer"]]

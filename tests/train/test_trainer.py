@@ -8,13 +8,20 @@ import json
 
 import pytest
 import torch
-from helpers import ModelSnapshot
+from helpers import ModelSnapshot, tanh_classifier
 from torch import nn
 
 from flatlens.data import synthetic_classification
 from flatlens.io import CheckpointError
 from flatlens.optim import GAM, SAM
-from flatlens.train import TrainConfig, Trainer, train
+from flatlens.train import (
+    TrainConfig,
+    Trainer,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    train,
+)
 from flatlens.train.checkpoint import load_training_checkpoint
 
 DATA = synthetic_classification(96, dim=6, num_classes=3, test_n=48, seed=1, dtype=torch.float64)
@@ -263,11 +270,74 @@ def test_bad_types_and_epochs():
         trainer.fit(0)
 
 
+def test_build_model_takes_a_factory_spec_seeded_sized_and_placed():
+    config = TrainConfig(
+        model="helpers:tanh_classifier", model_kwargs={"hidden": 4}, seed=5, dtype="float64"
+    )
+    outside = torch.get_rng_state()
+    model = build_model(config, DATA)
+    assert torch.equal(torch.get_rng_state(), outside)  # seeded inside fork_rng
+    torch.manual_seed(5)
+    by_hand = tanh_classifier(in_features=6, num_classes=3, hidden=4).to(torch.float64)
+    assert model.state_dict().keys() == by_hand.state_dict().keys()
+    for (name, a), b in zip(model.state_dict().items(), by_hand.state_dict().values(), strict=True):
+        assert a.dtype == torch.float64 and torch.equal(a, b), name
+    # A zoo name and the same zoo factory spelled package.module:factory: identical weights.
+    zoo_cfg = TrainConfig(model="mlp", model_kwargs={"hidden": 7}, seed=2)
+    spelled = dataclasses.replace(zoo_cfg, model="flatlens.zoo:mlp")
+    a, b = build_model(zoo_cfg, DATA).state_dict(), build_model(spelled, DATA).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_runs_a_factory_model_and_records_its_spec():
+    config = TrainConfig(
+        model="helpers:tanh_classifier",
+        model_kwargs={"hidden": 4},
+        optimizer="sam",
+        epochs=2,
+        batch_size=32,
+        dtype="float64",
+        seed=1,
+    )
+    result = train(config, DATA)
+    assert result.settings["config"]["model"] == "helpers:tanh_classifier"
+    assert result.model[1].weight.shape == (4, 6)
+    # The run is the Trainer's run on the same model, optimizer and scheduler.
+    model = build_model(config, DATA)
+    optimizer = build_optimizer(config, model)
+    alone = Trainer(
+        model,
+        optimizer,
+        DATA,
+        batch_size=32,
+        scheduler=build_scheduler(config, optimizer),
+        seed=1,
+        measure_every=config.measure_every,
+    ).fit(2)
+    assert without_seconds(alone.history) == without_seconds(result.history)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        ("no_such_module_xyz:net", ValueError, "cannot import model factory"),
+        ("helpers:not_there", ValueError, "cannot import model factory"),
+        ("helpers:tanh_classifier", ValueError, "does not take the arguments"),
+    ],
+)
+def test_factory_errors_surface_when_the_model_is_built(spec, error, match):
+    config = TrainConfig(model=spec, model_kwargs={"depth": 3}, epochs=1)
+    with pytest.raises(error, match=match):
+        train(config, DATA)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"optimizer": "lion"}, "optimizer"),
-        ({"model": "vit"}, "model"),
+        ({"model": "vit"}, r"unknown model 'vit'; use one of \['cnn', 'mlp', 'resnet18'\] or"),
+        ({"model": "helpers:"}, "must look like package.module:factory"),
+        ({"model": ":tanh_classifier"}, "must look like package.module:factory"),
         ({"scheduler": "step"}, "scheduler"),
         ({"dtype": "float16"}, "dtype"),
         ({"lr": 0}, "lr"),
@@ -276,6 +346,11 @@ def test_bad_types_and_epochs():
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_a_model_that_is_not_a_string_is_a_type_error():
+    with pytest.raises(TypeError, match="model must be a string"):
+        TrainConfig(model=nn.Linear(2, 2))
 
 
 def test_a_non_finite_training_loss_stops_with_a_clear_error():

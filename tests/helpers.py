@@ -13,6 +13,7 @@ which is exactly what the Objective must compute from uneven mini-batches.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = [
+    "RHOS",
     "DenseReference",
+    "InterruptingLoss",
     "ModelSnapshot",
     "OneShot",
     "Quadratic",
@@ -32,12 +35,17 @@ __all__ = [
     "dense_hessian",
     "dense_reference",
     "image_data",
+    "least_squares",
     "logistic_data",
     "logistic_hessian",
     "logistic_regression",
+    "nonlinear_cases",
     "objective_reference",
     "quadratic_objective_parts",
+    "regression_data",
+    "regression_net",
     "rel_err",
+    "relu_rescaled",
     "symmetric_with_spectrum",
     "tanh_classifier",
     "tiny_mlp",
@@ -259,6 +267,118 @@ class OneShot:
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         return next(self._it)
+
+
+# ---------------------------------------------------------------------------------- measures
+# Problems shared by the R0, R1 and bound tests (test_sharpness, test_flatness, test_bounds).
+RHOS = [1e-3, 1e-2, 0.1, 1.0]
+"""Radii of the closed-form checks, from far inside the quadratic regime to well outside."""
+
+
+def least_squares(
+    n: int = 60, d: int = 6, seed: int = 0
+) -> tuple[nn.Linear, tuple[Tensor, Tensor], Tensor]:
+    """Linear regression with MSE at its least-squares minimum: L is exactly quadratic with
+    Hessian H = 2 X~^T X~ / N (X~ = [X, 1]). Returns (model, (X, y), H)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64)
+    y = y + 0.3 * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    xt = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    sol = torch.linalg.lstsq(xt, y).solution
+    model = nn.Linear(d, 1).to(torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(sol[:d].T)
+        model.bias.copy_(sol[d])
+    return model, (x, y), 2 * xt.T @ xt / n
+
+
+_HIDDEN = 4
+
+
+def _regression_mlp(act: str, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, _HIDDEN), getattr(nn, act)(), nn.Linear(_HIDDEN, 1)).double()
+
+
+@functools.cache
+def _teacher_problem(act: str) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+    """Targets of a teacher network plus noise, and the teacher polished by L-BFGS: a point
+    near a minimum of the student's loss (the teacher alone is already close to one)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=gen, dtype=torch.float64)
+    model = _regression_mlp(act, seed=1)
+    with torch.no_grad():
+        y = model(x) + 0.1 * torch.randn(128, 1, generator=gen, dtype=torch.float64)
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=100,
+        history_size=20,
+        tolerance_grad=1e-10,
+        tolerance_change=0,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (x, y), copy.deepcopy(model.state_dict())
+
+
+def regression_data(act: str = "Tanh") -> tuple[Tensor, Tensor]:
+    """``(x, y)``: 128 samples of 4 features, targets of a 4-4-1 teacher with ``act`` plus noise."""
+    return _teacher_problem(act)[0]
+
+
+def regression_net(act: str = "Tanh", trained: bool = True) -> nn.Module:
+    """A 4-4-1 MLP: near a minimum of the regression loss, or at a random initialization."""
+    if not trained:
+        return _regression_mlp(act, seed=0)
+    model = _regression_mlp(act, seed=1)
+    model.load_state_dict(_teacher_problem(act)[1])
+    return model
+
+
+def nonlinear_cases() -> list[tuple[str, Any]]:
+    """(name, objective): away from a minimum (classification at init) and near one."""
+    from flatlens import Objective
+
+    x, y = classification_data(40, 4, 3, seed=1)
+    away = Objective(tiny_mlp(4, 5, 3, seed=1), nn.CrossEntropyLoss(), (x, y))
+    near_tanh = Objective(regression_net("Tanh"), nn.MSELoss(), regression_data("Tanh"))
+    near_relu = Objective(regression_net("ReLU"), nn.MSELoss(), regression_data("ReLU"))
+    return [("away", away), ("near-tanh", near_tanh), ("near-relu", near_relu)]
+
+
+def relu_rescaled(model: nn.Sequential, c: float) -> nn.Sequential:
+    """ReLU(c (W x + b)) = c ReLU(W x + b): scale layer 0 by c and layer 2's weight by 1/c.
+
+    The copy computes the same function, so scale-invariant measures must not change.
+    """
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out[0].weight.mul_(c)
+        out[0].bias.mul_(c)
+        out[2].weight.div_(c)
+    return out
+
+
+class InterruptingLoss(nn.Module):
+    """A cross-entropy loss that raises KeyboardInterrupt on its k-th call (never for k < 1)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.calls = k, 0
+
+    def forward(self, out: Tensor, target: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == self.k:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(out, target)
 
 
 # ---------------------------------------------------------------------------------- references

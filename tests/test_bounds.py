@@ -7,8 +7,14 @@ import math
 
 import pytest
 import torch
-from helpers import ModelSnapshot, bn_cnn, image_data, objective_reference
-from test_sharpness import least_squares, nonlinear_cases
+from helpers import (
+    ModelSnapshot,
+    bn_cnn,
+    image_data,
+    least_squares,
+    nonlinear_cases,
+    objective_reference,
+)
 from torch import nn
 
 from flatlens import Objective

@@ -7,17 +7,21 @@ import math
 
 import pytest
 import torch
-from helpers import ModelSnapshot, bn_cnn, classification_data, image_data, objective_reference
-from helpers import tiny_mlp as make_mlp
-from test_sharpness import (
+from helpers import (
     RHOS,
-    _Interrupting,
-    _rescaled,
+    InterruptingLoss,
+    ModelSnapshot,
+    bn_cnn,
+    classification_data,
+    image_data,
     least_squares,
     nonlinear_cases,
+    objective_reference,
     regression_data,
     regression_net,
+    relu_rescaled,
 )
+from helpers import tiny_mlp as make_mlp
 from torch import nn
 
 from flatlens import Objective
@@ -119,7 +123,7 @@ def test_adaptive_flatness_is_invariant_to_relu_rescaling(norm):
     data = regression_data("ReLU")
     model = regression_net("ReLU")
     base = Objective(model, nn.MSELoss(), data)
-    scaled = Objective(_rescaled(model, 3.0), nn.MSELoss(), data)
+    scaled = Objective(relu_rescaled(model, 3.0), nn.MSELoss(), data)
     for rho in (0.05, 0.3):
         a = first_order_flatness(base, rho, norm=norm, adaptive=True)
         b = first_order_flatness(scaled, rho, norm=norm, adaptive=True)
@@ -164,7 +168,7 @@ def test_model_is_unchanged_also_when_interrupted(k):
         model = bn_cnn()
         model.train()
         snap = ModelSnapshot.take(model)
-        loss_fn = _Interrupting(k)
+        loss_fn = InterruptingLoss(k)
         obj = Objective(model, loss_fn, batches(x, y, 5), check_determinism=False)
         with pytest.raises(KeyboardInterrupt):
             measure(obj)

@@ -2,96 +2,30 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import math
 
 import pytest
 import torch
-from helpers import ModelSnapshot, bn_cnn, classification_data, image_data, tiny_mlp
+from helpers import (
+    RHOS,
+    InterruptingLoss,
+    ModelSnapshot,
+    bn_cnn,
+    classification_data,
+    image_data,
+    least_squares,
+    nonlinear_cases,
+    regression_data,
+    regression_net,
+    relu_rescaled,
+    tiny_mlp,
+)
 from torch import nn
 
 from flatlens import Objective
 from flatlens.data import batches
 from flatlens.sharpness import average_sharpness, zeroth_order_sharpness
-
-RHOS = [1e-3, 1e-2, 0.1, 1.0]
-
-
-# ---------------------------------------------------------------------------------- fixtures
-def least_squares(n: int = 60, d: int = 6, seed: int = 0):
-    """Linear regression with MSE at its least-squares minimum: L is exactly quadratic with
-    Hessian H = 2 X~^T X~ / N (X~ = [X, 1]). Returns (model, (X, y), H)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(d, 1, generator=gen, dtype=torch.float64)
-    y = y + 0.3 * torch.randn(n, 1, generator=gen, dtype=torch.float64)
-    xt = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
-    sol = torch.linalg.lstsq(xt, y).solution
-    model = nn.Linear(d, 1).to(torch.float64)
-    with torch.no_grad():
-        model.weight.copy_(sol[:d].T)
-        model.bias.copy_(sol[d])
-    return model, (x, y), 2 * xt.T @ xt / n
-
-
-HIDDEN = 4
-
-
-def _net(act: str, seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, HIDDEN), getattr(nn, act)(), nn.Linear(HIDDEN, 1)).double()
-
-
-@functools.cache
-def _teacher_problem(act: str) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
-    """Targets of a teacher network plus noise, and the teacher polished by L-BFGS: a point
-    near a minimum of the student's loss (the teacher alone is already close to one)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 4, generator=gen, dtype=torch.float64)
-    model = _net(act, seed=1)
-    with torch.no_grad():
-        y = model(x) + 0.1 * torch.randn(128, 1, generator=gen, dtype=torch.float64)
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        max_iter=100,
-        history_size=20,
-        tolerance_grad=1e-10,
-        tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return (x, y), copy.deepcopy(model.state_dict())
-
-
-def regression_data(act: str = "Tanh") -> tuple[torch.Tensor, torch.Tensor]:
-    return _teacher_problem(act)[0]
-
-
-def regression_net(act: str = "Tanh", trained: bool = True) -> nn.Module:
-    """A 4-4-1 MLP: near a minimum of the regression loss, or at a random initialization."""
-    if not trained:
-        return _net(act, seed=0)
-    model = _net(act, seed=1)
-    model.load_state_dict(_teacher_problem(act)[1])
-    return model
-
-
-def nonlinear_cases():
-    """(name, objective): away from a minimum (classification at init) and near one."""
-    x, y = classification_data(40, 4, 3, seed=1)
-    away = Objective(tiny_mlp(4, 5, 3, seed=1), nn.CrossEntropyLoss(), (x, y))
-    near_tanh = Objective(regression_net("Tanh"), nn.MSELoss(), regression_data("Tanh"))
-    near_relu = Objective(regression_net("ReLU"), nn.MSELoss(), regression_data("ReLU"))
-    return [("away", away), ("near-tanh", near_tanh), ("near-relu", near_relu)]
 
 
 # ---------------------------------------------------------------------------------- quadratic
@@ -154,22 +88,12 @@ def test_result_is_consistent_and_counts_are_exact():
     assert again.value == res.value  # the same seed gives the same result
 
 
-def _rescaled(model: nn.Sequential, c: float) -> nn.Sequential:
-    """ReLU(c (W x + b)) = c ReLU(W x + b): scale layer 0 by c and layer 2's weight by 1/c."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        out[0].weight.mul_(c)
-        out[0].bias.mul_(c)
-        out[2].weight.div_(c)
-    return out
-
-
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_adaptive_sharpness_is_invariant_to_relu_rescaling(norm):
     data = regression_data("ReLU")
     model = regression_net("ReLU")
     base = Objective(model, nn.MSELoss(), data)
-    scaled = Objective(_rescaled(model, 3.0), nn.MSELoss(), data)
+    scaled = Objective(relu_rescaled(model, 3.0), nn.MSELoss(), data)
     assert scaled.loss() == pytest.approx(base.loss(), rel=1e-12)
     for rho in (0.05, 0.3):
         a = zeroth_order_sharpness(base, rho, norm=norm, adaptive=True)
@@ -227,20 +151,6 @@ def test_average_is_below_worst_case():
 
 
 # ---------------------------------------------------------------------------------- safety
-class _Interrupting(nn.Module):
-    """A cross-entropy loss that raises KeyboardInterrupt on its k-th call."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k, self.calls = k, 0
-
-    def forward(self, out, target):
-        self.calls += 1
-        if self.calls == self.k:
-            raise KeyboardInterrupt
-        return nn.functional.cross_entropy(out, target)
-
-
 def _measures():
     return [
         lambda o: zeroth_order_sharpness(o, 0.1, steps=4),
@@ -258,7 +168,7 @@ def test_model_is_unchanged_also_when_interrupted(k):
         model.train()  # BatchNorm in train mode: the objective evaluates in eval mode
         model[0].weight.grad = torch.ones_like(model[0].weight)
         snap = ModelSnapshot.take(model)
-        loss_fn = _Interrupting(k)
+        loss_fn = InterruptingLoss(k)
         obj = Objective(model, loss_fn, batches(x, y, 5), check_determinism=False)
         with pytest.raises(KeyboardInterrupt):
             measure(obj)

@@ -6,6 +6,13 @@ draws the figures and writes ``report.json`` and a self-contained ``report.html`
 
 The curvature measures use a fixed subset of the training data, the first
 ``measure_samples`` examples: L(θ) = (1/N) Σ_i ℓ(f_θ(x_i), y_i) over that subset.
+
+Under ``torchrun`` (an initialized ``torch.distributed`` process group of W > 1 ranks) every
+data pass is split by data: each rank takes its contiguous block of the measurement subset
+and of the train and test sets (:func:`flatlens.distributed.shard`) and the objectives sum
+the size-weighted per-rank parts, so every number equals the one-process one (up to the
+order of floating-point sums) while each rank evaluates only 1/W of the data. A split with
+fewer than W examples is not sharded: every rank evaluates all of it on its own.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from flatlens import distributed as fd
 from flatlens.data import Dataset, batches
 from flatlens.io import write_json
-from flatlens.objective import Objective
+from flatlens.objective import CACHE_INPUT_NUMEL, Objective
 from flatlens.report.figures import plot_density, plot_eigenvalues
 from flatlens.report.html import Section, write_report
 from flatlens.report.pipeline import PartStore, fingerprint, model_digest
@@ -128,18 +136,39 @@ class DiagnoseConfig:
         )
 
 
+def _objective(
+    model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_size: int
+) -> Objective:
+    """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
+    rank's shard, reduced across the ranks (see the module docstring)."""
+    world = fd.world_size()
+    if world == 1 or len(y) < world:
+        parts = batches(x, y, batch_size)
+        data = parts[0] if len(parts) == 1 else parts
+        # One process (or too few examples to give every rank some): this rank alone.
+        return Objective(model, loss_fn, data, **({} if world == 1 else {"distributed": False}))
+    # Every rank must take the same graph-caching decision (a cached and an uncached pass
+    # make different collectives), so it is the one-process decision for the whole split.
+    cache = len(y) <= batch_size or x.numel() <= CACHE_INPUT_NUMEL
+    xs, ys = fd.shard(x, y)
+    return Objective(
+        model, loss_fn, batches(xs, ys, batch_size), cache_graph=cache, distributed=True
+    )
+
+
 def measure_objective(
     model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn: nn.Module | None = None
 ) -> Objective:
     """The objective the curvature measures use: the first ``measure_samples`` training
-    examples, in batches of ``batch_size``."""
+    examples, in batches of ``batch_size``.
+
+    Under ``torchrun`` (a process group of more than one rank) each rank holds its shard of
+    those examples and the objective sums over the ranks.
+    """
     x, y = data.train()
     if config.measure_samples is not None:
         x, y = x[: config.measure_samples], y[: config.measure_samples]
-    parts = batches(x, y, config.batch_size)
-    return Objective(
-        model, loss_fn or nn.CrossEntropyLoss(), parts[0] if len(parts) == 1 else parts
-    )
+    return _objective(model, loss_fn or nn.CrossEntropyLoss(), x, y, config.batch_size)
 
 
 def data_digest(data: Dataset) -> str:
@@ -154,9 +183,10 @@ def data_digest(data: Dataset) -> str:
 
 
 def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn) -> dict:
+    """Loss and accuracy over the whole train and test sets (sharded under ``torchrun``)."""
     out = {}
     for split, (x, y) in (("train", data.train()), ("test", data.test())):
-        obj = Objective(model, loss_fn, batches(x, y, config.batch_size))
+        obj = _objective(model, loss_fn, x, y, config.batch_size)
         for key, value in obj.evaluate().items():
             out[f"{split}_{key}"] = value
     out["gap_loss"] = out["test_loss"] - out["train_loss"]

@@ -80,6 +80,38 @@ def test_spectrum_and_trace_match_the_dense_hessian(diagnosed, data):
     assert grid[0] <= float(reference[-1]) and grid[-1] >= float(reference[0])
 
 
+def _one_process_objective_checks(data) -> None:
+    model = _model()
+    objective = measure_objective(model, data, CONFIG)
+    assert not objective.distributed
+    x, y = data.train()
+    seen = list(objective.batches())
+    assert [n for _, _, n in seen] == [40, 24]  # the first 64 examples, in order, unsharded
+    assert torch.equal(torch.cat([b[0] for b in seen]), x[:64])
+    assert torch.equal(torch.cat([b[1] for b in seen]), y[:64])
+    whole = measure_objective(model, data, dataclasses.replace(CONFIG, measure_samples=None))
+    assert sum(n for _, _, n in whole.batches()) == len(y) == 96
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_the_measure_objective_is_the_first_examples_in_one_process(data, tmp_path):
+    _one_process_objective_checks(data)
+    # A process group of one rank (torchrun --nproc_per_node 1) splits nothing either.
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = _model()
+        objective = measure_objective(model, data, CONFIG)
+        assert [n for _, _, n in objective.batches()] == [40, 24]
+        x, y = data.train()
+        with torch.no_grad():
+            assert objective.loss() == pytest.approx(float(F.cross_entropy(model(x[:64]), y[:64])))
+    finally:
+        torch.distributed.destroy_process_group()
+    _one_process_objective_checks(data)
+
+
 def test_sharpness_part_is_the_bound_check_with_the_same_settings(diagnosed, data):
     report = diagnosed["report"]
     objective = measure_objective(diagnosed["model"], data, CONFIG)

@@ -1,0 +1,164 @@
+"""diagnose's data passes under ``torch.distributed`` (two Gloo processes on the CPU): each
+rank evaluates only its shard of the measurement subset and of the train and test sets, and
+the objective, the performance part and the top eigenvalues equal one process's to 1e-10
+(float64)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import flatlens.report.diagnose as dg
+from flatlens import zoo
+from flatlens.data import synthetic_classification
+from flatlens.report.diagnose import DiagnoseConfig, measure_objective
+from flatlens.spectrum import hessian_eigenvalues
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"
+)
+
+WORLD = 2
+TIMEOUT_S = 60.0
+# 65 measurement examples in batches of 16: shards of 32 and 33, i.e. 2 and 3 batches.
+CONFIG = DiagnoseConfig(measure_samples=65, batch_size=16)
+TINY = DiagnoseConfig(measure_samples=1, batch_size=16)  # fewer examples than ranks
+
+
+def _data():
+    return synthetic_classification(n=97, dim=5, num_classes=3, test_n=49, dtype=torch.float64)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return zoo.mlp(in_features=5, hidden=6, depth=1, num_classes=3).double()
+
+
+def _sizes(objective) -> list[int]:
+    return [n for _, _, n in objective.batches()]
+
+
+def _measure() -> dict:
+    """What diagnose computes from its objectives, plus the local batch sizes seen."""
+    model, data = _model(), _data()
+    objective = measure_objective(model, data, CONFIG)
+    v = torch.linspace(-1, 1, objective.num_params, dtype=torch.float64)
+    loss, grad = objective.loss_and_gradient()
+    out = {
+        "sizes": _sizes(objective),
+        "distributed": objective.distributed,
+        "cache_graph": objective.cache_graph,
+        "loss": loss,
+        "gradient": grad,
+        "hvp": objective.hvp(v),
+        "evaluate": objective.evaluate(),
+        "eigenvalues": hessian_eigenvalues(objective, 2, seed=0).eigenvalues.clone(),
+        "performance": dg._performance(model, data, CONFIG, nn.CrossEntropyLoss()),
+    }
+    tiny = measure_objective(model, data, TINY)
+    out["tiny"] = {"sizes": _sizes(tiny), "distributed": tiny.distributed, "loss": tiny.loss()}
+    return out
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        seen: list[list[int]] = []
+        real = dg._objective
+
+        def recording(*args, **kwargs):
+            objective = real(*args, **kwargs)
+            seen.append(_sizes(objective))
+            return objective
+
+        dg._objective = recording
+        try:
+            result = _measure()
+        finally:
+            dg._objective = real
+        result["performance_sizes"] = seen[1:3]  # measure_objective's call came first
+        with open(Path(tmp) / f"rank{rank}.pkl", "wb") as fh:
+            pickle.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("diagnose_ranks")
+    context = mp.start_processes(
+        _worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s")
+    out = []
+    for r in range(WORLD):
+        with open(tmp / f"rank{r}.pkl", "rb") as fh:
+            out.append(pickle.load(fh))
+    return out
+
+
+def _rel(a, b) -> float:
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def test_each_rank_evaluates_only_its_shard(ranks):
+    assert ranks[0]["sizes"] == [16, 16] and ranks[1]["sizes"] == [16, 16, 1]  # 32 + 33
+    # performance: train 97 = 48 + 49, test 49 = 24 + 25
+    assert ranks[0]["performance_sizes"] == [[16, 16, 16], [16, 8]]
+    assert ranks[1]["performance_sizes"] == [[16, 16, 16, 1], [16, 9]]
+    for r in ranks:
+        assert r["distributed"] and r["cache_graph"]  # the one-process decision on both
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return _measure()
+
+
+def test_two_ranks_equal_one_process(ranks, single):
+    assert single["sizes"] == [16, 16, 16, 16, 1] and not single["distributed"]
+    for r in ranks:
+        for key in ("loss", "gradient", "hvp", "eigenvalues"):
+            assert _rel(r[key], single[key]) <= 1e-10, key
+        assert r["evaluate"].keys() == single["evaluate"].keys() == {"loss", "accuracy"}
+        assert r["evaluate"]["accuracy"] == single["evaluate"]["accuracy"]
+        assert _rel(r["evaluate"]["loss"], single["evaluate"]["loss"]) <= 1e-10
+        perf, want = r["performance"], single["performance"]
+        assert perf.keys() == want.keys()
+        for key, value in want.items():
+            if key.endswith("accuracy"):
+                assert perf[key] == value, key
+            else:
+                assert abs(perf[key] - value) <= 1e-10 * max(abs(value), 1.0), key
+
+
+def test_a_subset_smaller_than_the_world_is_evaluated_whole_on_every_rank(ranks, single):
+    for r in ranks:
+        assert r["tiny"]["sizes"] == [1] and not r["tiny"]["distributed"]
+        assert r["tiny"]["loss"] == single["tiny"]["loss"]

@@ -30,7 +30,7 @@ import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,6 +49,9 @@ __all__ = [
     "AscentResult",
     "AscentRun",
     "Ball",
+    "CenterFn",
+    "SolvedBall",
+    "WorstCase",
     "apgd_checkpoints",
     "batch_objectives",
     "check_init",
@@ -63,6 +66,7 @@ __all__ = [
     "projected_ascent",
     "run_measure",
     "sphere_starts",
+    "worst_case_ascent",
 ]
 
 S = TypeVar("S")
@@ -73,6 +77,10 @@ _TINY_SCALE = 1e-140
 
 AscentFn = Callable[[Tensor, bool], tuple[float, Tensor | None]]
 """``fn(delta, need_grad) -> (f(delta), grad f(delta) or None when need_grad is False)``."""
+
+CenterFn = Callable[[Objective, "Ball", Tensor], tuple[float, Tensor]]
+"""``center(objective, ball, theta) -> (f(0), grad L(theta))``: the ascended function at the
+center of the ball and the loss gradient there (for the ``"gradient"`` start)."""
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -742,4 +750,162 @@ def ascend_from_sphere(
         momentum=cfg.momentum,
         progress=progress,
         desc=desc,
+    )
+
+
+# ---------------------------------------------------------------------------------- R0 and R1
+@dataclass
+class SolvedBall:
+    """One worst-case ascent in one ball: f(0), the best ascent and the ball."""
+
+    center: float
+    ascent: AscentResult
+    ball: Ball
+
+
+@dataclass
+class WorstCase:
+    """What :func:`worst_case_ascent` found, on the whole data or on each batch.
+
+    Attributes:
+        config: The validated settings.
+        solved: One :class:`SolvedBall` (or one per batch with ``per_batch``).
+        sizes: The batch sizes (``[1]`` without ``per_batch``).
+        reduction: The objective's reduction, for :meth:`combine`.
+        counts: Loss, gradient and HVP evaluations spent.
+        seconds: Wall-clock time.
+        per_batch: Whether each batch was solved on its own.
+        seed: The integer seed (``None`` when a generator was given).
+    """
+
+    config: AscentConfig
+    solved: list[SolvedBall]
+    sizes: list[int]
+    reduction: str
+    counts: dict[str, int]
+    seconds: float
+    per_batch: bool
+    seed: int | None
+
+    def combine(self, values: Sequence[float]) -> float:
+        """Per-solution values combined like the risk combines batches
+        (:func:`combine_batches`)."""
+        return combine_batches(values, self.sizes, self.reduction)
+
+    def result_fields(self, batch_values: list[float]) -> dict[str, Any]:
+        """The fields :class:`~flatlens.sharpness.SharpnessResult` and
+        :class:`~flatlens.flatness.FlatnessResult` share: the perturbation found, the
+        settings, the winning start, the counts and the time. ``batch_values`` (the
+        per-batch measure) is kept only with ``per_batch``."""
+        cfg = self.config
+        single = None if self.per_batch else self.solved[0].ascent
+        return {
+            "delta_norm": max(s.ball.norm_of(s.ascent.delta) for s in self.solved),
+            "delta_l2": max(float(torch.linalg.vector_norm(s.ascent.delta)) for s in self.solved),
+            "rho": cfg.rho,
+            "norm": cfg.norm,
+            "adaptive": cfg.adaptive,
+            "adaptive_eta": float(cfg.adaptive_eta),
+            "steps": cfg.steps,
+            "restarts": cfg.restarts,
+            "init": list(cfg.init),
+            "step_size": float(cfg.step_size),
+            "momentum": float(cfg.momentum),
+            "per_batch": self.per_batch,
+            "seed": self.seed,
+            "best_start": "" if single is None else single.best_start,
+            "start_values": {} if single is None else single.start_values,
+            "num_losses": self.counts["loss"],
+            "num_gradients": self.counts["gradient"],
+            "num_hvps": self.counts["hvp"],
+            "seconds": self.seconds,
+            "batch_values": batch_values if self.per_batch else None,
+            "delta": None if single is None else single.delta,
+        }
+
+
+def worst_case_ascent(
+    objective: Objective,
+    *,
+    center: CenterFn,
+    function: Callable[[Objective, Ball, Tensor], AscentFn],
+    desc: str,
+    rho: float,
+    norm: str,
+    adaptive: bool,
+    steps: int,
+    restarts: int,
+    init: Sequence[str],
+    starts: Sequence[Tensor] | None,
+    eigen: EigenResult | Tensor | None,
+    per_batch: bool,
+    adaptive_eta: float,
+    step_size: float,
+    momentum: float,
+    num_eigen: int,
+    eigen_tol: float,
+    seed: int | torch.Generator,
+    progress: bool,
+) -> WorstCase:
+    """The shared body of R0 and R1: check the settings, then maximize f over the ball
+    around theta on the whole objective or on each batch, with the model preserved.
+
+    In each ball (see :func:`run_measure` for ``per_batch``) ``center`` gives f(0) and the
+    loss gradient at theta, ``function`` gives the oracle of f, and
+    :func:`ascend_from_sphere` keeps the best ascent from the starts on the sphere. The
+    other arguments are those of :func:`flatlens.sharpness.zeroth_order_sharpness` and
+    :func:`flatlens.flatness.first_order_flatness`; ``desc`` labels the progress bar.
+
+    Raises:
+        ValueError, TypeError: a setting out of range (see :class:`AscentConfig`), no start
+            at all, or ``per_batch`` with precomputed ``eigen`` or ``starts``.
+    """
+    cfg = AscentConfig(
+        rho,
+        norm,
+        adaptive,
+        adaptive_eta,
+        steps,
+        restarts,
+        tuple(init) if not isinstance(init, str) else (init,),
+        step_size,
+        momentum,
+        num_eigen,
+        eigen_tol,
+    )
+    check_init(cfg.init, cfg.restarts, starts)
+    if per_batch and (eigen is not None or starts):
+        raise ValueError("per_batch=True computes eigenvectors and starts per batch; drop them")
+    generator = make_generator(seed)
+
+    def solve(obj: Objective) -> SolvedBall:
+        theta = obj.theta
+        ball = cfg.ball(theta)
+        value, gradient = center(obj, ball, theta)
+        best = ascend_from_sphere(
+            function(obj, ball, theta),
+            obj,
+            cfg,
+            ball=ball,
+            theta=theta,
+            gradient=gradient,
+            center_value=value,
+            generator=generator,
+            eigen=eigen,
+            starts=starts,
+            progress=progress,
+            desc=desc,
+        )
+        return SolvedBall(value, best, ball)
+
+    solved, sizes, counts, seconds = run_measure(objective, solve, per_batch=per_batch)
+    return WorstCase(
+        config=cfg,
+        solved=solved,
+        sizes=sizes,
+        reduction=objective.reduction,
+        counts=counts,
+        seconds=seconds,
+        per_batch=per_batch,
+        seed=seed if isinstance(seed, int) else None,
     )

@@ -26,15 +26,9 @@ import torch
 from torch import Tensor
 
 from flatlens.ascent import (
-    AscentConfig,
     AscentFn,
-    AscentResult,
     Ball,
-    ascend_from_sphere,
-    check_init,
-    combine_batches,
-    make_generator,
-    run_measure,
+    worst_case_ascent,
 )
 from flatlens.objective import Objective
 from flatlens.results import Result
@@ -107,40 +101,12 @@ def gradient_norm_function(objective: Objective, ball: Ball, theta: Tensor) -> A
     return fn
 
 
-@dataclass
-class _Solved:
-    center: float
-    ascent: AscentResult
-    ball: Ball
-
-
-def _solve(
-    objective: Objective,
-    cfg: AscentConfig,
-    generator: torch.Generator,
-    eigen: EigenResult | Tensor | None,
-    starts: Sequence[Tensor] | None,
-    progress: bool,
-) -> _Solved:
-    theta = objective.theta
-    ball = cfg.ball(theta)
-    grad0 = objective.gradient(theta)
-    center = ball.dual_norm(grad0)
-    best = ascend_from_sphere(
-        gradient_norm_function(objective, ball, theta),
-        objective,
-        cfg,
-        ball=ball,
-        theta=theta,
-        gradient=grad0,
-        center_value=center,
-        generator=generator,
-        eigen=eigen,
-        starts=starts,
-        progress=progress,
-        desc="R1",
-    )
-    return _Solved(center, best, ball)
+def _gradient_norm_at_center(
+    objective: Objective, ball: Ball, theta: Tensor
+) -> tuple[float, Tensor]:
+    """f(0) = ||grad L(theta)||_* and grad L(theta)."""
+    gradient = objective.gradient(theta)
+    return ball.dual_norm(gradient), gradient
 
 
 def first_order_flatness(
@@ -198,52 +164,32 @@ def first_order_flatness(
     Returns:
         A :class:`FlatnessResult`. The model is left exactly as it was.
     """
-    cfg = AscentConfig(
-        rho,
-        norm,
-        adaptive,
-        adaptive_eta,
-        steps,
-        restarts,
-        tuple(init) if not isinstance(init, str) else (init,),
-        step_size,
-        momentum,
-        num_eigen,
-        eigen_tol,
-    )
-    check_init(cfg.init, cfg.restarts, starts)
-    if per_batch and (eigen is not None or starts):
-        raise ValueError("per_batch=True computes eigenvectors and starts per batch; drop them")
-    gen = make_generator(seed)
-    solved, sizes, counts, seconds = run_measure(
+    run = worst_case_ascent(
         objective,
-        lambda obj: _solve(obj, cfg, gen, eigen, starts, progress),
+        center=_gradient_norm_at_center,
+        function=gradient_norm_function,
+        desc="R1",
+        rho=rho,
+        norm=norm,
+        adaptive=adaptive,
+        steps=steps,
+        restarts=restarts,
+        init=init,
+        starts=starts,
+        eigen=eigen,
         per_batch=per_batch,
+        adaptive_eta=adaptive_eta,
+        step_size=step_size,
+        momentum=momentum,
+        num_eigen=num_eigen,
+        eigen_tol=eigen_tol,
+        seed=seed,
+        progress=progress,
     )
-    norms = [s.ascent.value for s in solved]
+    norms = [s.ascent.value for s in run.solved]
     return FlatnessResult(
-        value=cfg.rho * combine_batches(norms, sizes, objective.reduction),
-        max_grad_norm=combine_batches(norms, sizes, objective.reduction),
-        grad_norm_at_center=combine_batches([s.center for s in solved], sizes, objective.reduction),
-        delta_norm=max(s.ball.norm_of(s.ascent.delta) for s in solved),
-        delta_l2=max(float(torch.linalg.vector_norm(s.ascent.delta)) for s in solved),
-        rho=cfg.rho,
-        norm=cfg.norm,
-        adaptive=cfg.adaptive,
-        adaptive_eta=float(cfg.adaptive_eta),
-        steps=cfg.steps,
-        restarts=cfg.restarts,
-        init=list(cfg.init),
-        step_size=float(cfg.step_size),
-        momentum=float(cfg.momentum),
-        per_batch=per_batch,
-        seed=seed if isinstance(seed, int) else None,
-        best_start="" if per_batch else solved[0].ascent.best_start,
-        start_values={} if per_batch else solved[0].ascent.start_values,
-        num_losses=counts["loss"],
-        num_gradients=counts["gradient"],
-        num_hvps=counts["hvp"],
-        seconds=seconds,
-        batch_values=[cfg.rho * v for v in norms] if per_batch else None,
-        delta=None if per_batch else solved[0].ascent.delta,
+        value=run.config.rho * run.combine(norms),
+        max_grad_norm=run.combine(norms),
+        grad_norm_at_center=run.combine([s.center for s in run.solved]),
+        **run.result_fields(batch_values=[run.config.rho * v for v in norms]),
     )

@@ -24,14 +24,11 @@ from tqdm.auto import tqdm
 
 from flatlens.ascent import (
     AscentConfig,
-    AscentResult,
+    AscentFn,
     Ball,
-    ascend_from_sphere,
-    check_init,
     check_steps,
-    combine_batches,
     make_generator,
-    run_measure,
+    worst_case_ascent,
 )
 from flatlens.objective import Objective
 from flatlens.params import preserved
@@ -93,45 +90,20 @@ class SharpnessResult(Result):
     delta: Tensor | None = field(default=None, metadata={"json": False})
 
 
-@dataclass
-class _Solved:
-    loss: float
-    ascent: AscentResult
-    ball: Ball
+def _loss_at_center(objective: Objective, ball: Ball, theta: Tensor) -> tuple[float, Tensor]:
+    """f(0) = L(theta) and grad L(theta), in one pass."""
+    return objective.loss_and_gradient(theta)
 
 
-def _solve(
-    objective: Objective,
-    cfg: AscentConfig,
-    generator: torch.Generator,
-    eigen: EigenResult | Tensor | None,
-    starts: Sequence[Tensor] | None,
-    progress: bool,
-) -> _Solved:
-    theta = objective.theta
-    ball = cfg.ball(theta)
-    loss0, grad0 = objective.loss_and_gradient(theta)
+def _loss_function(objective: Objective, ball: Ball, theta: Tensor) -> AscentFn:
+    """f(delta) = L(theta + delta), grad f = grad L(theta + delta)."""
 
     def fn(delta: Tensor, need_grad: bool) -> tuple[float, Tensor | None]:
         if need_grad:
             return objective.loss_and_gradient(theta + delta)
         return objective.loss(theta + delta), None
 
-    best = ascend_from_sphere(
-        fn,
-        objective,
-        cfg,
-        ball=ball,
-        theta=theta,
-        gradient=grad0,
-        center_value=loss0,
-        generator=generator,
-        eigen=eigen,
-        starts=starts,
-        progress=progress,
-        desc="R0",
-    )
-    return _Solved(loss0, best, ball)
+    return fn
 
 
 def zeroth_order_sharpness(
@@ -192,54 +164,34 @@ def zeroth_order_sharpness(
     Returns:
         A :class:`SharpnessResult`. The model is left exactly as it was.
     """
-    cfg = AscentConfig(
-        rho,
-        norm,
-        adaptive,
-        adaptive_eta,
-        steps,
-        restarts,
-        tuple(init) if not isinstance(init, str) else (init,),
-        step_size,
-        momentum,
-        num_eigen,
-        eigen_tol,
-    )
-    check_init(cfg.init, cfg.restarts, starts)
-    if per_batch and (eigen is not None or starts):
-        raise ValueError("per_batch=True computes eigenvectors and starts per batch; drop them")
-    gen = make_generator(seed)
-    solved, sizes, counts, seconds = run_measure(
+    run = worst_case_ascent(
         objective,
-        lambda obj: _solve(obj, cfg, gen, eigen, starts, progress),
+        center=_loss_at_center,
+        function=_loss_function,
+        desc="R0",
+        rho=rho,
+        norm=norm,
+        adaptive=adaptive,
+        steps=steps,
+        restarts=restarts,
+        init=init,
+        starts=starts,
+        eigen=eigen,
         per_batch=per_batch,
+        adaptive_eta=adaptive_eta,
+        step_size=step_size,
+        momentum=momentum,
+        num_eigen=num_eigen,
+        eigen_tol=eigen_tol,
+        seed=seed,
+        progress=progress,
     )
-    values = [s.ascent.value - s.loss for s in solved]
+    values = [s.ascent.value - s.center for s in run.solved]
     return SharpnessResult(
-        value=combine_batches(values, sizes, objective.reduction),
-        loss=combine_batches([s.loss for s in solved], sizes, objective.reduction),
-        max_loss=combine_batches([s.ascent.value for s in solved], sizes, objective.reduction),
-        delta_norm=max(s.ball.norm_of(s.ascent.delta) for s in solved),
-        delta_l2=max(float(torch.linalg.vector_norm(s.ascent.delta)) for s in solved),
-        rho=cfg.rho,
-        norm=cfg.norm,
-        adaptive=cfg.adaptive,
-        adaptive_eta=float(cfg.adaptive_eta),
-        steps=cfg.steps,
-        restarts=cfg.restarts,
-        init=list(cfg.init),
-        step_size=float(cfg.step_size),
-        momentum=float(cfg.momentum),
-        per_batch=per_batch,
-        seed=seed if isinstance(seed, int) else None,
-        best_start="" if per_batch else solved[0].ascent.best_start,
-        start_values={} if per_batch else solved[0].ascent.start_values,
-        num_losses=counts["loss"],
-        num_gradients=counts["gradient"],
-        num_hvps=counts["hvp"],
-        seconds=seconds,
-        batch_values=values if per_batch else None,
-        delta=None if per_batch else solved[0].ascent.delta,
+        value=run.combine(values),
+        loss=run.combine([s.center for s in run.solved]),
+        max_loss=run.combine([s.ascent.value for s in run.solved]),
+        **run.result_fields(batch_values=values),
     )
 
 

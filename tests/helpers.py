@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import pickle
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +39,7 @@ __all__ = [
     "classification_data",
     "dense_hessian",
     "dense_reference",
+    "gloo_ranks",
     "image_data",
     "least_squares",
     "logistic_data",
@@ -529,3 +535,53 @@ class ModelSnapshot:
             assert (g is None) == (h is None), f"{name}.grad changed"
             if g is not None:
                 assert torch.equal(g, h), f"{name}.grad changed"
+
+
+# ---------------------------------------------------------------------------------- processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, work: Callable[[int, Path], Any], world: int, port: int, tmp: str):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        result = work(rank, Path(tmp))
+        with open(Path(tmp) / f"rank{rank}.pkl", "wb") as fh:
+            pickle.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_ranks(
+    work: Callable[[int, Path], Any], tmp: Path, *, world: int = 2, timeout_s: float = 60.0
+) -> list[Any]:
+    """Run ``work(rank, tmp)`` in ``world`` spawned processes joined in a Gloo process group
+    (one torch thread each) and return each rank's (pickled) result, in rank order.
+
+    ``work`` must be a module-level function (the processes are spawned). Fails the test when
+    the processes outlive ``timeout_s`` (they are killed) or one of them raises.
+    """
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        _gloo_rank, args=(work, world, _free_port(), str(tmp)), nprocs=world, join=False
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} processes did not finish within {timeout_s} s")
+    results = []
+    for r in range(world):
+        with open(Path(tmp) / f"rank{r}.pkl", "rb") as fh:
+            results.append(pickle.load(fh))
+    return results

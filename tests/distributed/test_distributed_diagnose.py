@@ -5,17 +5,13 @@ the objective, the performance part and the top eigenvalues equal one process's 
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import gloo_ranks
 from torch import nn
 
 import flatlens.report.diagnose as dg
@@ -29,7 +25,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD = 2
-TIMEOUT_S = 60.0
 # 65 measurement examples in batches of 16: shards of 32 and 33, i.e. 2 and 3 batches.
 CONFIG = DiagnoseConfig(measure_samples=65, batch_size=16)
 TINY = DiagnoseConfig(measure_samples=1, batch_size=16)  # fewer examples than ranks
@@ -70,55 +65,27 @@ def _measure() -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _work(rank: int, tmp: Path) -> dict:
+    seen: list[list[int]] = []
+    real = dg._objective
+
+    def recording(*args, **kwargs):
+        objective = real(*args, **kwargs)
+        seen.append(_sizes(objective))
+        return objective
+
+    dg._objective = recording
     try:
-        torch.set_num_threads(1)
-        seen: list[list[int]] = []
-        real = dg._objective
-
-        def recording(*args, **kwargs):
-            objective = real(*args, **kwargs)
-            seen.append(_sizes(objective))
-            return objective
-
-        dg._objective = recording
-        try:
-            result = _measure()
-        finally:
-            dg._objective = real
-        result["performance_sizes"] = seen[1:3]  # measure_objective's call came first
-        with open(Path(tmp) / f"rank{rank}.pkl", "wb") as fh:
-            pickle.dump(result, fh)
+        result = _measure()
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        dg._objective = real
+    result["performance_sizes"] = seen[1:3]  # measure_objective's call came first
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("diagnose_ranks")
-    context = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s")
-    out = []
-    for r in range(WORLD):
-        with open(tmp / f"rank{r}.pkl", "rb") as fh:
-            out.append(pickle.load(fh))
-    return out
+    return gloo_ranks(_work, tmp_path_factory.mktemp("diagnose_ranks"), world=WORLD, timeout_s=60)
 
 
 def _rel(a, b) -> float:

@@ -13,11 +13,7 @@ import copy
 import io
 import json
 import math
-import os
-import pickle
-import socket
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import gloo_ranks
 from torch import nn
 
 from flatlens import GAM, SAM, Objective
@@ -296,47 +292,13 @@ def _cli_checks(rank: int, tmp: Path) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        folder = Path(tmp)
-        result = {
-            "landscape": _landscape_checks(rank, folder),
-            "optim": _optimizer_checks(rank),
-            "trainer": _trainer_checks(rank, folder),
-            "cli": _cli_checks(rank, folder),
-        }
-        with open(folder / f"rank{rank}.pkl", "wb") as fh:
-            pickle.dump(result, fh)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(tmp: Path) -> list[dict]:
-    """Run :func:`_worker` on WORLD processes; kill them if they outlive TIMEOUT_S."""
-    context = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s")
-    results = []
-    for r in range(WORLD):
-        with open(tmp / f"rank{r}.pkl", "rb") as fh:
-            results.append(pickle.load(fh))
-    return results
+def _work(rank: int, folder: Path) -> dict:
+    return {
+        "landscape": _landscape_checks(rank, folder),
+        "optim": _optimizer_checks(rank),
+        "trainer": _trainer_checks(rank, folder),
+        "cli": _cli_checks(rank, folder),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +306,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("ranks")
     torch.manual_seed(0)
     torch.save(mlp().double().state_dict(), tmp / "model.pt")
-    return _spawn(tmp)
+    return gloo_ranks(_work, tmp, world=WORLD, timeout_s=TIMEOUT_S)
 
 
 def _close(a, b, rtol=1e-8) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flatlens.affine_batchnorm import AffineEvalBatchNorm
 from flatlens.params import ParamSpace, ParamSpec, eval_mode, select_parameters
 
 __all__ = ["DataChangedError", "Objective"]
@@ -254,9 +255,21 @@ class Objective:
         values.update({n: p.detach() for n, p in self._frozen.items()})
         return functional_call(self.model, values, (inputs,), tie_weights=True, strict=False)
 
-    def _batch_loss(self, theta: Tensor, x: Any, y: Any, n: int) -> Tensor:
-        """``w_b * loss(B_b; theta)`` with w_b = n_b for mean reduction, 1 for sum."""
-        return self._weighted(self.loss_fn(self.forward(theta, x), y), n)
+    def _batch_loss(
+        self, theta: Tensor, x: Any, y: Any, n: int, *, second_order: bool = False
+    ) -> Tensor:
+        """``w_b * loss(B_b; theta)`` with w_b = n_b for mean reduction, 1 for sum.
+
+        With ``second_order`` the loss will be differentiated twice, so eval-mode BatchNorm
+        is written as the affine map it is (:class:`AffineEvalBatchNorm`), whose second
+        derivative is far cheaper than that of ``F.batch_norm``.
+        """
+        if second_order:
+            with AffineEvalBatchNorm():
+                out = self.forward(theta, x)
+        else:
+            out = self.forward(theta, x)
+        return self._weighted(self.loss_fn(out, y), n)
 
     def _weighted(self, loss: Any, n: int) -> Tensor:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -432,7 +445,7 @@ class Objective:
         with eval_mode(self.model, self.eval_mode):
             for x, y, n in self.batches():
                 leaf = theta.detach().requires_grad_(True)
-                part = self._batch_loss(leaf, x, y, n)
+                part = self._batch_loss(leaf, x, y, n, second_order=True)
                 g = None
                 if part.requires_grad:
                     (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
@@ -498,7 +511,7 @@ class Objective:
 
     def _hvp_double_backward(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
         leaf = theta.detach().requires_grad_(True)
-        part = self._batch_loss(leaf, x, y, n)
+        part = self._batch_loss(leaf, x, y, n, second_order=True)
         if not part.requires_grad:
             return part.detach(), torch.zeros_like(v)
         (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
@@ -509,7 +522,7 @@ class Objective:
 
     def _hvp_fwd_rev(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
         def batch_loss(t: Tensor) -> tuple[Tensor, Tensor]:
-            value = self._batch_loss(t, x, y, n)
+            value = self._batch_loss(t, x, y, n, second_order=True)
             return value, value.detach()
 
         grad_fn = torch.func.grad(batch_loss, has_aux=True)

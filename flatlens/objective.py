@@ -186,6 +186,12 @@ class Objective:
                 "launch with torchrun and call torch.distributed.init_process_group first"
             )
         self.distributed = bool(distributed)
+        if self.distributed:
+            # A cached and an uncached HVP make different collective calls, so every rank
+            # must make the same choice: cache only where all ranks can.
+            flag = torch.tensor([int(self.cache_graph)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            self.cache_graph = bool(flag.item())
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None

@@ -1,5 +1,6 @@
 """flatlens: Hessian spectra, sharpness, first-order flatness and loss landscapes for PyTorch."""
 
+from flatlens.allocator import tune_cpu_allocator
 from flatlens.bounds import BoundReport, check_bound
 from flatlens.flatness import FlatnessResult, first_order_flatness
 from flatlens.objective import DataChangedError, Objective
@@ -44,5 +45,6 @@ __all__ = [
     "hessian_trace",
     "preserved",
     "select_parameters",
+    "tune_cpu_allocator",
     "zeroth_order_sharpness",
 ]

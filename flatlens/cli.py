@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from flatlens.allocator import tune_cpu_allocator
 from flatlens.distributed import cli_session
 from flatlens.io import CheckpointError
 from flatlens.results import to_jsonable
@@ -642,6 +643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
+    if os.environ.get("FLATLENS_TUNE_ALLOCATOR", "1") != "0":
+        # A whole-process setting, so only the command (not the library) makes it.
+        tune_cpu_allocator()
     debug = " (FLATLENS_DEBUG=1 shows the traceback)"
     try:
         if args.device != "cpu" and not _device_ok(args.device):

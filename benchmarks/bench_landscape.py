@@ -41,7 +41,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import Column, environment, report, set_threads, synchronize, time_interleaved
+from _common import (
+    Column,
+    environment,
+    report,
+    set_allocator,
+    set_threads,
+    synchronize,
+    time_interleaved,
+)
 from torch import Tensor, nn
 
 from flatlens import Objective, zoo
@@ -408,6 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="11 x 11 grid, about a minute")
     parser.add_argument("--steps", type=int, default=None, help="grid points per axis (41)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--tuned-allocator",
+        action="store_true",
+        help="keep freed memory in the process (flatlens.tune_cpu_allocator) for all tools",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (3; cnn 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
@@ -416,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_args = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(cli_args)
     threads = set_threads(args.threads)
+    allocator = set_allocator(args.tuned_allocator)
     steps = args.steps or (11 if args.quick else 41)
     results = {}
     for name in args.cases:
@@ -439,7 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases": results,
     }
     rows = [r for res in results.values() for r in res["rows"]]
-    title = f"2-D landscape, {steps}x{steps} grid, {args.device}, threads={threads}"
+    title = (
+        f"2-D landscape, {steps}x{steps} grid, {args.device}, threads={threads}, "
+        f"{allocator} allocator"
+    )
     fine = [{"case": k, **v["per_point"]} for k, v in results.items()]
     fine_title = "Per-point CPU time relative to the floor, chunks of 16 finely interleaved"
     report(

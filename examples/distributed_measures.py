@@ -5,12 +5,15 @@ Launch with torchrun, one process per GPU (NCCL) or several on the CPU (Gloo)::
     torchrun --standalone --nproc_per_node=2 examples/distributed_measures.py --check
     torchrun --standalone --nproc_per_node=8 examples/distributed_measures.py --device cuda
 
-Every rank holds the same weights (rank 0's, broadcast) and its own contiguous shard of
-the measured training subset (shards may be uneven). ``Objective`` detects the initialized
-process group and all-reduces the size-weighted per-rank loss sums, gradients and
-Hessian-vector products, so every rank sees the loss over *all* ranks' data; random vectors
-are drawn on the CPU from the same seed on every rank, so every rank runs the same Lanczos,
-trace, ascent and landscape iterations and ends with the same numbers. Rank 0 prints them.
+Every rank first trains the network with ``flatlens.train``: under torchrun the trainer
+wraps it in ``DistributedDataParallel`` and trains data parallel, so all ranks end with the
+same weights (run without torchrun, it trains in one process). Every rank then takes its
+own contiguous shard of the measured training subset (shards may be uneven). ``Objective``
+detects the initialized process group and all-reduces the size-weighted per-rank loss sums,
+gradients and Hessian-vector products, so every rank sees the loss over *all* ranks' data;
+random vectors are drawn on the CPU from the same seed on every rank, so every rank runs the
+same Lanczos, trace, ascent and landscape iterations and ends with the same numbers. Rank 0
+prints them.
 
 With ``--check`` rank 0 then recomputes everything in one process over the whole subset
 (``distributed=False``) and exits with code 1 if any value differs by more than 1e-8
@@ -37,7 +40,7 @@ from flatlens import landscape as fl
 from flatlens.data import batches, load_digits
 from flatlens.flatness import first_order_flatness
 from flatlens.sharpness import zeroth_order_sharpness
-from flatlens.train import TrainConfig, build_model, train
+from flatlens.train import TrainConfig, train
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -83,14 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.set_device(device)
 
     data = load_digits(image=True)
-    # Rank 0 trains; the others build the same architecture and receive rank 0's weights
-    # (parameters and buffers), so every rank holds the same model.
-    config = TrainConfig(model="mlp", epochs=2 if args.fast else 20)
-    model = train(config, data).model if rank == 0 else build_model(config, data)
-    model = model.to(device, torch.float64)
-    if launched:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    # Every rank trains: with the process group initialized, the trainer is data parallel
+    # (DistributedDataParallel is a collective, so all ranks must enter it; training on
+    # rank 0 alone would block the job), and all ranks end with the same weights.
+    config = TrainConfig(model="mlp", epochs=2 if args.fast else 20, device=str(device))
+    model = train(config, data).model.to(device, torch.float64)
 
     samples = 97 if args.fast else args.samples
     x, y = data.x_train[:samples], data.y_train[:samples]

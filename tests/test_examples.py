@@ -39,3 +39,37 @@ def test_cifar_example_without_its_folder(tmp_path):
     assert proc.returncode == 2
     assert "never downloads" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_distributed_example_under_torchrun(tmp_path):
+    """Two Gloo ranks train data parallel, measure on their shards and agree with one
+    process (the script's ``--check``); the job used to hang when rank 0 trained alone."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLES / "distributed_measures.py"),
+        "--fast",
+        "--check",
+    ]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: torchrun starts each rank in its own session and stops them
+        # only when it is allowed to clean up.
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun with 2 ranks did not finish in 120 s:\n{out[-2000:]}{err[-2000:]}")
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert "2 rank(s), shard sizes [48, 49], distributed=True" in out, out
+    assert "agree to 1e-8: yes" in out, out
+    assert out.count("relative difference") == 8, out

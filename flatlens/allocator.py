@@ -5,8 +5,9 @@ PyTorch's CPU allocator calls ``malloc``/``free`` for every tensor. With glibc's
 blocks above an adaptive threshold (128 KiB to 32 MiB) are mapped fresh from the kernel and
 returned on ``free``, and the top of the heap is trimmed whenever 128 KiB or more are free.
 A forward and backward pass allocates and frees the same few large activation tensors
-again and again, so each one is page-faulted (and zeroed by the kernel) anew: on the digits
-BatchNorm CNN that was about 40% of the time of a Hessian-vector product on one core.
+again and again, so each one can be page-faulted (and zeroed by the kernel) anew: a top-5
+Hessian spectrum of the digits BatchNorm CNN in a fresh process ran 1.2-1.6x faster on one
+core with the tuning (``benchmarks/bench_allocator.py``).
 
 :func:`tune_cpu_allocator` raises the mmap and trim thresholds (``mallopt``) so freed blocks
 stay in the heap for reuse. The process then keeps its peak heap size instead of returning

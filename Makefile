@@ -33,7 +33,7 @@ $(VENV)/.bench: $(STAMP)
 	touch $(VENV)/.bench
 
 bench: $(VENV)/.bench
-	for b in spectrum flatness landscape optim distributed; do \
+	for b in spectrum allocator flatness landscape optim distributed; do \
 	  test ! -f benchmarks/bench_$$b.py || $(BIN)/python benchmarks/bench_$$b.py || exit 1; \
 	done
 

@@ -32,9 +32,11 @@ def work():
 tuned = {tuned}
 if tuned:
     assert tune_cpu_allocator() is True
-work()
+for _ in range(3):
+    work()
 before = faults()
-work()
+for _ in range(3):
+    work()
 print(faults() - before)
 """
 
@@ -52,11 +54,12 @@ def _faults(tuned: bool) -> int:
 
 @glibc
 def test_freed_tensors_are_reused_without_page_faults():
-    # Default glibc: the activations (4 MiB each) are mapped afresh or the trimmed heap top
-    # regrows, page by page; tuned: the second round reuses the heap.
+    # Tuned, the steady state reuses the heap: (almost) no page faults. glibc's defaults may
+    # map activations afresh or trim and regrow the heap top, page by page (how often depends
+    # on its adaptive thresholds, so only "no fewer than tuned" is asserted for them).
     default, tuned = _faults(False), _faults(True)
-    assert default > 1000
-    assert tuned < default / 10
+    assert tuned < 256, f"{tuned} page faults with the tuned allocator (default: {default})"
+    assert tuned <= default
 
 
 @pytest.mark.parametrize(

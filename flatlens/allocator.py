@@ -28,6 +28,7 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _INT_MAX = 2**31 - 1
+_MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def tune_cpu_allocator(
@@ -41,8 +42,10 @@ def tune_cpu_allocator(
         trim_threshold: Free bytes at the top of the heap before any is given back.
 
     Returns:
-        ``True`` when all three settings were applied; ``False`` (and nothing changed) on a
-        platform without glibc's ``mallopt`` (macOS, Windows, musl).
+        ``True`` when all three settings were applied (an mmap threshold an older glibc
+        refuses is lowered to its 32 MiB maximum); ``False`` on a platform without glibc's
+        ``mallopt`` (macOS, Windows, musl: nothing changed) or when glibc refused a
+        setting (the others are still applied).
 
     Raises:
         ValueError: a setting is negative or does not fit a C ``int``.
@@ -58,7 +61,11 @@ def tune_cpu_allocator(
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    return all(mallopt(param, value) == 1 for param, value in settings.values())
+    applied = [mallopt(param, value) == 1 for param, value in settings.values()]
+    if not applied[0] and mmap_threshold > _MMAP_THRESHOLD_MAX:
+        # Older glibc refuses mmap thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64 bits).
+        applied[0] = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    return all(applied)
 
 
 def _mallopt():

@@ -157,11 +157,24 @@ class Objective:
             )
         self.hvp_method = hvp_method
 
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "distributed=True but no torch.distributed process group is initialized; "
+                "launch with torchrun and call torch.distributed.init_process_group first"
+            )
+        self.distributed = bool(distributed)
+
         self._single = _is_batch(data)
         if self._single:
             self._data: Any = [self._to_device(tuple(data))]
         elif isinstance(data, list | tuple):
-            if not data:
+            if not data and not self.distributed:
+                # Under torch.distributed an empty shard is allowed (every rank must reach
+                # the collectives); empty data over all ranks is caught after the reduction.
                 raise ValueError("data is empty: pass at least one (inputs, targets) batch")
             self._data = [self._to_device(tuple(b)) for b in data]
         else:
@@ -176,16 +189,6 @@ class Objective:
             cache_graph = self._single or _input_numel(self._data) <= CACHE_INPUT_NUMEL
         self.cache_graph = bool(cache_graph) and in_memory
 
-        if distributed is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        ):
-            raise ValueError(
-                "distributed=True but no torch.distributed process group is initialized; "
-                "launch with torchrun and call torch.distributed.init_process_group first"
-            )
-        self.distributed = bool(distributed)
         if self.distributed:
             # A cached and an uncached HVP make different collective calls, so every rank
             # must make the same choice: cache only where all ranks can.

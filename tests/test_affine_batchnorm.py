@@ -62,3 +62,25 @@ def test_train_mode_passes_through_and_updates_running_stats():
     assert torch.equal(y, _bn(ref, x))
     assert torch.equal(bn.running_mean, ref.running_mean)
     assert not torch.equal(bn.running_mean, torch.zeros(3, dtype=torch.float64))
+
+
+def test_mixed_dtypes_and_mismatched_channels_run_native_batch_norm():
+    bn = nn.BatchNorm2d(3).eval()  # float32 statistics
+    x = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
+    with AffineEvalBatchNorm():
+        y = bn(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, bn(x))
+    with AffineEvalBatchNorm(), pytest.raises(RuntimeError):
+        bn(torch.randn(2, 1, 4, 4))  # native BatchNorm refuses the wrong channel count
+
+
+def test_large_running_mean_stays_accurate_in_float32():
+    bn = nn.BatchNorm1d(4).eval()
+    bn.running_mean.fill_(1e4)
+    bn.running_var.fill_(0.01)
+    x = 1e4 + 0.1 * torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    ref = bn.double()(x.double())
+    with AffineEvalBatchNorm():
+        y = bn.float()(x)
+    # x - mu is exact here; x * s - mu * s would lose ~6e-3 to cancellation.
+    assert (y.double() - ref).abs().max() < 1e-5

@@ -69,3 +69,24 @@ def test_freed_tensors_are_reused_without_page_faults():
 def test_bad_values_are_refused(kwargs):
     with pytest.raises(ValueError, match="must be an int"):
         tune_cpu_allocator(**kwargs)
+
+
+def test_an_mmap_threshold_refused_by_older_glibc_falls_back_to_its_maximum(monkeypatch):
+    import flatlens.allocator as alloc
+
+    calls = []
+
+    def fake_mallopt(param, value):
+        calls.append((param, value))
+        return 0 if param == alloc._M_MMAP_THRESHOLD and value > 32 << 20 else 1
+
+    monkeypatch.setattr(alloc, "_mallopt", lambda: fake_mallopt)
+    assert tune_cpu_allocator() is True
+    assert calls[-1] == (alloc._M_MMAP_THRESHOLD, 32 << 20)
+    assert {p for p, _ in calls} == {
+        alloc._M_MMAP_THRESHOLD,
+        alloc._M_TOP_PAD,
+        alloc._M_TRIM_THRESHOLD,
+    }
+    monkeypatch.setattr(alloc, "_mallopt", lambda: lambda param, value: 0)
+    assert tune_cpu_allocator() is False

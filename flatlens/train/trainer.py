@@ -336,14 +336,16 @@ class Trainer:
     def _objective(self, x: Tensor, y: Tensor, **kwargs: Any) -> Objective:
         """The risk over ``(x, y)``: over this rank's shard, summed across ranks, when
         distributed."""
-        if self.distributed:
+        # A split with fewer examples than ranks is evaluated whole on every rank.
+        shard = self.distributed and len(y) >= fd.world_size()
+        if shard:
             x, y = fd.shard(x, y)
         return Objective(
             self.model,
             self.loss_fn,
             batches(x, y, self.eval_batch_size),
             eval_mode=True,
-            distributed=self.distributed,
+            distributed=shard,
             **kwargs,
         )
 

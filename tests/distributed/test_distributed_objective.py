@@ -60,3 +60,19 @@ def test_ranks_agree_on_caching_and_match_one_process(tmp_path):
     for r in ranks:
         for key, ref in (("hvp", single.hvp(v)), ("gradient", single.gradient())):
             assert torch.allclose(r[key], ref, rtol=1e-10, atol=1e-12)
+
+
+def _empty_shard(rank: int, tmp: Path) -> dict:
+    model, x, y, v = _setup()
+    mine = [(x, y)] if rank == 0 else []
+    objective = Objective(model, F.cross_entropy, mine)
+    return {"loss": objective.loss(), "hvp": objective.hvp(v)}
+
+
+def test_an_empty_shard_is_allowed_and_the_sum_is_one_process(tmp_path):
+    ranks = gloo_ranks(_empty_shard, tmp_path, world=2, timeout_s=60)
+    model, x, y, v = _setup()
+    single = Objective(model, F.cross_entropy, (x, y))
+    for r in ranks:
+        assert abs(r["loss"] - single.loss()) <= 1e-12 * single.loss()
+        assert torch.allclose(r["hvp"], single.hvp(v), rtol=1e-10, atol=1e-12)

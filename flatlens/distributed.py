@@ -37,6 +37,7 @@ __all__ = [
     "is_main",
     "launched_by_torchrun",
     "local_rank",
+    "local_split",
     "rank",
     "shard",
     "shard_range",
@@ -156,6 +157,20 @@ def shard(*tensors: Tensor, rank_id: int | None = None, world: int | None = None
         )
     block = shard_range(n, rank_id=rank_id, world=world)
     return tuple(t[block] for t in tensors)
+
+
+def local_split(x: Tensor, y: Tensor, *, enabled: bool = True) -> tuple[Tensor, Tensor, bool]:
+    """This rank's part of a data split and whether an objective over it sums across ranks.
+
+    Under a process group of W > 1 ranks (and ``enabled``), a split with at least W examples
+    is :func:`shard`-ed: returns the rank's block and ``True`` (pass it as the Objective's
+    ``distributed=``). Otherwise, in one process or for a split too small to give every rank
+    an example, returns ``(x, y, False)``: every rank evaluates all of it on its own.
+    """
+    if not enabled or world_size() == 1 or len(y) < world_size():
+        return x, y, False
+    xs, ys = shard(x, y)
+    return xs, ys, True
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -187,9 +187,10 @@ def first_order_flatness(
         progress=progress,
     )
     norms = [s.ascent.value for s in run.solved]
+    max_norm = run.combine(norms)
     return FlatnessResult(
-        value=run.config.rho * run.combine(norms),
-        max_grad_norm=run.combine(norms),
+        value=run.config.rho * max_norm,
+        max_grad_norm=max_norm,
         grad_norm_at_center=run.combine([s.center for s in run.solved]),
         **run.result_fields(batch_values=[run.config.rho * v for v in norms]),
     )

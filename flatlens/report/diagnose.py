@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from flatlens import distributed as fd
 from flatlens.data import Dataset, batches
 from flatlens.io import write_json
-from flatlens.objective import CACHE_INPUT_NUMEL, Objective
+from flatlens.objective import Objective
 from flatlens.report.figures import plot_density, plot_eigenvalues
 from flatlens.report.html import Section, write_report
 from flatlens.report.pipeline import PartStore, fingerprint, model_digest
@@ -141,19 +141,10 @@ def _objective(
 ) -> Objective:
     """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
     rank's shard, reduced across the ranks (see the module docstring)."""
-    world = fd.world_size()
-    if world == 1 or len(y) < world:
-        parts = batches(x, y, batch_size)
-        data = parts[0] if len(parts) == 1 else parts
-        # One process (or too few examples to give every rank some): this rank alone.
-        return Objective(model, loss_fn, data, **({} if world == 1 else {"distributed": False}))
-    # Every rank must take the same graph-caching decision (a cached and an uncached pass
-    # make different collectives), so it is the one-process decision for the whole split.
-    cache = len(y) <= batch_size or x.numel() <= CACHE_INPUT_NUMEL
-    xs, ys = fd.shard(x, y)
-    return Objective(
-        model, loss_fn, batches(xs, ys, batch_size), cache_graph=cache, distributed=True
-    )
+    x, y, distributed = fd.local_split(x, y)
+    parts = batches(x, y, batch_size)
+    data = parts[0] if len(parts) == 1 else parts
+    return Objective(model, loss_fn, data, distributed=distributed)
 
 
 def measure_objective(

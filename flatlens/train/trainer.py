@@ -336,16 +336,13 @@ class Trainer:
     def _objective(self, x: Tensor, y: Tensor, **kwargs: Any) -> Objective:
         """The risk over ``(x, y)``: over this rank's shard, summed across ranks, when
         distributed."""
-        # A split with fewer examples than ranks is evaluated whole on every rank.
-        shard = self.distributed and len(y) >= fd.world_size()
-        if shard:
-            x, y = fd.shard(x, y)
+        x, y, distributed = fd.local_split(x, y, enabled=self.distributed)
         return Objective(
             self.model,
             self.loss_fn,
             batches(x, y, self.eval_batch_size),
             eval_mode=True,
-            distributed=shard,
+            distributed=distributed,
             **kwargs,
         )
 

@@ -45,6 +45,10 @@ def test_without_a_process_group_every_helper_is_the_one_process_case():
     assert fd.all_gather_object({"a": 1}) == [{"a": 1}]
     assert fd.broadcast_object("x") == "x"
     assert fd.shard_range(7) == slice(0, 7)
+    x, y = torch.randn(5, 2), torch.arange(5)
+    for enabled in (True, False):
+        xs, ys, split = fd.local_split(x, y, enabled=enabled)
+        assert xs is x and ys is y and split is False
     args = argparse.Namespace(out="o", quiet=False, json=True, device="cpu", resume=True)
     with fd.cli_session(args) as same:
         assert same is args and vars(args)["out"] == "o" and args.json

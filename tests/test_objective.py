@@ -547,6 +547,23 @@ def test_dropout_in_train_mode_is_detected(call):
     assert_matches(obj, dense_reference(model, F.cross_entropy, (x, y)))
 
 
+@pytest.mark.parametrize("call", ["gradient", "hvp"])
+def test_the_check_reuses_the_forward_pass_of_the_cached_graph(call):
+    model = tiny_mlp()
+    x, y = classification_data()
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    obj = Objective(model, F.cross_entropy, (x, y))
+    assert obj.cache_graph
+    run = {"gradient": obj.gradient, "hvp": lambda: obj.hvp(obj.zeros() + 1)}[call]
+    run()
+    assert len(passes) == 2  # the graph's forward and one more, not two more
+    run()
+    assert len(passes) == 2
+    hook.remove()
+    assert_matches(obj, dense_reference(model, F.cross_entropy, (x, y)))
+
+
 # ---------------------------------------------------------------------------------- errors
 def squared_error(out, target):
     return ((out - target) ** 2).mean()

@@ -122,6 +122,28 @@ def test_default_tol_is_an_honest_certificate():
     assert loose.num_hvps <= tight.num_hvps
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gradient_start_reaches_the_top_eigenvalue_with_fewer_hvps(seed):
+    # theta = u1 + u2, so the gradient A theta = u1 + 0.5 u2 lies in the top eigenspace.
+    n = 1000
+    spectrum = torch.cat([torch.tensor([1.0, 0.5]), torch.linspace(-0.45, 0.45, n - 2)])
+    model, loss_fn, data, a = quadratic_objective_parts(spectrum, seed=seed)
+    vecs = torch.linalg.eigh(a).eigenvectors
+    with torch.no_grad():
+        next(model.parameters()).copy_(vecs[:, -1] + vecs[:, -2])
+    obj = Objective(model, loss_fn, data)
+    res = {
+        start: hessian_eigenvalues(obj, 1, tol=1e-4, seed=seed, start=start)
+        for start in ("gradient", "random")
+    }
+    for start, r in res.items():
+        assert r.start == start and bool(r.converged.all())
+        assert abs(float(r.eigenvalues[0]) - 1.0) < 1e-12
+    assert res["gradient"].num_hvps + 4 <= res["random"].num_hvps
+    # "SA" always starts from r alone: the gradient says nothing about the bottom.
+    assert hessian_eigenvalues(obj, 1, which="SA", tol=1e-2).start == "random"
+
+
 def test_dataloader_and_single_batch_agree_with_dense():
     model, x, y, ref = mlp_case()
     for data in ((x, y), DataLoader(TensorDataset(x, y), batch_size=6)):
@@ -423,6 +445,7 @@ def test_bad_arguments():
         ({"method": "arnoldi"}, ValueError, "method"),
         ({"max_iter": 0}, ValueError, "max_iter"),
         ({"seed": "zero"}, TypeError, "seed"),
+        ({"start": "ones"}, ValueError, "start"),
     ]
     for kwargs, exc, match in bad_eigs:
         with pytest.raises(exc, match=match):

@@ -9,13 +9,14 @@ Two cases, each with the same trained weights, data and dtype (float32) for both
   images (PyHessian's ``data=`` single-batch mode, which reuses the first-order graph;
   flatlens caches it too).
 
-For k = 1 and 5 it reports wall time (construction included, median of interleaved repeats),
-HVP count, the relative difference to PyHessian's eigenvalues, and each tool's error against a
-float64 reference (flatlens at tol=1e-10 on a float64 copy, cross-checked with ARPACK), so
-"equal or better accuracy" is measured, not assumed. It also reports the cost of one HVP
-relative to one gradient for every HVP method. Run::
+For k = 1 and 5 it reports wall time (construction included) and HVP count, each the
+median over start-vector seeds 0, 1, ... (one interleaved round per seed, the same seed for
+both tools), the worst relative difference to PyHessian's eigenvalues and each tool's worst
+error against a float64 reference (flatlens at tol=1e-10 on a float64 copy, cross-checked
+with ARPACK), so "equal or better accuracy" is measured, not assumed. It also reports the
+cost of one HVP relative to one gradient for every HVP method. Run::
 
-    .venv/bin/python benchmarks/bench_spectrum.py            # full run, about 4 minutes
+    .venv/bin/python benchmarks/bench_spectrum.py            # full run, about 8 minutes
     .venv/bin/python benchmarks/bench_spectrum.py --quick    # CI smoke run, < 1 minute
 
 Results: a table on stdout and ``benchmarks/results/bench_spectrum.json``.
@@ -39,11 +40,13 @@ import numpy as np
 import torch
 from _common import (
     Column,
+    Timing,
     environment,
     relative_difference,
     report,
     set_allocator,
     set_threads,
+    synchronize,
     time_interleaved,
 )
 from torch import Tensor, nn
@@ -355,65 +358,104 @@ def compare_eigenvalues(
     ks: Sequence[int] = (1, 5),
     repeats: int = 3,
     warmup: bool = True,
+    round_off: float = BOUND_FLOOR,
 ) -> list[dict[str, Any]]:
-    """Time PyHessian and every flatlens setting, interleaved, for each k.
+    """Time PyHessian and every flatlens setting, interleaved, over ``repeats`` seeds, for each k.
 
-    With ``warmup`` each contender first runs once untimed at the smallest k.
+    Round ``r`` runs every contender once with start-vector seed ``r`` (PyHessian's global
+    generator, flatlens' ``seed=``), so the medians are over seeds, not over one draw that
+    may be lucky for one tool and unlucky for the other (on the CNN, PyHessian's top-5 took
+    34 to 62 HVPs and flatlens' 11 to 15 across seeds 0-7), and each per-round ratio
+    compares the two tools on the same seed. With ``warmup`` each contender first runs once
+    untimed at the smallest k. Errors below ``round_off`` (the float32 operator's own
+    perturbation of the eigenvalues) do not count against a certified bound.
 
     Returns:
-        One row per (k, tool, setting) with the median time, HVPs, speed-up over PyHessian
-        (ratio of medians, and the median of per-round ratios), the relative difference to
-        PyHessian and the relative error against ``reference``.
+        One row per (k, tool, setting): median time and HVPs over the seeds (and the HVPs
+        of each), the speed-up over PyHessian (ratio of medians, and the median of per-round
+        ratios), and the worst relative difference to PyHessian (same seed) and relative
+        error against ``reference`` over the seeds.
     """
 
     def contenders(k: int) -> dict[str, Any]:
-        fns = {"pyhessian": lambda: run_pyhessian(case, k)}
+        fns = {"pyhessian": lambda seed: run_pyhessian(case, k, seed=seed)}
         for s in settings:
-            fns[f"flatlens {s.label}"] = lambda s=s: run_flatlens(case, k, s)
+            fns[f"flatlens {s.label}"] = lambda seed, s=s: run_flatlens(case, k, s, seed=seed)
         return fns
 
     if warmup:
         for fn in contenders(min(ks)).values():
-            fn()
+            fn(0)
     rows: list[dict[str, Any]] = []
     for k in ks:
-        timings = time_interleaved(contenders(k), repeats=repeats, warmup=0, device=case.device)
-        base_timing, base = timings["pyhessian"]
-        for name, (timing, result) in timings.items():
+        fns = contenders(k)
+        timings = {name: Timing() for name in fns}
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in fns}
+        for seed in range(repeats):
+            for name, fn in fns.items():
+                synchronize(case.device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                results[name].append(fn(seed))
+                synchronize(case.device)
+                timings[name].times.append(time.perf_counter() - start)
+                timings[name].cpu_times.append(time.process_time() - cpu_start)
+        base_timing, base = timings["pyhessian"], results["pyhessian"]
+        for name, timing in timings.items():
             tool, _, setting = name.partition(" ")
             if tool == "pyhessian":
                 setting = f"maxIter={PYHESSIAN_MAX_ITER} tol={PYHESSIAN_TOL:g}"
+            runs = results[name]
+            hvps = [r["num_hvps"] for r in runs]
             per_round = [b / t for b, t in zip(base_timing.times, timing.times, strict=True)]
+            held = [_bound_holds(r, reference, round_off) for r in runs]
+            bounds = [r["relative_bound"] for r in runs if "relative_bound" in r]
             rows.append(
                 {
                     "case": case.name,
                     "k": k,
                     "tool": tool,
                     "setting": setting,
+                    "seeds": list(range(repeats)),
                     "time_s": timing.median,
                     "timing": timing.to_dict(),
-                    "num_hvps": result["num_hvps"],
+                    "num_hvps": float(np.median(hvps)),
+                    "num_hvps_per_seed": hvps,
+                    "hvps_text": f"{np.median(hvps):g} ({min(hvps)}-{max(hvps)})",
                     "cpu_time_s": timing.cpu_median,
                     "speedup": base_timing.median / timing.median,
                     "cpu_speedup": base_timing.cpu_median / timing.cpu_median,
                     "speedup_per_round": float(np.median(per_round)),
-                    "diff_vs_pyhessian": relative_difference(
-                        result["eigenvalues"], base["eigenvalues"]
+                    "diff_vs_pyhessian": max(
+                        relative_difference(r["eigenvalues"], b["eigenvalues"])
+                        for r, b in zip(runs, base, strict=True)
                     ),
-                    "error_vs_reference": relative_difference(result["eigenvalues"], reference[:k]),
-                    "relative_bound": result.get("relative_bound"),
-                    "bound_holds": _bound_holds(result, reference),
-                    "converged": result.get("converged"),
-                    "eigenvalues": result["eigenvalues"],
+                    "error_vs_reference": max(
+                        relative_difference(r["eigenvalues"], reference[:k]) for r in runs
+                    ),
+                    "error_per_seed": [
+                        relative_difference(r["eigenvalues"], reference[:k]) for r in runs
+                    ],
+                    "relative_bound": max(bounds) if bounds else None,
+                    "bound_holds": None
+                    if held[0] is None
+                    else "yes"
+                    if all(h == "yes" for h in held)
+                    else "; ".join(f"seed {i}: {h}" for i, h in enumerate(held) if h != "yes"),
+                    "converged": None
+                    if "converged" not in runs[0]
+                    else all(r["converged"] for r in runs),
+                    "eigenvalues": runs[0]["eigenvalues"],
                 }
             )
     return rows
 
 
-def _bound_holds(result: dict[str, Any], reference: Sequence[float]) -> str | None:
+def _bound_holds(
+    result: dict[str, Any], reference: Sequence[float], round_off: float = BOUND_FLOOR
+) -> str | None:
     """``"yes"`` when every eigenvalue's error is within its bound, else the violations.
 
-    Errors below ``BOUND_FLOOR`` (float32 round-off of the Hessian itself) are not counted.
+    Errors below ``round_off`` (float32 round-off of the Hessian itself) are not counted.
     """
     if "relative_bounds" not in result:
         return None
@@ -422,7 +464,7 @@ def _bound_holds(result: dict[str, Any], reference: Sequence[float]) -> str | No
         for i, (value, ref, bound) in enumerate(
             zip(result["eigenvalues"], reference, result["relative_bounds"], strict=False)
         )
-        if (err := abs(value - ref) / abs(ref)) > max(bound, BOUND_FLOOR)
+        if (err := abs(value - ref) / abs(ref)) > max(bound, round_off)
     ]
     return "; ".join(bad) if bad else "yes"
 
@@ -502,7 +544,7 @@ EIGEN_COLUMNS = [
     Column("tool", "tool"),
     Column("setting", "setting"),
     Column("time_s", "time [s]", ".3f"),
-    Column("num_hvps", "HVPs"),
+    Column("hvps_text", "HVPs (range)"),
     Column("speedup_text", "speed-up"),
     Column("cpu_time_s", "CPU [s]", ".3f"),
     Column("cpu_speedup_text", "CPU speed-up"),
@@ -535,7 +577,7 @@ def measure_case(
     """
     start = time.perf_counter()
     device = torch.device(device)
-    repeats = repeats or (1 if quick else 3)
+    repeats = repeats or (1 if quick else 5)
     steps = 100 if quick else 300
     if name == "mlp":
         case = mlp_case(device, train_steps=steps)
@@ -545,7 +587,13 @@ def measure_case(
         raise ValueError(f"unknown case {name!r}; choose 'mlp' or 'cnn'")
     settings = flatlens_settings(case, quick)
     ref = reference_spectrum(case, 5, arpack=not quick)
-    rows = compare_eigenvalues(case, ref["eigenvalues"], settings, repeats=repeats, warmup=True)
+    # The float32 operator's eigenvalues differ from the float64 reference by about the
+    # ARPACK cross-check (float32 Hessian against float64 Lanczos); below that, an error is
+    # round-off, not the solver's.
+    round_off = max(BOUND_FLOOR, ref.get("crosscheck", 0.0))
+    rows = compare_eigenvalues(
+        case, ref["eigenvalues"], settings, repeats=repeats, warmup=True, round_off=round_off
+    )
     costs = hvp_costs(case, repeats=1 if quick else 7, warmup=1, number=1 if quick else 3)
     return {
         "case": case.summary(),
@@ -553,6 +601,7 @@ def measure_case(
             "quick": quick,
             "repeats": repeats,
             "train_steps": steps,
+            "bound_round_off": round_off,
             "pyhessian": {
                 "version": pyhessian_version(),
                 "maxIter": PYHESSIAN_MAX_ITER,
@@ -654,7 +703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="keep freed memory in the process (flatlens.tune_cpu_allocator) for all tools",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds, one start-vector seed each (default 5)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -673,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(args.device),
         "cases": results,
     }
-    note = f", threads={threads}, {allocator} allocator, median of {repeats}"
+    note = f", threads={threads}, {allocator} allocator, median over {repeats} seeds"
     report(
         "bench_spectrum",
         tables(results, args.device, note),
@@ -685,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(summary_lines(results)))
     if args.quick:
         print(
-            "(--quick is a smoke run: 100 training steps, a CNN batch of 256, one repeat; "
+            "(--quick is a smoke run: 100 training steps, a CNN batch of 256, one seed; "
             "its speed-ups are not the benchmark's)"
         )
     return 0

@@ -1,4 +1,4 @@
-"""GPU check: the Hessian-spectrum benchmark on CUDA, as one short script (< 3 min on an H100).
+"""GPU check: the benchmarks' CUDA measurements as one short script (estimated a few minutes).
 
 Run from the repository root on a machine with a GPU (flatlens need not be installed; PyHessian
 0.1 is pure Python and imports straight from its wheel)::
@@ -64,7 +64,9 @@ def _spectrum(name: str, device: torch.device, quick: bool) -> CheckOutput:
     result = measure_case(name, device, quick=quick)
     return CheckOutput(
         payload=result,
-        tables=tables({name: result}, str(device), f", median of {result['settings']['repeats']}"),
+        tables=tables(
+            {name: result}, str(device), f", median over {result['settings']['repeats']} seeds"
+        ),
         lines=summary_lines({name: result}),
     )
 

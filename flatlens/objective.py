@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flatlens.affine_batchnorm import AffineEvalBatchNorm
+from flatlens.fold_batchnorm import fold_conv_batchnorm
 from flatlens.params import ParamSpace, ParamSpec, eval_mode, select_parameters
 
 __all__ = ["DataChangedError", "Objective"]
@@ -198,6 +199,7 @@ class Objective:
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
+        self._folded: nn.Module | None = None  # built on the first second-order forward
         self._checked = not check_determinism
         self.num_samples: int | None = None
         self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
@@ -257,27 +259,43 @@ class Objective:
     # ------------------------------------------------------------------ model calls
     def forward(self, theta: Tensor, inputs: Any) -> Any:
         """Model outputs at the flat parameters ``theta`` (the model is not written to)."""
+        return self._call(self.model, theta, inputs)
+
+    def _call(self, module: nn.Module, theta: Tensor, inputs: Any) -> Any:
         values = self.space.as_dict(theta)
         if not self.eval_mode:
             # Train-mode BatchNorm writes its running statistics: give it copies.
             values.update({n: b.clone() for n, b in self.model.named_buffers()})
         values.update({n: p.detach() for n, p in self._frozen.items()})
-        return functional_call(self.model, values, (inputs,), tie_weights=True, strict=False)
+        return functional_call(module, values, (inputs,), tie_weights=True, strict=False)
+
+    def _second_order_forward(self, theta: Tensor, inputs: Any) -> Any:
+        """:meth:`forward` for a loss that will be differentiated twice.
+
+        Eval-mode BatchNorm is folded into the convolution before it
+        (:func:`fold_conv_batchnorm`) and, where there is none, written as the affine map it
+        is (:class:`AffineEvalBatchNorm`): the same function, with far cheaper first and
+        second derivatives than those of ``F.batch_norm``. A subclass that overrides
+        :meth:`forward`, and train mode, get :meth:`forward` as it is.
+        """
+        module = self.model
+        if self.eval_mode and type(self).forward is Objective.forward:
+            if self._folded is None:
+                self._folded = fold_conv_batchnorm(self.model) or self.model
+            module = self._folded
+        with AffineEvalBatchNorm():
+            if module is self.model:
+                return self.forward(theta, inputs)
+            return self._call(module, theta, inputs)
 
     def _batch_loss(
         self, theta: Tensor, x: Any, y: Any, n: int, *, second_order: bool = False
     ) -> Tensor:
         """``w_b * loss(B_b; theta)`` with w_b = n_b for mean reduction, 1 for sum.
 
-        With ``second_order`` the loss will be differentiated twice, so eval-mode BatchNorm
-        is written as the affine map it is (:class:`AffineEvalBatchNorm`), whose second
-        derivative is far cheaper than that of ``F.batch_norm``.
+        With ``second_order`` the forward pass is :meth:`_second_order_forward`.
         """
-        if second_order:
-            with AffineEvalBatchNorm():
-                out = self.forward(theta, x)
-        else:
-            out = self.forward(theta, x)
+        out = self._second_order_forward(theta, x) if second_order else self.forward(theta, x)
         return self._weighted(self.loss_fn(out, y), n)
 
     def _weighted(self, loss: Any, n: int) -> Tensor:

@@ -345,25 +345,27 @@ class Objective:
             raise ValueError(f"`at` is on {at.device}, the model on {self.device}")
         return at.detach().to(self.dtype)
 
-    def _ensure_checked(self, graph_at: Tensor | None = None) -> None:
+    def _ensure_checked(self, theta: Tensor | None = None, *, graph: bool = False) -> None:
         """Before the first evaluation, compute L twice and raise if the two passes differ.
 
         Args:
-            graph_at: The point of a call that builds the cached first-order graph anyway
-                (an HVP, a gradient): its forward pass is then the first of the two, so
-                the check costs one forward pass instead of two.
+            theta: Where to evaluate (default: the model's parameters): the point of the
+                call that triggered the check.
+            graph: The call builds the cached first-order graph at ``theta`` anyway (an HVP,
+                a gradient): its forward pass is then the first of the two, so the check
+                costs one forward pass instead of two.
         """
         if self._checked:
             return
-        if graph_at is not None and self.cache_graph:
-            # Both passes write eval-mode BatchNorm the same (affine) way, so they agree to
+        point = self.theta if theta is None else theta
+        if graph and self.cache_graph:
+            # Both passes fold or rewrite eval-mode BatchNorm the same way, so they agree to
             # rounding however large the running means are.
-            first = self._cached_graph(graph_at)[1]
-            second = self._loss(graph_at, second_order=True)
+            first = self._cached_graph(point)[1]
+            second = self._loss(point, second_order=True)
             self.counts["loss"] -= 1
         else:
-            theta = self.theta
-            first, second = self._loss(theta), self._loss(theta)
+            first, second = self._loss(point), self._loss(point)
             self.counts["loss"] -= 2
         rtol = 1e-5 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
         if not math.isclose(first, second, rel_tol=rtol, abs_tol=1e-30):
@@ -392,8 +394,9 @@ class Objective:
 
     def loss(self, at: Tensor | None = None) -> float:
         """L(theta), or L(at) for a flat parameter vector ``at``."""
-        self._ensure_checked()
-        return self._loss(self.point(at))
+        theta = self.point(at)
+        self._ensure_checked(theta)
+        return self._loss(theta)
 
     @torch.no_grad()
     def evaluate(self, at: Tensor | None = None) -> dict[str, float]:
@@ -403,8 +406,8 @@ class Objective:
             ``{"loss": L}`` plus ``"accuracy"`` (fraction of argmax predictions equal to the
             targets over all samples) when the task is classification.
         """
-        self._ensure_checked()
         theta = self.point(at)
+        self._ensure_checked(theta)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
         parts, count, classify = [], 0, True
@@ -431,7 +434,7 @@ class Objective:
     def loss_and_gradient(self, at: Tensor | None = None) -> tuple[float, Tensor]:
         """L and its gradient (a flat vector) in one pass over the data."""
         theta = self.point(at)
-        self._ensure_checked(theta)
+        self._ensure_checked(theta, graph=True)
         if self.cache_graph:
             # Build (or reuse) the first-order graph, so an HVP at this point that follows
             # costs only the second backward pass.
@@ -512,7 +515,7 @@ class Objective:
             raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
         if v.device != self.device:
             raise ValueError(f"v is on {v.device}, the model on {self.device}")
-        self._ensure_checked(theta)
+        self._ensure_checked(theta, graph=True)
         v = v.detach().to(self.dtype)
         out = self.zeros()
         count = 0

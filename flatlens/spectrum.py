@@ -52,17 +52,17 @@ def random_vector(
 
 def _start_vector(
     objective: Objective, theta: Tensor, generator: torch.Generator, *, use_gradient: bool
-) -> Tensor:
-    """r / ||r|| + g / ||g|| (r Gaussian, g the gradient at ``theta``), or r alone."""
+) -> tuple[Tensor, str]:
+    """``(r / ||r|| + g / ||g||, "gradient")`` (r Gaussian, g the gradient at ``theta``), or
+    ``(r, "random")`` when not asked for or when g is zero or not finite."""
     r = random_vector(objective, generator)
     if not use_gradient:
-        return r
+        return r, "random"
     g = objective.gradient(at=theta)
     g_norm = torch.linalg.vector_norm(g)
-    r = r / torch.linalg.vector_norm(r)
     if not bool(torch.isfinite(g_norm)) or g_norm == 0:
-        return r
-    return r + g / g_norm
+        return r, "random"
+    return r / torch.linalg.vector_norm(r) + g / g_norm, "gradient"
 
 
 @dataclass
@@ -130,9 +130,10 @@ def hessian_eigenvalues(
         start: Lanczos start vector. ``"gradient"`` (for ``"LA"`` and ``"LM"``) is
             r / ||r|| + g / ||g|| with r Gaussian and g = grad L(theta): the gradient of a
             trained network lies mostly in the top eigenspace (Gur-Ari et al., 2018), and
-            r keeps every eigenvector in reach. It costs one gradient, which is free when
-            the objective caches its graph. ``"random"`` is r alone (always used for
-            ``"SA"`` and for power iteration, and when g is zero).
+            r keeps every eigenvector in reach. It costs one gradient: free when the
+            objective caches its graph, one more pass over the data otherwise (not counted
+            in ``num_hvps``). ``"random"`` is r alone (always used for ``"SA"`` and for
+            power iteration, and when g is zero); the result's ``start`` says which ran.
 
     Returns:
         An :class:`EigenResult`.
@@ -156,11 +157,12 @@ def hessian_eigenvalues(
         return objective.hvp(v, at=theta)
 
     if method == "lanczos":
+        v0, used = _start_vector(
+            objective, theta, gen, use_gradient=start == "gradient" and which != "SA"
+        )
         out = lanczos_eigsh(
             matvec,
-            _start_vector(
-                objective, theta, gen, use_gradient=start == "gradient" and which != "SA"
-            ),
+            v0,
             k,
             which=which,
             tol=tol,
@@ -169,6 +171,7 @@ def hessian_eigenvalues(
             progress=progress,
         )
     elif method == "power":
+        used = "random"
         out = power_iteration(
             matvec,
             n,
@@ -195,7 +198,7 @@ def hessian_eigenvalues(
         max_iter=max_iter,
         seed=seed if isinstance(seed, int) else None,
         num_restarts=out.num_restarts,
-        start=start if method == "lanczos" and which != "SA" else "random",
+        start=used,
     )
 
 

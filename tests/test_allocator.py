@@ -57,14 +57,15 @@ def _faults(tuned: bool) -> list[int]:
 
 @glibc
 def test_freed_tensors_are_reused_without_page_faults():
-    # Tuned, the steady state reuses the heap: a round of three passes (about 36 MiB of
+    # Tuned, the steady state reuses the heap: rounds of three passes (about 36 MiB of
     # activations and gradients) without page faults. An odd round can still fault a few
-    # MiB on a shared machine (1024 faults in one CI round), hence the best round. glibc's
-    # defaults map activations afresh or trim and regrow the heap top, about 5000 faults a
-    # round here; how often depends on its adaptive thresholds, so only "no fewer than
-    # tuned" is asserted for them.
+    # MiB on a shared machine (1024 faults in one CI round, 512 in two of six locally), so
+    # at least half the rounds must be clean. glibc's defaults map activations afresh or
+    # trim and regrow the heap top, about 5000 faults a round here; how often depends on
+    # its adaptive thresholds, so only "no fewer than tuned" is asserted for them.
     default, tuned = _faults(False), _faults(True)
-    assert min(tuned) < 256, f"page faults per round, tuned: {tuned}, default: {default}"
+    clean = sum(r < 256 for r in tuned)
+    assert clean >= 3, f"page faults per round, tuned: {tuned}, default: {default}"
     assert sum(tuned) <= sum(default), f"tuned: {tuned}, default: {default}"
 
 

@@ -541,6 +541,7 @@ def test_dropout_in_train_mode_is_detected(call):
     run = {"loss": obj.loss, "gradient": obj.gradient, "hvp": lambda: obj.hvp(obj.zeros())}
     with pytest.raises(DataChangedError, match="dropout"):
         run[call]()
+    assert obj._graph is None  # a graph built by the failed check is not kept
     snap.assert_unchanged(model)
     # In eval mode dropout is off and the objective is exact.
     obj = Objective(model, F.cross_entropy, (x, y))
@@ -562,6 +563,34 @@ def test_the_check_reuses_the_forward_pass_of_the_cached_graph(call):
     assert len(passes) == 2
     hook.remove()
     assert_matches(obj, dense_reference(model, F.cross_entropy, (x, y)))
+
+
+def test_the_check_runs_at_the_point_asked_for():
+    # The model's own parameters are NaN; every call at a good point works and is exact.
+    model = tiny_mlp()
+    x, y = classification_data()
+    good = Objective(model, F.cross_entropy, (x, y))
+    point, ref_loss = good.theta.clone(), good.loss()
+    v = good.zeros() + 1
+    ref_hvp = good.hvp(v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    for call in ("loss", "evaluate", "gradient", "hvp"):
+        obj = Objective(model, F.cross_entropy, (x, y))
+        run = {
+            "loss": lambda o: o.loss(at=point),
+            "evaluate": lambda o: o.evaluate(at=point)["loss"],
+            "gradient": lambda o: o.gradient(at=point),
+            "hvp": lambda o: o.hvp(v, at=point),
+        }[call]
+        out = run(obj)
+        if call in ("loss", "evaluate"):
+            assert out == ref_loss
+        elif call == "hvp":
+            assert torch.equal(out, ref_hvp)
+    with pytest.raises(ValueError, match="nan"):
+        Objective(model, F.cross_entropy, (x, y)).loss()
 
 
 # ---------------------------------------------------------------------------------- errors

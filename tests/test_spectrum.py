@@ -142,6 +142,12 @@ def test_gradient_start_reaches_the_top_eigenvalue_with_fewer_hvps(seed):
     assert res["gradient"].num_hvps + 4 <= res["random"].num_hvps
     # "SA" always starts from r alone: the gradient says nothing about the bottom.
     assert hessian_eigenvalues(obj, 1, which="SA", tol=1e-2).start == "random"
+    # At the minimum the gradient is zero: r alone, and the result says so.
+    with torch.no_grad():
+        next(model.parameters()).zero_()
+    at_min = hessian_eigenvalues(obj, 1, tol=1e-4, seed=seed)
+    assert at_min.start == "random" and at_min.to_dict()["start"] == "random"
+    assert abs(float(at_min.eigenvalues[0]) - 1.0) < 1e-10
 
 
 def test_dataloader_and_single_batch_agree_with_dense():

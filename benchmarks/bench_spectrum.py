@@ -59,6 +59,7 @@ PYHESSIAN_MAX_ITER = 100
 PYHESSIAN_TOL = 1e-3
 HVP_METHODS = ("double_backward", "forward_over_reverse")
 BOUND_FLOOR = 1e-6  # relative errors below this are float32 round-off, not solver error
+ARPACK_TOL = 1e-7  # ARPACK's tolerance on the float32 operator: the accuracy of its values
 
 
 @dataclass
@@ -358,6 +359,7 @@ def compare_eigenvalues(
     ks: Sequence[int] = (1, 5),
     repeats: int = 3,
     warmup: bool = True,
+    bound_reference: Sequence[float] | None = None,
     round_off: float = BOUND_FLOOR,
 ) -> list[dict[str, Any]]:
     """Time PyHessian and every flatlens setting, interleaved, over ``repeats`` seeds, for each k.
@@ -365,10 +367,12 @@ def compare_eigenvalues(
     Round ``r`` runs every contender once with start-vector seed ``r`` (PyHessian's global
     generator, flatlens' ``seed=``), so the medians are over seeds, not over one draw that
     may be lucky for one tool and unlucky for the other (on the CNN, PyHessian's top-5 took
-    34 to 62 HVPs and flatlens' 11 to 15 across seeds 0-7), and each per-round ratio
-    compares the two tools on the same seed. With ``warmup`` each contender first runs once
-    untimed at the smallest k. Errors below ``round_off`` (the float32 operator's own
-    perturbation of the eigenvalues) do not count against a certified bound.
+    34 to 62 HVPs across seeds 0-7, and flatlens' with a random start 11 to 15), and each
+    per-round ratio compares the two tools on the same seed. With ``warmup`` each contender
+    first runs once untimed at the smallest k. A certified bound is checked against
+    ``bound_reference`` (default ``reference``): the eigenvalues of the operator flatlens
+    applied, where known; differences below ``round_off`` are that reference's own
+    inaccuracy.
 
     Returns:
         One row per (k, tool, setting): median time and HVPs over the seeds (and the HVPs
@@ -407,7 +411,7 @@ def compare_eigenvalues(
             runs = results[name]
             hvps = [r["num_hvps"] for r in runs]
             per_round = [b / t for b, t in zip(base_timing.times, timing.times, strict=True)]
-            held = [_bound_holds(r, reference, round_off) for r in runs]
+            held = [_bound_holds(r, bound_reference or reference, round_off) for r in runs]
             bounds = [r["relative_bound"] for r in runs if "relative_bound" in r]
             rows.append(
                 {
@@ -455,7 +459,7 @@ def _bound_holds(
 ) -> str | None:
     """``"yes"`` when every eigenvalue's error is within its bound, else the violations.
 
-    Errors below ``round_off`` (float32 round-off of the Hessian itself) are not counted.
+    Differences below ``round_off`` (the reference's own inaccuracy) are not counted.
     """
     if "relative_bounds" not in result:
         return None
@@ -587,12 +591,22 @@ def measure_case(
         raise ValueError(f"unknown case {name!r}; choose 'mlp' or 'cnn'")
     settings = flatlens_settings(case, quick)
     ref = reference_spectrum(case, 5, arpack=not quick)
-    # The float32 operator's eigenvalues differ from the float64 reference by about the
-    # ARPACK cross-check (float32 Hessian against float64 Lanczos); below that, an error is
-    # round-off, not the solver's.
-    round_off = max(BOUND_FLOOR, ref.get("crosscheck", 0.0))
+    # flatlens certifies the eigenvalues of the float32 operator it applies. They differ
+    # from the float64 reference by up to the ARPACK cross-check (2.4e-6 on the CNN), so
+    # bounds are checked against ARPACK's values for the same float32 operator; without
+    # them (--quick), against the float64 reference with a 1e-6 round-off allowance.
+    if "arpack_float32" in ref:
+        bound_reference, round_off = ref["arpack_float32"], ARPACK_TOL
+    else:
+        bound_reference, round_off = ref["eigenvalues"], BOUND_FLOOR
     rows = compare_eigenvalues(
-        case, ref["eigenvalues"], settings, repeats=repeats, warmup=True, round_off=round_off
+        case,
+        ref["eigenvalues"],
+        settings,
+        repeats=repeats,
+        warmup=True,
+        bound_reference=bound_reference,
+        round_off=round_off,
     )
     costs = hvp_costs(case, repeats=1 if quick else 7, warmup=1, number=1 if quick else 3)
     return {
@@ -601,6 +615,7 @@ def measure_case(
             "quick": quick,
             "repeats": repeats,
             "train_steps": steps,
+            "bound_reference": "arpack_float32" if "arpack_float32" in ref else "float64",
             "bound_round_off": round_off,
             "pyhessian": {
                 "version": pyhessian_version(),
@@ -641,8 +656,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     better error against the float64 reference.
 
     For each k: ``same_tol`` is the default Objective at tol=1e-3 (PyHessian's nominal
-    tol); ``default`` the fastest default-Objective tol whose error is at most PyHessian's;
-    ``any`` the fastest setting of all with that accuracy.
+    tol); ``default`` the fastest default-Objective tol whose error is at most PyHessian's on
+    every seed; ``any`` the fastest setting of all with that accuracy.
     """
     targets = {1: 1.5, 5: 4.0}
     out: dict[str, Any] = {}
@@ -650,7 +665,12 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         group = [r for r in rows if r["k"] == k]
         base = next(r for r in group if r["tool"] == "pyhessian")
         ours = [r for r in group if r["tool"] == "flatlens"]
-        accurate = [r for r in ours if r["error_vs_reference"] <= base["error_vs_reference"]]
+        # Equal or better accuracy on every seed (same seed, same start for both tools).
+        accurate = [
+            r
+            for r in ours
+            if all(e <= b for e, b in zip(r["error_per_seed"], base["error_per_seed"], strict=True))
+        ]
         picks = {
             "same_tol": [r for r in ours if r["setting"] == "tol=0.001 (default Objective)"],
             "default": [r for r in accurate if "(default Objective)" in r["setting"]],

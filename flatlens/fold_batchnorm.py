@@ -1,4 +1,5 @@
-"""Eval-mode BatchNorm folded into the convolution before it, for cheaper second derivatives.
+"""Eval-mode BatchNorm folded into the convolution before it: a cheaper forward pass and
+cheaper derivatives of the same function.
 
 In eval mode a BatchNorm layer after a convolution is an affine map per output channel,
 
@@ -7,8 +8,10 @@ In eval mode a BatchNorm layer after a convolution is an affine map per output c
 so the pair is one convolution with rescaled weights and bias. Written that way, the
 BatchNorm's elementwise work over the activations disappears from the forward pass and from
 the first- and second-order graphs; only the (small) weights are rescaled. On the digits
-BatchNorm CNN a Hessian-vector product through the cached graph took 0.17 s against 0.23 s
-with the affine BatchNorm of :mod:`flatlens.affine_batchnorm` alone.
+BatchNorm CNN a Hessian-vector product through the cached graph took 0.115 s against 0.173 s
+with the affine BatchNorm of :mod:`flatlens.affine_batchnorm` alone, and a forward pass over
+256 images 3.9 ms against 6.3 ms. :class:`~flatlens.Objective` evaluates every eval-mode pass
+this way.
 
 :func:`fold_conv_batchnorm` finds the pairs with ``torch.fx``: a ``Conv1d/2d/3d`` whose output
 feeds only a BatchNorm with running statistics, neither with hooks. It returns a
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["conv_batchnorm", "fold_conv_batchnorm"]
+__all__ = ["conv_batchnorm", "fold_conv_batchnorm", "hooks_added"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -80,7 +83,7 @@ def fold_conv_batchnorm(model: nn.Module) -> nn.Module | None:
         return None
     modules = dict(traced.named_modules())
     graph = traced.graph
-    folded = 0
+    pairs: list[tuple[nn.Module, nn.Module]] = []
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
             continue
@@ -103,8 +106,16 @@ def fold_conv_batchnorm(model: nn.Module) -> nn.Module | None:
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
         graph.erase_node(source)
-        folded += 1
-    if not folded:
+        pairs.append((modules[source.target], modules[node.target]))
+    if not pairs:
         return None
     graph.lint()
-    return torch.fx.GraphModule(traced, graph)
+    folded = torch.fx.GraphModule(traced, graph)
+    folded._flatlens_pairs = pairs
+    return folded
+
+
+def hooks_added(folded: nn.Module) -> bool:
+    """Whether a convolution or BatchNorm folded by :func:`fold_conv_batchnorm` has gained a
+    hook since (the folded module would not run it: evaluate the model itself instead)."""
+    return any(_has_hooks(m) for pair in getattr(folded, "_flatlens_pairs", ()) for m in pair)

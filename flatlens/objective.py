@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flatlens.affine_batchnorm import AffineEvalBatchNorm
-from flatlens.fold_batchnorm import fold_conv_batchnorm
+from flatlens.fold_batchnorm import fold_conv_batchnorm, hooks_added
 from flatlens.params import ParamSpace, ParamSpec, eval_mode, select_parameters
 
 __all__ = ["DataChangedError", "Objective"]
@@ -199,7 +199,7 @@ class Objective:
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
-        self._folded: nn.Module | None = None  # built on the first second-order forward
+        self._folded: nn.Module | None = None  # built on the first eval-mode forward
         self._checked = not check_determinism
         self.num_samples: int | None = None
         self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
@@ -258,8 +258,13 @@ class Objective:
 
     # ------------------------------------------------------------------ model calls
     def forward(self, theta: Tensor, inputs: Any) -> Any:
-        """Model outputs at the flat parameters ``theta`` (the model is not written to)."""
-        return self._call(self.model, theta, inputs)
+        """Model outputs at the flat parameters ``theta`` (the model is not written to).
+
+        In eval mode each convolution followed by a BatchNorm is evaluated as one
+        convolution with the BatchNorm folded in (:func:`fold_conv_batchnorm`): the same
+        function up to rounding, with a cheaper forward pass and cheaper derivatives.
+        """
+        return self._call(self._evaluation_module(), theta, inputs)
 
     def _call(self, module: nn.Module, theta: Tensor, inputs: Any) -> Any:
         values = self.space.as_dict(theta)
@@ -269,24 +274,24 @@ class Objective:
         values.update({n: p.detach() for n, p in self._frozen.items()})
         return functional_call(module, values, (inputs,), tie_weights=True, strict=False)
 
-    def _second_order_forward(self, theta: Tensor, inputs: Any) -> Any:
-        """:meth:`forward` for a loss that will be differentiated twice.
+    def _evaluation_module(self) -> nn.Module:
+        """The model with its eval-mode conv -> BatchNorm pairs folded, or the model itself
+        (train mode, nothing to fold, or a hook added to a folded layer since)."""
+        if not self.eval_mode:
+            return self.model
+        if self._folded is None:
+            self._folded = fold_conv_batchnorm(self.model) or self.model
+        if self._folded is not self.model and hooks_added(self._folded):
+            return self.model
+        return self._folded
 
-        Eval-mode BatchNorm is folded into the convolution before it
-        (:func:`fold_conv_batchnorm`) and, where there is none, written as the affine map it
-        is (:class:`AffineEvalBatchNorm`): the same function, with far cheaper first and
-        second derivatives than those of ``F.batch_norm``. A subclass that overrides
-        :meth:`forward`, and train mode, get :meth:`forward` as it is.
-        """
-        module = self.model
-        if self.eval_mode and type(self).forward is Objective.forward:
-            if self._folded is None:
-                self._folded = fold_conv_batchnorm(self.model) or self.model
-            module = self._folded
+    def _second_order_forward(self, theta: Tensor, inputs: Any) -> Any:
+        """:meth:`forward` for a loss that will be differentiated twice: a BatchNorm that is
+        not folded into a convolution is written as the affine map it is in eval mode
+        (:class:`AffineEvalBatchNorm`), whose second derivative is far cheaper than that of
+        ``F.batch_norm``."""
         with AffineEvalBatchNorm():
-            if module is self.model:
-                return self.forward(theta, inputs)
-            return self._call(module, theta, inputs)
+            return self.forward(theta, inputs)
 
     def _batch_loss(
         self, theta: Tensor, x: Any, y: Any, n: int, *, second_order: bool = False

@@ -141,3 +141,18 @@ def test_objective_folds_and_stays_exact():
     train = Objective(model, F.cross_entropy, (x, y), eval_mode=False, check_determinism=False)
     train.hvp(v)
     assert train._folded is None
+
+
+def test_a_hook_added_later_runs_on_the_unfolded_model():
+    model = bn_cnn()
+    x, y = image_data()
+    obj = Objective(model, F.cross_entropy, (x, y))
+    folded_loss = obj.loss()
+    assert _folded_calls(obj._folded) == 1
+    seen = []
+    handle = model[0].register_forward_hook(lambda *_: seen.append(1))
+    unfolded_loss = obj.loss()
+    assert seen and abs(unfolded_loss - folded_loss) <= 1e-12 * abs(folded_loss)
+    handle.remove()
+    seen.clear()
+    assert obj.loss() == folded_loss and not seen

@@ -10,7 +10,8 @@ argmax predictions. The risk is then S_k / N (mean) or S_k (sum).
   :meth:`Objective.forward` (``functional_call`` with batched parameters).
 * :class:`SerialEvaluator`: per batch, one ordinary forward per point. It runs a private
   copy of the model whose parameters are views into one flat buffer, so moving to the next
-  point is a single copy and the forward pays no ``functional_call`` overhead; it falls
+  point is a single copy and the forward pays no ``functional_call`` overhead (with
+  conv -> BatchNorm pairs folded as in :meth:`Objective.forward`); it falls
   back to :meth:`Objective.forward` when the model cannot be copied, when
   ``Objective.forward`` is overridden, or in train mode (``eval_mode=False``).
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatlens.fold_batchnorm import fold_conv_batchnorm
 from flatlens.objective import Objective
 from flatlens.params import eval_mode
 
@@ -105,6 +107,9 @@ def _working_copy(objective: Objective) -> tuple[nn.Module, Tensor] | None:
         p.data = buf[sl].view(shape)
     work.requires_grad_(False)
     work.eval()
+    if objective._evaluation_module() is not objective.model:
+        # Fold conv -> BatchNorm pairs as the Objective does, so the arithmetic is the same.
+        work = fold_conv_batchnorm(work) or work
     return work, buf
 
 

@@ -482,7 +482,7 @@ class Objective:
         if self.hvp_method != "auto":
             return self.hvp_method
         # benchmarks/bench_spectrum.py: on the CPU, double backward beat forward-over-reverse
-        # on the digits MLP (2.4x) and BatchNorm CNN (1.1x, 2x before BatchNorm folding).
+        # on the digits MLP (2.5x) and BatchNorm CNN (1.1x, 2x before BatchNorm folding).
         return "double_backward"
 
     def _cached_graph(self, theta: Tensor) -> tuple[list[tuple[Tensor, Tensor]], float]:

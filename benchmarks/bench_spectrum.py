@@ -411,7 +411,9 @@ def compare_eigenvalues(
             runs = results[name]
             hvps = [r["num_hvps"] for r in runs]
             per_round = [b / t for b, t in zip(base_timing.times, timing.times, strict=True)]
+            errors = [relative_difference(r["eigenvalues"], reference[:k]) for r in runs]
             held = [_bound_holds(r, bound_reference or reference, round_off) for r in runs]
+            violations = "; ".join(f"seed {i}: {h}" for i, h in enumerate(held) if h != "yes")
             bounds = [r["relative_bound"] for r in runs if "relative_bound" in r]
             rows.append(
                 {
@@ -433,21 +435,11 @@ def compare_eigenvalues(
                         relative_difference(r["eigenvalues"], b["eigenvalues"])
                         for r, b in zip(runs, base, strict=True)
                     ),
-                    "error_vs_reference": max(
-                        relative_difference(r["eigenvalues"], reference[:k]) for r in runs
-                    ),
-                    "error_per_seed": [
-                        relative_difference(r["eigenvalues"], reference[:k]) for r in runs
-                    ],
+                    "error_vs_reference": max(errors),
+                    "error_per_seed": errors,
                     "relative_bound": max(bounds) if bounds else None,
-                    "bound_holds": None
-                    if held[0] is None
-                    else "yes"
-                    if all(h == "yes" for h in held)
-                    else "; ".join(f"seed {i}: {h}" for i, h in enumerate(held) if h != "yes"),
-                    "converged": None
-                    if "converged" not in runs[0]
-                    else all(r["converged"] for r in runs),
+                    "bound_holds": None if held[0] is None else violations or "yes",
+                    "converged": all(r["converged"] for r in runs) if bounds else None,
                     "eigenvalues": runs[0]["eigenvalues"],
                 }
             )

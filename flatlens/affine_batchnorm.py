@@ -21,10 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AffineEvalBatchNorm"]
+__all__ = ["AffineEvalBatchNorm", "eval_scale"]
 
 _NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+def eval_scale(var: torch.Tensor, eps: float, weight: torch.Tensor | None) -> torch.Tensor:
+    """The per-channel scale s = gamma / sqrt(sigma^2 + eps) of eval-mode BatchNorm."""
+    scale = torch.rsqrt(var + eps)
+    return scale if weight is None else weight * scale
 
 
 class AffineEvalBatchNorm(TorchFunctionMode):
@@ -48,9 +54,7 @@ class AffineEvalBatchNorm(TorchFunctionMode):
                 and x.dtype == mean.dtype == var.dtype
                 and all(t is None or t.dtype == x.dtype for t in (a["weight"], a["bias"]))
             ):
-                scale = torch.rsqrt(var + a["eps"])
-                if a["weight"] is not None:
-                    scale = a["weight"] * scale
+                scale = eval_scale(var, a["eps"], a["weight"])
                 shape = (1, -1) + (1,) * (x.dim() - 2)
                 # (x - mu) * s + beta: subtracting the mean first keeps float32 accurate when
                 # |mu| is large against sigma (the order of the CUDA kernels).

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatlens.affine_batchnorm import eval_scale
+
 __all__ = ["conv_batchnorm", "fold_conv_batchnorm", "hooks_added"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -46,9 +48,7 @@ def conv_batchnorm(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
         or any(t is not None and t.dtype != weight.dtype for t in (bn.weight, bn.bias, conv.bias))
     ):
         return bn(conv(x))
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight * scale
+    scale = eval_scale(var, bn.eps, bn.weight)
     centred = -mean if conv.bias is None else conv.bias - mean
     bias = centred * scale
     if bn.bias is not None:

@@ -350,7 +350,7 @@ class Objective:
             raise ValueError(f"`at` is on {at.device}, the model on {self.device}")
         return at.detach().to(self.dtype)
 
-    def _ensure_checked(self, theta: Tensor | None = None, *, graph: bool = False) -> None:
+    def _ensure_checked(self, theta: Tensor | None = None, *, graph: bool = False) -> float | None:
         """Before the first evaluation, compute L twice and raise if the two passes differ.
 
         Args:
@@ -359,9 +359,13 @@ class Objective:
             graph: The call builds the cached first-order graph at ``theta`` anyway (an HVP,
                 a gradient): its forward pass is then the first of the two, so the check
                 costs one forward pass instead of two.
+
+        Returns:
+            L at ``theta`` from a plain pass (what :meth:`loss` would compute) when the
+            check ran two of them, else ``None``.
         """
         if self._checked:
-            return
+            return None
         point = self.theta if theta is None else theta
         if graph and self.cache_graph:
             # Both passes fold or rewrite eval-mode BatchNorm the same way, so they agree to
@@ -369,9 +373,11 @@ class Objective:
             first = self._cached_graph(point)[1]
             second = self._loss(point, second_order=True)
             self.counts["loss"] -= 1
+            plain = None
         else:
             first, second = self._loss(point), self._loss(point)
             self.counts["loss"] -= 2
+            plain = second
         rtol = 1e-5 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
         if not math.isclose(first, second, rel_tol=rtol, abs_tol=1e-30):
             self._graph = None
@@ -382,6 +388,7 @@ class Objective:
                 "fixed batches, or pass check_determinism=False if this is intended"
             )
         self._checked = True
+        return plain
 
     # ------------------------------------------------------------------ L, grad L, H v
     @torch.no_grad()
@@ -400,8 +407,11 @@ class Objective:
     def loss(self, at: Tensor | None = None) -> float:
         """L(theta), or L(at) for a flat parameter vector ``at``."""
         theta = self.point(at)
-        self._ensure_checked(theta)
-        return self._loss(theta)
+        checked = self._ensure_checked(theta)
+        if checked is None:
+            return self._loss(theta)
+        self.counts["loss"] += 1  # the check's second pass was this evaluation
+        return checked
 
     @torch.no_grad()
     def evaluate(self, at: Tensor | None = None) -> dict[str, float]:

@@ -565,6 +565,19 @@ def test_the_check_reuses_the_forward_pass_of_the_cached_graph(call):
     assert_matches(obj, dense_reference(model, F.cross_entropy, (x, y)))
 
 
+def test_the_first_loss_is_the_checks_second_pass():
+    model = tiny_mlp()
+    x, y = classification_data()
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    obj = Objective(model, F.cross_entropy, uneven_batches(x, y, SIZES))
+    first = obj.loss()
+    assert len(passes) == 2 * len(SIZES)  # two passes over five batches, not three
+    assert obj.counts["loss"] == 1
+    assert obj.loss() == first and len(passes) == 3 * len(SIZES)
+    hook.remove()
+
+
 def test_the_check_runs_at_the_point_asked_for():
     # The model's own parameters are NaN; every call at a good point works and is exact.
     model = tiny_mlp()

@@ -4,7 +4,9 @@ Same model, weights, data and grid size N = S x S for every contender, float32, 
 all timed interleaved in one run (so load changes on a shared machine hit all alike):
 
 * ``floor``: N plain ``loss_fn(model(x), y)`` calls under ``torch.no_grad`` -- the least
-  work that yields N loss values (``floor (fwd)``: N bare ``model(x)`` calls, for scale).
+  work that yields N loss values (``floor (fwd)``: N bare ``model(x)`` calls, for scale;
+  ``floor (logsumexp)``: the same loop with the cross-entropy computed as flatlens computes
+  it, :func:`flatlens.cross_entropy.fast_cross_entropy`).
 * ``flatlens``: :func:`flatlens.landscape.plane` with two filter-normalized random directions,
   loss only (``+acc``: loss and accuracy; ``vmap``: ``method="vmap"``). Objective
   construction, the directions and the determinism check at the centre are included.
@@ -54,6 +56,7 @@ from torch import Tensor, nn
 
 from flatlens import Objective, zoo
 from flatlens import landscape as fl
+from flatlens.cross_entropy import fast_cross_entropy
 from flatlens.data import load_digits
 
 __all__ = ["Case", "make_case", "measure_case", "vmap_check"]
@@ -104,13 +107,13 @@ def make_case(
     return Case(name, f"{what}, one batch of {n} digits", model, nn.CrossEntropyLoss(), x, y)
 
 
-def _floor(case: Case, n: int, with_loss: bool) -> Callable[[], None]:
+def _floor(case: Case, n: int, loss_fn: Callable[[Any, Any], Any] | None) -> Callable[[], None]:
     @torch.no_grad()
     def run() -> None:
         for _ in range(n):
             out = case.model(case.x)
-            if with_loss:
-                case.loss_fn(out, case.y)
+            if loss_fn is not None:
+                loss_fn(out, case.y)
 
     return run
 
@@ -182,6 +185,7 @@ def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 CONTENDERS = (
     "floor",
     "floor (fwd)",
+    "floor (logsumexp)",
     "flatlens",
     "flatlens +acc",
     "flatlens vmap",
@@ -207,8 +211,9 @@ def measure_case(
     case = make_case(name, device)
     n = steps * steps
     makers: dict[str, Callable[[], Callable[[], Any]]] = {
-        "floor": lambda: _floor(case, n, True),
-        "floor (fwd)": lambda: _floor(case, n, False),
+        "floor": lambda: _floor(case, n, case.loss_fn),
+        "floor (fwd)": lambda: _floor(case, n, None),
+        "floor (logsumexp)": lambda: _floor(case, n, fast_cross_entropy(case.loss_fn)),
         "flatlens": lambda: _flatlens(case, steps, metrics=["loss"]),
         "flatlens +acc": lambda: _flatlens(case, steps, metrics=None),
         "flatlens vmap": lambda: _flatlens(case, steps, metrics=["loss"], method="vmap"),
@@ -216,7 +221,10 @@ def measure_case(
     }
     fns = {k: makers[k]() for k in contenders}
     # Warm up every code path on a tiny grid (allocator, kernels, vmap tracing).
-    warm = {"flatlens": _flatlens(case, 3, metrics=["loss"]), "floor": _floor(case, 3, True)}
+    warm = {
+        "flatlens": _flatlens(case, 3, metrics=["loss"]),
+        "floor": _floor(case, 3, case.loss_fn),
+    }
     if "flatlens vmap" in fns:
         warm["vmap"] = _flatlens(case, 3, metrics=["loss"], method="vmap")
     if "loss-landscapes" in fns:
@@ -278,7 +286,7 @@ def per_point_overhead(
     thetas = obj.theta + torch.linspace(-1, 1, chunk, device=obj.device)[:, None] * d
     serial, vmap = SerialEvaluator(obj, classify=False), VmapEvaluator(obj, classify=False)
     fns = {
-        "floor": _floor(case, chunk, True),
+        "floor": _floor(case, chunk, case.loss_fn),
         "serial": lambda: serial(thetas),
         "vmap": lambda: vmap(thetas),
     }
@@ -363,7 +371,7 @@ def vmap_check(device: torch.device | str = "cuda", *, quick: bool = False) -> d
         fns = {
             "serial": _flatlens(case, steps, metrics=["loss"], method="serial"),
             "vmap": _flatlens(case, steps, metrics=["loss"], method="vmap"),
-            "floor": _floor(case, steps * steps, True),
+            "floor": _floor(case, steps * steps, case.loss_fn),
         }
         for fn in fns.values():
             fn()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flatlens.affine_batchnorm import AffineEvalBatchNorm
+from flatlens.cross_entropy import fast_cross_entropy, predictions
 from flatlens.fold_batchnorm import fold_conv_batchnorm, hooks_added
 from flatlens.params import ParamSpace, ParamSpec, eval_mode, select_parameters
 
@@ -82,6 +83,9 @@ class Objective:
     Args:
         model: The network. It is never modified: parameters are read, not written.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, mean- or sum-reduced over the batch.
+            ``F.cross_entropy`` and a plain ``nn.CrossEntropyLoss`` are evaluated as the equal
+            and, on the CPU, faster ``logsumexp(z) - z_y`` (attribute ``criterion``; see
+            :mod:`flatlens.cross_entropy`).
         data: A ``DataLoader``, any re-iterable of ``(inputs, targets)`` batches, or one
             ``(inputs, targets)`` tuple. It must yield the same batches on every pass.
         params: Which parameters span the space (names, module prefixes, modules or
@@ -129,6 +133,9 @@ class Objective:
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
         self.model = model
         self.loss_fn = loss_fn
+        # What every pass evaluates: loss_fn, or for a plain cross-entropy an equal
+        # function that is faster on the CPU (flatlens.cross_entropy).
+        self.criterion = fast_cross_entropy(loss_fn)
         named = select_parameters(model, params)
         self.space = ParamSpace.from_named(named)
         self._params = [p for _, p in named]
@@ -301,7 +308,7 @@ class Objective:
         With ``second_order`` the forward pass is :meth:`_second_order_forward`.
         """
         out = self._second_order_forward(theta, x) if second_order else self.forward(theta, x)
-        return self._weighted(self.loss_fn(out, y), n)
+        return self._weighted(self.criterion(out, y), n)
 
     def _weighted(self, loss: Any, n: int) -> Tensor:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -429,13 +436,13 @@ class Objective:
         with eval_mode(self.model, self.eval_mode):
             for x, y, n in self.batches():
                 out = self.forward(theta, x)
-                part = self._weighted(self.loss_fn(out, y), n)
+                part = self._weighted(self.criterion(out, y), n)
                 parts.append(part)
                 total += part
                 count += n
                 classify = classify and _is_classification(out, y)
                 if classify:
-                    correct += (out.argmax(dim=-1) == y).sum()
+                    correct += (predictions(out) == y).sum()
         self.counts["loss"] += 1
         if classify and self.distributed:
             import torch.distributed as dist

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatlens.cross_entropy import predictions
 from flatlens.fold_batchnorm import fold_conv_batchnorm
 from flatlens.objective import Objective
 from flatlens.params import eval_mode
@@ -45,7 +46,7 @@ def _correct(out: Any, y: Any, classify: bool) -> Tensor:
         return torch.zeros(
             (), dtype=torch.int64, device=y.device if isinstance(y, Tensor) else None
         )
-    return (out.argmax(dim=-1) == y).sum()
+    return (predictions(out) == y).sum()
 
 
 def _reduce(objective: Objective, totals: Tensor, correct: Tensor, count: int) -> ChunkResult:
@@ -82,7 +83,7 @@ class VmapEvaluator:
 
             def point(theta: Tensor, x=x, y=y, n=n) -> tuple[Tensor, Tensor]:
                 out = obj.forward(theta, x)
-                return _weighted(obj, obj.loss_fn(out, y), n), _correct(out, y, self.classify)
+                return _weighted(obj, obj.criterion(out, y), n), _correct(out, y, self.classify)
 
             parts, hits = torch.func.vmap(point, randomness="error")(thetas)
             totals += parts
@@ -149,9 +150,9 @@ class SerialEvaluator:
                 else:
                     buf.copy_(theta)
                     out = work(x)
-                losses.append(obj.loss_fn(out, y))
+                losses.append(obj.criterion(out, y))
                 if self.classify:
-                    hits.append((out.argmax(dim=-1) == y).sum())
+                    hits.append((predictions(out) == y).sum())
             totals += _stack_weighted(obj, losses, n)
             if self.classify:
                 correct += torch.stack(hits).to(correct.device)

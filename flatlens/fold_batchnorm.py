@@ -21,6 +21,11 @@ names, so ``functional_call`` with the model's names works on it) and computes e
 one convolution. A BatchNorm that is in train mode when called, has no running statistics, or
 has another dtype than the convolution runs unchanged. The folded value equals the original
 up to rounding of the same order as the convolution's own (float64: ~1e-16 relative).
+
+Outside autograd (loss values, loss landscapes), a folded float32 ``Conv2d`` on the CPU runs
+on channels-last tensors, which oneDNN convolves without reordering: a landscape point of the
+digits CNN took 3.8 ms against 4.4 ms (median of 25 interleaved chunks of 16 points), with
+bit-identical losses there. Gradients and Hessian-vector products keep the default layout.
 """
 
 from __future__ import annotations
@@ -54,7 +59,25 @@ def conv_batchnorm(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
     if bn.bias is not None:
         bias = bias + bn.bias
     folded = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    if _inference_on_cpu(x, folded):
+        # oneDNN convolves channels-last float32 tensors without reordering them: a forward
+        # of the digits CNN took 0.80x the time. Derivatives keep the default layout, which
+        # measured as fast or faster inside Hessian-vector products.
+        x = x.contiguous(memory_format=torch.channels_last)
+        folded = folded.contiguous(memory_format=torch.channels_last)
     return conv._conv_forward(x, folded, bias)
+
+
+def _inference_on_cpu(x: Tensor, weight: Tensor) -> bool:
+    """A float32 2-D convolution on the CPU, outside autograd and torch.func transforms."""
+    return (
+        not torch.is_grad_enabled()
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
+    )
 
 
 def _has_hooks(module: nn.Module) -> bool:

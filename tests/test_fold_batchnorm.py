@@ -156,3 +156,29 @@ def test_a_hook_added_later_runs_on_the_unfolded_model():
     handle.remove()
     seen.clear()
     assert obj.loss() == folded_loss and not seen
+
+
+def test_float32_inference_runs_channels_last_and_derivatives_do_not():
+    model = _randomize_stats(zoo.cnn().float())
+    folded = fold_conv_batchnorm(model)
+    x = torch.randn(6, 1, 8, 8)
+    conv, bn = model[3], model[4]
+    h = torch.relu(model[1](model[0](x)))
+    with torch.no_grad():
+        fast = conv_batchnorm(h, conv, bn)
+        ref = bn(conv(h))
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    with_grad = conv_batchnorm(h, conv, bn)
+    assert with_grad.requires_grad and with_grad.is_contiguous()
+    torch.testing.assert_close(with_grad.detach(), fast, rtol=1e-5, atol=1e-5)
+    # Under vmap (batched weights) the default layout is kept and the values agree.
+    w = torch.stack([conv.weight.detach(), 2 * conv.weight.detach()])
+
+    def at(weight):
+        return functional_call(folded, {"3.weight": weight}, (x,))
+
+    with torch.no_grad():
+        batched = torch.func.vmap(at)(w)
+        torch.testing.assert_close(batched[0], folded(x), rtol=1e-5, atol=1e-5)

@@ -23,14 +23,21 @@ has another dtype than the convolution runs unchanged. The folded value equals t
 up to rounding of the same order as the convolution's own (float64: ~1e-16 relative).
 
 Outside autograd (loss values, loss landscapes), a folded float32 ``Conv2d`` on the CPU runs
-on channels-last tensors, which oneDNN convolves without reordering: a landscape point of the
-digits CNN took 3.8 ms against 4.4 ms (median of 25 interleaved chunks of 16 points), with
-bit-identical losses there. Gradients and Hessian-vector products keep the default layout.
+on channels-last tensors, which oneDNN convolves without reordering, where every consumer of
+its output (followed up to a flatten or reshape) is a built-in module or a layout-free
+operation: a landscape point of the digits CNN took 3.8 ms against 4.4 ms (median of 25
+interleaved chunks of 16 points), with bit-identical losses there. A ``view`` of the output,
+a user-defined module or function, or the model's output itself keeps the default layout
+(converting back after each convolution measured 15% slower than not converting at all).
+Gradients and Hessian-vector products keep the default layout.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -41,8 +48,15 @@ __all__ = ["conv_batchnorm", "fold_conv_batchnorm", "hooks_added"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def conv_batchnorm(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
-    """``bn(conv(x))``, as one convolution with folded weights when ``bn`` is in eval mode."""
+def conv_batchnorm(
+    x: Tensor, conv: nn.Module, bn: nn.Module, *, channels_last: bool = False
+) -> Tensor:
+    """``bn(conv(x))``, as one convolution with folded weights when ``bn`` is in eval mode.
+
+    With ``channels_last`` (set by :func:`fold_conv_batchnorm` where every consumer of the
+    output is indifferent to memory layout), a float32 2-D convolution on the CPU outside
+    autograd runs on channels-last tensors and returns a channels-last output.
+    """
     mean, var, weight = bn.running_mean, bn.running_var, conv.weight
     if (
         bn.training
@@ -59,7 +73,7 @@ def conv_batchnorm(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
     if bn.bias is not None:
         bias = bias + bn.bias
     folded = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
-    if _inference_on_cpu(x, folded):
+    if channels_last and _inference_on_cpu(x, folded):
         # oneDNN convolves channels-last float32 tensors without reordering them: a forward
         # of the digits CNN took 0.80x the time. Derivatives keep the default layout, which
         # measured as fast or faster inside Hessian-vector products.
@@ -78,6 +92,51 @@ def _inference_on_cpu(x: Tensor, weight: Tensor) -> bool:
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
     )
+
+
+# Consumers whose result does not depend on the memory layout of a tensor argument (the walk
+# goes on to their own consumers), and those whose result is a fresh row-major tensor or not
+# a tensor at all (the walk stops). Anything else -- ``view``, a user-defined module or
+# function, the graph's output -- might depend on the layout.
+_LAYOUT_FREE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+    operator.getitem, torch.add, torch.mul, torch.cat, torch.relu, torch.sigmoid, torch.tanh,
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.dropout,
+    F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, conv_batchnorm,
+}  # fmt: skip
+_LAYOUT_FREE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", "mul_"}
+_LAYOUT_RESET_FUNCTIONS = {torch.flatten, getattr}
+_LAYOUT_RESET_METHODS = {"flatten", "reshape", "contiguous", "size", "dim"}
+
+
+def _layout_free_downstream(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether every consumer of ``node``'s output, followed until a reshape or flatten, is
+    indifferent to its memory layout (so a channels-last output computes the same values)."""
+    pending, seen = list(node.users), set()
+    while pending:
+        user = pending.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "call_function":
+            if user.target in _LAYOUT_RESET_FUNCTIONS:
+                continue
+            free = user.target in _LAYOUT_FREE_FUNCTIONS
+        elif user.op == "call_method":
+            if user.target in _LAYOUT_RESET_METHODS:
+                continue
+            free = user.target in _LAYOUT_FREE_METHODS
+        elif user.op == "call_module":
+            module = modules.get(user.target)
+            if isinstance(module, nn.Flatten):
+                continue
+            free = type(module).__module__.startswith("torch.nn.")
+        else:  # the graph's output: the caller's loss sees the layout
+            free = False
+        if not free:
+            return False
+        pending.extend(user.users)
+    return True
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -133,6 +192,9 @@ def fold_conv_batchnorm(model: nn.Module) -> nn.Module | None:
         pairs.append((modules[source.target], modules[node.target]))
     if not pairs:
         return None
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is conv_batchnorm:
+            node.kwargs = {"channels_last": _layout_free_downstream(node, modules)}
     graph.lint()
     folded = torch.fx.GraphModule(traced, graph)
     folded._flatlens_pairs = pairs

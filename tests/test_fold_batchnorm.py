@@ -161,16 +161,18 @@ def test_a_hook_added_later_runs_on_the_unfolded_model():
 def test_float32_inference_runs_channels_last_and_derivatives_do_not():
     model = _randomize_stats(zoo.cnn().float())
     folded = fold_conv_batchnorm(model)
+    assert _channels_last_flags(folded) == [True, True]
     x = torch.randn(6, 1, 8, 8)
     conv, bn = model[3], model[4]
     h = torch.relu(model[1](model[0](x)))
     with torch.no_grad():
-        fast = conv_batchnorm(h, conv, bn)
+        fast = conv_batchnorm(h, conv, bn, channels_last=True)
         ref = bn(conv(h))
         assert fast.is_contiguous(memory_format=torch.channels_last)
+        assert conv_batchnorm(h, conv, bn).is_contiguous()
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
-    with_grad = conv_batchnorm(h, conv, bn)
+    with_grad = conv_batchnorm(h, conv, bn, channels_last=True)
     assert with_grad.requires_grad and with_grad.is_contiguous()
     torch.testing.assert_close(with_grad.detach(), fast, rtol=1e-5, atol=1e-5)
     # Under vmap (batched weights) the default layout is kept and the values agree.
@@ -182,3 +184,66 @@ def test_float32_inference_runs_channels_last_and_derivatives_do_not():
     with torch.no_grad():
         batched = torch.func.vmap(at)(w)
         torch.testing.assert_close(batched[0], folded(x), rtol=1e-5, atol=1e-5)
+
+
+def _channels_last_flags(folded: nn.Module) -> list[bool]:
+    return [
+        n.kwargs["channels_last"]
+        for n in folded.graph.nodes
+        if n.op == "call_function" and n.target is conv_batchnorm
+    ]
+
+
+def _twice(t):
+    return 2 * t
+
+
+torch.fx.wrap("_twice")
+
+
+class _Viewing(nn.Module):
+    """Old CIFAR-style code: ``view`` after the convolutions, a user function, an output
+    straight from a conv -> BatchNorm pair."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+        self.tail = tail
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
+        if self.tail == "view":
+            return self.head(torch.relu(h).view(h.size(0), -1))
+        if self.tail == "function":
+            return self.head(torch.flatten(_twice(h), 1))
+        if self.tail == "output":
+            return h
+        return self.head(torch.relu(h).reshape(h.size(0), -1))
+
+
+@pytest.mark.parametrize(
+    ("tail", "flags"),
+    [
+        ("view", [False, False]),
+        ("function", [False, False]),
+        ("output", [False, False]),
+        ("reshape", [True, True]),
+    ],
+)
+def test_channels_last_only_where_no_consumer_can_see_the_layout(tail, flags):
+    model = _randomize_stats(_Viewing(tail).float())
+    folded = fold_conv_batchnorm(model)
+    assert _channels_last_flags(folded) == flags
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        out = folded(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    if tail == "output":
+        assert out.is_contiguous()
+    if tail != "output":
+        obj = Objective(model, F.cross_entropy, (x, torch.tensor([0, 1, 2, 0, 1])))
+        with torch.no_grad():
+            ref = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1])).item()
+        assert obj.loss() == pytest.approx(ref, rel=1e-5)

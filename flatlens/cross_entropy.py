@@ -38,30 +38,22 @@ def fast_cross_entropy(loss_fn: LossFn) -> LossFn:
 
     Args:
         loss_fn: Any ``loss_fn(outputs, targets)``. ``F.cross_entropy`` and an instance of
-            ``nn.CrossEntropyLoss`` itself (not a subclass) with no class weights, no label
-            smoothing, a negative ``ignore_index`` and mean or sum reduction are rewritten.
+            ``nn.CrossEntropyLoss`` itself (not a subclass) are rewritten; the module's
+            settings and hooks are read at every call, and only one without hooks, class
+            weights or label smoothing, with a negative ``ignore_index`` and mean or sum
+            reduction takes the fast path.
 
     Returns:
-        A function computing mean_i (or sum_i) of ``logsumexp(z_i) - z_{i, y_i}`` (shifted by
-        the row maximum) for 2-D
-        float32/float64 CPU logits z and non-negative int64 class indices y, and calling
-        ``loss_fn`` for every other input; ``loss_fn`` itself when it is not rewritten.
+        A function computing mean_i (or sum_i) of ``log sum_c exp(z_ic - m_i) - (z_iy_i - m_i)``
+        for 2-D float32/float64 CPU logits z and non-negative int64 class indices y, and
+        calling ``loss_fn`` for every other input; ``loss_fn`` itself when it is neither.
     """
-    if loss_fn is F.cross_entropy:
-        reduction = "mean"
-    elif (
-        type(loss_fn) is nn.CrossEntropyLoss
-        and loss_fn.weight is None
-        and loss_fn.label_smoothing == 0.0
-        and loss_fn.ignore_index < 0
-        and loss_fn.reduction in ("mean", "sum")
-    ):
-        reduction = loss_fn.reduction
-    else:
+    if loss_fn is not F.cross_entropy and type(loss_fn) is not nn.CrossEntropyLoss:
         return loss_fn
 
     def cross_entropy(outputs: Any, targets: Any) -> Tensor:
-        if not _plain_classification(outputs, targets):
+        reduction = _fast_reduction(loss_fn)
+        if reduction is None or not _plain_classification(outputs, targets):
             return loss_fn(outputs, targets)
         # Shifted by the row maximum m (held constant: the value does not depend on it) as
         # log_softmax is, so z_y - m is exact and float32 keeps log_softmax's accuracy;
@@ -75,6 +67,23 @@ def fast_cross_entropy(loss_fn: LossFn) -> LossFn:
     return cross_entropy
 
 
+def _fast_reduction(loss_fn: LossFn) -> str | None:
+    """``"mean"``/``"sum"`` when ``loss_fn`` is a plain cross-entropy right now, else None."""
+    if loss_fn is F.cross_entropy:
+        return "mean"
+    if (
+        loss_fn.weight is None
+        and loss_fn.label_smoothing == 0.0
+        and loss_fn.ignore_index < 0
+        and loss_fn.reduction in ("mean", "sum")
+        and not (loss_fn._forward_hooks or loss_fn._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks)
+        and not (nn.modules.module._global_forward_pre_hooks)
+    ):
+        return loss_fn.reduction
+    return None
+
+
 def _plain_classification(outputs: Any, targets: Any) -> bool:
     return (
         isinstance(outputs, Tensor)
@@ -86,6 +95,7 @@ def _plain_classification(outputs: Any, targets: Any) -> bool:
         and targets.device.type == "cpu"
         and targets.shape == outputs.shape[:1]
         and targets.numel() > 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(targets)
         and not bool((targets < 0).any())
     )
 

@@ -84,8 +84,8 @@ class Objective:
         model: The network. It is never modified: parameters are read, not written.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, mean- or sum-reduced over the batch.
             ``F.cross_entropy`` and a plain ``nn.CrossEntropyLoss`` are evaluated as the equal
-            and, on the CPU, faster ``logsumexp(z) - z_y`` (attribute ``criterion``; see
-            :mod:`flatlens.cross_entropy`).
+            and, on the CPU, faster ``log sum_c exp(z_c - m) - (z_y - m)``, m = max_c z_c
+            (attribute ``criterion``; see :mod:`flatlens.cross_entropy`).
         data: A ``DataLoader``, any re-iterable of ``(inputs, targets)`` batches, or one
             ``(inputs, targets)`` tuple. It must yield the same batches on every pass.
         params: Which parameters span the space (names, module prefixes, modules or

@@ -59,17 +59,61 @@ def test_gradient_and_hessian_vector_product_equal_cross_entropy():
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
+def counted(ce: nn.CrossEntropyLoss) -> tuple[nn.CrossEntropyLoss, list[int]]:
+    """``ce`` with its forward counting calls (still of type nn.CrossEntropyLoss)."""
+    calls: list[int] = []
+    forward = ce.forward
+
+    def counting(out, t):
+        calls.append(1)
+        return forward(out, t)
+
+    ce.forward = counting
+    return ce, calls
+
+
 @pytest.mark.parametrize(
-    "loss_fn",
+    "ce",
     [
         nn.CrossEntropyLoss(weight=torch.rand(5, dtype=torch.float64)),
         nn.CrossEntropyLoss(label_smoothing=0.1),
         nn.CrossEntropyLoss(ignore_index=2),
         nn.CrossEntropyLoss(reduction="none"),
-        type("MyLoss", (nn.CrossEntropyLoss,), {})(),
-        F.nll_loss,
     ],
-    ids=["weight", "smoothing", "ignore-class", "none", "subclass", "nll"],
+    ids=["weight", "smoothing", "ignore-class", "none"],
+)
+def test_settings_it_does_not_cover_call_the_module(ce):
+    z, y = logits(12, 5, 2)
+    ref = ce(z, y)
+    ce, calls = counted(ce)
+    assert torch.equal(fast_cross_entropy(ce)(z, y), ref) and len(calls) == 1
+
+
+def test_plain_module_takes_the_fast_path_and_rereads_its_settings():
+    z, y = logits(12, 5, 2)
+    ce, calls = counted(nn.CrossEntropyLoss())
+    fast = fast_cross_entropy(ce)
+    torch.testing.assert_close(fast(z, y), F.cross_entropy(z, y), rtol=1e-14, atol=0)
+    assert not calls
+    ce.label_smoothing = 0.3  # changed after wrapping: the module computes it
+    assert torch.equal(fast(z, y), F.cross_entropy(z, y, label_smoothing=0.3))
+    assert len(calls) == 1
+
+
+def test_hooks_on_the_loss_still_run():
+    z, y = logits(12, 5, 2)
+    ce = nn.CrossEntropyLoss()
+    seen = []
+    ce.register_forward_hook(lambda module, args, out: seen.append(out))
+    fast = fast_cross_entropy(ce)
+    value = fast(z, y)
+    assert len(seen) == 1 and torch.equal(value, seen[0])
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [type("MyLoss", (nn.CrossEntropyLoss,), {})(), F.nll_loss, lambda z, y: F.cross_entropy(z, y)],
+    ids=["subclass", "nll", "lambda"],
 )
 def test_other_losses_are_returned_unchanged(loss_fn):
     assert fast_cross_entropy(loss_fn) is loss_fn
@@ -90,16 +134,19 @@ def test_inputs_it_does_not_cover_go_to_the_original_loss(case):
         y = y.to(torch.uint8)
     else:
         z = z.to(torch.float16)
-    calls = []
+    ce, calls = counted(nn.CrossEntropyLoss())
+    assert torch.equal(fast_cross_entropy(ce)(z, y), F.cross_entropy(z, y))
+    assert len(calls) == 1
+    assert torch.equal(fast_cross_entropy(F.cross_entropy)(z, y), F.cross_entropy(z, y))
 
-    def loss_fn(out, t):
-        calls.append(1)
-        return F.cross_entropy(out, t)
 
+def test_batched_targets_under_vmap_fall_back():
+    z, y = logits(12, 5, 2)
+    zs, ys = torch.stack([z, 2 * z]), torch.stack([y, y.flip(0)])
     fast = fast_cross_entropy(F.cross_entropy)
-    assert torch.equal(fast(z, y), F.cross_entropy(z, y))
-    wrapped = fast_cross_entropy(loss_fn)
-    assert wrapped is loss_fn and not calls
+    torch.testing.assert_close(
+        torch.func.vmap(fast)(zs, ys), torch.func.vmap(F.cross_entropy)(zs, ys)
+    )
 
 
 def test_predictions_equal_argmax_with_ties():

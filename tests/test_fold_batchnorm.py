@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from flatlens import Objective, zoo
 from flatlens.fold_batchnorm import conv_batchnorm, fold_conv_batchnorm
+from flatlens.landscape import line, random_direction
 
 
 def _randomize_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -247,3 +248,6 @@ def test_channels_last_only_where_no_consumer_can_see_the_layout(tail, flags):
         with torch.no_grad():
             ref = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1])).item()
         assert obj.loss() == pytest.approx(ref, rel=1e-5)
+        # The landscape's serial evaluator folds its own copy of the model the same way.
+        ls = line(obj, random_direction(obj, seed=0), steps=3, method="serial")
+        assert ls.values["loss"][1] == obj.loss()

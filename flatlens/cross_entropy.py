@@ -21,6 +21,7 @@ unchanged: accelerators (their kernels are fast), class weights, label smoothing
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,10 +51,26 @@ def fast_cross_entropy(loss_fn: LossFn) -> LossFn:
     """
     if loss_fn is not F.cross_entropy and type(loss_fn) is not nn.CrossEntropyLoss:
         return loss_fn
+    # The targets last found free of negative (ignored) classes, and their version: a
+    # landscape evaluates the same batch's targets at every point, so they are scanned once.
+    checked: list[Any] = [None, -1]
+
+    def nonnegative(targets: Tensor) -> bool:
+        ref, version = checked
+        if ref is not None and ref() is targets and targets._version == version:
+            return True
+        if bool((targets < 0).any()):
+            return False
+        checked[:] = [weakref.ref(targets), targets._version]
+        return True
 
     def cross_entropy(outputs: Any, targets: Any) -> Tensor:
         reduction = _fast_reduction(loss_fn)
-        if reduction is None or not _plain_classification(outputs, targets):
+        if (
+            reduction is None
+            or not _plain_classification(outputs, targets)
+            or not nonnegative(targets)
+        ):
             return loss_fn(outputs, targets)
         # Shifted by the row maximum m (held constant: the value does not depend on it) as
         # log_softmax is, so z_y - m is exact and float32 keeps log_softmax's accuracy;
@@ -63,7 +80,6 @@ def fast_cross_entropy(loss_fn: LossFn) -> LossFn:
         per_sample = shifted.exp().sum(1).log() - picked
         return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
-    cross_entropy.__wrapped__ = loss_fn  # type: ignore[attr-defined]
     return cross_entropy
 
 
@@ -76,9 +92,10 @@ def _fast_reduction(loss_fn: LossFn) -> str | None:
         and loss_fn.label_smoothing == 0.0
         and loss_fn.ignore_index < 0
         and loss_fn.reduction in ("mean", "sum")
-        and not (loss_fn._forward_hooks or loss_fn._forward_pre_hooks)
-        and not (nn.modules.module._global_forward_hooks)
-        and not (nn.modules.module._global_forward_pre_hooks)
+        and not loss_fn._forward_hooks
+        and not loss_fn._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
     ):
         return loss_fn.reduction
     return None
@@ -96,7 +113,6 @@ def _plain_classification(outputs: Any, targets: Any) -> bool:
         and targets.shape == outputs.shape[:1]
         and targets.numel() > 0
         and not torch._C._functorch.is_functorch_wrapped_tensor(targets)
-        and not bool((targets < 0).any())
     )
 
 

@@ -183,3 +183,14 @@ def test_float32_accuracy_matches_log_softmax_for_confident_predictions():
     err_torch = abs(F.cross_entropy(z32, y).item() - ref) / ref
     err_fast = abs(fast_cross_entropy(F.cross_entropy)(z32, y).item() - ref) / ref
     assert err_fast <= 2 * err_torch + 1e-6
+
+
+def test_targets_changed_in_place_are_scanned_again():
+    z, y = logits(12, 5, 2)
+    ce, calls = counted(nn.CrossEntropyLoss())
+    fast = fast_cross_entropy(ce)
+    fast(z, y)
+    fast(z, y)
+    assert not calls
+    y[3] = -100  # now an ignored target: the module must compute it
+    assert torch.equal(fast(z, y), F.cross_entropy(z, y)) and len(calls) == 1

@@ -152,7 +152,7 @@ class SerialEvaluator:
                     out = work(x)
                 losses.append(obj.criterion(out, y))
                 if self.classify:
-                    hits.append((predictions(out) == y).sum())
+                    hits.append(_correct(out, y, True))
             totals += _stack_weighted(obj, losses, n)
             if self.classify:
                 correct += torch.stack(hits).to(correct.device)

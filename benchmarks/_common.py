@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from flatlens.io import write_json as _atomic_write_json
-from flatlens.results import to_jsonable
+from flatlens.core._io import write_json as _atomic_write_json
+from flatlens.core._results import to_jsonable
 
 __all__ = [
     "Column",
@@ -299,7 +299,7 @@ def report(
     Args:
         name: Result file stem.
         tables: ``{title: (rows, columns)}``, printed in order.
-        payload: Everything to keep (JSON-ready after :func:`flatlens.results.to_jsonable`).
+        payload: Everything to keep (JSON-ready after :func:`flatlens.core._results.to_jsonable`).
         out_dir: Folder for the JSON file (default ``benchmarks/results``).
         markdown: Print Markdown tables (for pasting into ``docs/``).
 

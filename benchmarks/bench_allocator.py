@@ -34,7 +34,7 @@ if {tuned}:
     assert tune_cpu_allocator()
 from bench_spectrum import cnn_case
 from flatlens import Objective
-from flatlens.spectrum import hessian_eigenvalues
+from flatlens.measures._spectrum import hessian_eigenvalues
 case = cnn_case(num_samples={samples}, train_steps={steps})
 start = time.perf_counter()
 cpu = time.process_time()

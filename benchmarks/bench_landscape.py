@@ -52,11 +52,11 @@ from _common import (
     synchronize,
     time_interleaved,
 )
+from flatlens.cross_entropy import fast_cross_entropy
 from torch import Tensor, nn
 
 from flatlens import Objective, zoo
 from flatlens import landscape as fl
-from flatlens.cross_entropy import fast_cross_entropy
 from flatlens.data import load_digits
 
 __all__ = ["Case", "make_case", "measure_case", "vmap_check"]
@@ -279,7 +279,7 @@ def per_point_overhead(
     ``chunk`` floor calls, ``rounds`` times, so that machine load hits all three alike; the
     whole-plane timings above cannot be interleaved this finely. Sums of CPU seconds.
     """
-    from flatlens.landscape.engines import SerialEvaluator, VmapEvaluator
+    from flatlens.landscape._engines import SerialEvaluator, VmapEvaluator
 
     obj = Objective(case.model, case.loss_fn, (case.x, case.y))
     d = fl.random_direction(obj, seed=0).vector

@@ -6,7 +6,7 @@ Two parts:
   GAM (accelerated, 4 passes) and GAM (exact, 2 passes with double backward), on
   :func:`flatlens.zoo.cnn` (the BatchNorm CNN) with batches of 128 digits images. The steps
   are timed interleaved (SGD, SAM, GAM, ...) and the median of the repeats is reported.
-* ``study``: :func:`flatlens.train.compare` with SGD, SAM and GAM (accelerated, the released
+* ``study``: :func:`flatlens.train._compare` with SGD, SAM and GAM (accelerated, the released
   code's CIFAR-10 ResNet settings) on the digits MLP, 20 epochs, 3 seeds each, plus SGD
   with 80 epochs as a control that spends as many gradients as GAM: test accuracy, the
   generalization gap (test - train loss and train - test accuracy), lambda_max, tr(H), R0
@@ -50,7 +50,7 @@ from flatlens import zoo
 from flatlens.data import load_digits
 from flatlens.optim import GAM, SAM
 from flatlens.train import TrainConfig, compare
-from flatlens.train.compare import GAPS, kendall_tau
+from flatlens.train._compare import GAPS, kendall_tau
 
 OPTIMIZERS = ("SGD", "SAM", "GAM", "GAM-exact")
 PASSES = {"SGD": 1, "SAM": 2, "GAM": 4, "GAM-exact": 2}
@@ -145,7 +145,7 @@ def study_configs(epochs: int) -> dict[str, dict[str, Any]]:
 
 
 def measure_study(*, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
-    """SGD, SAM and GAM on the digits MLP, compared with :func:`flatlens.train.compare`."""
+    """SGD, SAM and GAM on the digits MLP, compared with :func:`flatlens.train._compare`."""
     data = load_digits(image=True)
     epochs = 3 if quick else 20
     base = TrainConfig(

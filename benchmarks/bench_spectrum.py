@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from flatlens import Objective, zoo
 from flatlens.data import batches, load_digits
-from flatlens.spectrum import hessian_eigenvalues
+from flatlens.measures._spectrum import hessian_eigenvalues
 
 PYHESSIAN_MAX_ITER = 100
 PYHESSIAN_TOL = 1e-3

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from flatlens import Objective
-from flatlens.bounds import check_bound
+from flatlens.core._results import to_jsonable
 from flatlens.data import load_digits
-from flatlens.results import to_jsonable
+from flatlens.measures._bounds import check_bound
 from flatlens.train import TrainConfig, train
 
 

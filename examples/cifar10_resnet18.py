@@ -100,9 +100,9 @@ def train_and_diagnose(args: argparse.Namespace, folder: Path) -> int:
     from torch import nn
 
     from flatlens import Objective
+    from flatlens.core._io import save_torch, write_json
     from flatlens.data import Dataset, batches, load_cifar
-    from flatlens.io import save_torch, write_json
-    from flatlens.report.diagnose import DiagnoseConfig, diagnose
+    from flatlens.report._diagnose import DiagnoseConfig, diagnose
     from flatlens.train import TrainConfig, build_model, build_optimizer, build_scheduler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

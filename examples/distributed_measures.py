@@ -38,8 +38,8 @@ from torch import nn
 from flatlens import Objective, hessian_eigenvalues, hessian_trace
 from flatlens import landscape as fl
 from flatlens.data import batches, load_digits
-from flatlens.flatness import first_order_flatness
-from flatlens.sharpness import zeroth_order_sharpness
+from flatlens.measures._flatness import first_order_flatness
+from flatlens.measures._sharpness import zeroth_order_sharpness
 from flatlens.train import TrainConfig, train
 
 

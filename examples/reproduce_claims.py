@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from flatlens.core._results import to_jsonable
 from flatlens.data import Dataset, load_digits, synthetic_classification
-from flatlens.results import to_jsonable
 from flatlens.train import TrainConfig, compare
-from flatlens.train.compare import GAPS, kendall_tau
+from flatlens.train._compare import GAPS, kendall_tau
 
 MEASURES = ("lambda_max", "trace", "r0", "r1")
 LABELS = {"lambda_max": "λ_max", "trace": "tr(H)", "r0": "R0", "r1": "R1"}

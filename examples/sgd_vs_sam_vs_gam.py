@@ -26,8 +26,8 @@ from torch import nn
 
 from flatlens import Objective
 from flatlens import landscape as fl
+from flatlens.core._results import to_jsonable
 from flatlens.data import batches, load_digits
-from flatlens.results import to_jsonable
 from flatlens.train import TrainConfig, TrainResult, compare
 
 

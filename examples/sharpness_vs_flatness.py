@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from flatlens import Objective, hessian_eigenvalues
+from flatlens.core._results import to_jsonable
 from flatlens.data import load_digits
-from flatlens.flatness import first_order_flatness
-from flatlens.results import to_jsonable
-from flatlens.sharpness import average_sharpness, zeroth_order_sharpness
+from flatlens.measures._flatness import first_order_flatness
+from flatlens.measures._sharpness import average_sharpness, zeroth_order_sharpness
 from flatlens.train import TrainConfig, train
 
 

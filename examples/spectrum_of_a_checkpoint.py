@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from flatlens import Objective, hessian_density, hessian_eigenvalues, hessian_trace
+from flatlens.cli._resolve import build_model, load_weights
+from flatlens.core._io import save_torch
+from flatlens.core._results import to_jsonable
 from flatlens.data import batches, load_digits
-from flatlens.io import save_torch
-from flatlens.report.figures import plot_density, plot_eigenvalues
-from flatlens.resolve import build_model, load_weights
-from flatlens.results import to_jsonable
+from flatlens.report._figures import plot_density, plot_eigenvalues
 from flatlens.train import TrainConfig, train
 
 

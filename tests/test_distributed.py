@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from flatlens import Objective
-from flatlens.flatness import first_order_flatness
 from flatlens.landscape import plane, random_direction
-from flatlens.sharpness import zeroth_order_sharpness
-from flatlens.spectrum import hessian_density, hessian_eigenvalues, hessian_trace
+from flatlens.measures._flatness import first_order_flatness
+from flatlens.measures._sharpness import zeroth_order_sharpness
+from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"

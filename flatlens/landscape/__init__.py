@@ -13,8 +13,8 @@ Typical use::
     fl.plot_surface(ls, "plane.html")
 """
 
-from flatlens.landscape.curvature import curvature_map
-from flatlens.landscape.directions import (
+from flatlens.landscape._curvature import curvature_map
+from flatlens.landscape._directions import (
     Direction,
     PCADirections,
     as_direction,
@@ -25,9 +25,9 @@ from flatlens.landscape.directions import (
     pca_directions,
     random_direction,
 )
-from flatlens.landscape.evaluate import grid_axis, line, plane
-from flatlens.landscape.plot import plot_contour, plot_line, plot_surface
-from flatlens.landscape.storage import Landscape, load, save
+from flatlens.landscape._evaluate import grid_axis, line, plane
+from flatlens.landscape._plot import plot_contour, plot_line, plot_surface
+from flatlens.landscape._storage import Landscape, load, save
 
 __all__ = [
     "Direction",

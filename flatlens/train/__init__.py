@@ -1,8 +1,8 @@
 """Training with flatness in view: a trainer, atomic checkpoints and multi-run studies."""
 
-from flatlens.train.checkpoint import load_training_checkpoint, save_training_checkpoint
-from flatlens.train.compare import StudyResult, compare
-from flatlens.train.trainer import (
+from flatlens.train._checkpoint import load_training_checkpoint, save_training_checkpoint
+from flatlens.train._compare import StudyResult, compare
+from flatlens.train._trainer import (
     MEASURES,
     OPTIMIZERS,
     TrainConfig,

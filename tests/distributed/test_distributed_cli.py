@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from flatlens.cli import main
-from flatlens.report.diagnose import PARTS
+from flatlens.cli._main import main
+from flatlens.report._diagnose import PARTS
 from flatlens.zoo import mlp
 
 pytestmark = pytest.mark.skipif(

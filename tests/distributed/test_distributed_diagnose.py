@@ -14,11 +14,11 @@ import torch.distributed as dist
 from helpers import gloo_ranks
 from torch import nn
 
-import flatlens.report.diagnose as dg
+import flatlens.report._diagnose as dg
 from flatlens import zoo
 from flatlens.data import synthetic_classification
-from flatlens.report.diagnose import DiagnoseConfig, measure_objective
-from flatlens.spectrum import hessian_eigenvalues
+from flatlens.measures._spectrum import hessian_eigenvalues
+from flatlens.report._diagnose import DiagnoseConfig, measure_objective
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"

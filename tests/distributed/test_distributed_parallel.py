@@ -25,10 +25,10 @@ from helpers import gloo_ranks
 from torch import nn
 
 from flatlens import GAM, SAM, Objective
-from flatlens.cli import main
+from flatlens.cli._main import main
 from flatlens.data import synthetic_classification
 from flatlens.landscape import load, plane, random_direction
-from flatlens.report.diagnose import PARTS
+from flatlens.report._diagnose import PARTS
 from flatlens.train import TrainConfig, Trainer, train
 from flatlens.zoo import mlp
 
@@ -168,7 +168,7 @@ def _history(result) -> list[dict]:
 
 # ---------------------------------------------------------------------- the ranks
 def _landscape_checks(rank: int, tmp: Path) -> dict:
-    import flatlens.landscape.evaluate as ev
+    import flatlens.landscape._evaluate as ev
 
     saves = []
     real_save = ev.save
@@ -233,7 +233,7 @@ def _optimizer_checks(rank: int) -> dict:
 
 
 def _trainer_checks(rank: int, tmp: Path) -> dict:
-    import flatlens.train.trainer as tr
+    import flatlens.train._trainer as tr
 
     writes = []
     real = tr.save_training_checkpoint

@@ -21,7 +21,7 @@ from helpers import (
 from torch import nn
 
 from flatlens import Objective
-from flatlens.landscape import evaluate as evaluate_mod
+from flatlens.landscape import _evaluate as evaluate_mod
 from flatlens.landscape import (
     grid_axis,
     interpolation_direction,
@@ -29,7 +29,7 @@ from flatlens.landscape import (
     plane,
     random_direction,
 )
-from flatlens.landscape.engines import SerialEvaluator, VmapEvaluator
+from flatlens.landscape._engines import SerialEvaluator, VmapEvaluator
 
 METHODS = ["serial", "vmap"]
 

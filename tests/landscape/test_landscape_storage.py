@@ -11,7 +11,7 @@ from helpers import classification_data, tiny_mlp, uneven_batches
 
 from flatlens import Objective
 from flatlens.landscape import Landscape, line, load, pca_directions, plane, random_direction
-from flatlens.landscape.storage import read, store_paths
+from flatlens.landscape._storage import read, store_paths
 
 
 def objective():

@@ -15,10 +15,10 @@ from torch.func import functional_call
 
 import flatlens.landscape as fl
 from flatlens import zoo
-from flatlens.bounds import check_bound
 from flatlens.data import synthetic_classification
-from flatlens.report.diagnose import PARTS, DiagnoseConfig, diagnose, measure_objective
-from flatlens.sharpness import zeroth_order_sharpness
+from flatlens.measures._bounds import check_bound
+from flatlens.measures._sharpness import zeroth_order_sharpness
+from flatlens.report._diagnose import PARTS, DiagnoseConfig, diagnose, measure_objective
 
 CONFIG = DiagnoseConfig(
     rhos=(0.05, 0.01),

@@ -9,9 +9,9 @@ import pytest
 from matplotlib.figure import Figure
 
 from flatlens.data import synthetic_classification
-from flatlens.report.figures import save_figure
-from flatlens.report.html import Section, render_report, write_report
-from flatlens.report.study import kendall_rows, mean_rows, study_sections
+from flatlens.report._figures import save_figure
+from flatlens.report._html import Section, render_report, write_report
+from flatlens.report._study import kendall_rows, mean_rows, study_sections
 from flatlens.train import TrainConfig, compare
 
 

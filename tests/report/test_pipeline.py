@@ -8,7 +8,7 @@ import json
 import torch
 from torch import nn
 
-from flatlens.report.pipeline import PartStore, fingerprint, model_digest
+from flatlens.report._pipeline import PartStore, fingerprint, model_digest
 
 
 class Counter:

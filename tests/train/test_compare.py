@@ -1,4 +1,4 @@
-"""flatlens.train.compare: the study table, Kendall's tau against scipy, the plot."""
+"""flatlens.train._compare: the study table, Kendall's tau against scipy, the plot."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy.stats import kendalltau
 
 from flatlens.data import synthetic_classification
 from flatlens.train import TrainConfig, compare, train
-from flatlens.train.compare import kendall_tau
+from flatlens.train._compare import kendall_tau
 
 DATA = synthetic_classification(80, dim=5, num_classes=3, test_n=40, seed=2, dtype=torch.float64)
 BASE = TrainConfig(

@@ -11,8 +11,8 @@ import torch
 from helpers import ModelSnapshot, tanh_classifier
 from torch import nn
 
+from flatlens.core._io import CheckpointError
 from flatlens.data import synthetic_classification
-from flatlens.io import CheckpointError
 from flatlens.optim import GAM, SAM
 from flatlens.train import (
     TrainConfig,
@@ -22,7 +22,7 @@ from flatlens.train import (
     build_scheduler,
     train,
 )
-from flatlens.train.checkpoint import load_training_checkpoint
+from flatlens.train._checkpoint import load_training_checkpoint
 
 DATA = synthetic_classification(96, dim=6, num_classes=3, test_n=48, seed=1, dtype=torch.float64)
 
@@ -213,10 +213,10 @@ def test_measures_match_the_dense_hessian_of_the_fixed_subset_and_leave_the_mode
 
 
 def test_r0_and_r1_come_from_the_flatness_measures():
-    sharpness = pytest.importorskip("flatlens.sharpness")
-    flatness = pytest.importorskip("flatlens.flatness")
+    sharpness = pytest.importorskip("flatlens.measures._sharpness")
+    flatness = pytest.importorskip("flatlens.measures._flatness")
+    from flatlens.core._objective import Objective
     from flatlens.data import batches
-    from flatlens.objective import Objective
 
     model = net(dropout=0.0)
     trainer = Trainer(

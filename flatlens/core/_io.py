@@ -1,0 +1,154 @@
+"""Atomic file writes and safe checkpoint loading.
+
+Every file flatlens writes goes to a temporary file in the same folder first and is then
+renamed over the target with :func:`os.replace`, so a reader never sees a half-written file
+and an interrupted run leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flatlens.core._results import to_jsonable
+
+__all__ = [
+    "CheckpointError",
+    "atomic_path",
+    "load_checkpoint",
+    "load_trusted_tensors",
+    "save_torch",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, untrusted or does not fit the model."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    The temporary file is removed when the block raises.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` (results, tensors and arrays allowed) as strict, indented JSON."""
+    write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's message that names what was refused (not its advice to disable
+    the safety check)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(err).__name__
+
+
+def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure explained.
+
+    ``weights_only=True`` unpickles only tensors and plain containers, so a file can never
+    run code while it loads.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or needs code to
+            unpickle (refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} was refused: unpickling it needs code beyond tensors and plain "
+            f"containers, which could run arbitrary code ({_unpickler_reason(err)}). Re-save "
+            "it as a plain state dict: torch.save(model.state_dict(), path)"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0]})"
+        ) from err
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a state dict with ``torch.load(weights_only=True)`` and explain every failure.
+
+    Accepts a plain state dict or a dict holding one under ``"model"``, ``"state_dict"`` or
+    ``"model_state_dict"``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, needs code to unpickle
+            (refused: it could run arbitrary code), or holds no state dict.
+    """
+    obj = load_trusted_tensors(path, map_location=map_location)
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict (a mapping of names to tensors, possibly "
+            "under the key 'model')"
+        )
+    return obj

@@ -1,0 +1,597 @@
+"""The empirical risk over a fixed data set: the only way a measure touches a model.
+
+For a data set split into batches B_1, ..., B_m with sizes n_b and N = sum_b n_b,
+
+* mean-reduced loss:  L(theta) = (1/N) * sum_b n_b * loss(B_b; theta)
+* sum-reduced loss:   L(theta) = sum_b loss(B_b; theta)
+
+so an uneven last batch is weighted exactly. ``gradient`` returns grad L and ``hvp(v)`` the
+Hessian-vector product (grad^2 L) v, both as flat vectors over the selected parameters.
+Every evaluation goes through :func:`torch.func.functional_call` with parameters taken from a
+flat vector, so the model itself is never written to and any point ``theta + delta`` can be
+evaluated by passing ``at=``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from flatlens.core._errors import DataChangedError, NonFiniteLossError
+from flatlens.core._fold_batchnorm import fold_conv_batchnorm
+from flatlens.core._params import ParamSpace, ParamSpec, eval_mode, select_parameters
+
+__all__ = ["DataChangedError", "Objective"]
+
+HVPMethod = Literal["auto", "double_backward", "forward_over_reverse"]
+Batch = tuple[Any, Any]
+
+
+def _is_batch(data: Any) -> bool:
+    return (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and isinstance(data[0], Tensor)
+        and isinstance(data[1], Tensor)
+    )
+
+
+CACHE_INPUT_NUMEL = 1 << 22
+"""Largest total input size (elements) of a list of batches whose graphs are cached by default."""
+
+
+def _input_numel(batches: list) -> int:
+    total = 0
+    for inputs, _ in batches:
+        if isinstance(inputs, Tensor):
+            total += inputs.numel()
+        else:
+            return CACHE_INPUT_NUMEL + 1
+    return total
+
+
+def _is_classification(outputs: Any, targets: Any) -> bool:
+    return (
+        isinstance(outputs, Tensor)
+        and isinstance(targets, Tensor)
+        and outputs.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+    )
+
+
+def _batch_size(targets: Any) -> int:
+    if isinstance(targets, Tensor):
+        return int(targets.shape[0]) if targets.dim() > 0 else 1
+    return len(targets)
+
+
+class Objective:
+    """Empirical risk L(theta) of ``loss_fn(model(inputs), targets)`` over a fixed data set.
+
+    Args:
+        model: The network. It is never modified: parameters are read, not written.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, mean- or sum-reduced over the batch.
+        data: A ``DataLoader``, any re-iterable of ``(inputs, targets)`` batches, or one
+            ``(inputs, targets)`` tuple. It must yield the same batches on every pass.
+        params: Which parameters span the space (names, module prefixes, modules or
+            tensors; see :func:`flatlens.core.select_parameters`). Default: all that
+            require grad.
+        device: Expected device of the model; defaults to the parameters' device. Batches on
+            the CPU are moved there; batches on another accelerator are an error.
+        reduction: ``"mean"`` or ``"sum"``; inferred from ``loss_fn.reduction`` when it has
+            one, else ``"mean"``.
+        eval_mode: Evaluate with every module in eval mode (BatchNorm running statistics,
+            dropout off). The model's own flags are restored after each call.
+        hvp_method: ``"double_backward"`` (reverse-over-reverse), ``"forward_over_reverse"``
+            (``torch.func.jvp`` of ``torch.func.grad``) or ``"auto"``.
+        cache_graph: Keep the first-order graph between HVPs at the same point, so each HVP
+            costs one extra backward pass instead of a forward and two backward passes.
+            Memory grows with the data (the activations of every batch are kept). ``None``
+            enables it for one in-memory batch, and for an in-memory list of batches with at
+            most ``CACHE_INPUT_NUMEL`` input elements in all; never for a DataLoader.
+        check_determinism: Before the first evaluation, compute the loss twice and raise
+            :class:`DataChangedError` when the passes disagree (random augmentation, dropout
+            left on, a shuffled uneven loader is fine).
+        distributed: Sum the per-rank contributions with ``torch.distributed.all_reduce``
+            so each rank sees the loss over all ranks' data. ``None`` detects an initialized
+            process group.
+        fold_batchnorm: In eval mode, evaluate each convolution followed by a BatchNorm as
+            one convolution with the BatchNorm folded in, conv(x; W s, (c - mu) s + beta)
+            with s = gamma / sqrt(var + eps): the same function up to rounding, with a
+            cheaper forward pass and cheaper derivatives (see ``docs/benchmarks.md``).
+            Forward hooks on the folded layers do not run. Off by default.
+
+    Raises:
+        NonFiniteLossError: (from any evaluation) the loss is NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Any,
+        *,
+        params: ParamSpec | Iterable[ParamSpec] | None = None,
+        device: torch.device | str | None = None,
+        reduction: Literal["mean", "sum"] | None = None,
+        eval_mode: bool = True,
+        hvp_method: HVPMethod = "auto",
+        cache_graph: bool | None = None,
+        check_determinism: bool = True,
+        distributed: bool | None = None,
+        fold_batchnorm: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.fold_batchnorm = bool(fold_batchnorm)
+        named = select_parameters(model, params)
+        self.space = ParamSpace.from_named(named)
+        self._params = [p for _, p in named]
+        dev = {p.device for p in self._params}
+        dtypes = {p.dtype for p in self._params}
+        if len(dev) != 1 or len(dtypes) != 1:
+            raise ValueError(
+                f"selected parameters must share one device and dtype, found {dev} and {dtypes}"
+            )
+        self.device = next(iter(dev))
+        self.dtype = next(iter(dtypes))
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(
+                f"device={device!r} but the model's parameters are on {self.device}; "
+                f"move the model first with model.to({str(device)!r})"
+            )
+        if reduction is None:
+            reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        self.reduction = reduction
+        self.eval_mode = eval_mode
+        if hvp_method not in ("auto", "double_backward", "forward_over_reverse"):
+            raise ValueError(
+                f"hvp_method must be 'auto', 'double_backward' or 'forward_over_reverse', "
+                f"not {hvp_method!r}"
+            )
+        self.hvp_method = hvp_method
+
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "distributed=True but no torch.distributed process group is initialized; "
+                "launch with torchrun and call torch.distributed.init_process_group first"
+            )
+        self.distributed = bool(distributed)
+
+        self._single = _is_batch(data)
+        if self._single:
+            self._data: Any = [self._to_device(tuple(data))]
+        elif isinstance(data, list | tuple):
+            if not data and not self.distributed:
+                # Under torch.distributed an empty shard is allowed (every rank must reach
+                # the collectives); empty data over all ranks is caught after the reduction.
+                raise ValueError("data is empty: pass at least one (inputs, targets) batch")
+            self._data = [self._to_device(tuple(b)) for b in data]
+        else:
+            if iter(data) is data:
+                raise TypeError(
+                    "data is a one-shot iterator; pass something that can be iterated "
+                    "repeatedly (a DataLoader, a list of batches or one (inputs, targets) tuple)"
+                )
+            self._data = data
+        in_memory = isinstance(self._data, list)
+        if cache_graph is None:
+            cache_graph = self._single or _input_numel(self._data) <= CACHE_INPUT_NUMEL
+        self.cache_graph = bool(cache_graph) and in_memory
+
+        if self.distributed:
+            # A cached and an uncached HVP make different collective calls, so every rank
+            # must make the same choice: cache only where all ranks can.
+            flag = torch.tensor([int(self.cache_graph)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            self.cache_graph = bool(flag.item())
+
+        self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
+        self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
+        self._folded: nn.Module | None = None  # built on the first eval-mode forward
+        self._checked = not check_determinism
+        self.num_samples: int | None = None
+        self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def num_params(self) -> int:
+        """Dimension of the parameter space (scalars in the selected parameters)."""
+        return self.space.dim
+
+    @property
+    def theta(self) -> Tensor:
+        """The model's current selected parameters as one flat vector (a copy)."""
+        with torch.no_grad():
+            return self.space.flatten(self._params)
+
+    def zeros(self) -> Tensor:
+        """A zero flat vector on the objective's device and dtype."""
+        return torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ data
+    def _move(self, x: Any) -> Any:
+        if isinstance(x, Tensor):
+            if x.device != self.device and x.device.type != "cpu":
+                raise ValueError(
+                    f"a batch tensor is on {x.device} but the model is on {self.device}; "
+                    "put the data on the CPU or on the model's device"
+                )
+            x = x.to(self.device, non_blocking=True)
+            return x.to(self.dtype) if x.is_floating_point() else x
+        if isinstance(x, tuple | list):
+            return type(x)(self._move(t) for t in x)
+        if isinstance(x, dict):
+            return {k: self._move(v) for k, v in x.items()}
+        return x
+
+    def _to_device(self, batch: tuple) -> Batch:
+        if len(batch) != 2:
+            raise ValueError(
+                f"each batch must be an (inputs, targets) pair, got {len(batch)} items"
+            )
+        return self._move(batch[0]), self._move(batch[1])
+
+    def batches(self) -> Iterator[tuple[Any, Any, int]]:
+        """Yield ``(inputs, targets, batch_size)`` on the model's device, one data pass."""
+        for batch in self._data:
+            if not isinstance(batch, tuple | list):
+                raise TypeError(
+                    f"data must yield (inputs, targets) pairs, got {type(batch).__name__}"
+                )
+            x, y = batch if isinstance(self._data, list) else self._to_device(tuple(batch))
+            n = _batch_size(y)
+            if n == 0:
+                continue
+            yield x, y, n
+
+    # ------------------------------------------------------------------ model calls
+    def forward(self, theta: Tensor, inputs: Any) -> Any:
+        """Model outputs at the flat parameters ``theta`` (the model is not written to)."""
+        return self._call(self._evaluation_module(), theta, inputs)
+
+    def _call(self, module: nn.Module, theta: Tensor, inputs: Any) -> Any:
+        values = self.space.as_dict(theta)
+        if not self.eval_mode:
+            # Train-mode BatchNorm writes its running statistics: give it copies.
+            values.update({n: b.clone() for n, b in self.model.named_buffers()})
+        values.update({n: p.detach() for n, p in self._frozen.items()})
+        return functional_call(module, values, (inputs,), tie_weights=True, strict=False)
+
+    def _evaluation_module(self) -> nn.Module:
+        """The model, or with ``fold_batchnorm`` in eval mode its folded copy."""
+        if not (self.fold_batchnorm and self.eval_mode):
+            return self.model
+        if self._folded is None:
+            self._folded = fold_conv_batchnorm(self.model) or self.model
+        return self._folded
+
+    def _batch_loss(self, theta: Tensor, x: Any, y: Any, n: int) -> Tensor:
+        """``w_b * loss(B_b; theta)`` with w_b = n_b for mean reduction, 1 for sum."""
+        return self._weighted(self.loss_fn(self.forward(theta, x), y), n)
+
+    def _weighted(self, loss: Any, n: int) -> Tensor:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor; use a reduced loss")
+        loss = loss.reshape(())
+        return loss * n if self.reduction == "mean" else loss
+
+    def _finish(self, total: Tensor, parts: list[Tensor], count: int, *vecs: Tensor):
+        """Reduce across ranks, divide by N, check the loss is finite."""
+        stacked = torch.stack(parts) if parts else total.new_zeros(0)
+        if self.distributed:
+            import torch.distributed as dist
+
+            counter = torch.tensor([float(count)], device=self.device, dtype=torch.float64)
+            dist.all_reduce(counter)
+            count = int(counter.item())
+            dist.all_reduce(total)
+            for v in vecs:
+                dist.all_reduce(v)
+        if count == 0:
+            # Checked after the reduction, so a rank with an empty shard does not leave the
+            # other ranks waiting in all_reduce.
+            raise ValueError("data is empty: it yielded no samples")
+        value = total.item()
+        if not math.isfinite(value):
+            bad = torch.nonzero(~torch.isfinite(stacked)).flatten()
+            where = f"batch {int(bad[0])}" if bad.numel() else "another rank's batch"
+            raise NonFiniteLossError(
+                f"the loss is {value} (first non-finite at {where} of the data); "
+                "check the weights and inputs for NaN/inf, or lower the perturbation"
+            )
+        self.num_samples = count
+        scale = 1.0 / count if self.reduction == "mean" else 1.0
+        if scale != 1.0:
+            for v in vecs:
+                v.mul_(scale)
+        return value * scale
+
+    def point(self, at: Tensor | None = None) -> Tensor:
+        """The flat parameter vector to evaluate: ``at`` (checked) or the model's current one."""
+        if at is None:
+            return self.theta
+        if not isinstance(at, Tensor) or at.shape != (self.num_params,):
+            raise ValueError(f"`at` must be a flat tensor of length {self.num_params}")
+        if at.device != self.device:
+            raise ValueError(f"`at` is on {at.device}, the model on {self.device}")
+        return at.detach().to(self.dtype)
+
+    def _ensure_checked(self, theta: Tensor | None = None, *, graph: bool = False) -> float | None:
+        """Before the first evaluation, compute L twice and raise if the two passes differ.
+
+        Args:
+            theta: Where to evaluate (default: the model's parameters): the point of the
+                call that triggered the check.
+            graph: The call builds the cached first-order graph at ``theta`` anyway (an HVP,
+                a gradient): its forward pass is then the first of the two, so the check
+                costs one forward pass instead of two.
+
+        Returns:
+            L at ``theta`` from a plain pass (what :meth:`loss` would compute) when the
+            check ran two of them, else ``None``.
+        """
+        if self._checked:
+            return None
+        point = self.theta if theta is None else theta
+        if graph and self.cache_graph:
+            first = self._cached_graph(point)[1]
+            second = self._loss(point)
+            self.counts["loss"] -= 1
+            plain = None
+        else:
+            first, second = self._loss(point), self._loss(point)
+            self.counts["loss"] -= 2
+            plain = second
+        rtol = 1e-5 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+        if not math.isclose(first, second, rel_tol=rtol, abs_tol=1e-30):
+            self._graph = None
+            raise DataChangedError(
+                f"two passes over the same data gave different losses ({first!r} vs "
+                f"{second!r}): the data or the model is random (augmentation, shuffling of "
+                "non-deterministic transforms, dropout left on with eval_mode=False). Use "
+                "fixed batches, or pass check_determinism=False if this is intended"
+            )
+        self._checked = True
+        return plain
+
+    # ------------------------------------------------------------------ L, grad L, H v
+    @torch.no_grad()
+    def _loss(self, theta: Tensor) -> float:
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        parts, count = [], 0
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                part = self._batch_loss(theta, x, y, n)
+                parts.append(part)
+                total += part
+                count += n
+        self.counts["loss"] += 1
+        return self._finish(total, parts, count)
+
+    def loss(self, at: Tensor | None = None) -> float:
+        """L(theta), or L(at) for a flat parameter vector ``at``."""
+        theta = self.point(at)
+        checked = self._ensure_checked(theta)
+        if checked is None:
+            return self._loss(theta)
+        self.counts["loss"] += 1  # the check's second pass was this evaluation
+        return checked
+
+    @torch.no_grad()
+    def evaluate(self, at: Tensor | None = None) -> dict[str, float]:
+        """Loss and, for classification (2-D outputs, integer targets), accuracy in one pass.
+
+        Returns:
+            ``{"loss": L}`` plus ``"accuracy"`` (fraction of argmax predictions equal to the
+            targets over all samples) when the task is classification.
+        """
+        theta = self.point(at)
+        self._ensure_checked(theta)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        parts, count, classify = [], 0, True
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                out = self.forward(theta, x)
+                part = self._weighted(self.loss_fn(out, y), n)
+                parts.append(part)
+                total += part
+                count += n
+                classify = classify and _is_classification(out, y)
+                if classify:
+                    correct += (out.argmax(dim=-1) == y).sum()
+        self.counts["loss"] += 1
+        if classify and self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(correct)
+        result = {"loss": self._finish(total, parts, count)}
+        if classify:
+            result["accuracy"] = float(correct) / self.num_samples
+        return result
+
+    def loss_and_gradient(self, at: Tensor | None = None) -> tuple[float, Tensor]:
+        """L and its gradient (a flat vector) in one pass over the data."""
+        theta = self.point(at)
+        self._ensure_checked(theta, graph=True)
+        if self.cache_graph:
+            # Build (or reuse) the first-order graph, so an HVP at this point that follows
+            # costs only the second backward pass.
+            graphs, value = self._cached_graph(theta)
+            grad = self.zeros()
+            for _, g in graphs:
+                if g is not None:
+                    grad += g.detach()
+            if self.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(grad)
+            if self.reduction == "mean":
+                grad.mul_(1.0 / (self.num_samples or 1))
+            self.counts["gradient"] += 1
+            return value, grad
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        grad = self.zeros()
+        parts, count = [], 0
+        leaf = theta.detach().requires_grad_(True)
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                part = self._batch_loss(leaf, x, y, n)
+                if part.requires_grad:
+                    (g,) = torch.autograd.grad(part, leaf, allow_unused=True)
+                    if g is not None:
+                        grad += g
+                parts.append(part.detach())
+                total += part.detach()
+                count += n
+        self.counts["gradient"] += 1
+        value = self._finish(total, parts, count, grad)
+        return value, grad
+
+    def gradient(self, at: Tensor | None = None) -> Tensor:
+        """grad L(theta) as a flat vector (zero for parameters the loss does not reach)."""
+        return self.loss_and_gradient(at)[1]
+
+    def _resolved_hvp_method(self) -> str:
+        if self.hvp_method != "auto":
+            return self.hvp_method
+        # benchmarks/bench_spectrum.py: on the CPU, double backward beat forward-over-reverse
+        # on the digits MLP (2.5x) and BatchNorm CNN (1.1x, 2x before BatchNorm folding).
+        return "double_backward"
+
+    def _cached_graph(self, theta: Tensor) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        """Per-batch ``(leaf, grad)`` with ``create_graph=True`` at ``theta``, and L(theta)."""
+        if self._graph is not None and torch.equal(self._graph[0], theta):
+            return self._graph[1], self._graph[2]
+        self._graph = None
+        graphs, parts, count = [], [], 0
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                leaf = theta.detach().requires_grad_(True)
+                part = self._batch_loss(leaf, x, y, n)
+                g = None
+                if part.requires_grad:
+                    (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+                graphs.append((leaf, g))
+                parts.append(part.detach())
+                total += part.detach()
+                count += n
+        value = self._finish(total, parts, count)
+        self._graph = (theta.clone(), graphs, value)
+        return graphs, value
+
+    def hvp(self, v: Tensor, at: Tensor | None = None) -> Tensor:
+        """Hessian-vector product (grad^2 L(theta)) v as a flat vector.
+
+        Args:
+            v: Flat vector of length ``num_params`` on the objective's device.
+            at: Optional flat parameter vector; the Hessian is taken there instead of at the
+                model's current parameters.
+        """
+        theta = self.point(at)
+        if v.shape != (self.num_params,):
+            raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
+        if v.device != self.device:
+            raise ValueError(f"v is on {v.device}, the model on {self.device}")
+        self._ensure_checked(theta, graph=True)
+        v = v.detach().to(self.dtype)
+        out = self.zeros()
+        count = 0
+        method = self._resolved_hvp_method()
+        if self.cache_graph:
+            for leaf, g in self._cached_graph(theta)[0]:
+                if g is not None and g.requires_grad:
+                    (hv,) = torch.autograd.grad(
+                        g, leaf, grad_outputs=v, retain_graph=True, allow_unused=True
+                    )
+                    if hv is not None:
+                        out += hv
+            count = self.num_samples or 0
+            if self.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(out)
+            if self.reduction == "mean":
+                out.mul_(1.0 / count)
+            self.counts["hvp"] += 1
+            return out
+
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        parts = []
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                if method == "forward_over_reverse":
+                    part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
+                else:
+                    part, hv = self._hvp_double_backward(theta, v, x, y, n)
+                out += hv
+                parts.append(part)
+                total += part
+                count += n
+        self.counts["hvp"] += 1
+        self._finish(total, parts, count, out)
+        return out
+
+    def _hvp_double_backward(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
+        leaf = theta.detach().requires_grad_(True)
+        part = self._batch_loss(leaf, x, y, n)
+        if not part.requires_grad:
+            return part.detach(), torch.zeros_like(v)
+        (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+        if g is None or not g.requires_grad:
+            return part.detach(), torch.zeros_like(v)
+        (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, allow_unused=True)
+        return part.detach(), torch.zeros_like(v) if hv is None else hv
+
+    def _hvp_fwd_rev(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
+        def batch_loss(t: Tensor) -> tuple[Tensor, Tensor]:
+            value = self._batch_loss(t, x, y, n)
+            return value, value.detach()
+
+        grad_fn = torch.func.grad(batch_loss, has_aux=True)
+        (_, hv, part) = torch.func.jvp(grad_fn, (theta,), (v,), has_aux=True)
+        return part, hv
+
+    # ------------------------------------------------------------------ interop
+    def as_linear_operator(self, at: Tensor | None = None):
+        """The Hessian at ``theta`` (or ``at``) as a ``scipy.sparse.linalg.LinearOperator``.
+
+        Vectors are NumPy arrays in float64 on the CPU; each ``matvec`` runs one HVP on the
+        model's device.
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        point = self.point(at)
+        n = self.num_params
+
+        def matvec(x: np.ndarray) -> np.ndarray:
+            vec = torch.as_tensor(np.ascontiguousarray(x).reshape(-1), dtype=self.dtype)
+            hv = self.hvp(vec.to(self.device), at=point)
+            return hv.detach().to("cpu", torch.float64).numpy()
+
+        return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (
+            f"Objective(num_params={self.num_params}, device={self.device}, "
+            f"dtype={self.dtype}, reduction={self.reduction!r}, eval_mode={self.eval_mode})"
+        )

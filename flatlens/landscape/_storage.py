@@ -1,0 +1,221 @@
+"""The :class:`Landscape` result and its files: ``<stem>.npz`` plus a ``<stem>.json`` sidecar.
+
+The ``.npz`` file is self-contained (arrays plus the metadata as an embedded JSON string)
+and is what :func:`load` reads; the sidecar repeats the metadata for people and other tools.
+Both are written to a temporary file and renamed over the target, so a reader, or a run
+killed mid-write, never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flatlens.core._io import atomic_path, write_json
+from flatlens.core._results import Result, to_jsonable
+
+__all__ = ["FORMAT", "Landscape", "load", "save", "store_paths"]
+
+FORMAT = "flatlens.landscape/1"
+
+
+@dataclass(eq=False)
+class Landscape(Result):
+    """Metric values on a 1-D or 2-D grid around theta: theta + a d1 (+ b d2).
+
+    Attributes:
+        coords: One sorted 1-D float64 array per axis (``a``, then ``b``); each holds 0.
+        values: Metric name -> array of the grid's shape; ``values[m][i, j]`` is the metric
+            at ``coords[0][i], coords[1][j]``. NaN marks a point not evaluated (yet).
+        center_index: Index of the origin (theta itself) in the grid.
+        center: Metric values at theta.
+        directions: Each direction's metadata (source, settings, norm); vectors not kept.
+        cosine: cos(d1, d2) for a plane, else None.
+        trajectory: Optional ``(T, ndim)`` coordinates of points to overlay (e.g. PCA).
+        settings: How the grid was evaluated (span, steps, method, chunk size, dtype, ...).
+        fingerprint: Hash of everything that determines the values (theta, directions,
+            grid, metrics, loss settings), used to refuse resuming a different run.
+        num_evaluated: Grid points evaluated by the call that returned this object
+            (points restored from a store are not counted).
+        elapsed_s: Wall-clock seconds of that call.
+    """
+
+    coords: list[np.ndarray]
+    values: dict[str, np.ndarray]
+    center_index: tuple[int, ...]
+    center: dict[str, float] = field(default_factory=dict)
+    directions: list[dict[str, Any]] = field(default_factory=list)
+    cosine: float | None = None
+    trajectory: np.ndarray | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    num_evaluated: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def ndim(self) -> int:
+        """1 for a line, 2 for a plane."""
+        return len(self.coords)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Grid shape."""
+        return tuple(len(c) for c in self.coords)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Names of the metrics held."""
+        return list(self.values)
+
+    @property
+    def x(self) -> np.ndarray:
+        """Coordinates along the first direction."""
+        return self.coords[0]
+
+    @property
+    def y(self) -> np.ndarray:
+        """Coordinates along the second direction (planes only)."""
+        if self.ndim < 2:
+            raise ValueError("a line has no second axis")
+        return self.coords[1]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<stem>.npz`` and ``<stem>.json`` atomically; returns the ``.npz`` path."""
+        return save(self, path)
+
+    def equals(self, other: Landscape, *, timing: bool = False) -> bool:
+        """Exact equality of grid, values (NaN equal to NaN) and metadata.
+
+        Args:
+            other: The landscape to compare with.
+            timing: Also compare ``num_evaluated`` and ``elapsed_s``.
+        """
+        if not isinstance(other, Landscape) or self.shape != other.shape:
+            return False
+        if set(self.values) != set(other.values):
+            return False
+        arrays_equal = all(
+            np.array_equal(a, b) for a, b in zip(self.coords, other.coords, strict=True)
+        ) and all(
+            np.array_equal(self.values[k], other.values[k], equal_nan=True) for k in self.values
+        )
+        traj_equal = (self.trajectory is None and other.trajectory is None) or (
+            self.trajectory is not None
+            and other.trajectory is not None
+            and np.array_equal(self.trajectory, other.trajectory)
+        )
+        meta_a, meta_b = _metadata(self), _metadata(other)
+        if not timing:
+            for meta in (meta_a, meta_b):
+                meta.pop("num_evaluated")
+                meta.pop("elapsed_s")
+        return arrays_equal and traj_equal and meta_a == meta_b
+
+
+def store_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(<stem>.npz, <stem>.json)`` for ``path`` given with or without the ``.npz`` suffix."""
+    p = Path(path)
+    if p.suffix in (".npz", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
+
+
+def _metadata(landscape: Landscape) -> dict[str, Any]:
+    return to_jsonable(
+        {
+            "format": FORMAT,
+            "metrics": landscape.metrics,
+            "shape": list(landscape.shape),
+            "center_index": list(landscape.center_index),
+            "center": landscape.center,
+            "directions": landscape.directions,
+            "cosine": landscape.cosine,
+            "settings": landscape.settings,
+            "fingerprint": landscape.fingerprint,
+            "num_evaluated": landscape.num_evaluated,
+            "elapsed_s": landscape.elapsed_s,
+        }
+    )
+
+
+def save(landscape: Landscape, path: str | os.PathLike, *, done: np.ndarray | None = None) -> Path:
+    """Write a landscape as ``<stem>.npz`` + ``<stem>.json``, each atomically.
+
+    Args:
+        landscape: What to write.
+        path: ``<stem>`` or ``<stem>.npz``.
+        done: Optional boolean mask of the grid's evaluated points (for resumable stores);
+            default all True.
+
+    Returns:
+        The ``.npz`` path.
+    """
+    npz_path, json_path = store_paths(path)
+    meta = _metadata(landscape)
+    if done is None:
+        done = np.ones(landscape.shape, dtype=bool)
+    meta["num_done"] = int(done.sum())
+    arrays: dict[str, np.ndarray] = {
+        f"coord_{i}": np.asarray(c, dtype=np.float64) for i, c in enumerate(landscape.coords)
+    }
+    for i, name in enumerate(landscape.metrics):
+        arrays[f"value_{i}"] = np.asarray(landscape.values[name])
+    if landscape.trajectory is not None:
+        arrays["trajectory"] = np.asarray(landscape.trajectory, dtype=np.float64)
+    arrays["done"] = np.asarray(done, dtype=bool)
+    arrays["meta"] = np.asarray(json.dumps(meta, allow_nan=False))
+    with atomic_path(npz_path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+    write_json(json_path, meta)
+    return npz_path
+
+
+def read(path: str | os.PathLike) -> tuple[Landscape, np.ndarray]:
+    """Read a landscape and its mask of evaluated points (see :func:`save`).
+
+    Raises:
+        FileNotFoundError: if the ``.npz`` file does not exist.
+        ValueError: if it is not a flatlens landscape file.
+    """
+    npz_path, _ = store_paths(path)
+    if not npz_path.is_file():
+        raise FileNotFoundError(f"no landscape file {npz_path}")
+    try:
+        with np.load(npz_path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(str(arrays["meta"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{npz_path} is not a readable flatlens landscape ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{npz_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    ndim = len(meta["shape"])
+    coords = [arrays[f"coord_{i}"] for i in range(ndim)]
+    values = {name: arrays[f"value_{i}"] for i, name in enumerate(meta["metrics"])}
+    landscape = Landscape(
+        coords=coords,
+        values=values,
+        center_index=tuple(meta["center_index"]),
+        center={k: math.nan if v is None else v for k, v in meta["center"].items()},
+        directions=meta["directions"],
+        cosine=meta["cosine"],
+        trajectory=arrays.get("trajectory"),
+        settings=meta["settings"],
+        fingerprint=meta["fingerprint"],
+        num_evaluated=meta["num_evaluated"],
+        elapsed_s=meta["elapsed_s"],
+    )
+    return landscape, arrays["done"]
+
+
+def load(path: str | os.PathLike) -> Landscape:
+    """Load a landscape written by :meth:`Landscape.save` (``<stem>`` or ``<stem>.npz``)."""
+    return read(path)[0]

@@ -1,0 +1,54 @@
+"""Measures: Hessian spectra, zeroth-order sharpness R0, first-order flatness R1 and the bound.
+
+Each is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
+as it was; the eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) work on any
+symmetric operator given as a matrix-vector product.
+"""
+
+from flatlens.measures._ascent import AscentConfig, Ball
+from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
+from flatlens.measures._flatness import FlatnessResult, first_order_flatness
+from flatlens.measures._lanczos import (
+    EigshOutput,
+    lanczos_eigsh,
+    lanczos_tridiagonal,
+    power_iteration,
+)
+from flatlens.measures._sharpness import (
+    AverageSharpnessResult,
+    SharpnessResult,
+    average_sharpness,
+    zeroth_order_sharpness,
+)
+from flatlens.measures._spectrum import (
+    DensityResult,
+    EigenResult,
+    TraceResult,
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+)
+
+__all__ = [
+    "AscentConfig",
+    "AverageSharpnessResult",
+    "Ball",
+    "BoundReport",
+    "BoundRow",
+    "DensityResult",
+    "EigenResult",
+    "EigshOutput",
+    "FlatnessResult",
+    "SharpnessResult",
+    "TraceResult",
+    "average_sharpness",
+    "check_bound",
+    "first_order_flatness",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "lanczos_eigsh",
+    "lanczos_tridiagonal",
+    "power_iteration",
+    "zeroth_order_sharpness",
+]

@@ -1,0 +1,301 @@
+"""Zeroth-order sharpness: how much the loss can rise within a ball around theta.
+
+* worst case (SAM's regularizer):
+  R0_rho(theta) = max_{||delta||_B <= rho} L(theta + delta) - L(theta)
+* average case: E_delta [L(theta + delta) - L(theta)] over random delta
+
+The worst case is found by :func:`flatlens.measures.projected_ascent` on f(delta) =
+L(theta + delta), whose gradient is grad L(theta + delta): one gradient per step. Because the
+center delta = 0 belongs to the ball, R0 >= 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flatlens.core._objective import Objective
+from flatlens.core._params import preserved
+from flatlens.core._results import Result
+from flatlens.measures._ascent import (
+    AscentConfig,
+    AscentFn,
+    Ball,
+    check_steps,
+    make_generator,
+    worst_case_ascent,
+)
+from flatlens.measures._spectrum import EigenResult
+
+__all__ = [
+    "AverageSharpnessResult",
+    "SharpnessResult",
+    "average_sharpness",
+    "zeroth_order_sharpness",
+]
+
+
+@dataclass
+class SharpnessResult(Result):
+    """Worst-case zeroth-order sharpness R0 and how it was found.
+
+    Attributes:
+        value: R0 = max_loss - loss (>= 0); with ``per_batch`` the batch-weighted mean of
+            the per-batch values ("m-sharpness").
+        loss: L(theta).
+        max_loss: L(theta + delta) at the best perturbation found.
+        delta_norm: ||delta||_B of that perturbation (<= rho; the largest over batches).
+        delta_l2: Its Euclidean norm (the largest over batches).
+        best_start: Which start's run won (``"gradient"``, ``"+eigen0"``, ``"random0"``,
+            ``"given0"`` or ``"center"``); empty with ``per_batch``.
+        start_values: Best value reached from each start (single-batch runs only).
+        num_losses, num_gradients, num_hvps: Evaluations spent (over all batch objectives
+            with ``per_batch``; HVPs come from the Lanczos run of the ``"eigen"`` start).
+        seconds: Wall-clock time.
+        batch_values: Per-batch R0 with ``per_batch``, else ``None``.
+        delta: The best perturbation (not in ``to_dict``; ``None`` with ``per_batch``).
+    """
+
+    value: float
+    loss: float
+    max_loss: float
+    delta_norm: float
+    delta_l2: float
+    rho: float
+    norm: str
+    adaptive: bool
+    adaptive_eta: float
+    steps: int
+    restarts: int
+    init: list[str]
+    step_size: float
+    momentum: float
+    per_batch: bool
+    seed: int | None
+    best_start: str
+    start_values: dict[str, float]
+    num_losses: int
+    num_gradients: int
+    num_hvps: int
+    seconds: float
+    batch_values: list[float] | None = None
+    delta: Tensor | None = field(default=None, metadata={"json": False})
+
+
+def _loss_at_center(objective: Objective, ball: Ball, theta: Tensor) -> tuple[float, Tensor]:
+    """f(0) = L(theta) and grad L(theta), in one pass."""
+    return objective.loss_and_gradient(theta)
+
+
+def _loss_function(objective: Objective, ball: Ball, theta: Tensor) -> AscentFn:
+    """f(delta) = L(theta + delta), grad f = grad L(theta + delta)."""
+
+    def fn(delta: Tensor, need_grad: bool) -> tuple[float, Tensor | None]:
+        if need_grad:
+            return objective.loss_and_gradient(theta + delta)
+        return objective.loss(theta + delta), None
+
+    return fn
+
+
+def zeroth_order_sharpness(
+    objective: Objective,
+    rho: float,
+    *,
+    norm: Literal["l2", "linf"] = "l2",
+    adaptive: bool = False,
+    steps: int = 20,
+    restarts: int = 1,
+    init: Sequence[str] = ("gradient", "eigen"),
+    starts: Sequence[Tensor] | None = None,
+    eigen: EigenResult | Tensor | None = None,
+    per_batch: bool = False,
+    adaptive_eta: float = 0.0,
+    step_size: float = 2.0,
+    momentum: float = 0.25,
+    num_eigen: int = 1,
+    eigen_tol: float = 1e-3,
+    seed: int | torch.Generator = 0,
+    progress: bool = False,
+) -> SharpnessResult:
+    """Worst-case sharpness R0 = max_{||delta||_B <= rho} L(theta + delta) - L(theta).
+
+    Projected gradient ascent with momentum and the Auto-PGD step-size schedule (as
+    Andriushchenko et al., ICML 2023, evaluate sharpness), from several starts on the
+    sphere, keeping the best iterate. Each step costs one gradient. The ascent only finds
+    a lower bound on the true maximum; more ``steps`` and starts tighten it.
+
+    Args:
+        objective: The empirical risk L.
+        rho: Radius of the ball, > 0.
+        norm: ``"l2"`` or ``"linf"``.
+        adaptive: Measure in the elementwise-scaled ball ||delta / s|| <= rho with
+            s = |theta| + adaptive_eta (ASAM's adaptive sharpness; invariant to rescaling
+            ReLU layers when ``adaptive_eta = 0``). The l2 version is an ellipsoid, projected
+            onto exactly.
+        steps: Ascent steps per start (>= 1).
+        restarts: Number of random starts on the sphere (>= 0).
+        init: Deterministic starts: ``"gradient"`` (the one-step SAM point rho d(g), so R0
+            is at least the loss increase there) and ``"eigen"`` (+-rho along the top
+            Hessian eigenvector(s), the maximizer at a minimum to second order; costs one
+            Lanczos run of HVPs).
+        starts: Extra start perturbations (flat tensors, projected onto the ball).
+        eigen: Precomputed eigenvectors for ``"eigen"`` (an :class:`EigenResult` or rows;
+            in the adaptive geometry directions u = delta / s, eigenvectors of S H S).
+        per_batch: Solve the maximum separately on every batch of the data and combine the
+            per-batch values like the risk combines batch losses ("m-sharpness", m = the
+            batch size). Builds one :class:`Objective` per batch.
+        adaptive_eta: eta >= 0 added to |theta| in the adaptive scale.
+        step_size: Initial step eta_0 / rho (Auto-PGD: 2).
+        momentum: Momentum weight in [0, 1) (Auto-PGD: 0.25).
+        num_eigen: Eigenvectors used by ``"eigen"``.
+        eigen_tol: Relative tolerance of that Lanczos run.
+        seed: Seed or generator for random starts and Lanczos.
+        progress: Show a tqdm bar.
+
+    Returns:
+        A :class:`SharpnessResult`. The model is left exactly as it was.
+    """
+    run = worst_case_ascent(
+        objective,
+        center=_loss_at_center,
+        function=_loss_function,
+        desc="R0",
+        rho=rho,
+        norm=norm,
+        adaptive=adaptive,
+        steps=steps,
+        restarts=restarts,
+        init=init,
+        starts=starts,
+        eigen=eigen,
+        per_batch=per_batch,
+        adaptive_eta=adaptive_eta,
+        step_size=step_size,
+        momentum=momentum,
+        num_eigen=num_eigen,
+        eigen_tol=eigen_tol,
+        seed=seed,
+        progress=progress,
+    )
+    values = [s.ascent.value - s.center for s in run.solved]
+    return SharpnessResult(
+        value=run.combine(values),
+        loss=run.combine([s.center for s in run.solved]),
+        max_loss=run.combine([s.ascent.value for s in run.solved]),
+        **run.result_fields(batch_values=values),
+    )
+
+
+@dataclass
+class AverageSharpnessResult(Result):
+    """Average-case sharpness E[L(theta + delta)] - L(theta) over random delta.
+
+    Attributes:
+        value: The sample mean of L(theta + delta_i) - L(theta).
+        stderr: Its standard error, std / sqrt(samples).
+        loss: L(theta).
+        num_losses: Loss evaluations spent (samples + 1).
+    """
+
+    value: float
+    stderr: float
+    loss: float
+    rho: float
+    norm: str
+    adaptive: bool
+    adaptive_eta: float
+    samples: int
+    distribution: str
+    seed: int | None
+    num_losses: int
+    num_gradients: int
+    num_hvps: int
+    seconds: float
+
+
+def average_sharpness(
+    objective: Objective,
+    rho: float,
+    *,
+    norm: Literal["l2", "linf"] = "l2",
+    adaptive: bool = False,
+    samples: int = 64,
+    distribution: Literal["sphere", "gaussian"] = "sphere",
+    adaptive_eta: float = 0.0,
+    seed: int | torch.Generator = 0,
+    progress: bool = False,
+) -> AverageSharpnessResult:
+    """Average sharpness (1/m) sum_i [L(theta + delta_i) - L(theta)] and its standard error.
+
+    ``distribution="sphere"``: delta_i uniform on the sphere ||delta||_B = rho for ``l2``
+    (delta = rho s u / ||u|| with u standard normal), a uniformly random vertex rho s sign(u)
+    of the box for ``linf``. ``"gaussian"`` (``l2`` only): delta_i ~ N(0, rho^2 diag(s^2)),
+    the convention of Andriushchenko et al. (ICML 2023); its norm is about rho sqrt(n).
+    For a quadratic with Hessian H: E = rho^2 tr(S H S) / (2n) on the l2 sphere and
+    rho^2 tr(S H S) / 2 for the Gaussian (s = 1 for the plain norms).
+
+    Per-batch evaluation is not offered: with independent draws per batch the expectation
+    is the same as over the whole data.
+
+    Args:
+        objective: The empirical risk L.
+        rho: Radius (sphere) or standard deviation (Gaussian), > 0.
+        norm: ``"l2"`` or ``"linf"``.
+        adaptive: Scale by s = |theta| + adaptive_eta elementwise.
+        samples: Number of random perturbations, >= 2.
+        distribution: ``"sphere"`` or ``"gaussian"``.
+        adaptive_eta: eta >= 0 in the adaptive scale.
+        seed: Seed or generator.
+        progress: Show a tqdm bar.
+    """
+    cfg = AscentConfig(rho, norm, adaptive, adaptive_eta)
+    samples = check_steps(samples, "samples", minimum=2)
+    if distribution not in ("sphere", "gaussian"):
+        raise ValueError(f"distribution must be 'sphere' or 'gaussian', not {distribution!r}")
+    if distribution == "gaussian" and cfg.norm != "l2":
+        raise ValueError("distribution='gaussian' is defined for norm='l2' only")
+    gen = make_generator(seed)
+    start = time.perf_counter()
+    before = dict(objective.counts)
+    with preserved(objective.model):
+        theta = objective.theta
+        ball = cfg.ball(theta)
+        loss0 = objective.loss(theta)
+        rises = []
+        for _ in tqdm(range(samples), desc="average sharpness", disable=not progress, leave=False):
+            if distribution == "sphere":
+                delta = ball.random_sphere(
+                    objective.num_params, gen, device=objective.device, dtype=objective.dtype
+                )
+            else:
+                xi = torch.randn(objective.num_params, generator=gen, dtype=torch.float64)
+                delta = cfg.rho * xi.to(objective.device, objective.dtype)
+                if ball.scale is not None:
+                    delta = delta * ball.scale
+            rises.append(objective.loss(theta + delta) - loss0)
+    arr = np.asarray(rises, dtype=np.float64)
+    return AverageSharpnessResult(
+        value=float(arr.mean()),
+        stderr=float(arr.std(ddof=1) / math.sqrt(arr.size)),
+        loss=loss0,
+        rho=cfg.rho,
+        norm=cfg.norm,
+        adaptive=cfg.adaptive,
+        adaptive_eta=float(cfg.adaptive_eta),
+        samples=samples,
+        distribution=distribution,
+        seed=seed if isinstance(seed, int) else None,
+        num_losses=objective.counts["loss"] - before["loss"],
+        num_gradients=objective.counts["gradient"] - before["gradient"],
+        num_hvps=objective.counts["hvp"] - before["hvp"],
+        seconds=time.perf_counter() - start,
+    )

@@ -30,6 +30,7 @@ __all__ = [
     "load_trusted_tensors",
     "save_torch",
     "write_bytes",
+    "write_figure",
     "write_json",
     "write_text",
 ]
@@ -152,3 +153,18 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
             "under the key 'model')"
         )
     return obj
+
+
+def write_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 130) -> Path:
+    """Save a matplotlib figure atomically; the format comes from the suffix.
+
+    Raises:
+        ValueError: the suffix is not ``.png``, ``.pdf`` or ``.svg``.
+    """
+    fmt = os.fspath(path).rsplit(".", 1)[-1].lower()
+    if fmt not in ("png", "pdf", "svg"):
+        raise ValueError(f"figure path must end in .png, .pdf or .svg, got {os.fspath(path)!r}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+    return Path(path)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flatlens.core._checks import make_generator
 from flatlens.core._objective import Objective
 from flatlens.core._results import Result
 from flatlens.measures._spectrum import hessian_eigenvalues
@@ -104,14 +105,6 @@ def as_direction(objective: Objective, direction: Direction | Tensor) -> Directi
     return direction
 
 
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a torch.Generator, not {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
-
-
 def normalize_direction(
     objective: Objective,
     vector: Tensor,
@@ -184,7 +177,7 @@ def random_direction(
         ignore: ``"biasbn"`` zeroes 1-D parameters; ``None`` keeps them.
         seed: Seed or generator.
     """
-    gen = _generator(seed)
+    gen = make_generator(seed)
     raw = torch.randn(objective.num_params, generator=gen, dtype=torch.float64)
     vec = normalize_direction(objective, raw, normalization=normalization, ignore=ignore)
     settings = {

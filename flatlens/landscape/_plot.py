@@ -8,17 +8,16 @@ that embeds plotly.js, so it opens offline. Every file is written atomically.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from flatlens.core._io import write_bytes, write_text
+from flatlens.core._io import write_figure, write_text
 from flatlens.landscape._storage import Landscape
 
-__all__ = ["plot_contour", "plot_line", "plot_surface", "save_figure"]
+__all__ = ["plot_contour", "plot_line", "plot_surface"]
 
 _LABELS = {
     "loss": "loss",
@@ -27,16 +26,6 @@ _LABELS = {
     "lambda_min": "λ_min",
     "ratio": "|λ_min / λ_max|",
 }
-
-
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 130) -> None:
-    """Save a matplotlib figure atomically; the format comes from the suffix."""
-    fmt = os.fspath(path).rsplit(".", 1)[-1].lower()
-    if fmt not in ("png", "pdf", "svg"):
-        raise ValueError(f"figure path must end in .png, .pdf or .svg, got {os.fspath(path)!r}")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight")
-    write_bytes(path, buffer.getvalue())
 
 
 def _label(metric: str, log: bool) -> str:
@@ -121,7 +110,7 @@ def plot_line(
     ax.grid(alpha=0.3)
     ax.set_title(title or "1-D loss landscape")
     if path is not None:
-        save_figure(fig, path)
+        write_figure(fig, path)
     return fig
 
 
@@ -187,7 +176,7 @@ def plot_contour(
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title or f"2-D {_LABELS.get(metric, metric)} landscape")
     if path is not None:
-        save_figure(fig, path)
+        write_figure(fig, path)
     return fig
 
 

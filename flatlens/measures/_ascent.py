@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens.core._checks import check_positive_int, check_rho, make_generator
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.measures._lanczos import lanczos_eigsh
@@ -84,21 +85,9 @@ center of the ball and the loss gradient there (for the ``"gradient"`` start).""
 
 
 # ---------------------------------------------------------------------------------- checks
-def check_rho(rho: object, name: str = "rho") -> float:
-    """Return ``rho`` as a float, or raise unless it is a finite number > 0."""
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-        raise TypeError(f"{name} must be a real number > 0, not {type(rho).__name__}")
-    value = float(rho)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 (the ball's radius), got {rho!r}")
-    return value
-
-
 def check_steps(steps: object, name: str = "steps", minimum: int = 1) -> int:
     """Return ``steps`` unless it is not an integer >= ``minimum``."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {steps!r}")
-    return int(steps)
+    return check_positive_int(name, steps, minimum)
 
 
 def check_norm(norm: object) -> str:
@@ -106,15 +95,6 @@ def check_norm(norm: object) -> str:
     if norm not in NORMS:
         raise ValueError(f"norm must be 'l2' or 'linf', not {norm!r}")
     return str(norm)
-
-
-def make_generator(seed: int | torch.Generator) -> torch.Generator:
-    """A CPU generator from a seed (or the generator itself)."""
-    if isinstance(seed, torch.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int or a torch.Generator, not {type(seed).__name__}")
-    return torch.Generator().manual_seed(int(seed))
 
 
 # ---------------------------------------------------------------------------------- the ball

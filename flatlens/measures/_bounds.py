@@ -14,7 +14,6 @@ holds them as JSON and draws R0/rho^2, R1/rho^2 and lambda_max against rho.
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 import os
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flatlens.core._io import write_bytes
+from flatlens.core._io import write_figure
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import Result
@@ -175,13 +174,7 @@ def plot_bound_rows(
     ax.set_title(title or "R0 ≤ R1, and R1/ρ² → λ_max at a minimum")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fmt = os.fspath(path).rsplit(".", 1)[-1].lower()
-    fig.savefig(
-        buffer, format=fmt if fmt in ("png", "svg", "pdf") else "png", dpi=130, bbox_inches="tight"
-    )
-    write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return write_figure(fig, path)
 
 
 def _num(value: Any) -> float:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens.core._checks import make_generator
 from flatlens.core._objective import Objective
 from flatlens.core._results import Result
 from flatlens.measures._lanczos import Which, lanczos_eigsh, lanczos_tridiagonal, power_iteration
@@ -27,14 +28,6 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_trace",
 ]
-
-
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a torch.Generator, not {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
 
 
 def random_vector(
@@ -149,7 +142,7 @@ def hessian_eigenvalues(
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', not {start!r}")
-    gen = _generator(seed)
+    gen = make_generator(seed)
     theta = objective.point(at)
     start_hvps = objective.counts["hvp"]
 
@@ -249,7 +242,7 @@ def hessian_trace(
     least = 3 if method == "hutch++" else 2
     if not isinstance(num_samples, int) or num_samples < least:
         raise ValueError(f"num_samples must be an integer >= {least} for {method}")
-    gen = _generator(seed)
+    gen = make_generator(seed)
     theta = objective.point(at)
     start = objective.counts["hvp"]
     bar = tqdm(total=num_samples, desc="trace", disable=not progress, leave=False)
@@ -344,7 +337,7 @@ def hessian_density(
         raise ValueError("num_runs and lanczos_steps must be >= 1 and num_points >= 2")
     if not kernel_width > 0:
         raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
-    gen = _generator(seed)
+    gen = make_generator(seed)
     theta = objective.point(at)
     start = objective.counts["hvp"]
     nodes, weights = [], []

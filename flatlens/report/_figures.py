@@ -6,24 +6,15 @@ touch the user's interactive backend and work headless.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from flatlens.core._io import write_bytes
+from flatlens.core._io import write_figure
 
-__all__ = ["plot_density", "plot_eigenvalues", "save_figure"]
-
-
-def save_figure(fig, path: str | os.PathLike, *, dpi: int = 130) -> None:
-    """Save a matplotlib figure atomically; the format comes from the suffix (png, svg, pdf)."""
-    buffer = io.BytesIO()
-    fmt = os.fspath(path).rsplit(".", 1)[-1].lower()
-    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight")
-    write_bytes(path, buffer.getvalue())
+__all__ = ["plot_density", "plot_eigenvalues"]
 
 
 def plot_density(density, path: str | os.PathLike, *, log: bool = True, title: str = "") -> None:
@@ -39,7 +30,7 @@ def plot_density(density, path: str | os.PathLike, *, log: bool = True, title: s
     ax.set_ylabel("density")
     ax.set_title(title or "Hessian spectral density (SLQ)")
     ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    write_figure(fig, path)
 
 
 def plot_eigenvalues(
@@ -60,4 +51,4 @@ def plot_eigenvalues(
     if len(values) > 1:
         ax.legend()
     ax.grid(alpha=0.3, axis="y")
-    save_figure(fig, path)
+    write_figure(fig, path)

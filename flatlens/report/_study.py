@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flatlens.report._figures import save_figure
+from flatlens.core._io import write_figure
 from flatlens.report._html import Section
 
 __all__ = ["kendall_rows", "mean_rows", "study_sections"]
@@ -64,7 +64,7 @@ def study_sections(study: Any, out: str | os.PathLike) -> list[Section]:
     per-optimizer means ± standard deviations over seeds, Kendall's τ with the figure, and
     every run."""
     figure = Path(out) / "flatness_vs_gap.png"
-    save_figure(study.plot(), figure)
+    write_figure(study.plot(), figure)
     seeds = study.settings.get("seeds", [])
     return [
         Section(

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flatlens.core._io import write_figure
 from flatlens.core._results import Result
 from flatlens.data import Dataset
 from flatlens.train._trainer import MEASURES, TrainConfig, TrainResult, train
@@ -191,8 +192,7 @@ class StudyResult(Result):
         axes[0].legend()
         fig.tight_layout()
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=120)
+            write_figure(fig, path, dpi=120)
         return fig
 
 

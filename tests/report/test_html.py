@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from flatlens.data import synthetic_classification
-from flatlens.report._figures import save_figure
+from flatlens.core import write_figure
 from flatlens.report._html import Section, render_report, write_report
 from flatlens.report._study import kendall_rows, mean_rows, study_sections
 from flatlens.train import TrainConfig, compare
@@ -18,7 +18,7 @@ from flatlens.train import TrainConfig, compare
 def _png(path, width_in: float, height_in: float) -> None:
     fig = Figure(figsize=(width_in, height_in))
     fig.subplots().plot([0, 1], [1, 0])
-    save_figure(fig, path)
+    write_figure(fig, path)
 
 
 def _embedded(page: str) -> list[bytes]:

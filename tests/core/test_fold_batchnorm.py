@@ -11,14 +11,13 @@ from torch.nn import functional as F
 
 from flatlens import Objective, zoo
 from flatlens.core._fold_batchnorm import conv_batchnorm, fold_conv_batchnorm
-from flatlens.landscape import line, random_direction
 
 
 def _randomize_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
                 c = m.num_features
                 m.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
                 m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
@@ -40,8 +39,7 @@ def _folded_calls(module: nn.Module) -> int:
         (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, bias=True), nn.BatchNorm1d(3)), (4, 2, 9), 1),
         (
             lambda: nn.Sequential(
-                nn.Conv3d(1, 2, 2, padding=1, padding_mode="circular"),
-                nn.BatchNorm3d(2, affine=False),
+                nn.Conv3d(1, 2, 2, padding=1), nn.BatchNorm3d(2, affine=False), nn.ReLU()
             ),
             (2, 1, 3, 3, 3),
             1,
@@ -122,9 +120,10 @@ def test_pairs_that_cannot_be_folded_are_left_alone():
         def forward(self, x):
             return self.bn(self.conv(x)) if x.sum() > 0 else x
 
-    hooked = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
-    hooked[0].register_forward_hook(lambda *_: None)
-    for model in (TwoUses(), Branchy(), hooked, nn.Sequential(nn.Linear(2, 2))):
+    circular = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"))
+    circular.append(nn.BatchNorm2d(2))
+    same = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.BatchNorm2d(2))
+    for model in (TwoUses(), Branchy(), circular, same, nn.Sequential(nn.Linear(2, 2))):
         assert fold_conv_batchnorm(model.eval()) is None
 
 
@@ -133,121 +132,56 @@ def test_objective_folds_and_stays_exact():
     x, y = image_data()
     snap = ModelSnapshot.take(model)
     ref = dense_reference(model, F.cross_entropy, (x, y))
-    obj = Objective(model, F.cross_entropy, (x, y))
+    obj = Objective(model, F.cross_entropy, (x, y), fold_batchnorm=True)
     v = torch.randn(obj.num_params, dtype=torch.float64)
     assert torch.allclose(obj.hvp(v), ref.hessian @ v, rtol=1e-10, atol=1e-12)
     assert _folded_calls(obj._folded) == 1
     snap.assert_unchanged(model)
     # Train mode (batch statistics) is never folded.
-    train = Objective(model, F.cross_entropy, (x, y), eval_mode=False, check_determinism=False)
+    train = Objective(
+        model,
+        F.cross_entropy,
+        (x, y),
+        eval_mode=False,
+        check_determinism=False,
+        fold_batchnorm=True,
+    )
     train.hvp(v)
     assert train._folded is None
 
 
-def test_a_hook_added_later_runs_on_the_unfolded_model():
+def test_by_default_the_objective_runs_the_model_as_written_hooks_included():
+    """A global forward hook fires for every Conv2d and BatchNorm2d in a plain forward; the
+    default Objective (no folding) runs the same modules, so it fires for the same ones."""
     model = bn_cnn()
     x, y = image_data()
-    obj = Objective(model, F.cross_entropy, (x, y))
-    folded_loss = obj.loss()
-    assert _folded_calls(obj._folded) == 1
-    seen = []
-    handle = model[0].register_forward_hook(lambda *_: seen.append(1))
-    unfolded_loss = obj.loss()
-    assert seen and abs(unfolded_loss - folded_loss) <= 1e-12 * abs(folded_loss)
-    handle.remove()
-    seen.clear()
-    assert obj.loss() == folded_loss and not seen
+
+    def kinds_seen(run) -> list[str]:
+        seen: list[str] = []
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(type(m).__name__)
+        )
+        try:
+            run()
+        finally:
+            handle.remove()
+        return seen
+
+    plain = kinds_seen(lambda: model.eval()(x))
+    assert {"Conv2d", "BatchNorm2d"} <= set(plain)
+    obj = Objective(model, F.cross_entropy, (x, y), check_determinism=False)
+    assert kinds_seen(obj.loss) == plain
+    assert kinds_seen(lambda: obj.hvp(torch.ones(obj.num_params, dtype=x.dtype))) == plain
+    # Folding is the documented opt-out: the folded pair runs as one function.
+    folded = Objective(model, F.cross_entropy, (x, y), check_determinism=False, fold_batchnorm=True)
+    seen = kinds_seen(folded.loss)
+    assert "BatchNorm2d" not in seen and "Conv2d" not in seen
+    assert abs(folded.loss() - obj.loss()) <= 1e-12 * abs(obj.loss())
 
 
-def test_float32_inference_runs_channels_last_and_derivatives_do_not():
-    model = _randomize_stats(zoo.cnn().float())
-    folded = fold_conv_batchnorm(model)
-    assert _channels_last_flags(folded) == [True, True]
-    x = torch.randn(6, 1, 8, 8)
-    conv, bn = model[3], model[4]
-    h = torch.relu(model[1](model[0](x)))
-    with torch.no_grad():
-        fast = conv_batchnorm(h, conv, bn, channels_last=True)
-        ref = bn(conv(h))
-        assert fast.is_contiguous(memory_format=torch.channels_last)
-        assert conv_batchnorm(h, conv, bn).is_contiguous()
-        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
-    with_grad = conv_batchnorm(h, conv, bn, channels_last=True)
-    assert with_grad.requires_grad and with_grad.is_contiguous()
-    torch.testing.assert_close(with_grad.detach(), fast, rtol=1e-5, atol=1e-5)
-    # Under vmap (batched weights) the default layout is kept and the values agree.
-    w = torch.stack([conv.weight.detach(), 2 * conv.weight.detach()])
-
-    def at(weight):
-        return functional_call(folded, {"3.weight": weight}, (x,))
-
-    with torch.no_grad():
-        batched = torch.func.vmap(at)(w)
-        torch.testing.assert_close(batched[0], folded(x), rtol=1e-5, atol=1e-5)
-
-
-def _channels_last_flags(folded: nn.Module) -> list[bool]:
-    return [
-        n.kwargs["channels_last"]
-        for n in folded.graph.nodes
-        if n.op == "call_function" and n.target is conv_batchnorm
-    ]
-
-
-def _twice(t):
-    return 2 * t
-
-
-torch.fx.wrap("_twice")
-
-
-class _Viewing(nn.Module):
-    """Old CIFAR-style code: ``view`` after the convolutions, a user function, an output
-    straight from a conv -> BatchNorm pair."""
-
-    def __init__(self, tail: str) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.head = nn.Linear(4 * 8 * 8, 3)
-        self.tail = tail
-
-    def forward(self, x):
-        h = self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
-        if self.tail == "view":
-            return self.head(torch.relu(h).view(h.size(0), -1))
-        if self.tail == "function":
-            return self.head(torch.flatten(_twice(h), 1))
-        if self.tail == "output":
-            return h
-        return self.head(torch.relu(h).reshape(h.size(0), -1))
-
-
-@pytest.mark.parametrize(
-    ("tail", "flags"),
-    [
-        ("view", [False, False]),
-        ("function", [False, False]),
-        ("output", [False, False]),
-        ("reshape", [True, True]),
-    ],
-)
-def test_channels_last_only_where_no_consumer_can_see_the_layout(tail, flags):
-    model = _randomize_stats(_Viewing(tail).float())
-    folded = fold_conv_batchnorm(model)
-    assert _channels_last_flags(folded) == flags
-    x = torch.randn(5, 3, 8, 8)
-    with torch.no_grad():
-        out = folded(x)
-        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
-    if tail == "output":
-        assert out.is_contiguous()
-    if tail != "output":
-        obj = Objective(model, F.cross_entropy, (x, torch.tensor([0, 1, 2, 0, 1])))
-        with torch.no_grad():
-            ref = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1])).item()
-        assert obj.loss() == pytest.approx(ref, rel=1e-5)
-        # The landscape's serial evaluator folds its own copy of the model the same way.
-        ls = line(obj, random_direction(obj, seed=0), steps=3, method="serial")
-        assert ls.values["loss"][1] == obj.loss()
+def test_fold_batchnorm_is_off_by_default():
+    model = bn_cnn()
+    obj = Objective(model, F.cross_entropy, image_data())
+    assert obj.fold_batchnorm is False
+    obj.loss()
+    assert obj._folded is None

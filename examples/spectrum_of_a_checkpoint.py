@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         print(f"  lambda_{i + 1} = {lam:.8f}  certified |error| <= {err:.1e}  converged {bool(ok)}")
 
-    power = hessian_eigenvalues(objective, 1, method="power", tol=1e-6, max_iter=500)
+    power = hessian_eigenvalues(objective, 1, method="power", tol=1e-6, max_hvps=500)
     print(
         f"power iteration, top 1: {float(power.eigenvalues[0]):.8f} ({power.num_hvps} HVPs, "
         "no certificate)"

@@ -246,7 +246,7 @@ def power_iteration(
     *,
     which: Which = "LA",
     tol: float = 1e-4,
-    max_iter: int = 1000,
+    max_matvecs: int | None = None,
     make_start: Callable[[], Tensor],
     progress: bool = False,
 ) -> EigshOutput:
@@ -256,10 +256,15 @@ def power_iteration(
     eigenvectors already found, s = -1 for ``"SA"`` and c is a shift. For ``"LA"``/``"SA"``
     the dominant eigenvalue is found first; when it has the wrong sign, the iteration is
     rerun with that eigenvalue as the shift so the wanted end of the spectrum dominates.
-    Stops when the Rayleigh quotient changes by less than ``tol`` relative.
+    Stops when the Rayleigh quotient changes by less than ``tol`` relative, or when the
+    budget of ``max_matvecs`` products in all (default 1000 k) is spent; one product per
+    pair checks its residual and is part of the budget.
     """
     if not 1 <= k < n:
         raise ValueError(f"k must be between 1 and num_params - 1 = {n - 1}, got {k}")
+    budget = 1000 * k if max_matvecs is None else max_matvecs
+    if budget < k:
+        raise ValueError(f"max_matvecs must be >= k = {k} (one check per pair), got {budget}")
     sign = -1.0 if which == "SA" else 1.0
     found: list[Tensor] = []
     values: list[float] = []
@@ -278,7 +283,7 @@ def power_iteration(
         for _attempt in range(2):
             v = _unit(deflate(make_start()))
             lam, ok = 0.0, False
-            for _it in range(max_iter):
+            while count + (k - len(found)) < budget:
                 w = deflate(sign * matvec(v) - shift * v)
                 count += 1
                 new = float(v @ w)

@@ -6,6 +6,7 @@ All three only need Hessian-vector products v -> H v, which run on the model's d
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flatlens.core._checks import make_generator
+from flatlens.core._checks import check_positive_int, make_generator
 from flatlens.core._objective import Objective
 from flatlens.core._results import Result
 from flatlens.measures._lanczos import Which, lanczos_eigsh, lanczos_tridiagonal, power_iteration
@@ -68,7 +69,7 @@ class EigenResult(Result):
         residuals: ``||H u - lambda u||`` for each pair.
         error_bounds: Certified bound on each eigenvalue's error, min(||r||, ||r||^2/gap).
         converged: Whether each bound is within ``tol`` relative.
-        num_hvps: Hessian-vector products spent.
+        num_hvps: Hessian-vector products spent (at most ``max_hvps``).
         start: The Lanczos start vector used: ``"gradient"`` or ``"random"``.
     """
 
@@ -82,7 +83,7 @@ class EigenResult(Result):
     which: str
     method: str
     tol: float
-    max_iter: int | None
+    max_hvps: int | None
     seed: int | None
     num_restarts: int = 0
     start: str = "gradient"
@@ -95,11 +96,13 @@ def hessian_eigenvalues(
     which: Which = "LA",
     method: Literal["lanczos", "power"] = "lanczos",
     tol: float = 1e-4,
-    max_iter: int | None = None,
+    max_hvps: int | None = None,
+    basis_size: int | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
     at: Tensor | None = None,
     start: Literal["gradient", "random"] = "gradient",
+    max_iter: int | None = None,
 ) -> EigenResult:
     """The k extreme eigenvalues of H = grad^2 L(theta) and their eigenvectors.
 
@@ -116,7 +119,11 @@ def hessian_eigenvalues(
             magnitude.
         method: ``"lanczos"`` or ``"power"``.
         tol: Relative accuracy wanted, > 0.
-        max_iter: Budget of HVPs (Lanczos) or of iterations per eigenvalue (power).
+        max_hvps: Budget of Hessian-vector products for either method (default: Lanczos
+            ``max(500, 20 basis_size)``, power iteration ``1000 k``).
+            When it is spent before ``tol`` is met, ``converged`` says so.
+        basis_size: Lanczos vectors kept between restarts (memory: ``basis_size + 1``
+            vectors of ``num_params``); default ``max(2k + 10, 24)``, capped at n.
         seed: Seed or generator for the start vector.
         progress: Show a tqdm bar.
         at: Flat parameter vector where the Hessian is taken (default: the model's).
@@ -127,6 +134,7 @@ def hessian_eigenvalues(
             objective caches its graph, one more pass over the data otherwise (not counted
             in ``num_hvps``). ``"random"`` is r alone (always used for ``"SA"`` and for
             power iteration, and when g is zero); the result's ``start`` says which ran.
+        max_iter: Deprecated name of ``max_hvps``.
 
     Returns:
         An :class:`EigenResult`.
@@ -138,8 +146,17 @@ def hessian_eigenvalues(
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', not {which!r}")
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    if max_iter is not None:
+        if max_hvps is not None:
+            raise TypeError("pass max_hvps only (max_iter is its deprecated name)")
+        warnings.warn(
+            "hessian_eigenvalues(max_iter=) is deprecated: it is an HVP budget, use max_hvps=",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        max_hvps = max_iter
+    if max_hvps is not None:
+        max_hvps = check_positive_int("max_hvps", max_hvps)
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', not {start!r}")
     gen = make_generator(seed)
@@ -159,7 +176,8 @@ def hessian_eigenvalues(
             k,
             which=which,
             tol=tol,
-            max_matvecs=max_iter,
+            max_matvecs=max_hvps,
+            basis_size=basis_size,
             generator=gen,
             progress=progress,
         )
@@ -171,7 +189,7 @@ def hessian_eigenvalues(
             k,
             which=which,
             tol=tol,
-            max_iter=max_iter or 1000,
+            max_matvecs=max_hvps,
             make_start=lambda: random_vector(objective, gen),
             progress=progress,
         )
@@ -188,7 +206,7 @@ def hessian_eigenvalues(
         which=which,
         method=method,
         tol=tol,
-        max_iter=max_iter,
+        max_hvps=max_hvps,
         seed=seed if isinstance(seed, int) else None,
         num_restarts=out.num_restarts,
         start=used,

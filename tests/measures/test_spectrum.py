@@ -31,7 +31,6 @@ from flatlens import Objective
 from flatlens.measures._spectrum import (
     DensityResult,
     EigenResult,
-    TraceResult,
     hessian_density,
     hessian_eigenvalues,
     hessian_trace,
@@ -256,7 +255,7 @@ def test_at_takes_the_hessian_elsewhere():
 def test_power_iteration_top1(case, which, tol):
     model, x, y, ref = {"mlp": mlp_case, "cnn": cnn_case}[case]()
     obj = Objective(model, F.cross_entropy, (x, y))
-    res = hessian_eigenvalues(obj, k=1, which=which, method="power", tol=tol, max_iter=3000)
+    res = hessian_eigenvalues(obj, k=1, which=which, method="power", tol=tol, max_hvps=3000)
     assert res.method == "power"
     assert_eigs_close(res.eigenvalues, expected_eigs(ref.eigenvalues, which, 1), rtol=1e-3)
     assert_eigenvectors(res, ref.hessian, tol=0.05)
@@ -264,7 +263,7 @@ def test_power_iteration_top1(case, which, tol):
 
 def test_power_iteration_top3_with_deflation():
     _, _, _, ref = mlp_case()
-    res = hessian_eigenvalues(mlp_objective(), k=3, method="power", tol=1e-10, max_iter=3000)
+    res = hessian_eigenvalues(mlp_objective(), k=3, method="power", tol=1e-10, max_hvps=3000)
     assert_eigs_close(res.eigenvalues, expected_eigs(ref.eigenvalues, "LA", 3), rtol=1e-3)
 
 
@@ -400,7 +399,7 @@ def test_model_unchanged_by_every_measure():
         obj = Objective(model, F.cross_entropy, uneven_batches(x, y, [6, 7]), eval_mode=eval_mode)
         hessian_eigenvalues(obj, k=2)
         snap.assert_unchanged(model)
-        hessian_eigenvalues(obj, k=1, method="power", max_iter=20)
+        hessian_eigenvalues(obj, k=1, method="power", max_hvps=20)
         snap.assert_unchanged(model)
         hessian_trace(obj, num_samples=6)
         snap.assert_unchanged(model)
@@ -449,7 +448,7 @@ def test_bad_arguments():
         ({"tol": float("nan")}, ValueError, "tol"),
         ({"which": "LR"}, ValueError, "which"),
         ({"method": "arnoldi"}, ValueError, "method"),
-        ({"max_iter": 0}, ValueError, "max_iter"),
+        ({"max_hvps": 0}, ValueError, "max_hvps"),
         ({"seed": "zero"}, TypeError, "seed"),
         ({"start": "ones"}, ValueError, "start"),
     ]
@@ -477,7 +476,9 @@ def test_results_are_json_ready_with_settings():
     eig = hessian_eigenvalues(obj, k=2, which="SA", tol=1e-6, seed=3)
     tr = hessian_trace(obj, num_samples=9, method="hutchinson", seed=1)
     dens = hessian_density(obj, num_runs=2, lanczos_steps=8, seed=2)
-    assert isinstance(tr, TraceResult) and isinstance(dens, DensityResult)
+    assert tr.num_hvps == 9 and dens.num_hvps == 2 * 8
+    assert abs(np.trapezoid(dens.density, dens.grid) - 1.0) < 1e-3
+    assert all(abs(float(np.sum(w)) - 1.0) < 1e-10 for w in dens.weights)
     for res in (eig, tr, dens):
         d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
         assert d["kind"] == type(res).__name__
@@ -511,3 +512,27 @@ def test_objective_reference_for_spectrum():
     model, x, y, _ = cnn_case()
     obj = Objective(model, F.cross_entropy, uneven_batches(x, y, [5, 5, 3]))
     assert torch.allclose(objective_reference(obj).hessian, ref.hessian, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_max_hvps_is_one_hard_budget_for_both_methods(method):
+    obj = mlp_objective()
+    res = hessian_eigenvalues(obj, k=2, method=method, tol=1e-14, max_hvps=7)
+    assert res.num_hvps <= 7
+    assert res.max_hvps == 7
+    assert not bool(res.converged.all())
+    with pytest.warns(DeprecationWarning, match="max_hvps"):
+        old = hessian_eigenvalues(obj, k=2, method=method, tol=1e-14, max_iter=7)
+    assert torch.equal(old.eigenvalues, res.eigenvalues)
+    with pytest.raises(TypeError, match="max_hvps only"):
+        hessian_eigenvalues(obj, k=2, max_hvps=7, max_iter=7)
+
+
+def test_basis_size_is_passed_through_and_bounds_memory():
+    obj = mlp_objective()
+    small = hessian_eigenvalues(obj, k=1, tol=1e-8, basis_size=4)
+    default = hessian_eigenvalues(obj, k=1, tol=1e-8)
+    assert small.num_restarts > default.num_restarts
+    assert abs(float(small.eigenvalues[0] - default.eigenvalues[0])) <= 1e-6 * abs(
+        float(default.eigenvalues[0])
+    )

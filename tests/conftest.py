@@ -25,11 +25,37 @@ settings.register_profile(
 settings.load_profile("flatlens")
 
 
+# End-to-end tests run a whole program: an example script, the demo, a torchrun launch, a
+# browser, the docs build. ``pytest -m "not e2e"`` leaves them out for a fast inner loop;
+# ``make test`` runs everything.
+E2E_FILES = {
+    "test_examples.py",
+    "test_browser.py",
+    "test_distributed.py",
+    "test_landscape_distributed.py",
+    "test_distributed_cli.py",
+    "test_distributed_diagnose.py",
+    "test_distributed_objective.py",
+    "test_distributed_parallel.py",
+}
+E2E_TESTS = {"test_mkdocs_builds_strict"}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # torch.func registers decompositions through the deprecated torch.jit.script.
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
     )
+    config.addinivalue_line(
+        "markers", "e2e: runs a whole program (example, demo, torchrun, browser, docs build)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.name in E2E_FILES or item.originalname in E2E_TESTS:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(autouse=True)

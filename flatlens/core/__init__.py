@@ -16,6 +16,7 @@ from flatlens.core._io import (
     load_trusted_tensors,
     save_torch,
     write_bytes,
+    write_figure,
     write_json,
     write_text,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "select_parameters",
     "to_jsonable",
     "write_bytes",
+    "write_figure",
     "write_json",
     "write_text",
 ]

@@ -32,7 +32,7 @@ from _common import Column, environment, report, set_threads, time_call
 from bench_spectrum import Case, cnn_case, mlp_case
 
 from flatlens import Objective
-from flatlens.measures._ascent import Ball
+from flatlens.measures import Ball
 from flatlens.measures._flatness import first_order_flatness
 from flatlens.measures._sharpness import average_sharpness, zeroth_order_sharpness
 from flatlens.measures._spectrum import hessian_eigenvalues

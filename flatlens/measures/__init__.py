@@ -5,8 +5,9 @@ as it was; the eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) wor
 symmetric operator given as a matrix-vector product.
 """
 
-from flatlens.measures._ascent import AscentConfig, Ball
+from flatlens.measures._ball import Ball
 from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
+from flatlens.measures._config import AscentConfig
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
 from flatlens.measures._lanczos import (
     EigshOutput,

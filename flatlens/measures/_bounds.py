@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from flatlens.core._checks import check_positive, check_positive_int, check_rho, make_generator
 from flatlens.core._io import write_figure
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import Result
-from flatlens.measures._ascent import check_rho, check_steps, count_difference, make_generator
+from flatlens.measures._ascent import center_point, count_difference
 from flatlens.measures._flatness import first_order_flatness
 from flatlens.measures._sharpness import zeroth_order_sharpness
 from flatlens.measures._spectrum import hessian_eigenvalues
@@ -199,6 +200,7 @@ def check_bound(
     steps: int = 20,
     restarts: int = 1,
     eigen_tol: float = 1e-4,
+    at: torch.Tensor | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
 ) -> BoundReport:
@@ -216,27 +218,33 @@ def check_bound(
         steps: Ascent steps per start for both measures.
         restarts: Random starts for both measures.
         eigen_tol: Relative tolerance of lambda_max.
+        at: Flat parameter vector theta to measure around (default: the model's own).
         seed: Seed or generator.
         progress: Show tqdm bars.
 
     Returns:
         A :class:`BoundReport`; the model is left exactly as it was.
+
+    Raises:
+        NonFiniteLossError: theta or the loss at theta or in a ball is NaN or infinite.
     """
     radii = _check_rhos(rhos)
-    steps = check_steps(steps)
-    restarts = check_steps(restarts, "restarts", minimum=0)
-    if not isinstance(eigen_tol, numbers.Real) or not eigen_tol > 0:
-        raise ValueError(f"eigen_tol must be > 0, got {eigen_tol!r}")
+    steps = check_positive_int("steps", steps)
+    restarts = check_positive_int("restarts", restarts, minimum=0)
+    eigen_tol = check_positive("eigen_tol", eigen_tol)
     gen = make_generator(seed)
+    theta = center_point(objective, at)
     start = time.perf_counter()
     before = dict(objective.counts)
     rows = []
     with preserved(objective.model):
-        eig = hessian_eigenvalues(objective, 1, tol=eigen_tol, seed=gen, progress=progress)
+        eig = hessian_eigenvalues(
+            objective, 1, tol=eigen_tol, seed=gen, progress=progress, at=theta
+        )
         lam = float(eig.eigenvalues[0])
         loss = math.nan
         for rho in radii:
-            common = {"steps": steps, "restarts": restarts, "eigen": eig, "seed": gen}
+            common = {"steps": steps, "restarts": restarts, "eigen": eig, "seed": gen, "at": theta}
             r0 = zeroth_order_sharpness(objective, rho, **common, progress=progress)
             extra = [r0.delta] if r0.delta is not None and bool((r0.delta != 0).any()) else None
             r1 = first_order_flatness(objective, rho, **common, starts=extra, progress=progress)
@@ -266,7 +274,7 @@ def check_bound(
         loss=loss,
         steps=steps,
         restarts=restarts,
-        eigen_tol=float(eigen_tol),
+        eigen_tol=eigen_tol,
         seed=seed if isinstance(seed, int) else None,
         num_losses=counts["loss"],
         num_gradients=counts["gradient"],

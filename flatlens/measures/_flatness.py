@@ -5,9 +5,9 @@
 with ||.||_* the dual norm of the ball's norm (the Euclidean norm for the paper's l2 ball;
 ||s g||_2 in the adaptive l2 ball, ||s g||_1 in the (adaptive) l-infinity box), so that the
 mean value theorem gives R0_rho <= R1_rho in every geometry. The maximum is found by
-:func:`flatlens.measures.projected_ascent` on f(delta) = ||grad L(theta + delta)||_*, whose
-gradient is H(theta + delta) d(g) with g = grad L(theta + delta) and d(g) the gradient of the
-dual norm (g / ||g|| for l2): one gradient and one Hessian-vector product per step. With a
+projected ascent (:mod:`flatlens.measures._apgd`) on f(delta) = ||grad L(theta + delta)||_*,
+whose gradient is H(theta + delta) d(g) with g = grad L(theta + delta) and d(g) the gradient of
+the dual norm (g / ||g|| for l2): one gradient and one Hessian-vector product per step. With a
 single in-memory batch the Objective keeps the first-order graph of the gradient, so the HVP
 that follows costs one extra backward pass.
 
@@ -20,19 +20,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from flatlens.core._objective import Objective
 from flatlens.core._results import Result
-from flatlens.measures._ascent import (
-    AscentFn,
-    Ball,
-    worst_case_ascent,
-)
+from flatlens.measures._apgd import AscentFn
+from flatlens.measures._ascent import worst_case_ascent
+from flatlens.measures._ball import Ball
+from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
 from flatlens.measures._spectrum import EigenResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["FlatnessResult", "first_order_flatness", "gradient_norm_function"]
 
@@ -53,6 +55,8 @@ class FlatnessResult(Result):
         start_values: Best ||grad L||_* reached from each start (single-batch runs only).
         num_losses, num_gradients, num_hvps: Evaluations spent (Lanczos included).
         seconds: Wall-clock time.
+        config: The :class:`AscentConfig` used (``init`` resolved); ``rho`` to ``momentum``
+            repeat its fields flat.
         batch_values: Per-batch R1 with ``per_batch``, else ``None``.
         delta: The maximizer (not in ``to_dict``; ``None`` with ``per_batch``).
     """
@@ -79,6 +83,7 @@ class FlatnessResult(Result):
     num_gradients: int
     num_hvps: int
     seconds: float
+    config: AscentConfig
     batch_values: list[float] | None = None
     delta: Tensor | None = field(default=None, metadata={"json": False})
 
@@ -111,23 +116,16 @@ def _gradient_norm_at_center(
 
 def first_order_flatness(
     objective: Objective,
-    rho: float,
+    rho: float | None = None,
     *,
-    norm: Literal["l2", "linf"] = "l2",
-    adaptive: bool = False,
-    steps: int = 20,
-    restarts: int = 1,
-    init: Sequence[str] = ("eigen", "gradient"),
+    config: AscentConfig | None = None,
+    at: Tensor | None = None,
     starts: Sequence[Tensor] | None = None,
     eigen: EigenResult | Tensor | None = None,
     per_batch: bool = False,
-    adaptive_eta: float = 0.0,
-    step_size: float = 2.0,
-    momentum: float = 0.25,
-    num_eigen: int = 1,
-    eigen_tol: float = 1e-3,
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    **settings: Unpack[AscentSettings],
 ) -> FlatnessResult:
     """First-order flatness R1 = rho * max_{||delta||_B <= rho} ||grad L(theta + delta)||_*.
 
@@ -139,58 +137,50 @@ def first_order_flatness(
 
     Args:
         objective: The empirical risk L.
-        rho: Radius of the ball, > 0.
-        norm: ``"l2"`` (the paper's R1) or ``"linf"`` (then the dual norm is l1).
-        adaptive: Use the elementwise-scaled ball ||delta / s|| <= rho, s = |theta| + eta,
-            and the matching dual norm ||s g||; invariant to rescaling ReLU layers.
-        steps: Ascent steps per start (>= 1).
-        restarts: Number of random starts on the sphere (>= 0).
-        init: Deterministic starts: ``"eigen"`` (+-rho along the top eigenvector(s) of the
-            Hessian, of S H S when adaptive; one Lanczos run) and ``"gradient"`` (rho d(g)).
+        rho: Radius of the ball, > 0; or pass ``config`` instead.
+        config: All ascent settings at once (see :class:`AscentConfig`), instead of ``rho``
+            and keyword settings.
+        at: Flat parameter vector theta to measure around (default: the model's own).
         starts: Extra start perturbations (flat tensors, projected onto the ball), e.g. the
             maximizer of R0.
-        eigen: Precomputed eigenvectors for ``"eigen"`` (see
+        eigen: Precomputed eigenvectors for the ``"eigen"`` start (see
             :func:`flatlens.measures.zeroth_order_sharpness`).
         per_batch: Solve the maximum on every batch separately and combine the per-batch
             values like the risk combines batch losses ("m-sharpness" convention).
-        adaptive_eta: eta >= 0 added to |theta| in the adaptive scale.
-        step_size: Initial step eta_0 / rho (Auto-PGD: 2).
-        momentum: Momentum weight in [0, 1) (Auto-PGD: 0.25).
-        num_eigen: Eigenvectors used by ``"eigen"``.
-        eigen_tol: Relative tolerance of that Lanczos run.
         seed: Seed or generator for random starts and Lanczos.
         progress: Show a tqdm bar.
+        **settings: The other fields of :class:`AscentConfig`; ``norm="linf"`` makes the
+            dual norm l1, and ``init`` defaults to ``("eigen", "gradient")``: +-rho along
+            the top eigenvector(s) of H (of S H S when adaptive) and rho d(g).
 
     Returns:
         A :class:`FlatnessResult`. The model is left exactly as it was.
+
+    Raises:
+        TypeError, ValueError: Bad settings, or both ``config`` and ``rho``/settings.
+        NonFiniteLossError: The loss or its gradient norm is NaN or infinite in the ball.
     """
+    cfg = resolve_config(
+        rho, config, settings, default_init=("eigen", "gradient"), measure="first_order_flatness"
+    )
     run = worst_case_ascent(
         objective,
+        cfg,
         center=_gradient_norm_at_center,
         function=gradient_norm_function,
         desc="R1",
-        rho=rho,
-        norm=norm,
-        adaptive=adaptive,
-        steps=steps,
-        restarts=restarts,
-        init=init,
+        at=at,
         starts=starts,
         eigen=eigen,
         per_batch=per_batch,
-        adaptive_eta=adaptive_eta,
-        step_size=step_size,
-        momentum=momentum,
-        num_eigen=num_eigen,
-        eigen_tol=eigen_tol,
         seed=seed,
         progress=progress,
     )
     norms = [s.ascent.value for s in run.solved]
     max_norm = run.combine(norms)
     return FlatnessResult(
-        value=run.config.rho * max_norm,
+        value=cfg.rho * max_norm,
         max_grad_norm=max_norm,
         grad_norm_at_center=run.combine([s.center for s in run.solved]),
-        **run.result_fields(batch_values=[run.config.rho * v for v in norms]),
+        **run.result_fields(batch_values=[cfg.rho * v for v in norms]),
     )

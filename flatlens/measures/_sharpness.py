@@ -4,9 +4,9 @@
   R0_rho(theta) = max_{||delta||_B <= rho} L(theta + delta) - L(theta)
 * average case: E_delta [L(theta + delta) - L(theta)] over random delta
 
-The worst case is found by :func:`flatlens.measures.projected_ascent` on f(delta) =
-L(theta + delta), whose gradient is grad L(theta + delta): one gradient per step. Because the
-center delta = 0 belongs to the ball, R0 >= 0.
+The worst case is found by projected ascent (:mod:`flatlens.measures._apgd`) on
+f(delta) = L(theta + delta), whose gradient is grad L(theta + delta): one gradient per step.
+Because the center delta = 0 belongs to the ball, R0 >= 0.
 """
 
 from __future__ import annotations
@@ -15,25 +15,25 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens.core._checks import check_positive_int, make_generator
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import Result
-from flatlens.measures._ascent import (
-    AscentConfig,
-    AscentFn,
-    Ball,
-    check_steps,
-    make_generator,
-    worst_case_ascent,
-)
+from flatlens.measures._apgd import AscentFn
+from flatlens.measures._ascent import center_point, worst_case_ascent
+from flatlens.measures._ball import Ball, Norm
+from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
 from flatlens.measures._spectrum import EigenResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "AverageSharpnessResult",
@@ -60,6 +60,8 @@ class SharpnessResult(Result):
         num_losses, num_gradients, num_hvps: Evaluations spent (over all batch objectives
             with ``per_batch``; HVPs come from the Lanczos run of the ``"eigen"`` start).
         seconds: Wall-clock time.
+        config: The :class:`AscentConfig` used (``init`` resolved); ``rho`` to ``momentum``
+            repeat its fields flat.
         batch_values: Per-batch R0 with ``per_batch``, else ``None``.
         delta: The best perturbation (not in ``to_dict``; ``None`` with ``per_batch``).
     """
@@ -86,6 +88,7 @@ class SharpnessResult(Result):
     num_gradients: int
     num_hvps: int
     seconds: float
+    config: AscentConfig
     batch_values: list[float] | None = None
     delta: Tensor | None = field(default=None, metadata={"json": False})
 
@@ -108,81 +111,63 @@ def _loss_function(objective: Objective, ball: Ball, theta: Tensor) -> AscentFn:
 
 def zeroth_order_sharpness(
     objective: Objective,
-    rho: float,
+    rho: float | None = None,
     *,
-    norm: Literal["l2", "linf"] = "l2",
-    adaptive: bool = False,
-    steps: int = 20,
-    restarts: int = 1,
-    init: Sequence[str] = ("gradient", "eigen"),
+    config: AscentConfig | None = None,
+    at: Tensor | None = None,
     starts: Sequence[Tensor] | None = None,
     eigen: EigenResult | Tensor | None = None,
     per_batch: bool = False,
-    adaptive_eta: float = 0.0,
-    step_size: float = 2.0,
-    momentum: float = 0.25,
-    num_eigen: int = 1,
-    eigen_tol: float = 1e-3,
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    **settings: Unpack[AscentSettings],
 ) -> SharpnessResult:
     """Worst-case sharpness R0 = max_{||delta||_B <= rho} L(theta + delta) - L(theta).
 
     Projected gradient ascent with momentum and the Auto-PGD step-size schedule (as
     Andriushchenko et al., ICML 2023, evaluate sharpness), from several starts on the
-    sphere, keeping the best iterate. Each step costs one gradient. The ascent only finds
-    a lower bound on the true maximum; more ``steps`` and starts tighten it.
+    sphere, keeping the best iterate; one gradient per step. The ascent finds a lower bound
+    on the true maximum; more ``steps`` and starts tighten it.
 
     Args:
         objective: The empirical risk L.
-        rho: Radius of the ball, > 0.
-        norm: ``"l2"`` or ``"linf"``.
-        adaptive: Measure in the elementwise-scaled ball ||delta / s|| <= rho with
-            s = |theta| + adaptive_eta (ASAM's adaptive sharpness; invariant to rescaling
-            ReLU layers when ``adaptive_eta = 0``). The l2 version is an ellipsoid, projected
-            onto exactly.
-        steps: Ascent steps per start (>= 1).
-        restarts: Number of random starts on the sphere (>= 0).
-        init: Deterministic starts: ``"gradient"`` (the one-step SAM point rho d(g), so R0
-            is at least the loss increase there) and ``"eigen"`` (+-rho along the top
-            Hessian eigenvector(s), the maximizer at a minimum to second order; costs one
-            Lanczos run of HVPs).
+        rho: Radius of the ball, > 0; or pass ``config`` instead.
+        config: All ascent settings at once (see :class:`AscentConfig`), instead of ``rho``
+            and keyword settings.
+        at: Flat parameter vector theta to measure around (default: the model's own).
         starts: Extra start perturbations (flat tensors, projected onto the ball).
-        eigen: Precomputed eigenvectors for ``"eigen"`` (an :class:`EigenResult` or rows;
-            in the adaptive geometry directions u = delta / s, eigenvectors of S H S).
-        per_batch: Solve the maximum separately on every batch of the data and combine the
-            per-batch values like the risk combines batch losses ("m-sharpness", m = the
-            batch size). Builds one :class:`Objective` per batch.
-        adaptive_eta: eta >= 0 added to |theta| in the adaptive scale.
-        step_size: Initial step eta_0 / rho (Auto-PGD: 2).
-        momentum: Momentum weight in [0, 1) (Auto-PGD: 0.25).
-        num_eigen: Eigenvectors used by ``"eigen"``.
-        eigen_tol: Relative tolerance of that Lanczos run.
+        eigen: Precomputed eigenvectors for the ``"eigen"`` start (an :class:`EigenResult`
+            or rows; in the adaptive geometry directions u = delta / s of S H S).
+        per_batch: Solve the maximum on every batch separately and combine the values like
+            the risk combines batch losses ("m-sharpness", m = the batch size).
         seed: Seed or generator for random starts and Lanczos.
         progress: Show a tqdm bar.
+        **settings: The other fields of :class:`AscentConfig` (``norm``, ``adaptive``,
+            ``adaptive_eta``, ``steps``, ``restarts``, ``init``, ``step_size``,
+            ``momentum``, ``num_eigen``, ``eigen_tol``); ``init`` defaults to
+            ``("gradient", "eigen")``: the one-step SAM point rho d(g), so R0 is at least the
+            loss increase there, and +-rho along the top Hessian eigenvector(s).
 
     Returns:
         A :class:`SharpnessResult`. The model is left exactly as it was.
+
+    Raises:
+        TypeError, ValueError: Bad settings, or both ``config`` and ``rho``/settings.
+        NonFiniteLossError: The loss is NaN or infinite somewhere in the ball.
     """
+    cfg = resolve_config(
+        rho, config, settings, default_init=("gradient", "eigen"), measure="zeroth_order_sharpness"
+    )
     run = worst_case_ascent(
         objective,
+        cfg,
         center=_loss_at_center,
         function=_loss_function,
         desc="R0",
-        rho=rho,
-        norm=norm,
-        adaptive=adaptive,
-        steps=steps,
-        restarts=restarts,
-        init=init,
+        at=at,
         starts=starts,
         eigen=eigen,
         per_batch=per_batch,
-        adaptive_eta=adaptive_eta,
-        step_size=step_size,
-        momentum=momentum,
-        num_eigen=num_eigen,
-        eigen_tol=eigen_tol,
         seed=seed,
         progress=progress,
     )
@@ -226,11 +211,12 @@ def average_sharpness(
     objective: Objective,
     rho: float,
     *,
-    norm: Literal["l2", "linf"] = "l2",
+    norm: Norm = "l2",
     adaptive: bool = False,
     samples: int = 64,
     distribution: Literal["sphere", "gaussian"] = "sphere",
     adaptive_eta: float = 0.0,
+    at: Tensor | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
 ) -> AverageSharpnessResult:
@@ -254,11 +240,15 @@ def average_sharpness(
         samples: Number of random perturbations, >= 2.
         distribution: ``"sphere"`` or ``"gaussian"``.
         adaptive_eta: eta >= 0 in the adaptive scale.
+        at: Flat parameter vector theta to measure around (default: the model's own).
         seed: Seed or generator.
         progress: Show a tqdm bar.
+
+    Raises:
+        NonFiniteLossError: theta or the loss at theta or a sample is NaN or infinite.
     """
-    cfg = AscentConfig(rho, norm, adaptive, adaptive_eta)
-    samples = check_steps(samples, "samples", minimum=2)
+    cfg = AscentConfig(rho, norm=norm, adaptive=adaptive, adaptive_eta=adaptive_eta)
+    samples = check_positive_int("samples", samples, minimum=2)
     if distribution not in ("sphere", "gaussian"):
         raise ValueError(f"distribution must be 'sphere' or 'gaussian', not {distribution!r}")
     if distribution == "gaussian" and cfg.norm != "l2":
@@ -266,8 +256,8 @@ def average_sharpness(
     gen = make_generator(seed)
     start = time.perf_counter()
     before = dict(objective.counts)
+    theta = center_point(objective, at)
     with preserved(objective.model):
-        theta = objective.theta
         ball = cfg.ball(theta)
         loss0 = objective.loss(theta)
         rises = []
@@ -290,7 +280,7 @@ def average_sharpness(
         rho=cfg.rho,
         norm=cfg.norm,
         adaptive=cfg.adaptive,
-        adaptive_eta=float(cfg.adaptive_eta),
+        adaptive_eta=cfg.adaptive_eta,
         samples=samples,
         distribution=distribution,
         seed=seed if isinstance(seed, int) else None,

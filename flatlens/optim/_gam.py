@@ -22,13 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatlens.core._checks import check_finite, check_fraction, check_nonnegative
 from flatlens.optim._sam import (
     PerturbationOptimizer,
     Perturbations,
     _ascent,
-    _check_finite,
-    _check_fraction,
-    _check_nonnegative,
     _combine,
     _dot,
     _norm,
@@ -273,20 +271,20 @@ class GAM(PerturbationOptimizer):
         kw["official"] = bool(kw["official"])
         if kw["official"] and mode != "accelerated":
             raise ValueError("the official update is the accelerated algorithm")
-        kw["rho"] = _check_nonnegative("rho", kw["rho"])
-        kw["perturb_rho"] = _check_nonnegative("perturb_rho", kw["perturb_rho"])
-        kw["eps"] = _check_nonnegative("eps", kw["eps"])
+        kw["rho"] = check_nonnegative("rho", kw["rho"])
+        kw["perturb_rho"] = check_nonnegative("perturb_rho", kw["perturb_rho"])
+        kw["eps"] = check_nonnegative("eps", kw["eps"])
         if mode == "accelerated":
             # The released code accepts any beta (it takes |1 - beta_0|); the paper's form
             # mixes two gradients, so its weights are fractions.
-            check = _check_finite if kw["official"] else _check_fraction
+            check = check_finite if kw["official"] else check_fraction
             kw["plus_weight"] = check("plus_weight", kw["plus_weight"])
             kw["minus_weight"] = check("minus_weight", kw["minus_weight"])
-            kw["orthogonal_weight"] = _check_finite("orthogonal_weight", kw["orthogonal_weight"])
+            kw["orthogonal_weight"] = check_finite("orthogonal_weight", kw["orthogonal_weight"])
             if not kw["official"]:
-                _check_nonnegative("orthogonal_weight", kw["orthogonal_weight"])
+                check_nonnegative("orthogonal_weight", kw["orthogonal_weight"])
         else:
-            kw["flatness_weight"] = _check_nonnegative("flatness_weight", kw["flatness_weight"])
+            kw["flatness_weight"] = check_nonnegative("flatness_weight", kw["flatness_weight"])
         return kw
 
     def _apply(self, settings: dict[str, Any]) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from flatlens.core._checks import check_nonnegative
 from flatlens.distributed import all_reduce_mean
 
 __all__ = ["SAM", "PerturbationOptimizer"]
@@ -179,29 +179,6 @@ def _param_groups(params: Any) -> list[dict[str, Any]]:
     return [{"params": items}]
 
 
-def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    value = _check_nonnegative(name, value)
-    if value > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return value
-
-
-def _check_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 # ------------------------------------------------------------------------ shared base class
 class PerturbationOptimizer(Optimizer):
     """Base class of optimizers that evaluate gradients at perturbed points before a base step.
@@ -265,7 +242,7 @@ class PerturbationOptimizer(Optimizer):
             raise ValueError(
                 f"perturbations must be 'per_rank' or 'synchronized', not {perturbations!r}"
             )
-        self.eps = _check_nonnegative("eps", eps)
+        self.eps = check_nonnegative("eps", eps)
         self.perturbations = perturbations
         self._comm: _Comm | None = None
         super().__init__([p for g in groups for p in g["params"]], {})
@@ -584,7 +561,7 @@ class SAM(PerturbationOptimizer):
         perturbations: Perturbations = "per_rank",
         **base_kwargs: Any,
     ) -> None:
-        rho = _check_nonnegative("rho", rho)
+        rho = check_nonnegative("rho", rho)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be True or False, not {adaptive!r}")
         super().__init__(
@@ -600,9 +577,9 @@ class SAM(PerturbationOptimizer):
         self.adaptive = adaptive
 
     def _set_hyperparameters(self, values: dict[str, Any]) -> None:
-        self.rho = _check_nonnegative("rho", values["rho"])
+        self.rho = check_nonnegative("rho", values["rho"])
         self.adaptive = bool(values["adaptive"])
-        self.eps = _check_nonnegative("eps", values["eps"])
+        self.eps = check_nonnegative("eps", values["eps"])
 
     def _direction(self, run, theta, device):
         start = run()

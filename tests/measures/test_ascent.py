@@ -1,7 +1,8 @@
-"""The projected-ascent engine: balls, exact projections, steepest directions, Auto-PGD."""
+"""The projected-ascent engine: balls, projections, steepest directions, Auto-PGD, settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,14 +12,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flatlens.measures._ascent import (
-    AscentConfig,
-    Ball,
-    apgd_checkpoints,
-    combine_batches,
-    multi_start_ascent,
-    projected_ascent,
-)
+import flatlens
+from flatlens.core import NonFiniteLossError
+from flatlens.measures import AscentConfig
+from flatlens.measures._apgd import apgd_checkpoints, multi_start_ascent, projected_ascent
+from flatlens.measures._ascent import combine_batches
+from flatlens.measures._ball import Ball
+from flatlens.measures._config import resolve_config
 
 GEOMETRIES = [("l2", False), ("l2", True), ("linf", False), ("linf", True)]
 
@@ -292,3 +292,100 @@ def test_bad_settings_are_rejected():
         AscentConfig(0.1, restarts=-1)
     with pytest.raises(ValueError, match="no start points"):
         multi_start_ascent(fn, Ball(0.1), [], 3)
+
+
+# ---------------------------------------------------------------------------------- non-finite
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_value_stops_the_ascent(bad):
+    # NaN never wins a comparison: without the check the ascent would carry on silently.
+    calls = []
+
+    def fn(delta, need_grad):
+        calls.append(delta)
+        value = bad if len(calls) == 3 else float(delta.sum())
+        return value, torch.ones_like(delta) if need_grad else None
+
+    start = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        projected_ascent(fn, Ball(0.5), start, 5)
+    assert issubclass(NonFiniteLossError, FloatingPointError)
+    finite = lambda d, g: (0.0, torch.zeros_like(d) if g else None)  # noqa: E731
+    with pytest.raises(NonFiniteLossError, match="center"):
+        multi_start_ascent(finite, Ball(0.5), [("a", start)], 2, center_value=bad)
+
+
+# ---------------------------------------------------------------------------------- config
+def test_config_is_public_checked_and_normalized():
+    assert flatlens.AscentConfig is AscentConfig
+    cfg = AscentConfig(1, init=["eigen"], steps=np.int64(7), momentum=0, adaptive_eta=1)
+    assert cfg.rho == 1.0 and type(cfg.rho) is float
+    assert cfg.init == ("eigen",) and cfg.steps == 7 and type(cfg.steps) is int
+    assert type(cfg.momentum) is float and type(cfg.adaptive_eta) is float
+    assert AscentConfig(0.1, init="gradient").init == ("gradient",)
+    assert AscentConfig(0.1).init is None  # the measure's default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        AscentConfig(0.1, "linf")  # type: ignore[misc]  # settings are keyword-only
+    # replace() makes a variant and checks it again.
+    assert dataclasses.replace(cfg, steps=9).steps == 9
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        dataclasses.replace(cfg, steps=0)
+    # The ball of the settings.
+    theta = _vec(4, 0)
+    ball = AscentConfig(0.3, norm="linf", adaptive=True, adaptive_eta=0.5).ball(theta)
+    assert ball.rho == 0.3 and ball.norm == "linf"
+    assert torch.equal(ball.scale, theta.abs() + 0.5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"rho": 0.0}, ValueError, "rho must be a finite number > 0"),
+        ({"rho": math.inf}, ValueError, "rho must be a finite number > 0"),
+        ({"rho": "0.1"}, TypeError, "rho must be a real number"),
+        ({"rho": True}, TypeError, "rho must be a real number"),
+        ({"norm": "l1"}, ValueError, "norm must be 'l2' or 'linf'"),
+        ({"adaptive": 1}, TypeError, "adaptive must be True or False"),
+        ({"adaptive_eta": -1.0}, ValueError, "adaptive_eta must be a finite number >= 0"),
+        ({"adaptive_eta": math.inf}, ValueError, "adaptive_eta must be a finite number >= 0"),
+        ({"steps": 0}, ValueError, "steps must be an integer >= 1"),
+        ({"steps": 2.5}, ValueError, "steps must be an integer >= 1"),
+        ({"steps": True}, ValueError, "steps must be an integer >= 1"),
+        ({"restarts": -1}, ValueError, "restarts must be an integer >= 0"),
+        ({"init": ("hessian",)}, ValueError, "unknown init"),
+        ({"init": 3}, TypeError, "init must be a sequence"),
+        ({"step_size": 0.0}, ValueError, "step_size must be a finite number > 0"),
+        ({"step_size": math.nan}, ValueError, "step_size must be a finite number > 0"),
+        ({"momentum": 1.0}, ValueError, "momentum must be in \\[0, 1\\)"),
+        ({"momentum": -0.1}, ValueError, "momentum must be in \\[0, 1\\)"),
+        ({"momentum": "0.1"}, TypeError, "momentum must be"),
+        ({"num_eigen": 0}, ValueError, "num_eigen must be an integer >= 1"),
+        ({"eigen_tol": 0.0}, ValueError, "eigen_tol must be a finite number > 0"),
+    ],
+)
+def test_invalid_config_values_are_clear_errors(settings, error, message):
+    kwargs = {"rho": 0.1, **settings}
+    rho = kwargs.pop("rho")
+    with pytest.raises(error, match=message):
+        AscentConfig(rho, **kwargs)
+
+
+def test_config_is_built_from_rho_and_settings_or_given_whole():
+    default = ("gradient", "eigen")
+    kw = resolve_config(0.2, None, {"steps": 5}, default_init=default, measure="R0")
+    assert kw == AscentConfig(0.2, steps=5, init=default)
+    given = AscentConfig(0.2, steps=5)
+    assert resolve_config(None, given, {}, default_init=default, measure="R0") == kw
+    own = AscentConfig(0.2, init=("eigen",))
+    assert resolve_config(None, own, {}, default_init=default, measure="R0") is own
+    with pytest.raises(TypeError, match="needs rho"):
+        resolve_config(None, None, {}, default_init=default, measure="R0")
+    with pytest.raises(TypeError, match="both config and \\['rho'\\]"):
+        resolve_config(0.2, given, {}, default_init=default, measure="R0")
+    with pytest.raises(TypeError, match="both config and \\['steps'\\]"):
+        resolve_config(None, given, {"steps": 3}, default_init=default, measure="R0")
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) \\['stepz'\\]"):
+        resolve_config(0.2, None, {"stepz": 3}, default_init=default, measure="R0")
+    with pytest.raises(TypeError, match="config must be an AscentConfig"):
+        resolve_config(None, {"rho": 0.2}, {}, default_init=default, measure="R0")

@@ -17,9 +17,13 @@ from helpers import (
 )
 from torch import nn
 
-from flatlens import Objective
+from flatlens import NonFiniteLossError, Objective
 from flatlens.data import batches
-from flatlens.measures._bounds import BoundReport, check_bound, plot_bound_rows
+from flatlens.measures import _bounds
+from flatlens.measures._bounds import check_bound, plot_bound_rows
+from flatlens.measures._flatness import first_order_flatness
+from flatlens.measures._sharpness import zeroth_order_sharpness
+from flatlens.measures._spectrum import hessian_eigenvalues
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,15 +70,85 @@ def test_bound_holds_on_small_networks_and_the_report_is_complete(tmp_path):
         assert again.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_a_violated_row_is_reported(tmp_path):
+def test_holds_is_computed_from_the_measured_values():
+    # Each row is what R0 and R1 give on their own with the same settings, eigenvector and
+    # generator, and ``holds`` compares those numbers.
     _, obj = nonlinear_cases()[0]
-    report = check_bound(obj, [0.1], steps=3)
-    row = report.rows[0]
-    row.holds = False  # as if R1's ascent had missed the maximum
-    report.all_hold = False
-    assert "NO" in report.table()
+    rhos, steps = [0.05, 0.3], 4
+    report = check_bound(obj, rhos, steps=steps, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    eig = hessian_eigenvalues(obj, 1, tol=1e-4, seed=gen)
+    assert report.lambda_max == float(eig.eigenvalues[0])
+    for rho, row in zip(rhos, report.rows, strict=True):
+        common = {"steps": steps, "restarts": 1, "eigen": eig, "seed": gen}
+        r0 = zeroth_order_sharpness(obj, rho, **common)
+        r1 = first_order_flatness(obj, rho, starts=[r0.delta], **common)
+        assert (row.r0, row.r1) == (r0.value, r1.value)
+        assert row.holds is (r0.value <= r1.value)
+        assert row.max_grad_norm == r1.max_grad_norm
+    assert report.all_hold is all(r.holds for r in report.rows)
+
+
+def test_a_violated_row_is_reported(tmp_path, monkeypatch):
+    # A genuinely violated row: R1's ascent is crippled (one start along the flattest
+    # eigenvector, a negligible step), so it finds rho^2 lambda_min < R0 = rho^2 lambda_max / 2.
+    model, data, hess = least_squares()
+    lams, vecs = torch.linalg.eigh(hess)
+    assert lams[0] < lams[-1] / 2
+    obj = Objective(model, nn.MSELoss(), data)
+
+    def crippled(objective, rho, *, seed, at, **_ignored):
+        return first_order_flatness(
+            objective,
+            rho,
+            init=(),
+            restarts=0,
+            starts=[rho * vecs[:, 0]],
+            steps=1,
+            step_size=1e-9,
+            seed=seed,
+            at=at,
+        )
+
+    monkeypatch.setattr(_bounds, "first_order_flatness", crippled)
+    report = check_bound(obj, [0.1, 1.0], steps=10, eigen_tol=1e-8)
+    for row in report.rows:
+        assert row.r0 == pytest.approx(row.rho**2 * float(lams[-1]) / 2, rel=1e-6)
+        assert row.r1 == pytest.approx(row.rho**2 * float(lams[0]), rel=1e-6)
+        assert row.holds is False
+    assert report.all_hold is False
+    lines = report.table().splitlines()[2:]
+    assert [line.split()[-1] for line in lines] == ["NO", "NO"]
+    assert json.loads(json.dumps(report.to_dict()))["all_hold"] is False
     assert report.plot(tmp_path / "bad.png").read_bytes()[:8] == PNG_MAGIC
-    assert isinstance(report, BoundReport)
+
+
+def test_at_checks_the_bound_around_another_point():
+    model, data, hess = least_squares()
+    lam = float(torch.linalg.eigvalsh(hess)[-1])
+    obj = Objective(model, nn.MSELoss(), data)
+    minimum = obj.theta
+    with torch.no_grad():
+        model.weight.add_(0.3)
+    snap = ModelSnapshot.take(model)
+    report = check_bound(obj, [0.01, 0.1], at=minimum)
+    snap.assert_unchanged(model)
+    assert report.loss == pytest.approx(obj.loss(minimum), rel=1e-12)
+    for row in report.rows:
+        assert row.r1 == pytest.approx(row.rho**2 * lam, rel=1e-3)
+        assert row.r0 == pytest.approx(row.rho**2 * lam / 2, rel=1e-3)
+    away = check_bound(obj, [0.01])
+    assert away.rows[0].r0 > 2 * report.rows[0].r0  # the model's own point differs
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_weights_raise_non_finite_loss_error(bad):
+    model, data, _ = least_squares()
+    with torch.no_grad():
+        model.bias.fill_(bad)
+    obj = Objective(model, nn.MSELoss(), data)
+    with pytest.raises(NonFiniteLossError):
+        check_bound(obj, [0.1], steps=2)
 
 
 def test_model_is_unchanged():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -24,9 +25,9 @@ from helpers import (
 from helpers import tiny_mlp as make_mlp
 from torch import nn
 
-from flatlens import Objective
+from flatlens import AscentConfig, NonFiniteLossError, Objective
 from flatlens.data import batches
-from flatlens.measures._ascent import Ball
+from flatlens.measures._ball import Ball
 from flatlens.measures._flatness import first_order_flatness, gradient_norm_function
 from flatlens.measures._sharpness import zeroth_order_sharpness
 from flatlens.measures._spectrum import hessian_eigenvalues
@@ -191,3 +192,114 @@ def test_bad_settings_are_clear_errors(rho):
         first_order_flatness(obj, 0.1, starts=[torch.zeros(3)])
     with pytest.raises(ValueError, match="num_eigen must be an integer >= 1"):
         first_order_flatness(obj, 0.1, num_eigen=0)
+
+
+# ---------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"steps": 5, "restarts": 2, "init": ("gradient",), "momentum": 0.0, "step_size": 0.5},
+        {"norm": "linf", "adaptive": True, "adaptive_eta": 0.01, "num_eigen": 2},
+    ],
+)
+def test_config_equals_the_keyword_form_bit_for_bit(settings):
+    _, obj = nonlinear_cases()[1]
+    by_keywords = first_order_flatness(obj, 0.05, seed=4, **settings)
+    by_config = first_order_flatness(obj, config=AscentConfig(0.05, **settings), seed=4)
+    da, db = by_keywords.to_dict(), by_config.to_dict()
+    da.pop("seconds"), db.pop("seconds")
+    assert da == db
+    assert torch.equal(by_keywords.delta, by_config.delta)
+
+
+def test_result_keeps_the_config_with_r1s_default_starts():
+    _, obj = nonlinear_cases()[0]
+    res = first_order_flatness(obj, 0.1, steps=2)
+    assert res.config == AscentConfig(0.1, steps=2, init=("eigen", "gradient"))
+    assert res.init == ["eigen", "gradient"]
+    out = json.loads(json.dumps(res.to_dict()))
+    assert out["config"]["init"] == ["eigen", "gradient"] and out["config"]["rho"] == 0.1
+    assert out["rho"] == 0.1 and out["steps"] == 2  # the flat fields stay
+    # One config serves both measures; each fills in its own default starts.
+    shared = AscentConfig(0.1, steps=2)
+    assert first_order_flatness(obj, config=shared).config.init == ("eigen", "gradient")
+    assert zeroth_order_sharpness(obj, config=shared).config.init == ("gradient", "eigen")
+    with pytest.raises(TypeError, match="both config and"):
+        first_order_flatness(obj, 0.1, config=shared)
+
+
+# ---------------------------------------------------------------------------------- at=
+def test_at_measures_around_another_point():
+    model, data, hess = least_squares()
+    lam = float(torch.linalg.eigvalsh(hess)[-1])
+    obj = Objective(model, nn.MSELoss(), data)
+    minimum = obj.theta
+    with torch.no_grad():
+        model.bias.add_(1.0)
+    snap = ModelSnapshot.take(model)
+    assert float(obj.gradient().norm()) > 0.1
+    there = first_order_flatness(obj, 0.1, at=minimum)
+    snap.assert_unchanged(model)
+    # At the minimum of the quadratic, R1 = rho^2 lambda_max (dense float64 reference).
+    assert there.value == pytest.approx(0.01 * lam, rel=1e-3)
+    assert there.grad_norm_at_center < 1e-10
+    assert float(obj.gradient(minimum + there.delta).norm()) == pytest.approx(
+        there.max_grad_norm, rel=1e-10
+    )
+    other = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(minimum, other.parameters())
+    direct = first_order_flatness(Objective(other, nn.MSELoss(), data), 0.1)
+    assert direct.value == there.value and torch.equal(direct.delta, there.delta)
+    with pytest.raises(ValueError, match="`at` must be a flat tensor"):
+        first_order_flatness(obj, 0.1, at=minimum[1:])
+
+
+def test_at_matches_a_dense_reference_away_from_a_minimum():
+    x, y = classification_data(23, 4, 3, seed=3)
+    obj = Objective(make_mlp(4, 5, 3, seed=3), nn.CrossEntropyLoss(), (x, y))
+    point = obj.theta + 0.2 * torch.randn(
+        obj.num_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    res = first_order_flatness(obj, 0.05, at=point, steps=4)
+    ref = objective_reference(obj, at=point)
+    assert res.grad_norm_at_center == pytest.approx(float(ref.gradient.norm()), rel=1e-10)
+    at_max = objective_reference(obj, at=point + res.delta)
+    assert res.max_grad_norm == pytest.approx(float(at_max.gradient.norm()), rel=1e-10)
+    assert res.value >= 0.05 * float(ref.gradient.norm())
+
+
+# ---------------------------------------------------------------------------------- non-finite
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_weights_raise_non_finite_loss_error(bad):
+    x, y = classification_data(23, 4, 3, seed=2)
+    model = make_mlp(4, 5, 3, seed=2)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = bad
+    snap = ModelSnapshot.take(model)
+    obj = Objective(model, nn.CrossEntropyLoss(), batches(x, y, 8))
+    for measure in (
+        lambda: first_order_flatness(obj, 0.1, steps=2),
+        lambda: first_order_flatness(obj, 0.1, steps=2, per_batch=True),
+        lambda: first_order_flatness(obj, 0.1, steps=2, adaptive=True, norm="linf"),
+    ):
+        with pytest.raises(NonFiniteLossError):
+            measure()
+        snap.assert_unchanged(model)
+
+
+def test_a_loss_that_overflows_inside_the_ball_is_reported():
+    # L(w) = exp(w^2) is finite at w = 26 (about 1e293) but overflows at w = 27 (rho = 1).
+    class Exp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([26.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return x * torch.exp(self.w**2)
+
+    data = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    obj = Objective(Exp(), lambda out, y: (out - y).sum(), data)
+    assert math.isfinite(obj.loss())
+    with pytest.raises(NonFiniteLossError):
+        first_order_flatness(obj, 1.0, steps=3, init=("gradient",), restarts=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -23,7 +24,7 @@ from helpers import (
 )
 from torch import nn
 
-from flatlens import Objective
+from flatlens import AscentConfig, NonFiniteLossError, Objective
 from flatlens.data import batches
 from flatlens.measures._sharpness import average_sharpness, zeroth_order_sharpness
 
@@ -210,3 +211,140 @@ def test_bad_settings_are_clear_errors():
         average_sharpness(obj, 0.1, norm="linf", distribution="gaussian")
     with pytest.raises(TypeError, match="seed must be"):
         zeroth_order_sharpness(obj, 0.1, seed="0")
+
+
+# ---------------------------------------------------------------------------------- config
+def _same(a, b):
+    """Two results agree bit for bit (all but the wall-clock time)."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("seconds"), db.pop("seconds")
+    assert da == db
+    assert (a.delta is None and b.delta is None) or torch.equal(a.delta, b.delta)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"steps": 6, "restarts": 2, "init": ("gradient",), "momentum": 0.1, "step_size": 1.0},
+        {"norm": "linf", "adaptive": True, "adaptive_eta": 0.01, "num_eigen": 2, "eigen_tol": 1e-4},
+    ],
+)
+def test_config_equals_the_keyword_form_bit_for_bit(settings):
+    _, obj = nonlinear_cases()[0]
+    by_keywords = zeroth_order_sharpness(obj, 0.1, seed=3, **settings)
+    by_config = zeroth_order_sharpness(obj, config=AscentConfig(0.1, **settings), seed=3)
+    _same(by_keywords, by_config)
+    assert by_config.config == by_keywords.config
+
+
+def test_result_keeps_the_config():
+    _, obj = nonlinear_cases()[0]
+    res = zeroth_order_sharpness(obj, 0.1, steps=3, norm="linf")
+    # init=None resolves to R0's default starts, and the result says which ran.
+    assert res.config == AscentConfig(0.1, steps=3, norm="linf", init=("gradient", "eigen"))
+    again = zeroth_order_sharpness(obj, config=res.config)
+    assert again.value == res.value
+    out = json.loads(json.dumps(res.to_dict()))
+    assert out["config"] == {
+        "rho": 0.1,
+        "norm": "linf",
+        "adaptive": False,
+        "adaptive_eta": 0.0,
+        "steps": 3,
+        "restarts": 1,
+        "init": ["gradient", "eigen"],
+        "step_size": 2.0,
+        "momentum": 0.25,
+        "num_eigen": 1,
+        "eigen_tol": 1e-3,
+    }
+    # The flat fields the reports read are still there and agree with the config.
+    for key in ("rho", "norm", "adaptive", "adaptive_eta", "steps", "restarts", "init"):
+        assert out[key] == out["config"][key], key
+    assert AscentConfig(**out["config"]) == res.config  # the JSON rebuilds the config
+
+
+def test_config_and_keywords_do_not_mix():
+    _, obj = nonlinear_cases()[0]
+    cfg = AscentConfig(0.1, steps=2)
+    with pytest.raises(TypeError, match="both config and"):
+        zeroth_order_sharpness(obj, 0.1, config=cfg)
+    with pytest.raises(TypeError, match="both config and"):
+        zeroth_order_sharpness(obj, config=cfg, steps=3)
+    with pytest.raises(TypeError, match="needs rho"):
+        zeroth_order_sharpness(obj)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        zeroth_order_sharpness(obj, 0.1, step=3)
+    with pytest.raises(TypeError, match="config must be an AscentConfig"):
+        zeroth_order_sharpness(obj, config={"rho": 0.1})
+
+
+# ---------------------------------------------------------------------------------- at=
+def test_at_measures_around_another_point():
+    model, data, hess = least_squares()
+    lam = float(torch.linalg.eigvalsh(hess)[-1])
+    obj = Objective(model, nn.MSELoss(), data)
+    minimum = obj.theta
+    with torch.no_grad():  # move the model away from the minimum
+        model.weight.add_(0.5)
+    snap = ModelSnapshot.take(model)
+    away = zeroth_order_sharpness(obj, 0.1)
+    there = zeroth_order_sharpness(obj, 0.1, at=minimum)
+    snap.assert_unchanged(model)
+    # At the minimum of the quadratic, R0 = rho^2 lambda_max / 2 (dense float64 reference).
+    assert there.value == pytest.approx(0.01 * lam / 2, rel=1e-3)
+    assert away.value > 2 * there.value  # the gradient term: a different point was measured
+    assert obj.loss(minimum + there.delta) == pytest.approx(there.max_loss, rel=1e-12)
+    # The same as measuring a copy of the model that sits at the minimum, bit for bit.
+    other = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(minimum, other.parameters())
+    direct = zeroth_order_sharpness(Objective(other, nn.MSELoss(), data), 0.1)
+    _same(direct, there)
+    avg = average_sharpness(obj, 0.1, samples=8, at=minimum)
+    avg_direct = average_sharpness(Objective(other, nn.MSELoss(), data), 0.1, samples=8)
+    assert avg.value == avg_direct.value
+    snap.assert_unchanged(model)
+
+
+def test_at_with_per_batch_and_bad_points():
+    x, y = classification_data(23, 4, 3, seed=2)
+    obj = Objective(tiny_mlp(4, 5, 3, seed=2), nn.CrossEntropyLoss(), batches(x, y, 8))
+    theta = obj.theta
+    kw = {"steps": 3, "restarts": 0, "init": ("gradient",), "per_batch": True}
+    assert zeroth_order_sharpness(obj, 0.1, at=theta, **kw).value == (
+        zeroth_order_sharpness(obj, 0.1, **kw).value
+    )
+    moved = zeroth_order_sharpness(obj, 0.1, at=theta + 0.3, **kw)
+    assert moved.value != zeroth_order_sharpness(obj, 0.1, **kw).value
+    for bad in (theta[:-1], theta.reshape(1, -1), theta.tolist()):
+        with pytest.raises(ValueError, match="`at` must be a flat tensor"):
+            zeroth_order_sharpness(obj, 0.1, at=bad)
+        with pytest.raises(ValueError, match="`at` must be a flat tensor"):
+            average_sharpness(obj, 0.1, at=bad)
+
+
+# ---------------------------------------------------------------------------------- non-finite
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_weights_raise_non_finite_loss_error(bad):
+    x, y = classification_data(23, 4, 3, seed=2)
+    model = tiny_mlp(4, 5, 3, seed=2)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = bad
+    snap = ModelSnapshot.take(model)
+    obj = Objective(model, nn.CrossEntropyLoss(), batches(x, y, 8))
+    for measure in (
+        lambda: zeroth_order_sharpness(obj, 0.1, steps=2),
+        lambda: zeroth_order_sharpness(obj, 0.1, steps=2, per_batch=True),
+        lambda: zeroth_order_sharpness(obj, config=AscentConfig(0.1, adaptive=True)),
+        lambda: average_sharpness(obj, 0.1, samples=2),
+    ):
+        with pytest.raises(NonFiniteLossError):
+            measure()
+        snap.assert_unchanged(model)
+    # A finite model measured at a non-finite point fails the same way.
+    clean = Objective(tiny_mlp(4, 5, 3, seed=2), nn.CrossEntropyLoss(), (x, y))
+    point = clean.theta
+    point[0] = bad
+    with pytest.raises(NonFiniteLossError):
+        zeroth_order_sharpness(clean, 0.1, steps=2, at=point)

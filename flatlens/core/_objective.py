@@ -72,6 +72,51 @@ def _batch_size(targets: Any) -> int:
     return len(targets)
 
 
+def _check_model(model: nn.Module) -> None:
+    """Refuse a model that cannot be evaluated: no parameters, or parameters on ``meta``."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no parameters: there is nothing to "
+            "measure; pass the trained network"
+        )
+    if any(p.is_meta for p in params):
+        raise ValueError(
+            "the model's parameters are on the 'meta' device (shapes only, no values); "
+            "load real weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(...)"
+        )
+
+
+_DATA_HINT = (
+    "pass a DataLoader, a list of (inputs, targets) batches, or one (inputs, targets) tuple"
+)
+
+
+def _check_data(data: Any) -> None:
+    """Refuse data that is not a re-iterable of ``(inputs, targets)`` batches."""
+    if data is None:
+        raise TypeError(f"data is None; {_DATA_HINT}")
+    if isinstance(data, Tensor):
+        raise TypeError(
+            f"data is a bare tensor of shape {tuple(data.shape)}: the targets are missing; "
+            f"{_DATA_HINT}"
+        )
+    if isinstance(data, str | bytes) or not isinstance(data, Iterable):
+        raise TypeError(f"data is a {type(data).__name__}, not batches; {_DATA_HINT}")
+    batches = [data] if _is_batch(data) else data if isinstance(data, list | tuple) else []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise ValueError(f"batch {i} of data is not an (inputs, targets) pair; {_DATA_HINT}")
+        x, y = batch
+        if isinstance(x, Tensor) and isinstance(y, Tensor) and x.dim() > 0 and y.dim() > 0:
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"batch {i} of data has {x.shape[0]} inputs but {y.shape[0]} targets; "
+                    "inputs and targets must have the same length along dimension 0"
+                )
+
+
 class Objective:
     """Empirical risk L(theta) of ``loss_fn(model(inputs), targets)`` over a fixed data set.
 
@@ -135,6 +180,8 @@ class Objective:
         self.model = model
         self.loss_fn = loss_fn
         self.fold_batchnorm = bool(fold_batchnorm)
+        _check_model(model)
+        _check_data(data)
         named = select_parameters(model, params)
         self.space = ParamSpace.from_named(named)
         self._params = [p for _, p in named]
@@ -311,6 +358,7 @@ class Objective:
             raise ValueError("data is empty: it yielded no samples")
         value = total.item()
         if not math.isfinite(value):
+            self._raise_if_weights_not_finite()
             bad = torch.nonzero(~torch.isfinite(stacked)).flatten()
             where = f"batch {int(bad[0])}" if bad.numel() else "another rank's batch"
             raise NonFiniteLossError(
@@ -323,6 +371,15 @@ class Objective:
             for v in vecs:
                 v.mul_(scale)
         return value * scale
+
+    def _raise_if_weights_not_finite(self) -> None:
+        """Name the first parameter holding NaN or inf (the usual cause of a NaN loss)."""
+        for name, param in zip(self.space.names, self._params, strict=True):
+            if not bool(torch.isfinite(param.detach()).all()):
+                raise NonFiniteLossError(
+                    f"the model's weights are not finite: parameter {name!r} holds NaN or "
+                    "inf, so the loss is too; load a checkpoint from before training diverged"
+                )
 
     def point(self, at: Tensor | None = None) -> Tensor:
         """The flat parameter vector to evaluate: ``at`` (checked) or the model's current one."""
@@ -589,6 +646,60 @@ class Objective:
             return hv.detach().to("cpu", torch.float64).numpy()
 
         return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+
+    def evaluate_points(
+        self,
+        points: Tensor,
+        metrics: Any = ("loss",),
+        *,
+        method: Literal["auto", "serial", "vmap"] = "auto",
+        chunk_size: int | None = None,
+        local: bool = False,
+    ) -> dict[str, Tensor]:
+        """L(theta_k) and other metrics at many points theta_k, one data pass per chunk.
+
+        Each point's loss is what :meth:`loss` computes there (the same weighting by batch
+        size, float64 accumulation and division by N; bit for bit with ``"serial"``), but a
+        point where the loss is NaN or infinite keeps that value instead of raising: far
+        from a minimum, a landscape may legitimately overflow. Each point counts as one
+        evaluation in ``counts["loss"]``. The model is never written to.
+
+        Args:
+            points: ``(C, num_params)`` flat parameter vectors on the objective's device.
+            metrics: Besides the loss, which is always returned: ``"accuracy"`` (fraction
+                of argmax predictions equal to integer targets; an error unless the task is
+                classification) and callables ``m(outputs, targets) -> scalar tensor``,
+                stored under their ``__name__`` or given as ``{name: m}``. Per batch, m_b is
+                combined like a mean-reduced loss, (1/N) sum_b n_b m_b, or as sum_b m_b when
+                ``m.reduction == "sum"``. ``None``: the loss, plus accuracy when every batch
+                is classification (as :meth:`evaluate`).
+            method: ``"serial"`` (one forward per point, through a private copy of the model
+                kept between calls), ``"vmap"`` (``torch.func.vmap`` over each chunk) or
+                ``"auto"``: vmap on accelerators, serial on the CPU; a vmap failure on the
+                first chunk then warns and falls back to serial.
+            chunk_size: Points per data pass; default 16 for serial, from a memory estimate
+                for vmap.
+            local: With a distributed objective, evaluate this rank's data alone, with no
+                collective (to split the points, not the data, across ranks). The
+                determinism check before an objective's first evaluation stays collective.
+
+        Returns:
+            ``{name: float64 tensor of shape (C,)}`` on the objective's device: ``"loss"``,
+            then the metrics in the order given.
+
+        Raises:
+            ValueError: bad points, method, chunk size or metrics; accuracy for a task that
+                is not classification; data without samples.
+        """
+        from flatlens.core._points import PointEvaluation
+
+        job = PointEvaluation(
+            self, points, metrics, method=method, chunk_size=chunk_size, local=local
+        )
+        self._ensure_checked()
+        values = job.run()
+        self.counts["loss"] += job.num_points
+        return values
 
     def __repr__(self) -> str:
         return (

@@ -602,7 +602,7 @@ def test_the_check_runs_at_the_point_asked_for():
             assert out == ref_loss
         elif call == "hvp":
             assert torch.equal(out, ref_hvp)
-    with pytest.raises(NonFiniteLossError, match="nan"):
+    with pytest.raises(NonFiniteLossError, match="weights are not finite"):
         Objective(model, F.cross_entropy, (x, y)).loss()
 
 
@@ -760,3 +760,44 @@ def test_objective_reference_helper_matches_dense_reference():
     via_obj = objective_reference(obj)
     assert rel_err(via_obj.hessian, ref.hessian) <= 1e-13
     assert json.dumps(repr(obj))
+
+
+# ------------------------------------------------------------------ checks at construction
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        (None, TypeError, "data is None; pass a DataLoader"),
+        (torch.zeros(4, 3), TypeError, r"bare tensor of shape \(4, 3\): the targets are missing"),
+        (5, TypeError, "data is a int, not batches"),
+        ((torch.zeros(4, 3), torch.zeros(5, dtype=torch.long)), ValueError, "4 inputs but 5"),
+        ([(torch.zeros(2, 3),)], ValueError, "batch 0 of data is not an"),
+        ((x for x in []), TypeError, "one-shot iterator"),
+    ],
+)
+def test_bad_data_is_refused_at_construction_with_what_to_pass(data, error, match):
+    model = nn.Linear(3, 2)
+    with pytest.raises(error, match=match):
+        Objective(model, F.cross_entropy, data)
+
+
+def test_bad_models_are_refused_at_construction():
+    data = (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="has no parameters"):
+        Objective(nn.ReLU(), F.cross_entropy, data)
+    with pytest.raises(ValueError, match="'meta' device"):
+        Objective(nn.Linear(3, 2, device="meta"), F.cross_entropy, data)
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+        Objective(frozen, F.cross_entropy, data)
+
+
+def test_non_finite_weights_are_named_as_such():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    obj = Objective(model, F.cross_entropy, data)
+    for call in (obj.loss, obj.gradient, lambda: obj.hvp(obj.zeros())):
+        with pytest.raises(NonFiniteLossError, match="parameter '2.weight' holds NaN"):
+            call()
+    assert issubclass(NonFiniteLossError, FloatingPointError)

@@ -11,6 +11,10 @@ Typical use::
     ls = fl.plane(obj, d1, d2, span=(-1, 1), steps=(41, 41), store="plane.npz")
     fl.plot_contour(ls, "plane.png", filled=True)
     fl.plot_surface(ls, "plane.html")
+
+Every grid point is evaluated by :meth:`flatlens.Objective.evaluate_points`, so the loss is
+the Objective's own; ``metrics=`` adds ``"accuracy"`` or any callable
+``metric(outputs, targets) -> scalar`` (combined over batches like a mean-reduced loss).
 """
 
 from flatlens.landscape._curvature import curvature_map
@@ -25,8 +29,9 @@ from flatlens.landscape._directions import (
     pca_directions,
     random_direction,
 )
-from flatlens.landscape._evaluate import grid_axis, line, plane
+from flatlens.landscape._grid import grid_axis
 from flatlens.landscape._plot import plot_contour, plot_line, plot_surface
+from flatlens.landscape._slices import line, plane
 from flatlens.landscape._storage import Landscape, load, save
 
 __all__ = [

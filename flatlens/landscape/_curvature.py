@@ -15,9 +15,10 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens.core._checks import check_positive
 from flatlens.core._objective import Objective
 from flatlens.landscape._directions import Direction, as_direction, cosine
-from flatlens.landscape._evaluate import Span, _pair, grid_axis
+from flatlens.landscape._grid import Grid, Span, grid_axes, grid_points
 from flatlens.landscape._storage import Landscape
 from flatlens.measures._spectrum import hessian_eigenvalues
 
@@ -54,44 +55,34 @@ def curvature_map(
         (NaN where lambda_max is 0). ``settings["num_hvps"]`` counts the HVPs spent.
     """
     start = time.perf_counter()
+    tol = check_positive("tol", tol)
     dirs = [as_direction(objective, d1)] + ([] if d2 is None else [as_direction(objective, d2)])
-    if len(dirs) == 1:
-        coords = [grid_axis(span, steps)]  # type: ignore[arg-type]
-        settings: dict[str, Any] = {"kind": "curvature_line", "span": [list(span)]}
-    else:
-        spans, step_pair = _pair(span, "span"), _pair(steps, "steps")
-        coords = [grid_axis(s, n) for s, n in zip(spans, step_pair, strict=True)]
-        settings = {"kind": "curvature_plane", "span": [list(s) for s in spans]}
-    shape = tuple(len(c) for c in coords)
-    mesh = np.stack([m.reshape(-1) for m in np.meshgrid(*coords, indexing="ij")], axis=1)
-    theta = objective.theta
-    lam_max = np.full(len(mesh), np.nan)
-    lam_min = np.full(len(mesh), np.nan)
+    coords, axes = grid_axes(span, steps, ndim=len(dirs))  # type: ignore[arg-type]
+    kind = "curvature_line" if len(dirs) == 1 else "curvature_plane"
+    settings: dict[str, Any] = {"kind": kind, "span": axes["span"]}
+    grid = Grid(coords, ["lambda_max", "lambda_min"])
+    theta, vectors = objective.theta, [d.vector for d in dirs]
+    lam_max, lam_min = grid.values["lambda_max"], grid.values["lambda_min"]
     start_hvps = objective.counts["hvp"]
     converged = True
-    for k in tqdm(range(len(mesh)), desc="curvature", disable=not progress, leave=False):
-        point = theta
-        for j, d in enumerate(dirs):
-            point = point + float(mesh[k, j]) * d.vector
-        top = hessian_eigenvalues(
-            objective, 1, which="LA", tol=tol, max_iter=max_iter, seed=seed, at=point
-        )
-        bottom = hessian_eigenvalues(
-            objective, 1, which="SA", tol=tol, max_iter=max_iter, seed=seed, at=point
-        )
-        lam_max[k], lam_min[k] = float(top.eigenvalues[0]), float(bottom.eigenvalues[0])
-        converged = converged and bool(top.converged[0]) and bool(bottom.converged[0])
+    for k in tqdm(range(grid.size), desc="curvature", disable=not progress, leave=False):
+        point = grid_points(theta, vectors, grid.coef[k : k + 1])[0]
+        extreme = {
+            which: hessian_eigenvalues(
+                objective, 1, which=which, tol=tol, max_iter=max_iter, seed=seed, at=point
+            )
+            for which in ("LA", "SA")
+        }
+        lam_max[k] = float(extreme["LA"].eigenvalues[0])
+        lam_min[k] = float(extreme["SA"].eigenvalues[0])
+        converged = converged and all(bool(r.converged[0]) for r in extreme.values())
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(lam_max != 0, np.abs(lam_min / lam_max), np.nan)
-    center_index = tuple(int(np.flatnonzero(c == 0.0)[0]) for c in coords)
-    values = {
-        "lambda_max": lam_max.reshape(shape),
-        "lambda_min": lam_min.reshape(shape),
-        "ratio": ratio.reshape(shape),
-    }
+    grid.values["ratio"] = ratio
+    values, center_index = grid.shaped(), grid.center_index
     settings.update(
         {
-            "steps": list(shape),
+            "steps": list(grid.shape),
             "tol": tol,
             "max_iter": max_iter,
             "seed": seed,
@@ -109,6 +100,6 @@ def curvature_map(
         directions=[d.to_dict() for d in dirs],
         cosine=cosine(dirs[0], dirs[1]) if len(dirs) == 2 else None,
         settings=settings,
-        num_evaluated=len(mesh),
+        num_evaluated=grid.size,
         elapsed_s=time.perf_counter() - start,
     )

@@ -35,14 +35,34 @@ def _batches(x, y, size=16):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-def _landscapes(objective: Objective) -> dict[str, np.ndarray]:
+def margin(outputs, targets):
+    """Mean over the batch of the target logit minus the mean logit (a custom metric)."""
+    return (outputs.gather(1, targets[:, None]).squeeze(1) - outputs.mean(-1)).mean()
+
+
+def _landscapes(objective: Objective, full: Objective, distribute: str = "auto") -> dict:
+    """Planes and lines on ``objective`` (a shard per rank) and, split by points, on ``full``
+    (all the data on every rank)."""
     d1, d2 = random_direction(objective, seed=0), random_direction(objective, seed=1)
     out = {}
     for method in ("serial", "vmap"):
         ls = plane(objective, d1, d2, steps=(5, 4), method=method, chunk_size=6)
         out[f"plane_{method}_loss"] = ls.values["loss"]
         out[f"plane_{method}_accuracy"] = ls.values["accuracy"]
+        by_points = plane(
+            full,
+            d1,
+            d2,
+            steps=(5, 4),
+            metrics=[margin],
+            method=method,
+            chunk_size=3,
+            distribute=distribute,
+        )
+        out[f"points_{method}_loss"] = by_points.values["loss"]
+        out[f"points_{method}_margin"] = by_points.values["margin"]
     out["line_loss"] = line(objective, d1, steps=7).values["loss"]
+    out["line_margin"] = line(objective, d1, steps=7, metrics=[margin]).values["margin"]
     return out
 
 
@@ -55,8 +75,10 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         model, x, y = _problem()
         shard = SHARDS[rank]
         objective = Objective(model, nn.CrossEntropyLoss(), _batches(x[shard], y[shard]))
+        full = Objective(model, nn.CrossEntropyLoss(), _batches(x, y))
         assert objective.distributed
-        result = _landscapes(objective)
+        result = _landscapes(objective, full, distribute="points")
+        assert full.distributed and objective.distributed  # not switched off behind our back
         if rank == 0:
             np.savez(path, **result)
     finally:
@@ -73,8 +95,12 @@ def test_two_processes_match_one(tmp_path):
     path = str(tmp_path / "rank0.npz")
     mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
     model, x, y = _problem()
-    single = _landscapes(Objective(model, nn.CrossEntropyLoss(), _batches(x, y)))
+    objective = Objective(model, nn.CrossEntropyLoss(), _batches(x, y))
+    single = _landscapes(objective, objective)
     with np.load(path) as distributed:
         assert set(distributed.files) == set(single)
         for key, value in single.items():
-            np.testing.assert_allclose(distributed[key], value, rtol=1e-12, err_msg=key)
+            if key.startswith("points_serial"):  # the same points on the same data
+                np.testing.assert_array_equal(distributed[key], value, err_msg=key)
+            else:
+                np.testing.assert_allclose(distributed[key], value, rtol=1e-12, err_msg=key)

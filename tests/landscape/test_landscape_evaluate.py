@@ -21,7 +21,8 @@ from helpers import (
 from torch import nn
 
 from flatlens import Objective
-from flatlens.landscape import _evaluate as evaluate_mod
+from flatlens.core import NonFiniteLossError
+from flatlens.landscape import _evaluate as runner
 from flatlens.landscape import (
     grid_axis,
     interpolation_direction,
@@ -29,7 +30,6 @@ from flatlens.landscape import (
     plane,
     random_direction,
 )
-from flatlens.landscape._engines import SerialEvaluator, VmapEvaluator
 
 METHODS = ["serial", "vmap"]
 
@@ -108,22 +108,6 @@ def test_center_equals_objective_loss_exactly(method):
         assert ls.values["loss"][i, j] == obj.loss()
         assert ls.center["loss"] == obj.loss()
         assert ls.values["accuracy"][i, j] == obj.evaluate()["accuracy"]
-
-
-def test_serial_evaluator_reproduces_objective_arithmetic_bit_for_bit():
-    for model, _, _, batches in (mlp_setup(dtype=torch.float32), cnn_setup()):
-        obj = Objective(model, F.cross_entropy, batches)
-        theta = obj.theta
-        d = random_direction(obj, seed=3).vector
-        pts = torch.stack([theta, theta + 0.3 * d])
-        for use_copy in (True, False):
-            ev = SerialEvaluator(obj, classify=True, use_copy=use_copy)
-            assert ev.uses_copy == use_copy
-            totals, correct, count = ev(pts)
-            for k in range(2):
-                assert float(totals[k]) * (1.0 / count) == obj.loss(at=pts[k])
-                ref = obj.evaluate(at=pts[k])["accuracy"]
-                assert float(correct[k]) / count == ref
 
 
 @pytest.mark.parametrize("setup", [mlp_setup, cnn_setup])
@@ -215,7 +199,7 @@ def test_auto_is_serial_on_cpu_and_falls_back_from_vmap(monkeypatch):
     assert line(obj, d, steps=5).settings["method"] == "serial"
     with pytest.raises(RuntimeError):
         line(obj, d, steps=5, method="vmap")  # asked for explicitly: no silent fallback
-    monkeypatch.setattr(evaluate_mod, "preferred_method", lambda objective: "vmap")
+    monkeypatch.setattr(runner, "preferred_method", lambda objective: "vmap")
     with pytest.warns(RuntimeWarning, match="falling back"):
         ls = line(obj, d, steps=5)
     assert ls.settings["method"] == "serial" and "vmap_error" in ls.settings
@@ -257,20 +241,8 @@ def test_eval_mode_false_uses_batch_statistics_serially():
     d = random_direction(obj, seed=0)
     ls = line(obj, d, steps=5)
     snap.assert_unchanged(model)
-    assert ls.settings["serial_copy"] is False  # train mode goes through Objective.forward
     for a, value in zip(ls.x, ls.values["loss"], strict=True):
         assert math.isclose(value, obj.loss(at=obj.theta + a * d.vector), rel_tol=1e-12)
-
-
-def test_vmap_evaluator_handles_batchnorm_in_eval_mode():
-    model, _, _, batches = cnn_setup()
-    obj = Objective(model, F.cross_entropy, batches)
-    theta = obj.theta
-    pts = torch.stack([theta, theta + 0.1 * random_direction(obj, seed=0).vector])
-    a = VmapEvaluator(obj, classify=True)(pts)
-    b = SerialEvaluator(obj, classify=True)(pts)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-13, atol=0)
-    assert torch.equal(a[1], b[1]) and a[2] == b[2] == 13
 
 
 def test_bad_arguments():
@@ -300,3 +272,53 @@ def test_progress_bar_and_callback(capsys):
     assert "landscape" in capsys.readouterr().err  # the tqdm bar
     assert seen == [(4, 9), (7, 9), (9, 9)]
     np.testing.assert_array_equal(ls.values["loss"], line(obj, d, steps=9).values["loss"])
+
+
+def top2(outputs, targets):
+    """Fraction of samples whose target is among the two largest outputs (a batch mean)."""
+    return (outputs.topk(2, dim=-1).indices == targets[:, None]).any(-1).double().mean()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_custom_metric_equals_brute_force(method):
+    model, x, y, batches = mlp_setup()
+    obj = Objective(model, F.cross_entropy, batches)
+    d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
+    ls = plane(obj, d1, d2, steps=(4, 3), metrics=[top2], method=method, chunk_size=5)
+    assert ls.metrics == ["loss", "top2"] and ls.settings["metrics"] == ["loss", "top2"]
+    theta = obj.theta
+    pts = [theta + a * d1.vector + b * d2.vector for a in ls.x for b in ls.y]
+    ref = brute_force(model, x, y, pts, loss=top2).reshape(*ls.shape, 2)
+    # top2 is a per-batch mean: weighted by batch size it is the mean over all samples.
+    np.testing.assert_allclose(ls.values["top2"], ref[..., 0], rtol=1e-12, atol=1e-14)
+    losses = brute_force(model, x, y, pts)[:, 0].reshape(ls.shape)
+    np.testing.assert_allclose(ls.values["loss"], losses, rtol=1e-10, atol=1e-12)
+    named = line(obj, d1, steps=5, metrics={"ce": F.cross_entropy, "acc2": top2})
+    assert named.metrics == ["loss", "ce", "acc2"]
+    np.testing.assert_array_equal(named.values["ce"], named.values["loss"])
+
+
+def test_far_points_keep_non_finite_values_and_a_non_finite_centre_raises():
+    model, _, _, batches = mlp_setup(dtype=torch.float32)
+    obj = Objective(model, F.cross_entropy, batches)
+    d = random_direction(obj, seed=0, normalization=None)
+    ls = line(obj, d, span=(-1e38, 1e38), steps=5)
+    loss = ls.values["loss"]
+    assert np.isfinite(loss[ls.center_index]) and not np.isfinite(loss).all()
+    with torch.no_grad():
+        model[0].bias[0] = math.nan
+    broken = Objective(model, F.cross_entropy, batches, check_determinism=False)
+    with pytest.raises(NonFiniteLossError, match="centre"):
+        line(broken, d, steps=3)
+
+
+def test_the_objective_is_only_read(monkeypatch):
+    model, _, _, batches = mlp_setup()
+    obj = Objective(model, F.cross_entropy, batches)
+    d = random_direction(obj, seed=0)
+    obj.loss()  # past the first-use check
+    state = {k: v for k, v in vars(obj).items() if k != "counts"}
+    for method in METHODS:
+        line(obj, d, steps=5, method=method)
+    assert {k: v for k, v in vars(obj).items() if k != "counts"}.keys() == state.keys()
+    assert all(vars(obj)[k] is v for k, v in state.items())

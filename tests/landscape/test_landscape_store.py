@@ -155,3 +155,35 @@ def test_store_is_not_a_landscape(tmp_path):
     obj = mlp_objective()
     with pytest.raises(ValueError, match="not a readable flatlens landscape"):
         line(obj, random_direction(obj), steps=3, store=bad)
+
+
+def margin(outputs, targets):
+    """Mean over the batch of the target logit minus the mean logit (a custom metric)."""
+    return (outputs.gather(1, targets[:, None]).squeeze(1) - outputs.mean(-1)).mean()
+
+
+def test_resume_with_a_custom_metric(tmp_path):
+    obj = mlp_objective()
+    d = random_direction(obj, seed=1)
+    kwargs = dict(steps=13, chunk_size=3, metrics=[margin])
+    full = line(obj, d, **kwargs)
+
+    def stop_after_two(done, total):
+        if done >= 7:
+            raise Stop
+
+    store = tmp_path / "margin"
+    with pytest.raises(Stop):
+        line(obj, d, store=store, save_interval_s=0.0, callback=stop_after_two, **kwargs)
+    resumed = line(mlp_objective(), d, store=store, **kwargs)
+    assert 0 < resumed.num_evaluated < 12
+    assert resumed.metrics == ["loss", "margin"]
+    for m in full.metrics:
+        np.testing.assert_array_equal(resumed.values[m], full.values[m])
+
+    def other(outputs, targets):  # another function under the same name: another landscape
+        return outputs.mean()
+
+    other.__name__ = "margin"
+    with pytest.raises(ValueError, match="centre"):
+        line(mlp_objective(), d, store=store, steps=13, chunk_size=3, metrics=[other])

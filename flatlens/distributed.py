@@ -13,16 +13,15 @@ Every helper here also works without an initialized process group, as the one-pr
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from flatlens.core._checks import check_positive_int
 
 __all__ = [
     "all_gather_object",
@@ -31,7 +30,6 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "broadcast_object",
-    "cli_session",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -131,8 +129,7 @@ def shard_range(n: int, *, rank_id: int | None = None, world: int | None = None)
     Blocks are ``[floor(r n / W), floor((r + 1) n / W))``: in order, covering every index once,
     sizes differing by at most one.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    check_positive_int("n", n, 0)
     w = world_size() if world is None else world
     r = rank() if rank_id is None else rank_id
     if not 0 <= r < w:
@@ -273,63 +270,3 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
             tmp = b.detach().to(device)
             _dist().broadcast(tmp, src=src)
             b.data.copy_(tmp)
-
-
-# ---------------------------------------------------------------------- the command line
-def _read_tree(root: Path) -> dict[str, bytes]:
-    if not root.is_dir():
-        return {}
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
-
-def _write_tree(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
-
-@contextlib.contextmanager
-def cli_session(args: Any) -> Iterator[Any]:
-    """Run one ``flatlens`` command under ``torchrun``; a no-op in a plain process.
-
-    Under ``torchrun``: the default process group is created (NCCL for ``--device cuda``,
-    where each rank takes GPU ``LOCAL_RANK``; Gloo otherwise) and destroyed on exit. Every
-    rank runs the command (the objectives reduce over ranks), but only rank 0 writes to
-    ``--out`` and prints: the other ranks run quietly with a private temporary output
-    folder. With ``--resume``, rank 0 first sends its ``--out`` files to the other ranks'
-    folders, so every rank takes the same decisions about what to reuse.
-
-    Args:
-        args: The parsed arguments; ``out``, ``quiet``, ``json``, ``device`` and ``resume``
-            are read and, on ranks other than 0, rewritten.
-    """
-    if not launched_by_torchrun() and not is_distributed():
-        yield args
-        return
-    device = str(getattr(args, "device", "cpu"))
-    if device.startswith("cuda"):
-        args.device = f"cuda:{local_rank()}"
-    created = init_from_env(args.device)
-    try:
-        resume = bool(getattr(args, "resume", False))
-        out = getattr(args, "out", None)
-        files = broadcast_object(_read_tree(Path(out)) if resume and is_main() and out else {})
-        if is_main():
-            yield args
-            return
-        args.quiet = True
-        if hasattr(args, "json"):
-            args.json = False
-        with tempfile.TemporaryDirectory(prefix=f"flatlens-rank{rank()}-") as tmp:
-            if out is not None:
-                _write_tree(Path(tmp), files)
-                args.out = tmp
-            yield args
-    finally:
-        if created and is_distributed():
-            _dist().destroy_process_group()

@@ -1,13 +1,25 @@
-"""Small reference models: an MLP and a BatchNorm CNN for digits, a CIFAR ResNet-18."""
+"""Small reference models and the one rule that turns a model spec into a network.
+
+A model spec is a zoo name (``mlp``, ``cnn``, ``resnet18``) or ``package.module:factory``.
+The trainer, the studies and the ``flatlens`` command all build models through
+:func:`build`, so a spec means the same network everywhere.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "ResNet18", "build", "cnn", "mlp", "resnet18"]
+if TYPE_CHECKING:
+    from flatlens.data import Dataset
+
+__all__ = ["MODELS", "ResNet18", "build", "check_spec", "cnn", "factory", "mlp", "resnet18"]
 
 
 def mlp(
@@ -86,8 +98,87 @@ def resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18}
 
 
-def build(name: str, **kwargs) -> nn.Module:
-    """Build a zoo model by name (``mlp``, ``cnn``, ``resnet18``)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+def check_spec(spec: object) -> str:
+    """Check the form of a model spec without importing anything; returns ``spec``.
+
+    Only the form is checked, so a configuration can name a factory whose package is
+    imported later, when the model is built.
+
+    Raises:
+        TypeError: ``spec`` is not a string.
+        ValueError: an unknown zoo name, or a ``:`` spec with an empty module or factory.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"model must be a string, not {type(spec).__name__}")
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"model {spec!r} must look like package.module:factory")
+    elif spec not in MODELS:
+        raise ValueError(
+            f"unknown model {spec!r}; use one of {sorted(MODELS)} or package.module:factory"
+        )
+    return spec
+
+
+def factory(spec: str) -> Callable[..., nn.Module]:
+    """The callable a model spec names, imported for a ``package.module:factory`` spec.
+
+    Raises:
+        TypeError: ``spec`` is not a string.
+        ValueError: a bad spec (see :func:`check_spec`), a factory that cannot be imported,
+            or one that is not callable.
+    """
+    check_spec(spec)
+    if ":" not in spec:
+        return MODELS[spec]
+    module_name, _, attr = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"cannot import model factory {spec!r} ({type(err).__name__}: {err}); is its "
+            "package on PYTHONPATH?"
+        ) from err
+    if not callable(found):
+        raise ValueError(f"model factory {spec!r} is not callable")
+    return found
+
+
+def build(spec: str, /, data: Dataset | None = None, **kwargs: Any) -> nn.Module:
+    """Build the model a spec names, with shape arguments taken from ``data``.
+
+    Args:
+        spec: ``mlp``, ``cnn``, ``resnet18`` or ``package.module:factory``.
+        data: When given, ``num_classes``, ``in_features`` (the product of the input
+            shape) and ``in_channels`` (the first axis of image inputs) are passed to the
+            factory where its signature takes them and ``kwargs`` does not set them.
+        **kwargs: Arguments of the factory.
+
+    Raises:
+        TypeError: ``spec`` is not a string, or the factory returned no ``nn.Module``.
+        ValueError: an unknown name, a factory that cannot be imported, or arguments it
+            does not take.
+    """
+    make = factory(spec)
+    if data is not None:
+        try:
+            accepted = inspect.signature(make).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        shape = data.input_shape
+        defaults = {
+            "num_classes": data.num_classes,
+            "in_features": math.prod(shape),
+            "in_channels": shape[0] if len(shape) == 3 else None,
+        }
+        for key, value in defaults.items():
+            if key in accepted and key not in kwargs and value is not None:
+                kwargs[key] = value
+    try:
+        model = make(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"model {spec!r} does not take the arguments {kwargs}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, not a Module")
+    return model

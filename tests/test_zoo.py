@@ -41,3 +41,35 @@ def test_build_by_name():
     assert set(zoo.MODELS) == {"mlp", "cnn", "resnet18"}
     with pytest.raises(ValueError, match="unknown model"):
         zoo.build("vgg")
+
+
+def test_build_takes_a_name_or_a_factory_spec_and_sizes_from_the_data():
+    from flatlens.data import synthetic_classification
+
+    data = synthetic_classification(n=16, dim=12, num_classes=5, test_n=4)
+    torch.manual_seed(0)
+    by_name = zoo.build("mlp", data, hidden=7)
+    torch.manual_seed(0)
+    by_spec = zoo.build("flatlens.zoo:mlp", data, hidden=7)
+    a, b = by_name.state_dict(), by_spec.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert by_name[1].in_features == 12 and by_name[-1].out_features == 5
+    assert zoo.build("mlp", data, num_classes=3)[-1].out_features == 3  # explicit wins
+    assert zoo.factory("cnn") is zoo.cnn and zoo.factory("flatlens.zoo:cnn") is zoo.cnn
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        (3, TypeError, "model must be a string"),
+        ("vgg", ValueError, r"unknown model 'vgg'; use one of \['cnn', 'mlp', 'resnet18'\]"),
+        ("pkg:", ValueError, "must look like package.module:factory"),
+        (":mlp", ValueError, "must look like package.module:factory"),
+    ],
+)
+def test_check_spec_checks_the_form_without_importing(spec, error, match):
+    with pytest.raises(error, match=match):
+        zoo.check_spec(spec)
+    assert zoo.check_spec("no_such_module_xyz:net") == "no_such_module_xyz:net"  # not imported
+    with pytest.raises(ValueError, match="cannot import model factory"):
+        zoo.build("no_such_module_xyz:net")

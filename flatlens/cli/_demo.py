@@ -36,8 +36,8 @@ def run_demo(
     """Train, diagnose and compare; returns a summary with a printable ``text``.
 
     Full run: 3 seeds x 3 optimizers x 20 epochs, then a full diagnosis of each optimizer's
-    first-seed network (about a minute on one CPU core). Quick run: 2 seeds x 3 epochs and
-    :meth:`DiagnoseConfig.quick` settings.
+    first-seed network. Quick run: 2 seeds x 3 epochs and :meth:`DiagnoseConfig.quick`
+    settings.
 
     Args:
         out: Output folder: ``report.html``, ``study.json``, ``summary.json``,

@@ -1,8 +1,8 @@
 """Turn command-line style names into models, data sets and loaded weights.
 
-* a model is a zoo name (``mlp``, ``cnn``, ``resnet18``) or ``package.module:factory``;
-  arguments the factory accepts (``in_features``, ``in_channels``, ``num_classes``) are
-  filled in from the data set unless given;
+* a model is a zoo name (``mlp``, ``cnn``, ``resnet18``) or ``package.module:factory``,
+  built by :func:`flatlens.zoo.build` (re-exported here as ``build_model``), which fills
+  in ``in_features``, ``in_channels`` and ``num_classes`` from the data set unless given;
 * a data set is ``digits``, ``cifar10:DIR`` or ``cifar100:DIR``;
 * weights come from a checkpoint loaded with ``torch.load(weights_only=True)``, which never
   runs code from the file.
@@ -11,25 +11,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
-import math
 import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from flatlens import zoo
 from flatlens.core._io import CheckpointError, load_checkpoint
 from flatlens.data import Dataset, load_cifar, load_digits
+from flatlens.zoo import build as build_model
 
 __all__ = [
     "build_model",
-    "check_model_spec",
     "check_state_dict",
     "load_data",
     "load_weights",
@@ -56,84 +51,6 @@ def load_data(spec: str) -> Dataset:
             raise ValueError(f"--data {name} needs a folder: {name}:/path/to/{name}")
         return load_cifar(Path(folder), num_classes=10 if name == "cifar10" else 100)
     raise ValueError(f"unknown data set {spec!r}; use digits, cifar10:DIR or cifar100:DIR")
-
-
-def check_model_spec(spec: str) -> None:
-    """Raise unless ``spec`` names a zoo model or has the form ``package.module:factory``.
-
-    Only the form is checked: the factory is imported when the model is built (see
-    :func:`build_model`), so a configuration can name a model whose package is not imported
-    yet.
-
-    Raises:
-        TypeError: ``spec`` is not a string.
-        ValueError: an unknown zoo name, or a ``:`` spec with an empty module or factory.
-    """
-    if not isinstance(spec, str):
-        raise TypeError(f"model must be a string, not {type(spec).__name__}")
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"model {spec!r} must look like package.module:factory")
-    elif spec not in zoo.MODELS:
-        raise ValueError(
-            f"unknown model {spec!r}; use one of {sorted(zoo.MODELS)} or package.module:factory"
-        )
-
-
-def _factory(spec: str) -> Any:
-    check_model_spec(spec)
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"cannot import model factory {spec!r} ({type(err).__name__}: {err}); is its "
-                "package on PYTHONPATH?"
-            ) from err
-        if not callable(factory):
-            raise ValueError(f"model factory {spec!r} is not callable")
-        return factory
-    return zoo.MODELS[spec]
-
-
-def build_model(spec: str, data: Dataset | None = None, **kwargs: Any) -> nn.Module:
-    """Build a zoo model or ``package.module:factory``, filling shape arguments from ``data``.
-
-    Args:
-        spec: ``mlp``, ``cnn``, ``resnet18`` or ``package.module:factory``.
-        data: When given, ``num_classes``, ``in_features`` (product of the input shape) and
-            ``in_channels`` (first axis of image inputs) are passed to the factory if its
-            signature accepts them and ``kwargs`` does not set them.
-        **kwargs: Arguments of the factory.
-
-    Raises:
-        ValueError: unknown name, factory not importable, or arguments it does not take.
-        TypeError: the factory did not return a ``torch.nn.Module``.
-    """
-    factory = _factory(spec)
-    if data is not None:
-        try:
-            accepted = inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            accepted = {}
-        shape = data.input_shape
-        defaults = {
-            "num_classes": data.num_classes,
-            "in_features": math.prod(shape),
-            "in_channels": shape[0] if len(shape) == 3 else None,
-        }
-        for key, value in defaults.items():
-            if key in accepted and key not in kwargs and value is not None:
-                kwargs[key] = value
-    try:
-        model = factory(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"model {spec!r} does not take the arguments {kwargs}: {err}") from err
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, not a Module")
-    return model
 
 
 def _listed(names: list[str]) -> str:

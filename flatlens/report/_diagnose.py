@@ -17,8 +17,6 @@ fewer than W examples is not sharded: every rank evaluates all of it on its own.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from flatlens import distributed as fd
+from flatlens.core._checks import check_positive, check_positive_int, check_rho
 from flatlens.core._io import write_json
 from flatlens.core._objective import Objective
 from flatlens.core._results import to_jsonable
@@ -35,7 +34,7 @@ from flatlens.data import Dataset, batches
 from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 from flatlens.report._figures import plot_density, plot_eigenvalues
 from flatlens.report._html import Section, write_report
-from flatlens.report._pipeline import PartStore, fingerprint, model_digest
+from flatlens.report._pipeline import PartStore, data_digest, fingerprint, model_digest
 
 __all__ = [
     "PARTS",
@@ -92,9 +91,9 @@ class DiagnoseConfig:
 
     def __post_init__(self) -> None:
         rhos = tuple(self.rhos)
-        if not rhos or not all(math.isfinite(r) and r > 0 for r in rhos):
-            raise ValueError(f"rhos must be finite radii > 0, got {rhos}")
-        self.rhos = tuple(sorted({float(r) for r in rhos}))
+        if not rhos:
+            raise ValueError("rhos must hold at least one radius")
+        self.rhos = tuple(sorted({check_rho(r, "rhos") for r in rhos}))
         for name, least in (
             ("k", 1),
             ("batch_size", 1),
@@ -106,23 +105,15 @@ class DiagnoseConfig:
             ("landscape_2d", 0),
             ("seed", 0),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        for name in ("landscape_1d", "landscape_2d"):
-            if getattr(self, name) == 1:
+            check_positive_int(name, getattr(self, name), least)
+            if name.startswith("landscape_") and getattr(self, name) == 1:
                 raise ValueError(f"{name} must be 0 (skip) or at least 2 grid points")
-        if self.measure_samples is not None and (
-            isinstance(self.measure_samples, bool)
-            or not isinstance(self.measure_samples, int)
-            or self.measure_samples < 1
-        ):
-            raise ValueError(f"measure_samples must be None or >= 1, got {self.measure_samples}")
-        if not (math.isfinite(self.landscape_span) and self.landscape_span > 0):
-            raise ValueError(f"landscape_span must be > 0, got {self.landscape_span!r}")
+        if self.measure_samples is not None:
+            check_positive_int("measure_samples", self.measure_samples)
+        self.landscape_span = check_positive("landscape_span", self.landscape_span)
 
     def quick(self) -> DiagnoseConfig:
-        """Small settings for a fast first look (seconds on a CPU for the digits MLP)."""
+        """Small settings for a fast first look."""
         return replace(
             self,
             k=min(self.k, 3),
@@ -162,17 +153,6 @@ def measure_objective(
     return _objective(model, loss_fn or nn.CrossEntropyLoss(), x, y, config.batch_size)
 
 
-def data_digest(data: Dataset) -> str:
-    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs."""
-    h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
-    for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).numpy().tobytes())
-    h.update(f"{len(data.x_train)},{len(data.x_test)}".encode())
-    return h.hexdigest()[:16]
-
-
 def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn) -> dict:
     """Loss and accuracy over the whole train and test sets (sharded under ``torchrun``)."""
     out = {}
@@ -207,38 +187,27 @@ def _landscape_part(
     settings: dict[str, Any],
     out: Path,
 ) -> dict[str, Any]:
-    """Run one landscape through ``store``; its grid lives in ``out/<name>.npz``.
-
-    A marker part ``<name>.started`` records the settings before the grid is evaluated, so
-    a resumed run continues an interrupted grid only when it was started with the same
-    weights, data and settings, and otherwise starts it afresh.
-    """
+    """Run one landscape through ``store``; its grid lives in ``out/<name>.npz``, and a
+    resumed run continues an interrupted grid of the same weights, data and settings."""
     from flatlens.landscape._storage import store_paths
 
     path = out / f"{name}.npz"
-    found, value = store.lookup(name, settings, [path])
-    if found:
-        store.reused.append(name)
-        return value
-    started, _ = store.lookup(f"{name}.started", settings)
-    if not started:
-        for stale in store_paths(path):
-            stale.unlink(missing_ok=True)
-        store.save(f"{name}.started", {"path": path.name}, settings)
-    result = compute(path)
-    values = result.values["loss"]
-    info = {
-        "path": path.name,
-        "steps": settings["steps"],
-        "span": settings["span"],
-        "loss_center": result.center.get("loss"),
-        "loss_min": float(values.min()),
-        "loss_max": float(values.max()),
-    }
-    value = store.save(name, info, settings)
-    store.path(f"{name}.started").unlink(missing_ok=True)
-    store.computed.append(name)
-    return value
+
+    def summary() -> dict[str, Any]:
+        result = compute(path)
+        values = result.values["loss"]
+        return {
+            "path": path.name,
+            "steps": settings["steps"],
+            "span": settings["span"],
+            "loss_center": result.center.get("loss"),
+            "loss_min": float(values.min()),
+            "loss_max": float(values.max()),
+        }
+
+    return store.run_resumable(
+        name, summary, settings=settings, files=[path], outputs=store_paths(path)
+    )
 
 
 def _landscapes(

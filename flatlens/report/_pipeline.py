@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,7 +21,10 @@ from torch import nn
 from flatlens.core._io import write_json
 from flatlens.core._results import to_jsonable
 
-__all__ = ["PartStore", "fingerprint", "model_digest"]
+if TYPE_CHECKING:
+    from flatlens.data import Dataset
+
+__all__ = ["PartStore", "data_digest", "fingerprint", "model_digest"]
 
 
 def model_digest(model: nn.Module) -> str:
@@ -33,6 +36,17 @@ def model_digest(model: nn.Module) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def data_digest(data: Dataset) -> str:
+    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs."""
+    h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
+    for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).numpy().tobytes())
+    h.update(f"{len(data.x_train)},{len(data.x_test)}".encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(*items: Any) -> str:
@@ -118,5 +132,36 @@ class PartStore:
             self.reused.append(name)
             return value
         value = self.save(name, compute(), settings)
+        self.computed.append(name)
+        return value
+
+    def run_resumable(
+        self,
+        name: str,
+        compute: Callable[[], Any],
+        *,
+        settings: Mapping[str, Any],
+        files: Iterable[str | os.PathLike],
+        outputs: Iterable[str | os.PathLike] | None = None,
+    ) -> Any:
+        """Like :meth:`run`, for a part whose ``compute`` can continue its own interrupted
+        output files (a landscape grid).
+
+        A marker part ``<name>.started`` records the settings before ``compute`` runs, so
+        an interrupted part is continued only when it was started with the same key and
+        settings; otherwise its ``outputs`` (default: ``files``) are deleted first.
+        """
+        files = list(files)
+        found, value = self.lookup(name, settings, files)
+        if found:
+            self.reused.append(name)
+            return value
+        started, _ = self.lookup(f"{name}.started", settings)
+        if not started:
+            for stale in files if outputs is None else outputs:
+                Path(stale).unlink(missing_ok=True)
+            self.save(f"{name}.started", {"files": [Path(f).name for f in files]}, settings)
+        value = self.save(name, compute(), settings)
+        self.path(f"{name}.started").unlink(missing_ok=True)
         self.computed.append(name)
         return value

@@ -2,17 +2,16 @@
 
 from flatlens.train._checkpoint import load_training_checkpoint, save_training_checkpoint
 from flatlens.train._compare import StudyResult, compare
-from flatlens.train._trainer import (
-    MEASURES,
+from flatlens.train._config import (
     OPTIMIZERS,
     TrainConfig,
-    Trainer,
-    TrainResult,
     build_model,
     build_optimizer,
     build_scheduler,
     train,
 )
+from flatlens.train._measures import MEASURES
+from flatlens.train._trainer import Trainer, TrainResult
 
 __all__ = [
     "MEASURES",

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from flatlens import distributed as fd
 from flatlens.core._io import CheckpointError, load_trusted_tensors, save_torch, write_json
 
-__all__ = ["FORMAT", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = ["FORMAT", "load_on_main", "load_training_checkpoint", "save_training_checkpoint"]
 
 FORMAT = "flatlens.train/1"
 _KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "rng", "history", "config")
@@ -94,4 +95,22 @@ def load_training_checkpoint(
     missing = [k for k in _KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}")
+    return payload
+
+
+def load_on_main(path: str | os.PathLike) -> dict[str, Any]:
+    """Rank 0's :func:`load_training_checkpoint` on every rank (only rank 0 reads the file).
+
+    Without a process group this is the plain load. When rank 0 fails, its error is raised
+    on every rank, so all ranks stop at the same point.
+    """
+    payload: Any = None
+    if fd.is_main():
+        try:
+            payload = load_training_checkpoint(path, map_location="cpu")
+        except (OSError, ValueError) as err:
+            payload = err
+    payload = fd.broadcast_object(payload)
+    if isinstance(payload, BaseException):
+        raise payload
     return payload

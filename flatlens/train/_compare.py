@@ -18,10 +18,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flatlens.core._checks import check_positive_int
 from flatlens.core._io import write_figure
 from flatlens.core._results import Result
 from flatlens.data import Dataset
-from flatlens.train._trainer import MEASURES, TrainConfig, TrainResult, train
+from flatlens.train._config import TrainConfig, train
+from flatlens.train._measures import MEASURES, check_measures
+from flatlens.train._trainer import TrainResult
 
 __all__ = ["GAPS", "StudyResult", "compare", "kendall_tau"]
 
@@ -256,12 +259,10 @@ def compare(
     configs = _configs(optimizers, base)
     if not configs:
         raise ValueError("optimizers is empty")
-    seeds = list(seeds)
+    seeds = [check_positive_int("seed", seed, 0) for seed in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
-    unknown = [m for m in measures if m not in MEASURES]
-    if unknown:
-        raise ValueError(f"unknown measures {unknown}; choose from {list(MEASURES)}")
+        raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0, got {seeds}")
+    measures = check_measures(measures)
 
     runs: list[dict[str, Any]] = []
     bar = tqdm(total=len(configs) * len(seeds), desc="runs", disable=not progress)

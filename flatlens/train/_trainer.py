@@ -19,8 +19,6 @@ shares are uneven (see ``docs/distributed.md``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,28 +32,21 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from flatlens import distributed as fd
-from flatlens.cli import _resolve as resolve
+from flatlens.core._checks import check_positive_int, check_rho, make_generator
+from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._objective import Objective
 from flatlens.core._results import Result
 from flatlens.data import Dataset, batches
-from flatlens.optim import GAM, SAM, PerturbationOptimizer
-from flatlens.train._checkpoint import load_training_checkpoint, save_training_checkpoint
+from flatlens.optim import PerturbationOptimizer
+from flatlens.train._checkpoint import (
+    load_on_main,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from flatlens.train._measures import MEASURES, check_measures, measure_subset, take_measures
 
-__all__ = [
-    "MEASURES",
-    "OPTIMIZERS",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "build_model",
-    "build_optimizer",
-    "build_scheduler",
-    "train",
-]
+__all__ = ["CHECKPOINT_NAME", "TrainResult", "Trainer"]
 
-MEASURES = ("lambda_max", "trace", "r0", "r1")
-OPTIMIZERS = ("sgd", "adamw", "sam", "gam", "gam-exact")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -174,15 +165,9 @@ class Trainer:
             ("checkpoint_every", checkpoint_every, 1),
             ("seed", seed, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        unknown = [m for m in measures if m not in MEASURES]
-        if unknown:
-            raise ValueError(f"unknown measures {unknown}; choose from {list(MEASURES)}")
-        if not (isinstance(measure_rho, int | float) and math.isfinite(measure_rho)) or not (
-            measure_rho > 0
-        ):
-            raise ValueError(f"measure_rho must be a finite number > 0, got {measure_rho!r}")
+            check_positive_int(name, value, least)
+        measures = check_measures(measures)
+        measure_rho = check_rho(measure_rho, "measure_rho")
         self.model = model
         self.optimizer = optimizer
         self.data = data
@@ -191,9 +176,9 @@ class Trainer:
         self.scheduler = scheduler
         self.seed = seed
         self.measure_every = measure_every
-        self.measures = tuple(measures)
+        self.measures = measures
         self.measure_samples = measure_samples
-        self.measure_rho = float(measure_rho)
+        self.measure_rho = measure_rho
         self.measure_steps = measure_steps
         self.trace_samples = trace_samples
         self.eval_batch_size = eval_batch_size
@@ -207,8 +192,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
-        self._shuffle = torch.Generator().manual_seed(seed)
-        self._rng = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        self._shuffle = make_generator(seed)
+        self._rng = {"torch": make_generator(seed).get_state()}
         if self.device.type == "cuda":
             with torch.random.fork_rng(devices=[self.device]):
                 torch.cuda.manual_seed(seed)
@@ -327,8 +312,9 @@ class Trainer:
         return total / max(count, 1)
 
     def _check_finite(self, value: float) -> None:
+        """Stop a diverged run with :class:`NonFiniteLossError` (exit code 1 in the CLI)."""
         if not math.isfinite(value):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"the training loss became {value} in epoch {self.epoch + 1}; lower the "
                 "learning rate or the perturbation radius"
             )
@@ -371,56 +357,33 @@ class Trainer:
     def measure_subset(self) -> tuple[Tensor, Tensor]:
         """The fixed training subset of the measures: the first ``measure_samples`` of one
         permutation drawn from seed 0, the same for every run on the same data."""
-        n = len(self.data.y_train)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-        keep = order[: min(self.measure_samples, n)]
-        return self.data.x_train[keep], self.data.y_train[keep]
+        return measure_subset(self.data, self.measure_samples)
 
     def measure(self) -> dict[str, float]:
         """lambda_max, tr(H), R0 and R1 (those in ``measures``) on the fixed subset.
 
         The model is left unchanged; each measure uses its own seeded generator.
         """
-        objective = self._objective(*self.measure_subset())
-        out: dict[str, float] = {}
-        eigen = None
-        if {"lambda_max", "r0", "r1"} & set(self.measures):
-            from flatlens.measures._spectrum import hessian_eigenvalues
-
-            eigen = hessian_eigenvalues(objective, k=1, tol=1e-3, seed=self.seed)
-            if "lambda_max" in self.measures:
-                out["lambda_max"] = float(eigen.eigenvalues[0])
-        if "trace" in self.measures:
-            from flatlens.measures._spectrum import hessian_trace
-
-            out["trace"] = float(
-                hessian_trace(objective, num_samples=self.trace_samples, seed=self.seed).value
-            )
-        ascents: list[tuple[str, Callable[..., Any]]] = []
-        if "r0" in self.measures:
-            from flatlens.measures._sharpness import zeroth_order_sharpness
-
-            ascents.append(("r0", zeroth_order_sharpness))
-        if "r1" in self.measures:
-            from flatlens.measures._flatness import first_order_flatness
-
-            ascents.append(("r1", first_order_flatness))
-        for name, fn in ascents:
-            extra = {"eigen": eigen} if "eigen" in inspect.signature(fn).parameters else {}
-            result = fn(
-                objective, self.measure_rho, steps=self.measure_steps, seed=self.seed, **extra
-            )
-            out[name] = float(result.value)
-        return out
+        return take_measures(
+            self._objective(*self.measure_subset()),
+            self.measures,
+            rho=self.measure_rho,
+            steps=self.measure_steps,
+            trace_samples=self.trace_samples,
+            seed=self.seed,
+        )
 
     def fit(self, epochs: int) -> TrainResult:
         """Train until ``epochs`` epochs are complete in total (a resumed run continues).
 
         Returns:
             A :class:`TrainResult` over the whole history.
+
+        Raises:
+            NonFiniteLossError: the training loss became NaN or infinite (the run diverged);
+                the checkpoint of the last finished epoch is kept.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+        check_positive_int("epochs", epochs, 0)
         if epochs < self.epoch:
             raise ValueError(
                 f"this run has already completed {self.epoch} epochs, more than epochs={epochs}"
@@ -483,7 +446,7 @@ class Trainer:
         the file and sends it to the other ranks (which need no access to it).
         """
         if self.distributed:
-            payload = _read_on_main(path)
+            payload = load_on_main(path)
         else:
             payload = load_training_checkpoint(path, map_location="cpu")
         if (payload["scheduler"] is None) != (self.scheduler is None):
@@ -503,179 +466,3 @@ class Trainer:
         self.epoch = int(payload["epoch"])
         self.history = [dict(r) for r in payload["history"]]
         self.last_checkpoint = Path(path)
-
-
-def _read_on_main(path: str | Path) -> dict[str, Any]:
-    """Rank 0's ``load_training_checkpoint(path)`` on every rank; its error, if it fails, is
-    raised on every rank."""
-    payload: Any = None
-    if fd.is_main():
-        try:
-            payload = load_training_checkpoint(path, map_location="cpu")
-        except (OSError, ValueError) as err:
-            payload = err
-    payload = fd.broadcast_object(payload)
-    if isinstance(payload, BaseException):
-        raise payload
-    return payload
-
-
-# ---------------------------------------------------------------------- config-driven runs
-@dataclass
-class TrainConfig:
-    """Everything that defines one run by name: for the CLI, the demo and studies.
-
-    Attributes:
-        model: A :mod:`flatlens.zoo` name (``mlp``, ``cnn``, ``resnet18``) or
-            ``package.module:factory`` (see :func:`flatlens.cli.build_model`); only its
-            form is checked here, the factory is imported when the model is built.
-        model_kwargs: Extra arguments of the model builder.
-        optimizer: ``sgd``, ``adamw``, ``sam``, ``gam`` (accelerated) or ``gam-exact``.
-        base: Base optimizer of SAM/GAM: ``sgd`` or ``adamw``.
-        lr, momentum, weight_decay: Base optimizer settings (momentum only for SGD).
-        rho: SAM's radius.
-        gam: Keyword arguments of :class:`~flatlens.optim.GAM` (rho, perturb_rho, ...).
-        epochs, batch_size, seed: The run.
-        scheduler: ``cosine`` (CosineAnnealingLR over the epochs) or ``none``.
-        measure_every, measures, measure_samples, measure_rho, measure_steps, trace_samples:
-            Periodic flatness measures (see :class:`Trainer`).
-        dtype, device: Where the model lives.
-        checkpoint_dir: Where checkpoints go (None: none are written).
-    """
-
-    model: str = "mlp"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "sgd"
-    base: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    rho: float = 0.05
-    gam: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 64
-    seed: int = 0
-    scheduler: str = "cosine"
-    measure_every: int = 0
-    measures: tuple[str, ...] = MEASURES
-    measure_samples: int = 256
-    measure_rho: float = 0.05
-    measure_steps: int = 20
-    trace_samples: int = 30
-    dtype: str = "float32"
-    device: str = "cpu"
-    checkpoint_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, not {self.optimizer!r}")
-        if self.base not in ("sgd", "adamw"):
-            raise ValueError(f"base must be 'sgd' or 'adamw', not {self.base!r}")
-        if self.scheduler not in ("cosine", "none"):
-            raise ValueError(f"scheduler must be 'cosine' or 'none', not {self.scheduler!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, not {self.dtype!r}")
-        resolve.check_model_spec(self.model)
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        self.measures = tuple(self.measures)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (JSON- and ``weights_only``-safe)."""
-        out = dataclasses.asdict(self)
-        out["measures"] = list(self.measures)
-        return out
-
-
-def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
-    """The model ``config.model`` names, sized for ``data``, on ``config``'s device/dtype.
-
-    A zoo name or ``package.module:factory`` is built by :func:`flatlens.cli.build_model`
-    with ``config.model_kwargs`` (``num_classes``, ``in_features`` and ``in_channels`` are
-    filled in from ``data`` where the factory takes them), initialized from ``config.seed``
-    without touching the caller's global RNG.
-
-    Raises:
-        ValueError: the factory cannot be imported or does not take the arguments.
-        TypeError: the factory did not return a ``torch.nn.Module``.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = resolve.build_model(config.model, data, **config.model_kwargs)
-    return model.to(device=config.device, dtype=_DTYPES[config.dtype])
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
-    """The optimizer named by ``config.optimizer`` over all of ``model``'s parameters."""
-
-    def base(name: str) -> Optimizer:
-        if name == "adamw":
-            return torch.optim.AdamW(
-                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-            )
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
-
-    if config.optimizer in ("sgd", "adamw"):
-        return base(config.optimizer)
-    if config.optimizer == "sam":
-        return SAM(model.parameters(), base(config.base), rho=config.rho, model=model)
-    mode = "exact" if config.optimizer == "gam-exact" else "accelerated"
-    return GAM(model.parameters(), base(config.base), model=model, mode=mode, **config.gam)
-
-
-def build_scheduler(config: TrainConfig, optimizer: Optimizer) -> Any | None:
-    """CosineAnnealingLR over ``config.epochs`` (stepped per epoch), or None."""
-    if config.scheduler == "none":
-        return None
-    target = getattr(optimizer, "base_optimizer", optimizer)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(target, T_max=max(config.epochs, 1))
-
-
-def train(
-    config: TrainConfig,
-    data: Dataset,
-    *,
-    resume: bool = True,
-    progress: bool = False,
-) -> TrainResult:
-    """Build model, optimizer and scheduler from ``config``, train, return the result.
-
-    Args:
-        config: The run.
-        data: Train/test tensors.
-        resume: Continue from ``config.checkpoint_dir``'s checkpoint when there is one.
-        progress: tqdm bars.
-
-    Returns:
-        A :class:`TrainResult`; the trained network is ``result.model``.
-    """
-    model = build_model(config, data)
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer)
-    trainer = Trainer(
-        model,
-        optimizer,
-        data,
-        batch_size=config.batch_size,
-        scheduler=scheduler,
-        seed=config.seed,
-        measure_every=config.measure_every,
-        measures=config.measures,
-        measure_samples=config.measure_samples,
-        measure_rho=config.measure_rho,
-        measure_steps=config.measure_steps,
-        trace_samples=config.trace_samples,
-        checkpoint_dir=config.checkpoint_dir,
-        settings={"config": config.to_dict()},
-        progress=progress,
-    )
-    if resume and config.checkpoint_dir is not None:
-        path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
-        if fd.broadcast_object(path.is_file()) if trainer.distributed else path.is_file():
-            trainer.load_checkpoint(path)
-    return trainer.fit(config.epochs)

@@ -287,6 +287,33 @@ def test_non_finite_training_loss_exits_1_in_one_line(tmp_path, capsys):
     assert "training loss became" in one_error_line(err, "train")
 
 
+@pytest.mark.parametrize("command", ["bound", "diagnose"])
+def test_nan_weights_exit_1_in_one_line(tmp_path, capsys, command):
+    nan = {k: torch.full_like(v, float("nan")) for k, v in mlp().state_dict().items()}
+    torch.save(nan, tmp_path / "nan.pt")
+    argv = [command, "--model", "mlp", "--checkpoint", str(tmp_path / "nan.pt")]
+    argv += ["--samples", "64", "--out", str(tmp_path / "out"), "--quiet"]
+    code, out, err = call(argv, capsys)
+    assert (code, out) == (1, "")
+    assert "nan" in one_error_line(err, command).lower()  # the non-finite loss or weights
+
+
+def test_a_non_finite_loss_exits_1_even_if_it_were_a_value_error(monkeypatch, capsys):
+    import flatlens.cli._commands
+    from flatlens.core import NonFiniteLossError
+
+    class Both(NonFiniteLossError, ValueError):
+        pass
+
+    def diverged(args):
+        raise Both("the loss is inf")
+
+    monkeypatch.setattr(flatlens.cli._commands, "cmd_bound", diverged)
+    code, out, err = call(["bound", "--model", "mlp", "--checkpoint", "x.pt"], capsys)
+    assert (code, out) == (1, "")
+    assert "the loss is inf" in one_error_line(err, "bound")
+
+
 def test_version(capsys):
     code, out, _ = call(["--version"], capsys)
     assert code == 0 and out.startswith("flatlens ")
@@ -374,7 +401,7 @@ def test_compare_trains_a_factory_model_like_train_does(tmp_path, capsys, monkey
 
 
 def test_interrupt_exits_130_and_threads_are_restored(trained, monkeypatch, capsys):
-    import flatlens.cli._main
+    import flatlens.cli._commands
 
     seen = []
 
@@ -382,7 +409,7 @@ def test_interrupt_exits_130_and_threads_are_restored(trained, monkeypatch, caps
         seen.append(torch.get_num_threads())
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flatlens.cli._main, "cmd_diagnose", interrupted)
+    monkeypatch.setattr(flatlens.cli._commands, "cmd_diagnose", interrupted)
     before = torch.get_num_threads()
     argv = ["diagnose", "--model", "mlp", "--checkpoint", str(trained["model"]), "--threads", "3"]
     code, out, err = call(argv, capsys)

@@ -11,6 +11,7 @@ from torch import nn
 
 from flatlens import GAM, SAM, Objective
 from flatlens import distributed as fd
+from flatlens.cli._session import cli_session
 from flatlens.data import synthetic_classification
 from flatlens.landscape import plane, random_direction
 from flatlens.train import Trainer
@@ -50,8 +51,9 @@ def test_without_a_process_group_every_helper_is_the_one_process_case():
         xs, ys, split = fd.local_split(x, y, enabled=enabled)
         assert xs is x and ys is y and split is False
     args = argparse.Namespace(out="o", quiet=False, json=True, device="cpu", resume=True)
-    with fd.cli_session(args) as same:
+    with cli_session(args) as same:
         assert same is args and vars(args)["out"] == "o" and args.json
+    assert not hasattr(fd, "cli_session")  # argparse namespaces stay in the command line
 
 
 def test_init_from_env_does_nothing_outside_torchrun(monkeypatch):

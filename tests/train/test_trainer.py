@@ -11,6 +11,7 @@ import torch
 from helpers import ModelSnapshot, tanh_classifier
 from torch import nn
 
+from flatlens.core import NonFiniteLossError
 from flatlens.core._io import CheckpointError
 from flatlens.data import synthetic_classification
 from flatlens.optim import GAM, SAM
@@ -357,5 +358,33 @@ def test_a_non_finite_training_loss_stops_with_a_clear_error():
     broken = synthetic_classification(32, dim=6, num_classes=3, seed=1, dtype=torch.float64)
     broken.x_train[5, 2] = float("nan")
     model = net(dropout=0.0)
-    with pytest.raises(FloatingPointError, match="learning rate"):
+    with pytest.raises(NonFiniteLossError, match="learning rate"):
         Trainer(model, make_optimizer("sam", model), broken, batch_size=8).fit(1)
+
+
+def test_a_diverging_run_raises_non_finite_loss_error_and_writes_no_checkpoint(tmp_path):
+    config = TrainConfig(
+        model="mlp",
+        model_kwargs={"hidden": 8},
+        lr=1e12,
+        epochs=2,
+        batch_size=16,
+        dtype="float64",
+        scheduler="none",
+        checkpoint_dir=str(tmp_path),
+    )
+    with pytest.raises(NonFiniteLossError, match="training loss became nan in epoch 1") as info:
+        train(config, DATA)
+    assert isinstance(info.value, FloatingPointError)  # what callers catching the base see
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_trainer_does_not_import_the_command_line():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flatlens.train; print(sorted(m for m in sys.modules if 'flatlens.cli' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

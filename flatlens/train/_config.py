@@ -1,0 +1,196 @@
+"""Runs defined by name: :class:`TrainConfig`, the builders it feeds, and :func:`train`.
+
+The command line, the demo and :func:`~flatlens.train.compare` describe a run with plain
+values only, so that it can be stored in a checkpoint and repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from flatlens import distributed as fd
+from flatlens import zoo
+from flatlens.core._checks import check_positive
+from flatlens.data import Dataset
+from flatlens.optim import GAM, SAM
+from flatlens.train._measures import MEASURES, check_measures
+from flatlens.train._trainer import CHECKPOINT_NAME, Trainer, TrainResult
+
+__all__ = [
+    "OPTIMIZERS",
+    "TrainConfig",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "train",
+]
+
+OPTIMIZERS = ("sgd", "adamw", "sam", "gam", "gam-exact")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one run by name: for the CLI, the demo and studies.
+
+    Attributes:
+        model: A :mod:`flatlens.zoo` name (``mlp``, ``cnn``, ``resnet18``) or
+            ``package.module:factory``; only its form is checked here, the factory is
+            imported when the model is built (see :func:`flatlens.zoo.build`).
+        model_kwargs: Extra arguments of the model builder.
+        optimizer: ``sgd``, ``adamw``, ``sam``, ``gam`` (accelerated) or ``gam-exact``.
+        base: Base optimizer of SAM/GAM: ``sgd`` or ``adamw``.
+        lr, momentum, weight_decay: Base optimizer settings (momentum only for SGD).
+        rho: SAM's radius.
+        gam: Keyword arguments of :class:`~flatlens.optim.GAM` (rho, perturb_rho, ...).
+        epochs, batch_size, seed: The run.
+        scheduler: ``cosine`` (CosineAnnealingLR over the epochs) or ``none``.
+        measure_every, measures, measure_samples, measure_rho, measure_steps, trace_samples:
+            Periodic flatness measures (see :class:`Trainer`).
+        dtype, device: Where the model lives.
+        checkpoint_dir: Where checkpoints go (None: none are written).
+    """
+
+    model: str = "mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "sgd"
+    base: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho: float = 0.05
+    gam: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    scheduler: str = "cosine"
+    measure_every: int = 0
+    measures: tuple[str, ...] = MEASURES
+    measure_samples: int = 256
+    measure_rho: float = 0.05
+    measure_steps: int = 20
+    trace_samples: int = 30
+    dtype: str = "float32"
+    device: str = "cpu"
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.base not in ("sgd", "adamw"):
+            raise ValueError(f"base must be 'sgd' or 'adamw', not {self.base!r}")
+        if self.scheduler not in ("cosine", "none"):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', not {self.scheduler!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, not {self.dtype!r}")
+        zoo.check_spec(self.model)
+        check_positive("lr", self.lr)
+        self.measures = check_measures(self.measures)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (JSON- and ``weights_only``-safe)."""
+        out = dataclasses.asdict(self)
+        out["measures"] = list(self.measures)
+        return out
+
+
+def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
+    """The model ``config.model`` names, sized for ``data``, on ``config``'s device and dtype.
+
+    Built by :func:`flatlens.zoo.build` with ``config.model_kwargs`` and initialized from
+    ``config.seed`` without touching the caller's global RNG.
+
+    Raises:
+        ValueError: the factory cannot be imported or does not take the arguments.
+        TypeError: the factory did not return a ``torch.nn.Module``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = zoo.build(config.model, data, **config.model_kwargs)
+    return model.to(device=config.device, dtype=_DTYPES[config.dtype])
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
+    """The optimizer named by ``config.optimizer`` over all of ``model``'s parameters."""
+
+    def base(name: str) -> Optimizer:
+        if name == "adamw":
+            return torch.optim.AdamW(
+                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+
+    if config.optimizer in ("sgd", "adamw"):
+        return base(config.optimizer)
+    if config.optimizer == "sam":
+        return SAM(model.parameters(), base(config.base), rho=config.rho, model=model)
+    mode = "exact" if config.optimizer == "gam-exact" else "accelerated"
+    return GAM(model.parameters(), base(config.base), model=model, mode=mode, **config.gam)
+
+
+def build_scheduler(config: TrainConfig, optimizer: Optimizer) -> Any | None:
+    """CosineAnnealingLR over ``config.epochs`` (stepped per epoch), or None."""
+    if config.scheduler == "none":
+        return None
+    target = getattr(optimizer, "base_optimizer", optimizer)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(target, T_max=max(config.epochs, 1))
+
+
+def train(
+    config: TrainConfig,
+    data: Dataset,
+    *,
+    resume: bool = True,
+    progress: bool = False,
+) -> TrainResult:
+    """Build model, optimizer and scheduler from ``config``, train, return the result.
+
+    Args:
+        config: The run.
+        data: Train/test tensors.
+        resume: Continue from ``config.checkpoint_dir``'s checkpoint when there is one.
+        progress: tqdm bars.
+
+    Returns:
+        A :class:`TrainResult`; the trained network is ``result.model``.
+
+    Raises:
+        NonFiniteLossError: the training loss became NaN or infinite.
+    """
+    model = build_model(config, data)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    trainer = Trainer(
+        model,
+        optimizer,
+        data,
+        batch_size=config.batch_size,
+        scheduler=scheduler,
+        seed=config.seed,
+        measure_every=config.measure_every,
+        measures=config.measures,
+        measure_samples=config.measure_samples,
+        measure_rho=config.measure_rho,
+        measure_steps=config.measure_steps,
+        trace_samples=config.trace_samples,
+        checkpoint_dir=config.checkpoint_dir,
+        settings={"config": config.to_dict()},
+        progress=progress,
+    )
+    if resume and config.checkpoint_dir is not None:
+        path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
+        if fd.broadcast_object(path.is_file()) if trainer.distributed else path.is_file():
+            trainer.load_checkpoint(path)
+    return trainer.fit(config.epochs)

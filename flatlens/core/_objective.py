@@ -1,11 +1,13 @@
 """The empirical risk over a fixed data set: the only way a measure touches a model.
 
-For a data set split into batches B_1, ..., B_m with sizes n_b and N = sum_b n_b,
+For a data set split into batches B_1, ..., B_m with weights w_b (by default the batch
+sizes n_b; a ``batch_weight`` such as the token count of a padded language-model batch)
+and W = sum_b w_b,
 
-* mean-reduced loss:  L(theta) = (1/N) * sum_b n_b * loss(B_b; theta)
+* mean-reduced loss:  L(theta) = (1/W) * sum_b w_b * loss(B_b; theta)
 * sum-reduced loss:   L(theta) = sum_b loss(B_b; theta)
 
-so an uneven last batch is weighted exactly. ``gradient`` returns grad L and ``hvp(v)`` the
+so uneven and padded batches are weighted exactly. ``gradient`` returns grad L and ``hvp(v)`` the
 Hessian-vector product (grad^2 L) v, both as flat vectors over the selected parameters.
 Every evaluation goes through :func:`torch.func.functional_call` with parameters taken from a
 flat vector, so the model itself is never written to and any point ``theta + delta`` can be
@@ -23,37 +25,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flatlens.core import _data
+from flatlens.core._data import BatchWeight
+from flatlens.core._derivatives import DerivativesMixin, HVPMethod
 from flatlens.core._errors import DataChangedError, NonFiniteLossError
-from flatlens.core._fold_batchnorm import fold_conv_batchnorm
 from flatlens.core._params import ParamSpace, ParamSpec, eval_mode, select_parameters
 
 __all__ = ["DataChangedError", "Objective"]
-
-HVPMethod = Literal["auto", "double_backward", "forward_over_reverse"]
-Batch = tuple[Any, Any]
-
-
-def _is_batch(data: Any) -> bool:
-    return (
-        isinstance(data, tuple | list)
-        and len(data) == 2
-        and isinstance(data[0], Tensor)
-        and isinstance(data[1], Tensor)
-    )
-
-
-CACHE_INPUT_NUMEL = 1 << 22
-"""Largest total input size (elements) of a list of batches whose graphs are cached by default."""
-
-
-def _input_numel(batches: list) -> int:
-    total = 0
-    for inputs, _ in batches:
-        if isinstance(inputs, Tensor):
-            total += inputs.numel()
-        else:
-            return CACHE_INPUT_NUMEL + 1
-    return total
 
 
 def _is_classification(outputs: Any, targets: Any) -> bool:
@@ -64,12 +42,6 @@ def _is_classification(outputs: Any, targets: Any) -> bool:
         and targets.dim() == 1
         and not targets.is_floating_point()
     )
-
-
-def _batch_size(targets: Any) -> int:
-    if isinstance(targets, Tensor):
-        return int(targets.shape[0]) if targets.dim() > 0 else 1
-    return len(targets)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -88,43 +60,18 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-_DATA_HINT = (
-    "pass a DataLoader, a list of (inputs, targets) batches, or one (inputs, targets) tuple"
-)
-
-
-def _check_data(data: Any) -> None:
-    """Refuse data that is not a re-iterable of ``(inputs, targets)`` batches."""
-    if data is None:
-        raise TypeError(f"data is None; {_DATA_HINT}")
-    if isinstance(data, Tensor):
-        raise TypeError(
-            f"data is a bare tensor of shape {tuple(data.shape)}: the targets are missing; "
-            f"{_DATA_HINT}"
-        )
-    if isinstance(data, str | bytes) or not isinstance(data, Iterable):
-        raise TypeError(f"data is a {type(data).__name__}, not batches; {_DATA_HINT}")
-    batches = [data] if _is_batch(data) else data if isinstance(data, list | tuple) else []
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise ValueError(f"batch {i} of data is not an (inputs, targets) pair; {_DATA_HINT}")
-        x, y = batch
-        if isinstance(x, Tensor) and isinstance(y, Tensor) and x.dim() > 0 and y.dim() > 0:
-            if x.shape[0] != y.shape[0]:
-                raise ValueError(
-                    f"batch {i} of data has {x.shape[0]} inputs but {y.shape[0]} targets; "
-                    "inputs and targets must have the same length along dimension 0"
-                )
-
-
-class Objective:
+class Objective(DerivativesMixin):
     """Empirical risk L(theta) of ``loss_fn(model(inputs), targets)`` over a fixed data set.
 
     Args:
         model: The network. It is never modified: parameters are read, not written.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, mean- or sum-reduced over the batch.
-        data: A ``DataLoader``, any re-iterable of ``(inputs, targets)`` batches, or one
-            ``(inputs, targets)`` tuple. It must yield the same batches on every pass.
+        data: A ``DataLoader``, any re-iterable of batches, or one batch. A batch is an
+            ``(inputs, targets)`` pair, inputs being a tensor (``model(x)``), a tuple or list
+            (``model(*x)``) or a mapping (``model(**x)``), or a mapping such as a Hugging
+            Face batch whose ``targets_key`` entry holds the targets and whose other
+            entries are the model's keyword inputs. Outputs reach ``loss_fn`` as the model
+            returns them. The data must yield the same batches on every pass.
         params: Which parameters span the space (names, module prefixes, modules or
             tensors; see :func:`flatlens.core.select_parameters`). Default: all that
             require grad.
@@ -138,20 +85,24 @@ class Objective:
             (``torch.func.jvp`` of ``torch.func.grad``) or ``"auto"``.
         cache_graph: Keep the first-order graph between HVPs at the same point, so each HVP
             costs one extra backward pass instead of a forward and two backward passes.
-            Memory grows with the data (the activations of every batch are kept). ``None``
-            enables it for one in-memory batch, and for an in-memory list of batches with at
-            most ``CACHE_INPUT_NUMEL`` input elements in all; never for a DataLoader.
+            Memory grows with the data (the saved activations of every batch are kept).
+            ``None`` decides at the first second-order call: cache when the graph of the
+            first batch, measured with ``saved_tensors_hooks`` and scaled to all the data,
+            fits ``memory_budget``; never for a DataLoader (its batches stream).
+        memory_budget: Bytes the cached graph may take (``None``: half the memory free on
+            the device when the choice is made).
+        batch_weight: ``batch_weight(inputs, targets) -> number`` w_b, how much a batch
+            counts in the mean (default: its length). For a loss averaged over the
+            non-ignored tokens of each batch, count those tokens
+            (:func:`flatlens.core.token_count`): L, its gradient and HVPs are then exact
+            over padded, uneven batches.
+        targets_key: The targets entry of mapping batches (Hugging Face: ``"labels"``).
         check_determinism: Before the first evaluation, compute the loss twice and raise
             :class:`DataChangedError` when the passes disagree (random augmentation, dropout
             left on, a shuffled uneven loader is fine).
         distributed: Sum the per-rank contributions with ``torch.distributed.all_reduce``
             so each rank sees the loss over all ranks' data. ``None`` detects an initialized
             process group.
-        fold_batchnorm: In eval mode, evaluate each convolution followed by a BatchNorm as
-            one convolution with the BatchNorm folded in, conv(x; W s, (c - mu) s + beta)
-            with s = gamma / sqrt(var + eps): the same function up to rounding, with a
-            cheaper forward pass and cheaper derivatives (see ``docs/benchmarks.md``).
-            Forward hooks on the folded layers do not run. Off by default.
 
     Raises:
         NonFiniteLossError: (from any evaluation) the loss is NaN or infinite.
@@ -171,7 +122,9 @@ class Objective:
         cache_graph: bool | None = None,
         check_determinism: bool = True,
         distributed: bool | None = None,
-        fold_batchnorm: bool = False,
+        memory_budget: float | None = None,
+        batch_weight: BatchWeight | None = None,
+        targets_key: str = "labels",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -179,9 +132,12 @@ class Objective:
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
         self.model = model
         self.loss_fn = loss_fn
-        self.fold_batchnorm = bool(fold_batchnorm)
+        if batch_weight is not None and not callable(batch_weight):
+            raise TypeError("batch_weight must be callable as batch_weight(inputs, targets)")
+        self.batch_weight = batch_weight
+        self.targets_key = targets_key
         _check_model(model)
-        _check_data(data)
+        _data.check_data(data, targets_key)
         named = select_parameters(model, params)
         self.space = ParamSpace.from_named(named)
         self._params = [p for _, p in named]
@@ -222,39 +178,21 @@ class Objective:
             )
         self.distributed = bool(distributed)
 
-        self._single = _is_batch(data)
-        if self._single:
-            self._data: Any = [self._to_device(tuple(data))]
+        if _data.is_single_batch(data, targets_key):
+            self._data: Any = [self._prepared(data)]
         elif isinstance(data, list | tuple):
             if not data and not self.distributed:
                 # Under torch.distributed an empty shard is allowed (every rank must reach
                 # the collectives); empty data over all ranks is caught after the reduction.
                 raise ValueError("data is empty: pass at least one (inputs, targets) batch")
-            self._data = [self._to_device(tuple(b)) for b in data]
+            self._data = [self._prepared(b, i) for i, b in enumerate(data)]
         else:
-            if iter(data) is data:
-                raise TypeError(
-                    "data is a one-shot iterator; pass something that can be iterated "
-                    "repeatedly (a DataLoader, a list of batches or one (inputs, targets) tuple)"
-                )
             self._data = data
-        in_memory = isinstance(self._data, list)
-        if cache_graph is None:
-            cache_graph = self._single or _input_numel(self._data) <= CACHE_INPUT_NUMEL
-        self.cache_graph = bool(cache_graph) and in_memory
-
-        if self.distributed:
-            # A cached and an uncached HVP make different collective calls, so every rank
-            # must make the same choice: cache only where all ranks can.
-            flag = torch.tensor([int(self.cache_graph)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            self.cache_graph = bool(flag.item())
+        self._setup_caching(cache_graph, memory_budget, in_memory=isinstance(self._data, list))
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
-        self._graph: tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None = None
-        self._folded: nn.Module | None = None  # built on the first eval-mode forward
         self._checked = not check_determinism
-        self.num_samples: int | None = None
+        self.num_samples: float | None = None
         self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
 
     # ------------------------------------------------------------------ basic facts
@@ -274,88 +212,63 @@ class Objective:
         return torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ data
-    def _move(self, x: Any) -> Any:
-        if isinstance(x, Tensor):
-            if x.device != self.device and x.device.type != "cpu":
-                raise ValueError(
-                    f"a batch tensor is on {x.device} but the model is on {self.device}; "
-                    "put the data on the CPU or on the model's device"
-                )
-            x = x.to(self.device, non_blocking=True)
-            return x.to(self.dtype) if x.is_floating_point() else x
-        if isinstance(x, tuple | list):
-            return type(x)(self._move(t) for t in x)
-        if isinstance(x, dict):
-            return {k: self._move(v) for k, v in x.items()}
-        return x
+    def _prepared(self, batch: Any, index: int | None = None) -> tuple[Any, Any, float]:
+        """``(inputs, targets, w_b)`` of one batch, on the model's device."""
+        x, y = _data.split_batch(batch, index, self.targets_key)
+        x, y = _data.move(x, self.device, self.dtype), _data.move(y, self.device, self.dtype)
+        return x, y, _data.weight_of(self.batch_weight, x, y)
 
-    def _to_device(self, batch: tuple) -> Batch:
-        if len(batch) != 2:
-            raise ValueError(
-                f"each batch must be an (inputs, targets) pair, got {len(batch)} items"
-            )
-        return self._move(batch[0]), self._move(batch[1])
-
-    def batches(self) -> Iterator[tuple[Any, Any, int]]:
-        """Yield ``(inputs, targets, batch_size)`` on the model's device, one data pass."""
+    def batches(self) -> Iterator[tuple[Any, Any, float]]:
+        """Yield ``(inputs, targets, w_b)`` on the model's device, one data pass; batches of
+        weight 0 are skipped."""
+        in_memory = isinstance(self._data, list)
         for batch in self._data:
-            if not isinstance(batch, tuple | list):
-                raise TypeError(
-                    f"data must yield (inputs, targets) pairs, got {type(batch).__name__}"
-                )
-            x, y = batch if isinstance(self._data, list) else self._to_device(tuple(batch))
-            n = _batch_size(y)
-            if n == 0:
+            x, y, w = batch if in_memory else self._prepared(batch)
+            if w == 0:
                 continue
-            yield x, y, n
+            yield x, y, w
 
     # ------------------------------------------------------------------ model calls
     def forward(self, theta: Tensor, inputs: Any) -> Any:
-        """Model outputs at the flat parameters ``theta`` (the model is not written to)."""
-        return self._call(self._evaluation_module(), theta, inputs)
+        """Model outputs at the flat parameters ``theta`` (the model is not written to).
 
-    def _call(self, module: nn.Module, theta: Tensor, inputs: Any) -> Any:
+        ``inputs`` reach the model as ``model(x)``, ``model(*x)`` for a tuple or list, and
+        ``model(**x)`` for a mapping.
+        """
         values = self.space.as_dict(theta)
         if not self.eval_mode:
             # Train-mode BatchNorm writes its running statistics: give it copies.
             values.update({n: b.clone() for n, b in self.model.named_buffers()})
         values.update({n: p.detach() for n, p in self._frozen.items()})
-        return functional_call(module, values, (inputs,), tie_weights=True, strict=False)
+        args, kwargs = _data.call_args(inputs)
+        return functional_call(self.model, values, args, kwargs, tie_weights=True, strict=False)
 
-    def _evaluation_module(self) -> nn.Module:
-        """The model, or with ``fold_batchnorm`` in eval mode its folded copy."""
-        if not (self.fold_batchnorm and self.eval_mode):
-            return self.model
-        if self._folded is None:
-            self._folded = fold_conv_batchnorm(self.model) or self.model
-        return self._folded
-
-    def _batch_loss(self, theta: Tensor, x: Any, y: Any, n: int) -> Tensor:
-        """``w_b * loss(B_b; theta)`` with w_b = n_b for mean reduction, 1 for sum."""
+    def _batch_loss(self, theta: Tensor, x: Any, y: Any, n: float) -> Tensor:
+        """``w_b * loss(B_b; theta)`` for mean reduction, ``loss(B_b; theta)`` for sum."""
         return self._weighted(self.loss_fn(self.forward(theta, x), y), n)
 
-    def _weighted(self, loss: Any, n: int) -> Tensor:
+    def _weighted(self, loss: Any, n: float) -> Tensor:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor; use a reduced loss")
         loss = loss.reshape(())
         return loss * n if self.reduction == "mean" else loss
 
-    def _finish(self, total: Tensor, parts: list[Tensor], count: int, *vecs: Tensor):
-        """Reduce across ranks, divide by N, check the loss is finite."""
+    def _finish(self, total: Tensor, parts: list[Tensor], count: float, *vecs: Tensor):
+        """Reduce across ranks, divide by W, check the loss is finite."""
         stacked = torch.stack(parts) if parts else total.new_zeros(0)
         if self.distributed:
             import torch.distributed as dist
 
             counter = torch.tensor([float(count)], device=self.device, dtype=torch.float64)
             dist.all_reduce(counter)
-            count = int(counter.item())
+            count = counter.item()
             dist.all_reduce(total)
             for v in vecs:
                 dist.all_reduce(v)
         if count == 0:
             # Checked after the reduction, so a rank with an empty shard does not leave the
             # other ranks waiting in all_reduce.
-            raise ValueError("data is empty: it yielded no samples")
+            raise ValueError("data is empty: it yielded no samples (or every batch weighs 0)")
         value = total.item()
         if not math.isfinite(value):
             self._raise_if_weights_not_finite()
@@ -464,6 +377,7 @@ class Objective:
         self._ensure_checked(theta)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        examples = torch.zeros((), device=self.device, dtype=torch.float64)
         parts, count, classify = [], 0, True
         with eval_mode(self.model, self.eval_mode):
             for x, y, n in self.batches():
@@ -475,158 +389,17 @@ class Objective:
                 classify = classify and _is_classification(out, y)
                 if classify:
                     correct += (out.argmax(dim=-1) == y).sum()
+                    examples += y.shape[0]
         self.counts["loss"] += 1
         if classify and self.distributed:
             import torch.distributed as dist
 
             dist.all_reduce(correct)
+            dist.all_reduce(examples)
         result = {"loss": self._finish(total, parts, count)}
         if classify:
-            result["accuracy"] = float(correct) / self.num_samples
+            result["accuracy"] = float(correct) / float(examples)
         return result
-
-    def loss_and_gradient(self, at: Tensor | None = None) -> tuple[float, Tensor]:
-        """L and its gradient (a flat vector) in one pass over the data."""
-        theta = self.point(at)
-        self._ensure_checked(theta, graph=True)
-        if self.cache_graph:
-            # Build (or reuse) the first-order graph, so an HVP at this point that follows
-            # costs only the second backward pass.
-            graphs, value = self._cached_graph(theta)
-            grad = self.zeros()
-            for _, g in graphs:
-                if g is not None:
-                    grad += g.detach()
-            if self.distributed:
-                import torch.distributed as dist
-
-                dist.all_reduce(grad)
-            if self.reduction == "mean":
-                grad.mul_(1.0 / (self.num_samples or 1))
-            self.counts["gradient"] += 1
-            return value, grad
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        grad = self.zeros()
-        parts, count = [], 0
-        leaf = theta.detach().requires_grad_(True)
-        with eval_mode(self.model, self.eval_mode):
-            for x, y, n in self.batches():
-                part = self._batch_loss(leaf, x, y, n)
-                if part.requires_grad:
-                    (g,) = torch.autograd.grad(part, leaf, allow_unused=True)
-                    if g is not None:
-                        grad += g
-                parts.append(part.detach())
-                total += part.detach()
-                count += n
-        self.counts["gradient"] += 1
-        value = self._finish(total, parts, count, grad)
-        return value, grad
-
-    def gradient(self, at: Tensor | None = None) -> Tensor:
-        """grad L(theta) as a flat vector (zero for parameters the loss does not reach)."""
-        return self.loss_and_gradient(at)[1]
-
-    def _resolved_hvp_method(self) -> str:
-        if self.hvp_method != "auto":
-            return self.hvp_method
-        # benchmarks/bench_spectrum.py: on the CPU, double backward beat forward-over-reverse
-        # on the digits MLP (2.5x) and BatchNorm CNN (1.1x, 2x before BatchNorm folding).
-        return "double_backward"
-
-    def _cached_graph(self, theta: Tensor) -> tuple[list[tuple[Tensor, Tensor]], float]:
-        """Per-batch ``(leaf, grad)`` with ``create_graph=True`` at ``theta``, and L(theta)."""
-        if self._graph is not None and torch.equal(self._graph[0], theta):
-            return self._graph[1], self._graph[2]
-        self._graph = None
-        graphs, parts, count = [], [], 0
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        with eval_mode(self.model, self.eval_mode):
-            for x, y, n in self.batches():
-                leaf = theta.detach().requires_grad_(True)
-                part = self._batch_loss(leaf, x, y, n)
-                g = None
-                if part.requires_grad:
-                    (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
-                graphs.append((leaf, g))
-                parts.append(part.detach())
-                total += part.detach()
-                count += n
-        value = self._finish(total, parts, count)
-        self._graph = (theta.clone(), graphs, value)
-        return graphs, value
-
-    def hvp(self, v: Tensor, at: Tensor | None = None) -> Tensor:
-        """Hessian-vector product (grad^2 L(theta)) v as a flat vector.
-
-        Args:
-            v: Flat vector of length ``num_params`` on the objective's device.
-            at: Optional flat parameter vector; the Hessian is taken there instead of at the
-                model's current parameters.
-        """
-        theta = self.point(at)
-        if v.shape != (self.num_params,):
-            raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
-        if v.device != self.device:
-            raise ValueError(f"v is on {v.device}, the model on {self.device}")
-        self._ensure_checked(theta, graph=True)
-        v = v.detach().to(self.dtype)
-        out = self.zeros()
-        count = 0
-        method = self._resolved_hvp_method()
-        if self.cache_graph:
-            for leaf, g in self._cached_graph(theta)[0]:
-                if g is not None and g.requires_grad:
-                    (hv,) = torch.autograd.grad(
-                        g, leaf, grad_outputs=v, retain_graph=True, allow_unused=True
-                    )
-                    if hv is not None:
-                        out += hv
-            count = self.num_samples or 0
-            if self.distributed:
-                import torch.distributed as dist
-
-                dist.all_reduce(out)
-            if self.reduction == "mean":
-                out.mul_(1.0 / count)
-            self.counts["hvp"] += 1
-            return out
-
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        parts = []
-        with eval_mode(self.model, self.eval_mode):
-            for x, y, n in self.batches():
-                if method == "forward_over_reverse":
-                    part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
-                else:
-                    part, hv = self._hvp_double_backward(theta, v, x, y, n)
-                out += hv
-                parts.append(part)
-                total += part
-                count += n
-        self.counts["hvp"] += 1
-        self._finish(total, parts, count, out)
-        return out
-
-    def _hvp_double_backward(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
-        leaf = theta.detach().requires_grad_(True)
-        part = self._batch_loss(leaf, x, y, n)
-        if not part.requires_grad:
-            return part.detach(), torch.zeros_like(v)
-        (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
-        if g is None or not g.requires_grad:
-            return part.detach(), torch.zeros_like(v)
-        (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, allow_unused=True)
-        return part.detach(), torch.zeros_like(v) if hv is None else hv
-
-    def _hvp_fwd_rev(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
-        def batch_loss(t: Tensor) -> tuple[Tensor, Tensor]:
-            value = self._batch_loss(t, x, y, n)
-            return value, value.detach()
-
-        grad_fn = torch.func.grad(batch_loss, has_aux=True)
-        (_, hv, part) = torch.func.jvp(grad_fn, (theta,), (v,), has_aux=True)
-        return part, hv
 
     # ------------------------------------------------------------------ interop
     def as_linear_operator(self, at: Tensor | None = None):

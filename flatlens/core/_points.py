@@ -11,10 +11,9 @@ batch order, as :meth:`Objective.loss` does (bit for bit on the serial path).
   :meth:`Objective.forward`.
 * :class:`SerialEvaluator`: per batch, one plain forward per point through a private deep
   copy of the model whose selected parameters view one flat buffer: the next point is one
-  ``copy_`` away and the forward pays no ``functional_call`` overhead. The copy folds
-  conv -> BatchNorm pairs exactly when the Objective does; :meth:`Objective.forward` is used
-  instead when the model cannot be deep-copied, a subclass overrides ``forward``, or in
-  train mode.
+  ``copy_`` away and the forward pays no ``functional_call`` overhead. :meth:`Objective.forward`
+  is used instead when the model cannot be deep-copied, a subclass overrides ``forward``,
+  or in train mode.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from flatlens.core._checks import check_positive_int
-from flatlens.core._fold_batchnorm import fold_conv_batchnorm
+from flatlens.core._data import call_args
 from flatlens.core._objective import Objective, _is_classification
 from flatlens.core._params import eval_mode
 
@@ -234,10 +233,7 @@ class _WorkingCopy:
             params[name].data = self.buf[sl].view(shape)
         self.base.requires_grad_(False)
         self.base.eval()
-        self.folds = objective.fold_batchnorm
-        # Fold conv -> BatchNorm pairs exactly when the Objective does (in eval mode, which
-        # is the only mode a copy serves), so the arithmetic is the same.
-        self.module = (fold_conv_batchnorm(self.base) if self.folds else None) or self.base
+        self.module = self.base
 
     def refresh(self, objective: Objective) -> bool:
         """Copy the model's buffers and unselected parameters in (they may have changed
@@ -246,7 +242,7 @@ class _WorkingCopy:
         mine = {**dict(self.base.named_buffers()), **dict(self.base.named_parameters())}
         theirs = dict(objective.model.named_buffers())
         theirs.update((n, p) for n, p in objective.model.named_parameters() if n not in selected)
-        if self.folds != objective.fold_batchnorm or not all(
+        if not all(
             n in mine and mine[n].shape == t.shape and mine[n].dtype == t.dtype
             for n, t in theirs.items()
         ):
@@ -300,7 +296,8 @@ class SerialEvaluator(_Evaluator):
                     out = obj.forward(theta, x)
                 else:
                     buf.copy_(theta)
-                    out = module(x)
+                    args, kwargs = call_args(x)
+                    out = module(*args, **kwargs)
                 losses.append(obj.loss_fn(out, y))
                 if k == 0:
                     sums.classify = sums.classify and _is_classification(out, y)

@@ -555,9 +555,10 @@ def test_the_check_reuses_the_forward_pass_of_the_cached_graph(call):
     passes = []
     hook = model.register_forward_hook(lambda *_: passes.append(1))
     obj = Objective(model, F.cross_entropy, (x, y))
-    assert obj.cache_graph
+    assert obj.cache_graph is None  # decided by the first second-order call
     run = {"gradient": obj.gradient, "hvp": lambda: obj.hvp(obj.zeros() + 1)}[call]
     run()
+    assert obj.cache_graph is True and obj.estimated_graph_bytes > 0
     assert len(passes) == 2  # the graph's forward and one more, not two more
     run()
     assert len(passes) == 2
@@ -798,6 +799,30 @@ def test_non_finite_weights_are_named_as_such():
     data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
     obj = Objective(model, F.cross_entropy, data)
     for call in (obj.loss, obj.gradient, lambda: obj.hvp(obj.zeros())):
-        with pytest.raises(NonFiniteLossError, match="parameter '2.weight' holds NaN"):
+        with pytest.raises(NonFiniteLossError, match=r"parameter '2\.weight' holds NaN"):
             call()
     assert issubclass(NonFiniteLossError, FloatingPointError)
+
+
+def test_the_objective_runs_the_model_as_written_global_hooks_included():
+    """A global forward hook fires for every Conv2d and BatchNorm2d in a plain forward; the
+    Objective runs the same modules (no rewriting), so it fires for the same ones."""
+    model = bn_cnn()
+    x, y = image_data()
+
+    def kinds_seen(run) -> list[str]:
+        seen: list[str] = []
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(type(m).__name__)
+        )
+        try:
+            run()
+        finally:
+            handle.remove()
+        return seen
+
+    plain = kinds_seen(lambda: model.eval()(x))
+    assert {"Conv2d", "BatchNorm2d"} <= set(plain)
+    obj = Objective(model, F.cross_entropy, (x, y), check_determinism=False)
+    assert kinds_seen(obj.loss) == plain
+    assert kinds_seen(lambda: obj.hvp(torch.ones(obj.num_params, dtype=x.dtype))) == plain

@@ -93,7 +93,9 @@ def test_evaluators_with_and_without_the_private_copy_agree_bit_for_bit():
             assert ev.uses_copy == use_copy
             results.append(ev(pts))
         assert torch.equal(results[0].totals, results[1].totals)
-        assert results[0].count == results[1].count == len(torch.cat([y for _, y in obj._data]))
+        assert (
+            results[0].count == results[1].count == len(torch.cat([y for _, y, _ in obj.batches()]))
+        )
         vmapped = VmapEvaluator(obj, metrics)(pts)
         torch.testing.assert_close(vmapped.totals, results[0].totals, rtol=1e-6, atol=0)
 
@@ -171,19 +173,8 @@ def test_non_finite_points_keep_their_values(method):
     assert float(out["loss"][0]) == pytest.approx(obj.loss(at=pts[0]), rel=1e-12)
 
 
-def test_serial_copy_folds_batchnorm_exactly_when_the_objective_does():
-    for fold in (False, True):
-        obj = cnn_objective(torch.float32, fold_batchnorm=fold)
-        ev = SerialEvaluator(obj, MetricSet())
-        assert isinstance(ev._work.module, torch.fx.GraphModule) == fold
-        pts = points_around(obj, 3, scale=0.05)
-        out = obj.evaluate_points(pts, method="serial")
-        assert [float(v) for v in out["loss"]] == [obj.loss(at=p) for p in pts]
-
-
-@pytest.mark.parametrize("fold", [False, True])
-def test_the_kept_copy_follows_changes_of_the_model(fold):
-    obj = cnn_objective(fold_batchnorm=fold)
+def test_the_kept_copy_follows_changes_of_the_model():
+    obj = cnn_objective()
     pts = points_around(obj, 2, scale=0.05)
     first = obj.evaluate_points(pts, method="serial")
     with torch.no_grad():

@@ -132,7 +132,7 @@ def test_refuses_to_resume_with_different_arguments(tmp_path):
         "centre": lambda: line(mlp_objective(seed=9), d, steps=9, store=store),
         "metrics": lambda: line(obj, d, steps=9, store=store, metrics=["loss"]),
         "values at the centre": lambda: line(
-            Objective(obj.model, torch.nn.MultiMarginLoss(), list(obj._data)),
+            Objective(obj.model, torch.nn.MultiMarginLoss(), [(x, y) for x, y, _ in obj.batches()]),
             d,
             steps=9,
             store=store,

@@ -1,0 +1,277 @@
+"""Derivatives of the Objective: gradients, Hessian-vector products, the cached graph.
+
+``hvp(v)`` is (grad^2 L) v by double backward (reverse-over-reverse) or by
+forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``). Passes that differentiate
+twice run under :func:`second_order`, which selects the math backend of
+``scaled_dot_product_attention``: the fused flash and memory-efficient kernels (CPU and
+CUDA) have no double backward and no forward-mode derivative; the math backend computes
+the same function with both. First- and zeroth-order passes keep the fused kernels.
+
+With ``cache_graph`` the first-order graph of every batch is kept between HVPs at the same
+point, so an HVP costs one backward pass. ``cache_graph=None`` decides at the first
+second-order call, from the bytes autograd saves for the first batch (scaled to all the
+data) against ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flatlens.core._memory import available_bytes, saved_bytes
+from flatlens.core._params import eval_mode
+
+__all__ = ["DerivativesMixin", "HVPMethod", "second_order"]
+
+HVPMethod = Literal["auto", "double_backward", "forward_over_reverse"]
+
+
+@contextlib.contextmanager
+def second_order() -> Iterator[None]:
+    """Run a pass that will be differentiated twice: ``scaled_dot_product_attention`` uses
+    its math backend (same function, differentiable twice and in forward mode)."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+class _OverBudget(Exception):
+    """The cached graph would not fit the memory budget."""
+
+
+class DerivativesMixin:
+    """Gradient and HVP methods of :class:`~flatlens.Objective` (which owns the data, the
+    forward pass, ``_batch_loss``, ``_finish`` and the determinism check)."""
+
+    _graph: tuple[Tensor, list[tuple[Tensor, Tensor | None]], float] | None = None
+    cache_graph: bool | None
+    memory_budget: float | None
+    estimated_graph_bytes: int | None = None
+
+    def _setup_caching(
+        self, cache_graph: bool | None, memory_budget: float | None, *, in_memory: bool
+    ) -> None:
+        if memory_budget is not None and not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a number of bytes > 0, got {memory_budget!r}")
+        self.memory_budget = memory_budget
+        self._graph = None
+        if not in_memory:
+            self.cache_graph = False  # a DataLoader's batches stream
+        elif cache_graph is None:
+            self.cache_graph = None  # decided by _decide_caching
+        else:
+            self.cache_graph = bool(cache_graph)
+            self._agree_on_caching()
+
+    def _agree_on_caching(self) -> None:
+        """A cached and an uncached HVP make different collective calls, so every rank
+        must make the same choice: cache only where all ranks can."""
+        if self.distributed:
+            flag = torch.tensor([int(bool(self.cache_graph))], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            self.cache_graph = bool(flag.item())
+
+    def _decide_caching(self, theta: Tensor) -> None:
+        """Settle ``cache_graph=None`` by building the cached graph at ``theta``: after the
+        first batch, the bytes autograd saved for it, scaled by the total batch weight, are
+        the estimate; over the memory budget, the graph is dropped and HVPs stream."""
+        if self.cache_graph is not None:
+            return
+        budget = self.memory_budget
+        if budget is None:
+            budget = available_bytes(self.device) / 2
+        total = sum(w for _, _, w in self.batches())
+        if self.distributed:
+            # Every rank must make the same collective calls: measure the first batch on
+            # its own, agree, then build.
+            self.cache_graph = self._first_batch_estimate(theta, total) <= budget
+            self._agree_on_caching()
+            return
+        self.cache_graph = True
+        try:
+            self._cached_graph(theta, budget=(budget, total))
+        except _OverBudget:
+            self._graph = None
+            self.cache_graph = False
+
+    def _first_batch_estimate(self, theta: Tensor, total: float) -> int:
+        first = next(iter(self.batches()), None)
+        if first is None:
+            return 0
+        x, y, n = first
+
+        def build() -> None:
+            leaf = theta.detach().requires_grad_(True)
+            with eval_mode(self.model, self.eval_mode), second_order():
+                part = self._batch_loss(leaf, x, y, n)
+                if part.requires_grad:
+                    torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+
+        self.estimated_graph_bytes = int(saved_bytes(build)[1] * total / n)
+        return self.estimated_graph_bytes
+
+    def loss_and_gradient(self, at: Tensor | None = None) -> tuple[float, Tensor]:
+        """L and its gradient (a flat vector) in one pass over the data."""
+        theta = self.point(at)
+        self._decide_caching(theta)
+        self._ensure_checked(theta, graph=True)
+        if self.cache_graph:
+            # Build (or reuse) the first-order graph, so an HVP at this point that follows
+            # costs only the second backward pass.
+            graphs, value = self._cached_graph(theta)
+            grad = self.zeros()
+            for _, g in graphs:
+                if g is not None:
+                    grad += g.detach()
+            if self.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(grad)
+            if self.reduction == "mean":
+                grad.mul_(1.0 / (self.num_samples or 1))
+            self.counts["gradient"] += 1
+            return value, grad
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        grad = self.zeros()
+        parts, count = [], 0
+        leaf = theta.detach().requires_grad_(True)
+        with eval_mode(self.model, self.eval_mode):
+            for x, y, n in self.batches():
+                part = self._batch_loss(leaf, x, y, n)
+                if part.requires_grad:
+                    (g,) = torch.autograd.grad(part, leaf, allow_unused=True)
+                    if g is not None:
+                        grad += g
+                parts.append(part.detach())
+                total += part.detach()
+                count += n
+        self.counts["gradient"] += 1
+        value = self._finish(total, parts, count, grad)
+        return value, grad
+
+    def gradient(self, at: Tensor | None = None) -> Tensor:
+        """grad L(theta) as a flat vector (zero for parameters the loss does not reach)."""
+        return self.loss_and_gradient(at)[1]
+
+    def _resolved_hvp_method(self) -> str:
+        if self.hvp_method != "auto":
+            return self.hvp_method
+        # Double backward measured faster than forward-over-reverse on the CPU
+        # (benchmarks/bench_spectrum.py, docs/benchmarks.md).
+        return "double_backward"
+
+    def _cached_graph(
+        self, theta: Tensor, *, budget: tuple[float, float] | None = None
+    ) -> tuple[list[tuple[Tensor, Tensor | None]], float]:
+        """Per-batch ``(leaf, grad)`` with ``create_graph=True`` at ``theta``, and L(theta).
+
+        With ``budget = (bytes, total weight)``, raise :class:`_OverBudget` after the first
+        batch when its saved bytes scaled to the total weight exceed ``bytes``.
+        """
+        if self._graph is not None and torch.equal(self._graph[0], theta):
+            return self._graph[1], self._graph[2]
+        self._graph = None
+        graphs, parts, count = [], [], 0
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        with eval_mode(self.model, self.eval_mode), second_order():
+            for x, y, n in self.batches():
+                leaf = theta.detach().requires_grad_(True)
+
+                def build(leaf=leaf, x=x, y=y, n=n) -> tuple[Tensor, Tensor | None]:
+                    part = self._batch_loss(leaf, x, y, n)
+                    if not part.requires_grad:
+                        return part, None
+                    (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+                    return part, g
+
+                if budget is not None and not graphs:
+                    (part, g), saved = saved_bytes(build)
+                    self.estimated_graph_bytes = int(saved * budget[1] / n)
+                    if self.estimated_graph_bytes > budget[0]:
+                        raise _OverBudget
+                else:
+                    part, g = build()
+                graphs.append((leaf, g))
+                parts.append(part.detach())
+                total += part.detach()
+                count += n
+        value = self._finish(total, parts, count)
+        self._graph = (theta.clone(), graphs, value)
+        return graphs, value
+
+    def hvp(self, v: Tensor, at: Tensor | None = None) -> Tensor:
+        """Hessian-vector product (grad^2 L(theta)) v as a flat vector.
+
+        Args:
+            v: Flat vector of length ``num_params`` on the objective's device.
+            at: Optional flat parameter vector; the Hessian is taken there instead of at the
+                model's current parameters.
+        """
+        theta = self.point(at)
+        if v.shape != (self.num_params,):
+            raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
+        if v.device != self.device:
+            raise ValueError(f"v is on {v.device}, the model on {self.device}")
+        self._decide_caching(theta)
+        self._ensure_checked(theta, graph=True)
+        v = v.detach().to(self.dtype)
+        out = self.zeros()
+        count = 0
+        method = self._resolved_hvp_method()
+        if self.cache_graph:
+            for leaf, g in self._cached_graph(theta)[0]:
+                if g is not None and g.requires_grad:
+                    (hv,) = torch.autograd.grad(
+                        g, leaf, grad_outputs=v, retain_graph=True, allow_unused=True
+                    )
+                    if hv is not None:
+                        out += hv
+            count = self.num_samples or 0
+            if self.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(out)
+            if self.reduction == "mean":
+                out.mul_(1.0 / count)
+            self.counts["hvp"] += 1
+            return out
+
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        parts = []
+        with eval_mode(self.model, self.eval_mode), second_order():
+            for x, y, n in self.batches():
+                if method == "forward_over_reverse":
+                    part, hv = self._hvp_fwd_rev(theta, v, x, y, n)
+                else:
+                    part, hv = self._hvp_double_backward(theta, v, x, y, n)
+                out += hv
+                parts.append(part)
+                total += part
+                count += n
+        self.counts["hvp"] += 1
+        self._finish(total, parts, count, out)
+        return out
+
+    def _hvp_double_backward(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
+        leaf = theta.detach().requires_grad_(True)
+        part = self._batch_loss(leaf, x, y, n)
+        if not part.requires_grad:
+            return part.detach(), torch.zeros_like(v)
+        (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+        if g is None or not g.requires_grad:
+            return part.detach(), torch.zeros_like(v)
+        (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, allow_unused=True)
+        return part.detach(), torch.zeros_like(v) if hv is None else hv
+
+    def _hvp_fwd_rev(self, theta, v, x, y, n) -> tuple[Tensor, Tensor]:
+        def batch_loss(t: Tensor) -> tuple[Tensor, Tensor]:
+            value = self._batch_loss(t, x, y, n)
+            return value, value.detach()
+
+        grad_fn = torch.func.grad(batch_loss, has_aux=True)
+        (_, hv, part) = torch.func.jvp(grad_fn, (theta,), (v,), has_aux=True)
+        return part, hv

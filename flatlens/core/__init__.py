@@ -8,6 +8,8 @@
 * atomic file writes and safe (``weights_only=True``) checkpoint loading.
 """
 
+from flatlens.core._data import token_count
+from flatlens.core._derivatives import second_order
 from flatlens.core._errors import DataChangedError, NonFiniteLossError
 from flatlens.core._io import (
     CheckpointError,
@@ -20,17 +22,20 @@ from flatlens.core._io import (
     write_json,
     write_text,
 )
+from flatlens.core._memory import PeakMemory, tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import ModelState, ParamSpace, eval_mode, preserved, select_parameters
-from flatlens.core._results import Result, to_jsonable
+from flatlens.core._results import MeasureResult, Result, to_jsonable
 
 __all__ = [
     "CheckpointError",
     "DataChangedError",
+    "MeasureResult",
     "ModelState",
     "NonFiniteLossError",
     "Objective",
     "ParamSpace",
+    "PeakMemory",
     "Result",
     "atomic_path",
     "eval_mode",
@@ -38,8 +43,11 @@ __all__ = [
     "load_trusted_tensors",
     "preserved",
     "save_torch",
+    "second_order",
     "select_parameters",
     "to_jsonable",
+    "token_count",
+    "tracks_peak_memory",
     "write_bytes",
     "write_figure",
     "write_json",

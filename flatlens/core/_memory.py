@@ -44,8 +44,15 @@ def _reset_vm_hwm() -> bool:
     return True
 
 
+_DEPTH = [0]
+
+
 class PeakMemory:
     """Context manager: ``with PeakMemory(device) as peak: ...``, then ``peak.bytes``.
+
+    Nested inside another ``PeakMemory`` (a measure calling measures), the counter is not
+    reset again, so the outer peak stays true and the inner one may include the outer's
+    earlier peak.
 
     Attributes:
         bytes: The peak in bytes (CUDA: allocated by tensors; CPU: resident set size).
@@ -59,15 +66,21 @@ class PeakMemory:
         self.kind = ""
 
     def __enter__(self) -> PeakMemory:
+        outer = _DEPTH[0] > 0
+        _DEPTH[0] += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            if not outer:
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.kind = "cuda_max_allocated"
+        elif outer:
+            self.kind = "cpu_peak_rss" if _vm_hwm() is not None else "cpu_process_peak_rss"
         else:
             self.kind = "cpu_peak_rss" if _reset_vm_hwm() else "cpu_process_peak_rss"
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _DEPTH[0] -= 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.bytes = int(torch.cuda.max_memory_allocated(self.device))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Result", "to_jsonable"]
+__all__ = ["MeasureResult", "Result", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -50,3 +50,20 @@ class Result:
             if f.metadata.get("json", True):
                 out[f.name] = to_jsonable(getattr(self, f.name))
         return out
+
+
+@dataclasses.dataclass
+class MeasureResult(Result):
+    """A measure's result, with the peak memory the measure used while it ran.
+
+    Attributes:
+        peak_memory_bytes: CUDA: the maximum of ``torch.cuda.max_memory_allocated`` during
+            the measure; CPU: the peak resident set size of the process during it.
+        peak_memory_kind: ``"cuda_max_allocated"``, ``"cpu_peak_rss"``, or
+            ``"cpu_process_peak_rss"`` when the CPU peak could not be reset (Linux without
+            a writable ``/proc/self/clear_refs``, other systems): then it is the process's
+            lifetime peak.
+    """
+
+    peak_memory_bytes: int | None = dataclasses.field(default=None, kw_only=True)
+    peak_memory_kind: str = dataclasses.field(default="", kw_only=True)

@@ -27,9 +27,10 @@ import torch
 
 from flatlens.core._checks import check_positive, check_positive_int, check_rho, make_generator
 from flatlens.core._io import write_figure
+from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
-from flatlens.core._results import Result
+from flatlens.core._results import MeasureResult
 from flatlens.measures._ascent import center_point, count_difference
 from flatlens.measures._flatness import first_order_flatness
 from flatlens.measures._sharpness import zeroth_order_sharpness
@@ -69,7 +70,7 @@ class BoundRow:
 
 
 @dataclass
-class BoundReport(Result):
+class BoundReport(MeasureResult):
     """R0, R1 and lambda_max for several radii (:func:`check_bound`).
 
     Attributes:
@@ -193,6 +194,7 @@ def _check_rhos(rhos: object) -> list[float]:
     return values
 
 
+@tracks_peak_memory
 def check_bound(
     objective: Objective,
     rhos: Sequence[float] | float,

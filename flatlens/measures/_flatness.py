@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
-from flatlens.core._results import Result
+from flatlens.core._results import MeasureResult
 from flatlens.measures._apgd import AscentFn
 from flatlens.measures._ascent import worst_case_ascent
 from flatlens.measures._ball import Ball
@@ -40,7 +41,7 @@ __all__ = ["FlatnessResult", "first_order_flatness", "gradient_norm_function"]
 
 
 @dataclass
-class FlatnessResult(Result):
+class FlatnessResult(MeasureResult):
     """First-order flatness R1 and how it was found.
 
     Attributes:
@@ -114,6 +115,7 @@ def _gradient_norm_at_center(
     return ball.dual_norm(gradient), gradient
 
 
+@tracks_peak_memory
 def first_order_flatness(
     objective: Objective,
     rho: float | None = None,

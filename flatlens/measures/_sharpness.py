@@ -23,9 +23,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flatlens.core._checks import check_positive_int, make_generator
+from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
-from flatlens.core._results import Result
+from flatlens.core._results import MeasureResult
 from flatlens.measures._apgd import AscentFn
 from flatlens.measures._ascent import center_point, worst_case_ascent
 from flatlens.measures._ball import Ball, Norm
@@ -44,7 +45,7 @@ __all__ = [
 
 
 @dataclass
-class SharpnessResult(Result):
+class SharpnessResult(MeasureResult):
     """Worst-case zeroth-order sharpness R0 and how it was found.
 
     Attributes:
@@ -109,6 +110,7 @@ def _loss_function(objective: Objective, ball: Ball, theta: Tensor) -> AscentFn:
     return fn
 
 
+@tracks_peak_memory
 def zeroth_order_sharpness(
     objective: Objective,
     rho: float | None = None,
@@ -181,7 +183,7 @@ def zeroth_order_sharpness(
 
 
 @dataclass
-class AverageSharpnessResult(Result):
+class AverageSharpnessResult(MeasureResult):
     """Average-case sharpness E[L(theta + delta)] - L(theta) over random delta.
 
     Attributes:
@@ -207,6 +209,7 @@ class AverageSharpnessResult(Result):
     seconds: float
 
 
+@tracks_peak_memory
 def average_sharpness(
     objective: Objective,
     rho: float,

@@ -1,0 +1,54 @@
+"""Peak memory of a measure, and the saved-bytes estimate behind graph caching."""
+
+import torch
+import torch.nn.functional as F
+from helpers import classification_data, tiny_mlp, uneven_batches
+
+from flatlens import Objective, first_order_flatness, zeroth_order_sharpness
+from flatlens.core import PeakMemory
+from flatlens.core._memory import saved_bytes
+
+
+def test_peak_memory_sees_a_large_temporary_allocation():
+    with PeakMemory("cpu") as small:
+        torch.zeros(10).sum()
+    with PeakMemory("cpu") as big:
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        del block
+    assert big.kind in ("cpu_peak_rss", "cpu_process_peak_rss")
+    assert big.bytes >= 64 << 20
+    if big.kind == "cpu_peak_rss":
+        assert big.bytes - small.bytes >= 48 << 20
+
+
+def test_saved_bytes_counts_what_autograd_keeps():
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(512, 256)
+    _, saved = saved_bytes(lambda: torch.tanh(x @ w).sum())
+    # x is saved for the matmul's backward and tanh's output for its own: 2 * 512 * 256 * 4.
+    assert 2 * 512 * 256 * 4 <= saved <= 4 * 512 * 256 * 4
+
+
+def test_measures_report_their_peak_memory():
+    model = tiny_mlp()
+    obj = Objective(model, F.cross_entropy, classification_data())
+    for res in (
+        zeroth_order_sharpness(obj, 0.05, steps=2),
+        first_order_flatness(obj, 0.05, steps=2),
+    ):
+        assert res.peak_memory_bytes > 0 and res.peak_memory_kind
+        assert res.to_dict()["peak_memory_bytes"] == res.peak_memory_bytes
+
+
+def test_cache_graph_follows_the_memory_budget():
+    model = tiny_mlp()
+    x, y = classification_data()
+    data = uneven_batches(x, y, [len(y) // 3, len(y) - len(y) // 3])
+    roomy = Objective(model, F.cross_entropy, data)
+    tight = Objective(model, F.cross_entropy, data, memory_budget=1)
+    v = roomy.zeros() + 1
+    a, b = roomy.hvp(v), tight.hvp(v)
+    assert roomy.cache_graph is True and tight.cache_graph is False
+    assert tight.estimated_graph_bytes > 1
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.equal(tight.hvp(v), b)  # streams from now on, same answer

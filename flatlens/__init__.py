@@ -5,8 +5,10 @@ from flatlens.core import (
     NonFiniteLossError,
     Objective,
     ParamSpace,
+    causal_lm_loss,
     preserved,
     select_parameters,
+    token_count,
 )
 from flatlens.measures import (
     AscentConfig,
@@ -46,6 +48,7 @@ __all__ = [
     "TraceResult",
     "__version__",
     "average_sharpness",
+    "causal_lm_loss",
     "check_bound",
     "first_order_flatness",
     "hessian_density",
@@ -53,5 +56,6 @@ __all__ = [
     "hessian_trace",
     "preserved",
     "select_parameters",
+    "token_count",
     "zeroth_order_sharpness",
 ]

@@ -585,3 +585,23 @@ def gloo_ranks(
         with open(Path(tmp) / f"rank{r}.pkl", "rb") as fh:
             results.append(pickle.load(fh))
     return results
+
+
+def import_model_library(name: str):
+    """``timm``/``transformers``/``torchvision``, or skip the test with a reason.
+
+    torchvision is imported first through :func:`flatlens._compat.import_torchvision`: with
+    PyPI's wheel beside the CPU torch its C++ operators do not load, and the libraries that
+    import it would fail (see that module).
+    """
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed (the 'models' extra)")
+    if importlib.util.find_spec("torchvision") is not None:
+        from flatlens._compat import import_torchvision
+
+        import_torchvision()
+    return importlib.import_module(name)

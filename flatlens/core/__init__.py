@@ -22,6 +22,7 @@ from flatlens.core._io import (
     write_json,
     write_text,
 )
+from flatlens.core._losses import causal_lm_loss
 from flatlens.core._memory import PeakMemory, tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import ModelState, ParamSpace, eval_mode, preserved, select_parameters
@@ -38,6 +39,7 @@ __all__ = [
     "PeakMemory",
     "Result",
     "atomic_path",
+    "causal_lm_loss",
     "eval_mode",
     "load_checkpoint",
     "load_trusted_tensors",

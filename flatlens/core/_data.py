@@ -29,26 +29,16 @@ _DATA_HINT = (
 )
 
 
-def _is_inputs(x: Any) -> bool:
-    return isinstance(x, Tensor | Mapping) or (
-        isinstance(x, tuple | list) and all(isinstance(t, Tensor) for t in x)
-    )
-
-
 def is_single_batch(data: Any, targets_key: str = "labels") -> bool:
     """Whether ``data`` is one batch (a pair or a mapping) rather than a collection of them.
 
-    ``(inputs, targets)`` with tensor targets and tensor, tuple-of-tensors or mapping inputs is
-    one batch; so is a mapping that holds ``targets_key``.
+    A pair whose second item is a tensor (the targets) is one batch, whatever its inputs;
+    so is a mapping that holds ``targets_key``. (A collection of batches has batches, not
+    tensors, as items.)
     """
     if isinstance(data, Mapping):
         return targets_key in data
-    return (
-        isinstance(data, tuple | list)
-        and len(data) == 2
-        and isinstance(data[1], Tensor)
-        and _is_inputs(data[0])
-    )
+    return isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
 def split_batch(batch: Any, index: int | None = None, targets_key: str = "labels") -> tuple:

@@ -12,9 +12,9 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,28 +91,50 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+_TORCH_ADVICE = ("weights only load failed", "weights_only", "please file an issue",
+                 "check the documentation", "add_safe_globals", "trusted source")
+
+
 def _unpickler_reason(err: Exception) -> str:
-    """The line of torch's message that names what was refused (not its advice to disable
-    the safety check)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error" in line:
+    """What torch's safe unpickler refused (e.g. ``posix.system``), without torch's advice
+    to turn the safety check off."""
+    text = str(err)
+    found = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if found:
+        return f"it asks for {found.group(1)}, which is neither a tensor nor a plain container"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
             rest = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
-    return lines[0] if lines else type(err).__name__
+            if rest:
+                return rest
+    kept = [line for line in lines if not any(a in line.lower() for a in _TORCH_ADVICE)]
+    return kept[0] if kept else type(err).__name__
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with every failure explained.
+    """``torch.load(path, weights_only=True)`` with every failure explained in one line.
 
     ``weights_only=True`` unpickles only tensors and plain containers, so a file can never
-    run code while it loads.
+    run code while it loads. Any exception of the reader (an empty file, text, a zip torch
+    did not write, a truncated file) becomes a :class:`CheckpointError`.
 
     Raises:
-        CheckpointError: the file is missing, truncated or corrupt, or needs code to
-            unpickle (refused).
+        CheckpointError: the path is missing or a folder, the file is unreadable,
+            truncated, corrupt or not a torch file, or it needs code to unpickle (refused).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a file; pass the .pt file inside it "
+            "(e.g. model.pt)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -125,9 +147,14 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
             f"containers, which could run arbitrary code ({_unpickler_reason(err)}). Re-save "
             "it as a plain state dict: torch.save(model.state_dict(), path)"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except PermissionError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)})") from err
+    except Exception as err:  # noqa: BLE001 - every reader failure is a bad file
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is an empty file") from err
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0]})"
+            f"checkpoint {path} is truncated or corrupt, or not a file torch.save wrote "
+            f"({_first_line(err)})"
         ) from err
 
 

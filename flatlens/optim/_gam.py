@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatlens.core._checks import check_finite, check_fraction, check_nonnegative
+from flatlens.core._derivatives import second_order
 from flatlens.optim._sam import (
     PerturbationOptimizer,
     Perturbations,
@@ -326,6 +327,11 @@ class GAM(PerturbationOptimizer):
         return _decompose(h_plus, h_minus, self.orthogonal_weight, eps, device)
 
     def _exact(self, run, theta, device):
+        # Differentiated twice: attention runs on its math backend (core.second_order).
+        with second_order():
+            return self._exact_step(run, theta, device)
+
+    def _exact_step(self, run, theta, device):
         eps = self.eps
         start = run(create_graph=True)
         g = start.grads

@@ -16,6 +16,7 @@ f(delta) = ||grad L(theta + delta)||_*. :func:`worst_case_ascent` builds the bal
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -216,6 +217,27 @@ class WorstCase:
         }
 
 
+def hvp_equivalents(counts: dict[str, int]) -> float:
+    """Cost in HVP-equivalents: an HVP counts 1, a gradient 1/2, a loss 1/4."""
+    return counts["hvp"] + counts["gradient"] / 2 + counts["loss"] / 4
+
+
+def fit_budget(
+    points: list[tuple[str, Tensor]], left: float, eval_cost: float, max_steps: int
+) -> tuple[list[tuple[str, Tensor]], int]:
+    """The starts and steps per start whose ascent costs at most ``left`` HVP-equivalents.
+
+    A start with s steps evaluates f s + 1 times at ``eval_cost`` each (the last value only
+    is cheaper; counted in full). Starts are dropped from the end while even one step each
+    does not fit; at least one start with one step always runs.
+    """
+    points = list(points)
+    while len(points) > 1 and left < 2 * eval_cost * len(points):
+        points.pop()
+    per_start = left / (eval_cost * max(len(points), 1))
+    return points, max(1, min(max_steps, int(per_start) - 1))
+
+
 def worst_case_ascent(
     objective: Objective,
     config: AscentConfig,
@@ -223,6 +245,7 @@ def worst_case_ascent(
     center: CenterFn,
     function: Callable[[Objective, Ball, Tensor], AscentFn],
     desc: str,
+    eval_cost: float,
     at: Tensor | None = None,
     starts: Sequence[Tensor] | None = None,
     eigen: EigenResult | Tensor | None = None,
@@ -238,7 +261,9 @@ def worst_case_ascent(
     and the loss gradient at theta, ``function`` the oracle of f, and the best
     :func:`~flatlens.measures._apgd.multi_start_ascent` run from the
     :func:`~flatlens.measures._starts.sphere_starts` is kept. ``desc`` labels the progress
-    bar; the other arguments are those of :func:`flatlens.measures.zeroth_order_sharpness`.
+    bar; ``eval_cost`` is one evaluation of f's value and gradient in HVP-equivalents (for
+    ``config.budget``); the other arguments are those of
+    :func:`flatlens.measures.zeroth_order_sharpness`.
 
     Raises:
         ValueError: No start at all, ``per_batch`` with precomputed ``eigen`` or
@@ -254,7 +279,10 @@ def worst_case_ascent(
     theta = center_point(objective, at)
     ball = config.ball(theta)
 
+    used = {"steps": config.steps}
+
     def solve(obj: Objective) -> SolvedBall:
+        before = dict(obj.counts)
         value, gradient = center(obj, ball, theta)
         points = sphere_starts(
             obj,
@@ -267,13 +295,19 @@ def worst_case_ascent(
             eigen=eigen,
             num_eigen=config.num_eigen,
             eigen_tol=config.eigen_tol,
+            eigen_max_hvps=None if config.budget is None else max(2, int(0.3 * config.budget)),
             starts=starts,
         )
+        steps = config.steps
+        if config.budget is not None:
+            left = config.budget - hvp_equivalents(count_difference(before, obj.counts))
+            points, steps = fit_budget(points, left, eval_cost, config.steps)
+        used["steps"] = steps
         best = multi_start_ascent(
             function(obj, ball, theta),
             ball,
             points,
-            config.steps,
+            steps,
             center_value=value,
             step_size=config.step_size,
             momentum=config.momentum,
@@ -284,7 +318,7 @@ def worst_case_ascent(
 
     solved, sizes, counts, seconds = run_measure(objective, solve, per_batch=per_batch)
     return WorstCase(
-        config=config,
+        config=dataclasses.replace(config, steps=used["steps"]),
         solved=solved,
         sizes=sizes,
         reduction=objective.reduction,

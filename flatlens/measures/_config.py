@@ -88,6 +88,12 @@ class AscentConfig:
         momentum: Momentum weight in [0, 1) (Auto-PGD: 0.25).
         num_eigen: Top eigenvectors used by the ``"eigen"`` start, >= 1.
         eigen_tol: Relative tolerance of the Lanczos run behind ``"eigen"``, > 0.
+        budget: Cap on the measure's cost in HVP-equivalents (an HVP counts 1, a gradient
+            1/2, a loss 1/4), or ``None``. The ``"eigen"`` start's Lanczos run gets at most
+            30% of it; then the steps per start shrink (never below one, never above
+            ``steps``) so the ascent fits what is left, and starts are dropped from the last
+            (random, then the ``-eigen`` side) while even one step per start does not fit.
+            The result's ``config.steps`` is what ran.
 
     Raises:
         TypeError, ValueError: A setting of the wrong type or out of range.
@@ -105,6 +111,7 @@ class AscentConfig:
     momentum: float = 0.25
     num_eigen: int = 1
     eigen_tol: float = 1e-3
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -119,6 +126,7 @@ class AscentConfig:
             "momentum": check_momentum(self.momentum),
             "num_eigen": check_positive_int("num_eigen", self.num_eigen),
             "eigen_tol": check_positive("eigen_tol", self.eigen_tol),
+            "budget": None if self.budget is None else check_positive("budget", self.budget),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -171,6 +171,7 @@ def first_order_flatness(
         center=_gradient_norm_at_center,
         function=gradient_norm_function,
         desc="R1",
+        eval_cost=1.5,
         at=at,
         starts=starts,
         eigen=eigen,

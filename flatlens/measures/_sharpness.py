@@ -166,6 +166,7 @@ def zeroth_order_sharpness(
         center=_loss_at_center,
         function=_loss_function,
         desc="R0",
+        eval_cost=0.5,
         at=at,
         starts=starts,
         eigen=eigen,

@@ -27,6 +27,7 @@ def curvature_directions(
     *,
     scale: Tensor | None = None,
     tol: float = 1e-3,
+    max_hvps: int | None = None,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
     """Top-k eigenpairs of S H S (S = diag(scale), or S = I), by Lanczos at ``theta``.
@@ -51,6 +52,7 @@ def curvature_directions(
         k,
         which="LA",
         tol=tol,
+        max_matvecs=max_hvps,
         generator=generator,
     )
     return out.eigenvalues, out.eigenvectors
@@ -75,6 +77,7 @@ def sphere_starts(
     eigen: EigenResult | Tensor | None = None,
     num_eigen: int = 1,
     eigen_tol: float = 1e-3,
+    eigen_max_hvps: int | None = None,
     starts: Sequence[Tensor] | None = None,
 ) -> list[tuple[str, Tensor]]:
     """Named start points for the ascent, all on the ball's sphere (given ones projected).
@@ -99,6 +102,7 @@ def sphere_starts(
                 num_eigen,
                 scale=scale,
                 tol=eigen_tol,
+                max_hvps=eigen_max_hvps,
                 generator=generator,
             )
         else:

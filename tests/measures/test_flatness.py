@@ -303,3 +303,18 @@ def test_a_loss_that_overflows_inside_the_ball_is_reported():
     assert math.isfinite(obj.loss())
     with pytest.raises(NonFiniteLossError):
         first_order_flatness(obj, 1.0, steps=3, init=("gradient",), restarts=0)
+
+
+@pytest.mark.parametrize("budget", [6, 12, 30])
+def test_a_budget_caps_the_cost_in_hvp_equivalents(budget):
+    model = make_mlp()
+    obj = Objective(model, torch.nn.functional.cross_entropy, classification_data())
+    res = first_order_flatness(obj, 0.05, steps=20, budget=budget)
+    spent = res.num_hvps + res.num_gradients / 2 + res.num_losses / 4
+    assert spent <= budget, (spent, res.num_hvps, res.num_gradients, res.num_losses)
+    assert 1 <= res.config.steps <= 20 and res.steps == res.config.steps
+    assert res.config.budget == budget
+    # The centre competes with every start: R1 >= rho * ||grad L(theta)|| on any budget.
+    assert res.value >= 0.05 * res.grad_norm_at_center * (1 - 1e-12)
+    with pytest.raises(ValueError, match="budget must be a finite number > 0"):
+        first_order_flatness(obj, 0.05, budget=0)

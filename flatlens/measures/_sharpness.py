@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -189,9 +190,9 @@ class AverageSharpnessResult(MeasureResult):
 
     Attributes:
         value: The sample mean of L(theta + delta_i) - L(theta).
-        stderr: Its standard error, std / sqrt(samples).
+        stderr: Its standard error, std / sqrt(num_samples).
         loss: L(theta).
-        num_losses: Loss evaluations spent (samples + 1).
+        num_losses: Loss evaluations spent (num_samples + 1).
     """
 
     value: float
@@ -201,7 +202,7 @@ class AverageSharpnessResult(MeasureResult):
     norm: str
     adaptive: bool
     adaptive_eta: float
-    samples: int
+    num_samples: int
     distribution: str
     seed: int | None
     num_losses: int
@@ -217,12 +218,13 @@ def average_sharpness(
     *,
     norm: Norm = "l2",
     adaptive: bool = False,
-    samples: int = 64,
+    num_samples: int = 64,
     distribution: Literal["sphere", "gaussian"] = "sphere",
     adaptive_eta: float = 0.0,
     at: Tensor | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    samples: int | None = None,
 ) -> AverageSharpnessResult:
     """Average sharpness (1/m) sum_i [L(theta + delta_i) - L(theta)] and its standard error.
 
@@ -241,18 +243,27 @@ def average_sharpness(
         rho: Radius (sphere) or standard deviation (Gaussian), > 0.
         norm: ``"l2"`` or ``"linf"``.
         adaptive: Scale by s = |theta| + adaptive_eta elementwise.
-        samples: Number of random perturbations, >= 2.
+        num_samples: Number of random perturbations, >= 2 (the name
+            :func:`~flatlens.measures.hessian_trace` uses for its samples too).
         distribution: ``"sphere"`` or ``"gaussian"``.
         adaptive_eta: eta >= 0 in the adaptive scale.
         at: Flat parameter vector theta to measure around (default: the model's own).
         seed: Seed or generator.
         progress: Show a tqdm bar.
+        samples: Deprecated name of ``num_samples``.
 
     Raises:
         NonFiniteLossError: theta or the loss at theta or a sample is NaN or infinite.
     """
     cfg = AscentConfig(rho, norm=norm, adaptive=adaptive, adaptive_eta=adaptive_eta)
-    samples = check_positive_int("samples", samples, minimum=2)
+    if samples is not None:
+        warnings.warn(
+            "average_sharpness(samples=) is deprecated: use num_samples=",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        num_samples = samples
+    samples = check_positive_int("num_samples", num_samples, minimum=2)
     if distribution not in ("sphere", "gaussian"):
         raise ValueError(f"distribution must be 'sphere' or 'gaussian', not {distribution!r}")
     if distribution == "gaussian" and cfg.norm != "l2":
@@ -285,7 +296,7 @@ def average_sharpness(
         norm=cfg.norm,
         adaptive=cfg.adaptive,
         adaptive_eta=cfg.adaptive_eta,
-        samples=samples,
+        num_samples=samples,
         distribution=distribution,
         seed=seed if isinstance(seed, int) else None,
         num_losses=objective.counts["loss"] - before["loss"],

@@ -101,8 +101,8 @@ def test_adaptive_sharpness_is_invariant_to_relu_rescaling(norm):
         b = zeroth_order_sharpness(scaled, rho, norm=norm, adaptive=True)
         assert a.value > 0
         assert b.value == pytest.approx(a.value, rel=1e-8)
-        avg_a = average_sharpness(base, rho, norm=norm, adaptive=True, samples=8)
-        avg_b = average_sharpness(scaled, rho, norm=norm, adaptive=True, samples=8)
+        avg_a = average_sharpness(base, rho, norm=norm, adaptive=True, num_samples=8)
+        avg_b = average_sharpness(scaled, rho, norm=norm, adaptive=True, num_samples=8)
         assert avg_b.value == pytest.approx(avg_a.value, rel=1e-8)
     # The plain measure is not invariant, so the check above can fail.
     plain_a = zeroth_order_sharpness(base, 0.05, norm=norm)
@@ -136,7 +136,7 @@ def test_average_sharpness_matches_the_quadratic_closed_form(distribution):
     model, data, hess = least_squares()
     obj = Objective(model, nn.MSELoss(), data)
     n, rho = hess.shape[0], 0.1
-    res = average_sharpness(obj, rho, samples=400, distribution=distribution, seed=3)
+    res = average_sharpness(obj, rho, num_samples=400, distribution=distribution, seed=3)
     # E[0.5 delta^T H delta] = rho^2 tr(H) / (2 n) on the sphere, rho^2 tr(H) / 2 for N(0, rho^2 I)
     expected = rho**2 * float(hess.trace()) / (2 * n if distribution == "sphere" else 2)
     assert abs(res.value - expected) < 4 * res.stderr
@@ -146,7 +146,7 @@ def test_average_sharpness_matches_the_quadratic_closed_form(distribution):
 
 def test_average_is_below_worst_case():
     for name, obj in nonlinear_cases():
-        avg = average_sharpness(obj, 0.1, samples=16)
+        avg = average_sharpness(obj, 0.1, num_samples=16)
         worst = zeroth_order_sharpness(obj, 0.1)
         assert avg.value < worst.value, name
 
@@ -157,7 +157,7 @@ def _measures():
         lambda o: zeroth_order_sharpness(o, 0.1, steps=4),
         lambda o: zeroth_order_sharpness(o, 0.1, steps=4, norm="linf", adaptive=True),
         lambda o: zeroth_order_sharpness(o, 0.1, steps=3, per_batch=True),
-        lambda o: average_sharpness(o, 0.1, samples=4),
+        lambda o: average_sharpness(o, 0.1, num_samples=4),
     ]
 
 
@@ -204,7 +204,7 @@ def test_bad_settings_are_clear_errors():
         with pytest.raises(ValueError, match=message):
             zeroth_order_sharpness(obj, 0.1, **kwargs)
     with pytest.raises(ValueError, match="samples must be an integer >= 2"):
-        average_sharpness(obj, 0.1, samples=1)
+        average_sharpness(obj, 0.1, num_samples=1)
     with pytest.raises(ValueError, match="distribution must be"):
         average_sharpness(obj, 0.1, distribution="uniform")
     with pytest.raises(ValueError, match="gaussian"):
@@ -215,9 +215,10 @@ def test_bad_settings_are_clear_errors():
 
 # ---------------------------------------------------------------------------------- config
 def _same(a, b):
-    """Two results agree bit for bit (all but the wall-clock time)."""
+    """Two results agree bit for bit (all but the wall-clock time and memory)."""
     da, db = a.to_dict(), b.to_dict()
-    da.pop("seconds"), db.pop("seconds")
+    for key in ("seconds", "peak_memory_bytes", "peak_memory_kind"):
+        da.pop(key), db.pop(key)
     assert da == db
     assert (a.delta is None and b.delta is None) or torch.equal(a.delta, b.delta)
 
@@ -302,8 +303,8 @@ def test_at_measures_around_another_point():
     torch.nn.utils.vector_to_parameters(minimum, other.parameters())
     direct = zeroth_order_sharpness(Objective(other, nn.MSELoss(), data), 0.1)
     _same(direct, there)
-    avg = average_sharpness(obj, 0.1, samples=8, at=minimum)
-    avg_direct = average_sharpness(Objective(other, nn.MSELoss(), data), 0.1, samples=8)
+    avg = average_sharpness(obj, 0.1, num_samples=8, at=minimum)
+    avg_direct = average_sharpness(Objective(other, nn.MSELoss(), data), 0.1, num_samples=8)
     assert avg.value == avg_direct.value
     snap.assert_unchanged(model)
 
@@ -338,7 +339,7 @@ def test_nan_weights_raise_non_finite_loss_error(bad):
         lambda: zeroth_order_sharpness(obj, 0.1, steps=2),
         lambda: zeroth_order_sharpness(obj, 0.1, steps=2, per_batch=True),
         lambda: zeroth_order_sharpness(obj, config=AscentConfig(0.1, adaptive=True)),
-        lambda: average_sharpness(obj, 0.1, samples=2),
+        lambda: average_sharpness(obj, 0.1, num_samples=2),
     ):
         with pytest.raises(NonFiniteLossError):
             measure()

@@ -6,6 +6,12 @@ symmetric operator given as a matrix-vector product.
 """
 
 from flatlens.measures._ball import Ball
+from flatlens.measures._blocks import (
+    BlockSpectraResult,
+    BlockSpectrum,
+    block_spectra,
+    parameter_blocks,
+)
 from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
 from flatlens.measures._config import AscentConfig
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
@@ -34,6 +40,8 @@ __all__ = [
     "AscentConfig",
     "AverageSharpnessResult",
     "Ball",
+    "BlockSpectraResult",
+    "BlockSpectrum",
     "BoundReport",
     "BoundRow",
     "DensityResult",
@@ -43,6 +51,7 @@ __all__ = [
     "SharpnessResult",
     "TraceResult",
     "average_sharpness",
+    "block_spectra",
     "check_bound",
     "first_order_flatness",
     "hessian_density",
@@ -50,6 +59,7 @@ __all__ = [
     "hessian_trace",
     "lanczos_eigsh",
     "lanczos_tridiagonal",
+    "parameter_blocks",
     "power_iteration",
     "zeroth_order_sharpness",
 ]

@@ -7,14 +7,16 @@ touch the user's interactive backend and work headless.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from flatlens.core._io import write_figure
 
-__all__ = ["plot_density", "plot_eigenvalues"]
+__all__ = ["plot_block_spectra", "plot_density", "plot_eigenvalues"]
 
 
 def plot_density(density, path: str | os.PathLike, *, log: bool = True, title: str = "") -> None:
@@ -52,3 +54,93 @@ def plot_eigenvalues(
         ax.legend()
     ax.grid(alpha=0.3, axis="y")
     write_figure(fig, path)
+
+
+def _block_rows(result: Any) -> list[tuple[str, np.ndarray, Any]]:
+    """``(name, eigenvalues, (grid, density) or None)`` of each block of a
+    :class:`~flatlens.measures.BlockSpectraResult` or of its ``to_dict()``."""
+    blocks = result["blocks"] if isinstance(result, Mapping) else result.blocks
+    rows = []
+    for b in blocks:
+        get = b.get if isinstance(b, Mapping) else lambda key, b=b: getattr(b, key, None)
+        vals = np.asarray(get("eigenvalues"), dtype=float).reshape(-1)
+        dens = get("density")
+        curve = None
+        if dens is not None:
+            if isinstance(dens, Mapping):
+                curve = (np.asarray(dens["grid"], float), np.asarray(dens["density"], float))
+            else:
+                curve = (np.asarray(dens.grid, float), np.asarray(dens.density, float))
+        rows.append((str(get("name")), vals, curve))
+    return rows
+
+
+def plot_block_spectra(result: Any, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Plot per-block Hessian spectra (:func:`~flatlens.measures.block_spectra`).
+
+    Left: a strip chart of each block's top eigenvalues lambda_i(H_bb) (the largest as a
+    bar, the others as dots) on a log axis, symmetric-log when some are <= 0. Right, when
+    the result holds densities: each block's SLQ density on a log axis, overlaid (a block
+    with a single distinct eigenvalue as a dashed line at it).
+
+    Args:
+        result: A :class:`~flatlens.measures.BlockSpectraResult` or its ``to_dict()``.
+        path: Output file (format from the suffix), written atomically.
+        title: Figure title.
+
+    Returns:
+        The path written.
+    """
+    rows = _block_rows(result)
+    if not rows:
+        raise ValueError("the result has no blocks to plot")
+    curves = [(name, c) for name, _, c in rows if c is not None]
+    n = len(rows)
+    width = min(max(4.5, 0.45 * n + 1.5), 20.0)
+    fig = Figure(figsize=(width + (5.5 if curves else 0), 4.2))
+    axes = fig.subplots(1, 2, width_ratios=[width, 5.5]) if curves else [fig.subplots()]
+    ax = axes[0]
+    colors = [f"C{i % 10}" for i in range(n)]
+    tops = np.array([v[0] if v.size else np.nan for _, v, _ in rows])
+    ax.bar(np.arange(n), tops, width=0.6, color=colors, alpha=0.35)
+    for i, (_, vals, _) in enumerate(rows):
+        ax.plot(np.full(vals.size, i), vals, "o", color=colors[i], ms=4)
+    finite = np.concatenate([v[np.isfinite(v)] for _, v, _ in rows])
+    if finite.size and (finite <= 0).any():
+        positive = np.abs(finite[finite != 0])
+        ax.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
+    elif finite.size:
+        ax.set_yscale("log")
+    ax.set_xticks(np.arange(n))
+    turn = n > 4
+    ax.set_xticklabels(
+        [name for name, _, _ in rows], rotation=45 if turn else 0, ha="right" if turn else "center"
+    )
+    ax.set_ylabel("top eigenvalues of H_bb")
+    ax.set_title(title or "Per-block Hessian spectra")
+    ax.grid(alpha=0.3, axis="y")
+    if curves:
+        dax = axes[1]
+        peak = 0.0
+        for i, (name, _, curve) in enumerate(rows):
+            if curve is None:
+                continue
+            grid, dens = curve
+            if grid[-1] - grid[0] <= 1e-6 * max(float(np.abs(grid).max()), 1e-300):
+                # One distinct eigenvalue (e.g. a one-parameter block): a point mass.
+                dax.axvline(float(grid.mean()), color=colors[i], ls="--", lw=1.2, label=name)
+                continue
+            dens = np.maximum(dens, 1e-12)
+            peak = max(peak, float(dens.max()))
+            dax.plot(grid, dens, color=colors[i], label=name, lw=1.2)
+        dax.set_yscale("log")
+        if peak > 0:
+            dax.set_ylim(max(peak * 1e-8, 1e-12), peak * 3)
+        dax.set_xlabel("eigenvalue")
+        dax.set_ylabel("density")
+        dax.set_title("block densities (SLQ)")
+        dax.grid(alpha=0.3)
+        if len(curves) <= 12:
+            dax.legend(fontsize="small")
+    fig.tight_layout()
+    return write_figure(fig, path)

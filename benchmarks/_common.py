@@ -33,7 +33,6 @@ __all__ = [
     "relative_difference",
     "report",
     "results_dir",
-    "set_allocator",
     "set_threads",
     "synchronize",
     "time_call",
@@ -163,21 +162,6 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
-_ALLOCATOR = "default"
-
-
-def set_allocator(tuned: bool) -> str:
-    """With ``tuned``, apply :func:`flatlens.tune_cpu_allocator` (what the ``flatlens``
-    command does) to the whole process, so every contender runs with it; returns the name
-    recorded in :func:`environment`."""
-    global _ALLOCATOR
-    if tuned:
-        from flatlens.allocator import tune_cpu_allocator
-
-        _ALLOCATOR = "tuned" if tune_cpu_allocator() else "default (mallopt unavailable)"
-    return _ALLOCATOR
-
-
 def relative_difference(a: Sequence[float], b: Sequence[float]) -> float:
     """max_i |a_i - b_i| / |b_i| over the common length (``b`` is the reference)."""
     n = min(len(a), len(b))
@@ -211,7 +195,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "allocator": _ALLOCATOR,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "device": str(dev),
         "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

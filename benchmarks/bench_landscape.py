@@ -4,9 +4,7 @@ Same model, weights, data and grid size N = S x S for every contender, float32, 
 all timed interleaved in one run (so load changes on a shared machine hit all alike):
 
 * ``floor``: N plain ``loss_fn(model(x), y)`` calls under ``torch.no_grad`` -- the least
-  work that yields N loss values (``floor (fwd)``: N bare ``model(x)`` calls, for scale;
-  ``floor (logsumexp)``: the same loop with the cross-entropy computed as flatlens computes
-  it, :func:`flatlens.cross_entropy.fast_cross_entropy`).
+  work that yields N loss values (``floor (fwd)``: N bare ``model(x)`` calls, for scale).
 * ``flatlens``: :func:`flatlens.landscape.plane` with two filter-normalized random directions,
   loss only (``+acc``: loss and accuracy; ``vmap``: ``method="vmap"``). Objective
   construction, the directions and the determinism check at the centre are included.
@@ -47,12 +45,10 @@ from _common import (
     Column,
     environment,
     report,
-    set_allocator,
     set_threads,
     synchronize,
     time_interleaved,
 )
-from flatlens.cross_entropy import fast_cross_entropy
 from torch import Tensor, nn
 
 from flatlens import Objective, zoo
@@ -185,7 +181,6 @@ def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 CONTENDERS = (
     "floor",
     "floor (fwd)",
-    "floor (logsumexp)",
     "flatlens",
     "flatlens +acc",
     "flatlens vmap",
@@ -213,7 +208,6 @@ def measure_case(
     makers: dict[str, Callable[[], Callable[[], Any]]] = {
         "floor": lambda: _floor(case, n, case.loss_fn),
         "floor (fwd)": lambda: _floor(case, n, None),
-        "floor (logsumexp)": lambda: _floor(case, n, fast_cross_entropy(case.loss_fn)),
         "flatlens": lambda: _flatlens(case, steps, metrics=["loss"]),
         "flatlens +acc": lambda: _flatlens(case, steps, metrics=None),
         "flatlens vmap": lambda: _flatlens(case, steps, metrics=["loss"], method="vmap"),
@@ -279,16 +273,13 @@ def per_point_overhead(
     ``chunk`` floor calls, ``rounds`` times, so that machine load hits all three alike; the
     whole-plane timings above cannot be interleaved this finely. Sums of CPU seconds.
     """
-    from flatlens.landscape._engines import SerialEvaluator, VmapEvaluator
-
     obj = Objective(case.model, case.loss_fn, (case.x, case.y))
     d = fl.random_direction(obj, seed=0).vector
     thetas = obj.theta + torch.linspace(-1, 1, chunk, device=obj.device)[:, None] * d
-    serial, vmap = SerialEvaluator(obj, classify=False), VmapEvaluator(obj, classify=False)
     fns = {
         "floor": _floor(case, chunk, case.loss_fn),
-        "serial": lambda: serial(thetas),
-        "vmap": lambda: vmap(thetas),
+        "serial": lambda: obj.evaluate_points(thetas, method="serial", chunk_size=chunk),
+        "vmap": lambda: obj.evaluate_points(thetas, method="vmap", chunk_size=chunk),
     }
     totals = dict.fromkeys(fns, 0.0)
     for fn in fns.values():
@@ -424,11 +415,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="11 x 11 grid, about a minute")
     parser.add_argument("--steps", type=int, default=None, help="grid points per axis (41)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument(
-        "--tuned-allocator",
-        action="store_true",
-        help="keep freed memory in the process (flatlens.tune_cpu_allocator) for all tools",
-    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (3; cnn 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
@@ -437,7 +423,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_args = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(cli_args)
     threads = set_threads(args.threads)
-    allocator = set_allocator(args.tuned_allocator)
     steps = args.steps or (11 if args.quick else 41)
     results = {}
     for name in args.cases:
@@ -463,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [r for res in results.values() for r in res["rows"]]
     title = (
         f"2-D landscape, {steps}x{steps} grid, {args.device}, threads={threads}, "
-        f"{allocator} allocator"
+        "default allocator (MALLOC_* settings recorded in the JSON)"
     )
     fine = [{"case": k, **v["per_point"]} for k, v in results.items()]
     fine_title = "Per-point CPU time relative to the floor, chunks of 16 finely interleaved"

@@ -44,7 +44,6 @@ from _common import (
     environment,
     relative_difference,
     report,
-    set_allocator,
     set_threads,
     synchronize,
     time_interleaved,
@@ -711,11 +710,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke run (< 1 minute)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument(
-        "--tuned-allocator",
-        action="store_true",
-        help="keep freed memory in the process (flatlens.tune_cpu_allocator) for all tools",
-    )
-    parser.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -728,7 +722,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_args = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(cli_args)
     threads = set_threads(args.threads)
-    allocator = set_allocator(args.tuned_allocator)
     results = {
         name: measure_case(name, args.device, quick=args.quick, repeats=args.repeats)
         for name in args.cases
@@ -739,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(args.device),
         "cases": results,
     }
-    note = f", threads={threads}, {allocator} allocator, median over {repeats} seeds"
+    note = f", threads={threads}, median over {repeats} seeds"
     report(
         "bench_spectrum",
         tables(results, args.device, note),

@@ -17,9 +17,17 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["BatchWeight", "call_args", "check_data", "is_single_batch", "token_count"]
+__all__ = [
+    "BatchWeight",
+    "call_args",
+    "check_data",
+    "check_model",
+    "is_classification",
+    "is_single_batch",
+    "token_count",
+]
 
 BatchWeight = Callable[[Any, Any], "int | float | Tensor"]
 
@@ -173,3 +181,29 @@ def move(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if isinstance(x, Mapping):
         return {k: move(v, device, dtype) for k, v in x.items()}
     return x
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model that cannot be evaluated: no parameters, or parameters on ``meta``."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no parameters: there is nothing to "
+            "measure; pass the trained network"
+        )
+    if any(p.is_meta for p in params):
+        raise ValueError(
+            "the model's parameters are on the 'meta' device (shapes only, no values); "
+            "load real weights first, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(...)"
+        )
+
+
+def is_classification(outputs: Any, targets: Any) -> bool:
+    return (
+        isinstance(outputs, Tensor)
+        and isinstance(targets, Tensor)
+        and outputs.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+    )

@@ -91,8 +91,14 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-_TORCH_ADVICE = ("weights only load failed", "weights_only", "please file an issue",
-                 "check the documentation", "add_safe_globals", "trusted source")
+_TORCH_ADVICE = (
+    "weights only load failed",
+    "weights_only",
+    "please file an issue",
+    "check the documentation",
+    "add_safe_globals",
+    "trusted source",
+)
 
 
 def _unpickler_reason(err: Exception) -> str:
@@ -149,7 +155,7 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
         ) from err
     except PermissionError as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)})") from err
-    except Exception as err:  # noqa: BLE001 - every reader failure is a bad file
+    except Exception as err:
         if path.stat().st_size == 0:
             raise CheckpointError(f"checkpoint {path} is an empty file") from err
         raise CheckpointError(

@@ -34,32 +34,6 @@ from flatlens.core._params import ParamSpace, ParamSpec, eval_mode, select_param
 __all__ = ["DataChangedError", "Objective"]
 
 
-def _is_classification(outputs: Any, targets: Any) -> bool:
-    return (
-        isinstance(outputs, Tensor)
-        and isinstance(targets, Tensor)
-        and outputs.dim() == 2
-        and targets.dim() == 1
-        and not targets.is_floating_point()
-    )
-
-
-def _check_model(model: nn.Module) -> None:
-    """Refuse a model that cannot be evaluated: no parameters, or parameters on ``meta``."""
-    params = list(model.parameters())
-    if not params:
-        raise ValueError(
-            f"the model ({type(model).__name__}) has no parameters: there is nothing to "
-            "measure; pass the trained network"
-        )
-    if any(p.is_meta for p in params):
-        raise ValueError(
-            "the model's parameters are on the 'meta' device (shapes only, no values); "
-            "load real weights first, e.g. model.to_empty(device='cpu') then "
-            "model.load_state_dict(...)"
-        )
-
-
 class Objective(DerivativesMixin):
     """Empirical risk L(theta) of ``loss_fn(model(inputs), targets)`` over a fixed data set.
 
@@ -136,7 +110,7 @@ class Objective(DerivativesMixin):
             raise TypeError("batch_weight must be callable as batch_weight(inputs, targets)")
         self.batch_weight = batch_weight
         self.targets_key = targets_key
-        _check_model(model)
+        _data.check_model(model)
         _data.check_data(data, targets_key)
         named = select_parameters(model, params)
         self.space = ParamSpace.from_named(named)
@@ -189,6 +163,16 @@ class Objective(DerivativesMixin):
         else:
             self._data = data
         self._setup_caching(cache_graph, memory_budget, in_memory=isinstance(self._data, list))
+        self._settings = {
+            "reduction": self.reduction,
+            "eval_mode": eval_mode,
+            "hvp_method": hvp_method,
+            "cache_graph": cache_graph,
+            "distributed": self.distributed,
+            "memory_budget": memory_budget,
+            "batch_weight": batch_weight,
+            "targets_key": targets_key,
+        }
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._checked = not check_determinism
@@ -386,7 +370,7 @@ class Objective(DerivativesMixin):
                 parts.append(part)
                 total += part
                 count += n
-                classify = classify and _is_classification(out, y)
+                classify = classify and _data.is_classification(out, y)
                 if classify:
                     correct += (out.argmax(dim=-1) == y).sum()
                     examples += y.shape[0]
@@ -473,6 +457,26 @@ class Objective(DerivativesMixin):
         values = job.run()
         self.counts["loss"] += job.num_points
         return values
+
+    def replace(
+        self, *, params: ParamSpec | Iterable[ParamSpec] | None = None, data: Any = None, **settings
+    ) -> Objective:
+        """The same risk with other parameters, data or settings, everything else kept.
+
+        ``params`` selects a subset of the space (the others are held at their values:
+        the child's Hessian is the diagonal block H_bb); ``data`` replaces the data (default:
+        the same batches, shared, not copied); ``settings`` override constructor keywords
+        (``cache_graph``, ``distributed``, ...). The child runs no determinism check of its
+        own: this objective's covers the same data; pass ``check_determinism=True`` for new
+        data that needs one.
+        """
+        kwargs = {**self._settings, "check_determinism": False, **settings}
+        if data is None:
+            in_memory = isinstance(self._data, list)
+            data = [(x, y) for x, y, _ in self._data] if in_memory else self._data
+            kwargs["targets_key"] = self.targets_key
+        names = list(self.space.names) if params is None else params
+        return type(self)(self.model, self.loss_fn, data, params=names, **kwargs)
 
     def __repr__(self) -> str:
         return (

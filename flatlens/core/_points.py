@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from flatlens.core._checks import check_positive_int
-from flatlens.core._data import call_args
-from flatlens.core._objective import Objective, _is_classification
+from flatlens.core._data import call_args, is_classification
+from flatlens.core._objective import Objective
 from flatlens.core._params import eval_mode
 
 __all__ = [
@@ -196,7 +196,7 @@ class VmapEvaluator(_Evaluator):
 
             def point(theta: Tensor, x=x, y=y, n=n, state=state) -> tuple[Tensor, ...]:
                 out = obj.forward(theta, x)
-                state["classify"] = state["classify"] and _is_classification(out, y)
+                state["classify"] = state["classify"] and is_classification(out, y)
                 hits = (
                     (out.argmax(dim=-1) == y).sum()
                     if state["classify"]
@@ -300,7 +300,7 @@ class SerialEvaluator(_Evaluator):
                     out = module(*args, **kwargs)
                 losses.append(obj.loss_fn(out, y))
                 if k == 0:
-                    sums.classify = sums.classify and _is_classification(out, y)
+                    sums.classify = sums.classify and is_classification(out, y)
                 if sums.classify:
                     hits.append((out.argmax(dim=-1) == y).sum())
                 for values, m in zip(extra, custom, strict=True):

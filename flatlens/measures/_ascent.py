@@ -74,27 +74,15 @@ def center_point(objective: Objective, at: Tensor | None) -> Tensor:
 
 # ---------------------------------------------------------------------------------- batches
 def batch_objectives(objective: Objective) -> Iterator[tuple[Objective, int]]:
-    """One :class:`Objective` per batch of ``objective``'s data, with the batch size n_b.
+    """One :class:`Objective` per batch of ``objective``'s data, with the batch weight w_b.
 
-    Batches are produced lazily (one data pass). Each per-batch objective uses the same
-    model, loss, parameters, reduction, eval mode and HVP method, caches its first-order
-    graph, and reduces over this process only. Combine the per-batch values with
+    Batches are produced lazily (one data pass). Each per-batch objective keeps every
+    setting of ``objective`` (:meth:`Objective.replace`), caches its first-order graph, and
+    reduces over this process only. Combine the per-batch values with
     :func:`combine_batches`.
     """
     for x, y, n in objective.batches():
-        child = Objective(
-            objective.model,
-            objective.loss_fn,
-            [(x, y)],
-            params=list(objective.space.names),
-            reduction=objective.reduction,
-            eval_mode=objective.eval_mode,
-            hvp_method=objective.hvp_method,
-            cache_graph=True,
-            check_determinism=False,
-            distributed=False,
-        )
-        yield child, n
+        yield objective.replace(data=[(x, y)], cache_graph=True, distributed=False), n
 
 
 def combine_batches(values: Sequence[float], sizes: Sequence[int], reduction: str) -> float:

@@ -10,8 +10,7 @@ parameters, so the eigensolvers and certificates of :mod:`flatlens.measures` car
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,53 +134,6 @@ def parameter_blocks(
 
 
 # ------------------------------------------------------------------------ child objectives
-class _Replay:
-    """Re-iterable ``(inputs, targets)`` batches of another objective, one pass each time."""
-
-    def __init__(self, objective: Objective) -> None:
-        self._objective = objective
-
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        return ((x, y) for x, y, _ in self._objective.batches())
-
-
-_NOT_SETTINGS = frozenset(
-    {"self", "model", "loss_fn", "data", "params", "device", "check_determinism"}
-)
-
-
-def _settings(objective: Objective) -> dict[str, Any]:
-    """The parent's constructor settings, read back from its public attributes: each
-    keyword of ``Objective.__init__`` (``reduction``, ``eval_mode``, ``hvp_method``,
-    ``cache_graph``, ``distributed``, ``memory_budget``, ``batch_weight``, ...) that the
-    objective stores under its own name, except those in ``_NOT_SETTINGS``."""
-    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {
-        key: getattr(objective, key)
-        for key, p in inspect.signature(Objective.__init__).parameters.items()
-        if p.kind in named and key not in _NOT_SETTINGS and hasattr(objective, key)
-    }
-
-
-def _block_objective(
-    objective: Objective, names: list[str], data: Any, settings: dict[str, Any]
-) -> Objective:
-    """The same risk as ``objective`` over the parameters ``names`` only. The determinism
-    check is the parent's (run once by :func:`block_spectra`), not repeated per block."""
-    model, loss_fn = objective.model, objective.loss_fn
-    return Objective(model, loss_fn, data, params=names, check_determinism=False, **settings)
-
-
-def _shared_data(objective: Objective) -> Any:
-    """Data for the children, without copying: the parent's prepared device batches when it
-    holds them in memory (only then may it cache graphs: ``cache_graph`` is not ``False``),
-    else a replay of its passes (a DataLoader, or caching off)."""
-    if objective.cache_graph is not False:
-        return [(x, y) for x, y, _ in objective.batches()]
-    return _Replay(objective)
-
-
-# ------------------------------------------------------------------------ results
 @dataclass
 class BlockSpectrum(Result):
     """The spectrum of one diagonal block H_bb = d^2 L / d theta_b^2.
@@ -412,11 +364,9 @@ def block_spectra(
         raise ValueError("density_kwargs may not hold 'at': blocks are measured at the model")
     scheme, resolved = _resolve(objective.model, objective.space.names, blocks)
     loss = objective.loss()  # runs the parent's determinism check once, if it is due
-    data = _shared_data(objective)
-    settings = _settings(objective)
     results: list[BlockSpectrum] = []
     for name, names in tqdm(resolved.items(), desc="blocks", disable=not progress, leave=False):
-        child = _block_objective(objective, names, data, settings)
+        child = objective.replace(params=names)
         n = child.num_params
         if n <= k:
             eig = _dense_block(child, k)

@@ -826,3 +826,22 @@ def test_the_objective_runs_the_model_as_written_global_hooks_included():
     obj = Objective(model, F.cross_entropy, (x, y), check_determinism=False)
     assert kinds_seen(obj.loss) == plain
     assert kinds_seen(lambda: obj.hvp(torch.ones(obj.num_params, dtype=x.dtype))) == plain
+
+
+def test_replace_keeps_every_setting_and_restricts_the_space():
+    model = tiny_mlp()
+    x, y = classification_data()
+    data = uneven_batches(x, y, SIZES)
+    obj = Objective(model, F.cross_entropy, data, reduction="sum", hvp_method="double_backward")
+    child = obj.replace(params=["0.weight"])
+    assert child.reduction == "sum" and child.hvp_method == "double_backward"
+    assert child.space.names == ("0.weight",)
+    assert child.loss() == obj.loss()  # same data, same function
+    # The child's Hessian is the diagonal block of the parent's.
+    sl = next(s for name, s, _ in obj.space.segments() if name == "0.weight")
+    v = torch.zeros(obj.num_params, dtype=obj.dtype)
+    u = torch.randn(child.num_params, dtype=obj.dtype, generator=torch.Generator().manual_seed(0))
+    v[sl] = u
+    torch.testing.assert_close(child.hvp(u), obj.hvp(v)[sl], rtol=1e-12, atol=1e-14)
+    one = obj.replace(data=[data[0]])
+    assert one.loss() == F.cross_entropy(model(data[0][0]), data[0][1]).item()  # sum of one

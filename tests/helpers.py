@@ -2,7 +2,11 @@
 
 The references never go through :class:`flatlens.Objective`: they concatenate all batches,
 call the model with :func:`torch.func.functional_call` and differentiate with
-``torch.func.jacrev`` / ``torch.func.hessian``. For a per-sample decomposable loss,
+``torch.func.jacrev`` and ``torch.autograd.functional.hessian`` (row by row). Not
+``torch.func.hessian``: in torch 2.13 its vmapped forward-over-reverse gets the cross terms
+of two stacked LayerNorms wrong (1.2 absolute on a 5-layer MLP with entries up to 6.4,
+where finite differences and double backward agree to 1e-10). For a per-sample
+decomposable loss,
 
 * mean reduction: L(theta) = (1/N) sum_i loss(x_i, y_i; theta) = the full-batch mean loss,
 * sum reduction:  L(theta) = sum_i loss(x_i, y_i; theta) = the full-batch summed loss,
@@ -452,7 +456,7 @@ def dense_reference(
 
     loss = float(risk(theta))
     grad = torch.func.jacrev(risk)(theta).detach()
-    hess = torch.func.hessian(risk)(theta).detach()
+    hess = torch.autograd.functional.hessian(risk, theta).detach()
     return DenseReference(loss, grad, hess)
 
 

@@ -845,3 +845,22 @@ def test_replace_keeps_every_setting_and_restricts_the_space():
     torch.testing.assert_close(child.hvp(u), obj.hvp(v)[sl], rtol=1e-12, atol=1e-14)
     one = obj.replace(data=[data[0]])
     assert one.loss() == F.cross_entropy(model(data[0][0]), data[0][1]).item()  # sum of one
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_hvps_through_stacked_layernorms_match_finite_differences(method):
+    """torch.func.hessian is wrong here in torch 2.13 (the vmapped cross terms of two
+    LayerNorms); the Objective's HVPs, both methods, are not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1)
+    ).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, 1, dtype=torch.float64)
+    obj = Objective(model, nn.MSELoss(), (x, y), hvp_method=method)
+    theta = obj.theta
+    v = torch.randn(obj.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    def central(eps):
+        return (obj.gradient(at=theta + eps * v) - obj.gradient(at=theta - eps * v)) / (2 * eps)
+
+    fd = (4 * central(1e-4) - central(2e-4)) / 3  # Richardson: O(eps^4)
+    torch.testing.assert_close(obj.hvp(v), fd, rtol=1e-6, atol=1e-7)

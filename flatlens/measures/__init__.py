@@ -1,8 +1,9 @@
 """Measures: Hessian spectra, zeroth-order sharpness R0, first-order flatness R1 and the bound.
 
 Each is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
-as it was; the eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) work on any
-symmetric operator given as a matrix-vector product.
+as it was; the spectrum measures also take any symmetric operator (a
+:class:`SymmetricOperator`, a SciPy ``LinearOperator``, a curvlinops operator), and the
+eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product.
 """
 
 from flatlens.measures._ball import Ball
@@ -15,12 +16,9 @@ from flatlens.measures._blocks import (
 from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
 from flatlens.measures._config import AscentConfig
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
-from flatlens.measures._lanczos import (
-    EigshOutput,
-    lanczos_eigsh,
-    lanczos_tridiagonal,
-    power_iteration,
-)
+from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._lanczos import EigshOutput, lanczos_eigsh
+from flatlens.measures._operators import SymmetricOperator
 from flatlens.measures._sharpness import (
     AverageSharpnessResult,
     SharpnessResult,
@@ -49,6 +47,7 @@ __all__ = [
     "EigshOutput",
     "FlatnessResult",
     "SharpnessResult",
+    "SymmetricOperator",
     "TraceResult",
     "average_sharpness",
     "block_spectra",

@@ -1,43 +1,54 @@
 """Symmetric eigensolvers over a matrix-free operator ``v -> A v`` (flat torch vectors).
 
-* :func:`lanczos_eigsh`: thick-restart Lanczos (Wu & Simon, 2000) with full, twice-applied
-  (DGKS) reorthogonalization. The Krylov basis lives on the operator's device and dtype; the
-  small projected matrix T = V^T A V is kept in float64 on the CPU and solved with the
-  symmetric eigensolver. Each Ritz pair (theta, u = V y) has residual norm
-  ||A u - theta u|| = beta * |y_last|, and its eigenvalue error is bounded by
-  min(||r||, ||r||^2 / gap) (Kato-Temple), with gap the distance to the rest of the
-  spectrum, estimated from the other Ritz values minus their residuals.
-* :func:`lanczos_tridiagonal`: plain Lanczos steps returning the tridiagonal (alpha, beta),
-  for stochastic Lanczos quadrature.
-* :func:`power_iteration`: power iteration with deflation, for comparison.
+:func:`lanczos_eigsh` is thick-restart Lanczos (Wu & Simon, 2000) with full, twice-applied
+(DGKS) reorthogonalization, inner products accumulated in float64, and a final certificate
+from the true residual of every returned pair (see its docstring). Plain Lanczos steps for
+SLQ and power iteration live in ``_krylov``.
+
+The basis is a :class:`~flatlens.measures._basis.Basis`: allocated as it grows, on any
+device, in any dtype. Its rows and the projected matrix H = V^T A V[:, :p] (float64, CPU)
+describe the Krylov state: the first p rows are processed (A v_i is known in the span of
+the basis), the rest are the frontier (one row, or up to k after a refinement restart).
+A Ritz pair (theta, V y) then has recurrence residual ||H[p:, :p] y||.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens.measures._basis import Basis, combo_norm64, dot64, norm64
+from flatlens.measures._operators import Operator
+
 Which = Literal["LA", "SA", "LM"]
-GUARD = 1
-"""Ritz pairs beyond the k wanted that must also converge before Lanczos stops.
-
-Waiting for one more pair makes the gap estimate behind the quadratic bound trustworthy
-and lowers the chance of stopping before an eigenvalue of a tight cluster has appeared in
-the Krylov space (which no single-vector Krylov method can rule out)."""
 MatVec = Callable[[Tensor], Tensor]
+F64 = torch.float64
 
-__all__ = ["EigshOutput", "lanczos_eigsh", "lanczos_tridiagonal", "power_iteration"]
+ROUNDING_FACTOR = 4.0
+"""Safety factor on the measured rounding spread ||A(s u)/s - A u|| (see lanczos_eigsh)."""
+ROUNDING_SCALE = 3.0
+"""The scale s of the rounding check: not a power of two, so s u rounds differently."""
+MAX_REFINEMENTS = 3
+"""Restarts from the returned vectors when their true residual misses tol."""
+
+__all__ = ["EigshOutput", "lanczos_eigsh"]
 
 
 @dataclass
 class EigshOutput:
-    """Raw output of the eigensolvers (float64 CPU values, vectors on the device)."""
+    """Raw output of the eigensolvers (float64 CPU values, vectors on the device).
+
+    ``rounding`` is the allowance delta for the operator's rounding in each bound,
+    ``basis_vectors`` the most vectors of length n the basis held at once.
+    """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
@@ -46,10 +57,13 @@ class EigshOutput:
     converged: Tensor
     num_matvecs: int
     num_restarts: int
+    rounding: float = 0.0
+    basis_vectors: int = 0
+    num_refinements: int = 0
 
 
 def _order(theta: Tensor, which: Which) -> Tensor:
-    """Indices of Ritz values from most to least wanted."""
+    """Indices of values from most to least wanted."""
     if which == "LA":
         return torch.argsort(theta, descending=True)
     if which == "SA":
@@ -57,42 +71,205 @@ def _order(theta: Tensor, which: Which) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def _orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """Remove the span of the orthonormal rows of ``basis`` from ``w`` twice (DGKS)."""
-    h = basis @ w
-    w = w - basis.T @ h
-    h2 = basis @ w
-    return w - basis.T @ h2, h + h2
+def _error_bounds(
+    values: Tensor,
+    res: Tensor,
+    delta: float,
+    limit: Callable[[Tensor], Tensor],
+    other: Tensor | None = None,
+    other_rad: Tensor | None = None,
+) -> Tensor:
+    """min(r + d, (r + d)^2 / (gap - d) + d) per value (Weyl / Kato-Temple with rounding d).
 
-
-def _error_bounds(theta: Tensor, res: Tensor, floor: float) -> Tensor:
-    """Kato-Temple style bound min(r, r^2/gap) for every Ritz value, at least ``floor``.
-
-    The gap to the rest of the spectrum is estimated from the nearest other Ritz value
-    theta_l, minus its residual. That estimate is trusted only once theta_l is itself well
-    resolved (r_l at most a tenth of the distance); an unconverged neighbour can sit far from
-    the eigenvalue it approximates and would overstate the gap, so then the bound is ||r||.
+    Weyl (r + d) needs nothing else. Kato-Temple needs the distance to the nearest other
+    eigenvalue; it is estimated from the nearest other value (``values`` or ``other``)
+    minus its radius (r + d, or ``other_rad``), and used only when that neighbour has met
+    the tolerance itself (radius at most ``limit`` of it and a tenth of the distance).
+    Lanczos finds extreme eigenvalues from the outside in, so by then the ones in between
+    have (with high probability) appeared; an unconverged neighbour can be a mixture far
+    from any eigenvalue near the value and would overstate the gap.
     """
-    j = theta.numel()
-    bound = res.clone()
-    if j > 1:
-        dist = (theta[:, None] - theta[None, :]).abs()
-        dist.fill_diagonal_(math.inf)
+    rad = res + delta
+    pts = values if other is None else torch.cat([values, other])
+    prad = rad if other_rad is None else torch.cat([rad, other_rad])
+    bound = rad.clone()
+    j = values.numel()
+    if pts.numel() > 1:
+        dist = (values[:, None] - pts[None, :]).abs()
+        dist[torch.arange(j), torch.arange(j)] = math.inf
         nearest = dist.argmin(dim=1)
-        near_dist = dist.gather(1, nearest[:, None]).squeeze(1)
-        near_res = res[nearest]
-        gap = near_dist - near_res
-        ok = (gap > 0) & (near_res <= 0.1 * near_dist)
-        bound[ok] = torch.minimum(res[ok], res[ok] ** 2 / gap[ok])
-    return bound.clamp_min(floor)
+        near = dist.gather(1, nearest[:, None]).squeeze(1)
+        near_rad = prad[nearest]
+        gap = near - near_rad - delta
+        ok = (gap > 0) & (near_rad <= 0.1 * near) & (near_rad <= limit(pts[nearest]))
+        bound[ok] = torch.minimum(rad[ok], rad[ok] ** 2 / gap[ok] + delta)
+    return bound
 
 
-def _unit(v: Tensor) -> Tensor:
-    return v / torch.linalg.vector_norm(v)
+def _limit(values: Tensor, tol: float, scale: float) -> Tensor:
+    return tol * torch.clamp(values.abs(), min=1e-6 * scale)
+
+
+class _Krylov:
+    """Basis rows (the first p processed) and H = V^T A V[:, :p] in float64 on the CPU."""
+
+    def __init__(self, n, capacity, work, basis, generator):
+        (self.dev, self.dt), (bdev, bdt) = work, basis
+        self.n, self.generator = n, generator
+        self.basis = Basis(n, capacity, device=bdev, dtype=bdt)
+        self.H = torch.zeros(capacity, capacity, dtype=torch.float64)
+        self.p, self.restarts, self.broke = 0, 0, False
+
+    def start(self, v0: Tensor) -> None:
+        self.basis.append(v0 / norm64(v0))
+
+    def load(self, u: Tensor, w: Tensor, noise: float) -> bool:
+        """Restart from unit rows u with known products w = A u (k each): u is
+        orthonormalized (u' = C u, w' = C w) and each w' is absorbed as a processed column.
+        Returns whether a frontier row was left to continue from."""
+        k = u.shape[0]
+        c = torch.zeros(k, k, dtype=torch.float64)
+        for i in range(k):
+            x, h = self.basis.orthogonalize(u[i].to(self.basis.device, self.dt, copy=True))
+            nrm = norm64(x)
+            if nrm <= 1e-6:
+                return False
+            e = torch.zeros(k, dtype=torch.float64)
+            e[i] = 1.0
+            c[i] = (e - h @ c[:i]) / nrm
+            self.basis.append(x / nrm)
+        w = c.to(w.device, w.dtype) @ w
+        for i in range(k):
+            self.absorb(w[i].to(self.basis.device, copy=True), noise)
+        return self.p < self.basis.size
+
+    def step(self, op: Operator) -> None:
+        w = op.matvec(self.basis.row(self.p).to(self.dev, self.dt))
+        self.absorb(w.to(self.basis.device, copy=True), 0.0)
+
+    def absorb(self, w: Tensor, noise: float) -> None:
+        """Record w = A v_p: orthogonalize, fill column p of H, append the remainder."""
+        j, n = self.p, self.n
+        w, h = self.basis.orthogonalize(w)
+        rows = self.basis.size
+        self.H[:rows, j] = h
+        self.p += 1
+        scale = float(self.H[:rows, : self.p].abs().max()) or 1.0
+        beta = norm64(w)
+        if rows >= n:
+            return
+        if beta <= max(1e-12 * scale * math.sqrt(n), noise):
+            if self.p == rows:  # invariant subspace: go on from a fresh direction
+                fresh = torch.randn(n, generator=self.generator, dtype=torch.float64)
+                fresh, _ = self.basis.orthogonalize(fresh.to(self.basis.device, self.dt))
+                self.basis.append(fresh / norm64(fresh))
+                self.broke = True
+            return
+        self.basis.append(w / beta)
+        self.H[rows, j] = beta
+
+    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
+        p, rows = self.p, self.basis.size
+        hp = self.H[:p, :p]
+        theta, y = torch.linalg.eigh(torch.triu(hp) + torch.triu(hp, 1).T)
+        res = torch.linalg.vector_norm(self.H[p:rows, :p] @ y, dim=0)
+        return theta, y, res
+
+    def restart(self, theta: Tensor, y: Tensor, keep: Tensor) -> None:
+        """Thick restart: keep the Ritz vectors ``keep`` and the frontier rows."""
+        p, rows = self.p, self.basis.size
+        yk = y[:, keep]
+        coupling = self.H[p:rows, :p] @ yk
+        self.basis.rotate(yk, p, self.dt)
+        q = keep.numel()
+        self.H.zero_()
+        self.H[:q, :q] = torch.diag(theta[keep])
+        self.H[q : q + rows - p, :q] = coupling
+        self.p, self.broke = q, False
+        self.restarts += 1
+
+
+@dataclass
+class _Certificate:
+    values: Tensor
+    residuals: Tensor
+    bounds: Tensor
+    converged: Tensor
+    limit: Tensor
+    delta: float
+    products: Tensor
+
+    @property
+    def score(self) -> float:
+        """The worst bound relative to its limit (below 1: all converged)."""
+        return float((self.bounds / self.limit.clamp_min(1e-300)).max())
+
+
+def _blocked(cert: _Certificate, failing: Tensor, tol: float) -> str | None:
+    """Why refining cannot reach tol: the rounding allowance alone exceeds it."""
+    scale = float(cert.values.abs().max()) or 1.0
+    limit = cert.limit[failing]
+    if bool((limit <= 1.5 * cert.delta).any()):
+        return (
+            f"the operator's rounding (allowance {cert.delta:.2e}, {cert.delta / scale:.1e} "
+            f"relative to ||A||) keeps the certificate above tol={tol}; use a wider dtype or "
+            "a looser tol"
+        )
+    return None
+
+
+def _certify(op, u, other, other_res, *, tol, delta, rounding) -> _Certificate:
+    """True residuals, float64 Rayleigh quotients and bounds of the unit rows u."""
+    k, n = u.shape[0], op.n
+    for i in range(k):
+        u[i] /= norm64(u[i])
+    measure = delta is None and rounding is None
+    w = op.matmat(torch.cat([u, ROUNDING_SCALE * u[:1]]) if measure else u)
+    rho = torch.tensor([dot64(u[i], w[i]) / dot64(u[i], u[i]) for i in range(k)], dtype=F64)
+    res = [combo_norm64(w[i], u[i], float(rho[i])) / norm64(u[i]) for i in range(k)]
+    res = torch.tensor(res, dtype=F64)
+    scale = max(float(rho.abs().max()), float(other.abs().max()) if other.numel() else 0.0)
+    acc = math.sqrt(n) * torch.finfo(F64).eps * max(norm64(w[i]) for i in range(k))
+    if measure:
+        spread = combo_norm64(w[k], w[0], ROUNDING_SCALE) / ROUNDING_SCALE
+        eps = torch.finfo(op.dtype).eps
+        delta = max(ROUNDING_FACTOR * spread, 2 * eps * scale) + acc
+        w = w[:k]
+    elif delta is None:
+        delta = rounding * scale + acc
+    bounds = _error_bounds(
+        rho, res, delta, partial(_limit, tol=tol, scale=scale), other, other_res + delta
+    )
+    limit = _limit(rho, tol, scale)
+    return _Certificate(rho, res, bounds, bounds <= limit, limit, delta, w)
+
+
+def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Tensor, Tensor]:
+    """Lanczos steps until the recurrence bounds meet tol, stagnate below the rounding
+    allowance, the space is exhausted, or ``op.count`` reaches ``stop_at``."""
+    eps = torch.finfo(state.dt).eps
+    eps_b = max(eps, torch.finfo(state.basis.dtype).eps)
+    while True:
+        if state.p < state.basis.size:
+            state.step(op)
+        if state.p >= k:
+            theta, y, res = state.ritz()
+            scale = float(theta.abs().max())
+            d = max(delta or 0.0, 2 * eps_b * scale)
+            order = _order(theta, which)
+            want = order[:k]
+            bounds = _error_bounds(theta, res, d, partial(_limit, tol=tol, scale=scale))
+            limit = _limit(theta[want], tol, scale)
+            met = bool((bounds[want] <= limit).all()) or bool((res[want] <= 0.5 * d).all())
+            full = state.p == state.basis.size
+            if (met and (not state.broke or state.p == m)) or full or op.count >= stop_at:
+                return theta, y, res
+        if state.p == m:
+            state.restart(theta, y, order[: min(m - 1, k + (m - k) // 2)])
 
 
 def lanczos_eigsh(
-    matvec: MatVec,
+    matvec: MatVec | Operator,
     v0: Tensor,
     k: int,
     *,
@@ -102,8 +279,30 @@ def lanczos_eigsh(
     basis_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    matmat: MatVec | None = None,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
+    rounding: float | None = None,
 ) -> EigshOutput:
-    """k extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
+    """k extreme eigenpairs of a symmetric operator by thick-restart Lanczos, certified.
+
+    Lanczos stops once the recurrence bounds of the k wanted Ritz pairs meet ``tol`` (no
+    extra guard pair is waited for). Then each returned unit vector u is checked with one
+    more product w = fl(A u) (batched through ``matmat`` when given), all sums in float64:
+
+    * lambda = u.w / u.u (the float64 Rayleigh quotient), r = ||w - lambda u||;
+    * delta = 4 ||fl(A(3u_1))/3 - w_1|| (the spread of two roundings of one product, one
+      more product; at least 2 eps ||A||, ||A|| ~ max |Ritz value|), or ``rounding * ||A||``
+      when given, plus sqrt(n) eps64 ||w|| for the float64 sums (Higham & Mary, 2019);
+    * bound = min(r + delta, (r + delta)^2 / (gap - delta) + delta): Weyl, and Kato-Temple
+      once the nearest other Ritz value theta_l has met tol itself and r_l + delta <=
+      |lambda - theta_l| / 10, with gap = |lambda - theta_l| - r_l - delta.
+
+    ||fl(A u) - A u|| <= delta makes both bounds hold for the exact operator. delta is an
+    estimate, not a proof: rounding that does not change with u (a cached forward pass)
+    is not seen. A pair that misses ``tol`` is refined (Lanczos restarted from the returned
+    vectors and their products, at most 3 times) unless delta alone is in the way, which
+    warns; then ``converged`` says so.
 
     Args:
         matvec: ``v -> A v`` for flat vectors like ``v0``.
@@ -111,16 +310,27 @@ def lanczos_eigsh(
         k: Number of eigenpairs wanted.
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
             magnitude.
-        tol: Stop when every wanted eigenvalue's error bound is at most
-            ``tol * max(|theta|, 1e-6 * max_i |theta_i|)``.
-        max_matvecs: Budget of operator applications (default ``max(500, 20 * basis)``).
-        basis_size: Lanczos basis size before a restart (default ``max(2k + 10, 24)``).
+        tol: Converged when each bound is at most ``tol * max(|lambda|, 1e-6 ||A||)``.
+        max_matvecs: Budget of products, the checks included (default
+            ``max(500, 20 * basis_size)``); at least 2k + 1 (2k with ``rounding``).
+        basis_size: Processed Lanczos vectors before a restart (default
+            ``max(2k + 10, 24)``). The basis holds at most ``basis_size + 1`` vectors
+            (``basis_size + k`` while refining), allocated as it grows.
         generator: Random source for a fresh direction after an exact breakdown.
-        progress: Show a tqdm bar of operator applications.
+        progress: Show a tqdm bar of products done.
+        matmat: Optional ``rows -> A rows`` for a (b, n) tensor, to batch the checks.
+        basis_device: Keep the basis there (e.g. ``"cpu"`` for a GPU operator: saves device
+            memory, costs two transfers of n per step); default the operator's device.
+        basis_dtype: Store the basis in this dtype (e.g. float32 for a float64 operator,
+            bfloat16 to halve float32 memory). Lower precision weakens orthogonality and
+            limits the accuracy reachable to about eps(basis_dtype) relative; the
+            certificate stays honest.
+        rounding: Known relative size u of the operator's rounding, ||fl(A v) - A v|| <=
+            u ||A|| ||v|| (0 for exact products), instead of measuring it.
 
     Returns:
-        Wanted eigenvalues in ``which`` order, unit eigenvectors as rows, residual norms,
-        error bounds and convergence flags.
+        Wanted eigenvalues in ``which`` order, unit eigenvectors as rows, true residual
+        norms, error bounds and convergence flags.
     """
     n = v0.numel()
     if not 1 <= k < n:
@@ -128,79 +338,77 @@ def lanczos_eigsh(
     m = min(n, basis_size or max(2 * k + 10, 24))
     if m <= k:
         raise ValueError(f"basis_size must exceed k={k}, got {m}")
+    if rounding is not None and not rounding >= 0:
+        raise ValueError(f"rounding must be >= 0, got {rounding!r}")
     budget = max_matvecs if max_matvecs is not None else max(500, 20 * m)
-    dev, dt = v0.device, v0.dtype
-    # Rounding in the operator limits what any eigenvalue can be certified to.
-    eps = 10 * torch.finfo(dt).eps
-    V = torch.zeros(m + 1, n, device=dev, dtype=dt)
-    V[0] = _unit(v0)
-    T = torch.zeros(m, m, dtype=torch.float64)
-    j, count, restarts = 0, 0, 0
-    broke = False  # an exact breakdown happened since the last restart
-    beta = 0.0
-    theta = res = bounds = Y = None
-    bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
+    least = 2 * k + (rounding is None)
+    if budget < least:
+        raise ValueError(
+            f"max_matvecs (max_hvps) must be at least {least}: k Lanczos steps, k residual "
+            "checks and one rounding check"
+        )
+    if isinstance(matvec, Operator):
+        op = matvec
+    else:
+        mm = None if matmat is None else (lambda x: matmat(x.T.contiguous()).T)
+        op = Operator(matvec, n, v0.dtype, v0.device, matmat=mm)
+    dev, dt = op.device, op.dtype
+    work = (dev, dt)
+    basis = (torch.device(basis_device) if basis_device else dev, basis_dtype or dt)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    bar = tqdm(desc="lanczos", unit="matvec", disable=not progress, leave=False)
+    op.on_product, start_count = bar.update, op.count
+    stop_at = start_count + budget
+    state = _Krylov(n, min(n, m + 1), work, basis, gen)
+    state.start(v0.to(basis[0], dt))
+    delta, peak, restarts, rounds, worst, best = None, 0, 0, 0, math.inf, None
     try:
         while True:
-            w = matvec(V[j])
-            count += 1
-            bar.update(1)
-            w, h = _orthogonalize(w, V[: j + 1])
-            hc = h.to("cpu", torch.float64)
-            T[: j + 1, j] = hc
-            T[j, : j + 1] = hc
-            beta = float(torch.linalg.vector_norm(w))
-            scale = float(T[: j + 1, : j + 1].abs().max()) or 1.0
-            if j + 1 >= n:
-                beta = 0.0
-            elif beta <= 1e-12 * scale * math.sqrt(n):
-                # Invariant subspace found: continue from a fresh orthogonal direction.
-                beta = 0.0
-                broke = True
-                fresh = torch.randn(n, generator=generator, dtype=torch.float64).to(dev, dt)
-                V[j + 1] = _unit(_orthogonalize(fresh, V[: j + 1])[0])
-            else:
-                V[j + 1] = w / beta
-            j += 1
-
-            if j >= k:
-                theta, Y = torch.linalg.eigh(T[:j, :j])
-                res = beta * Y[j - 1].abs()
-                bounds = _error_bounds(theta, res, eps * float(theta.abs().max()))
-                want = _order(theta, which)[: min(k + GUARD, j)]
-                floor = 1e-6 * float(theta.abs().max())
-                limit = tol * torch.clamp(theta[want].abs(), min=floor)
-                done = bool((bounds[want] <= limit).all()) and (not broke or j == m)
-                if done or count >= budget or (j == n):
-                    break
-            if j == m:
-                # Thick restart: keep the most wanted Ritz vectors and the residual direction.
-                keep = _order(theta, which)[: min(m - 1, k + (m - k) // 2)]
-                p = keep.numel()
-                U = Y[:, keep].T.to(dev, dt) @ V[:m]
-                V[:p] = U
-                V[p] = V[m]
-                T.zero_()
-                T[:p, :p] = torch.diag(theta[keep])
-                j = p
-                restarts += 1
-                broke = False
+            reserve = k + (delta is None and rounding is None)
+            theta, y, res = _iterate(
+                state, op, k=k, m=m, which=which, tol=tol, stop_at=stop_at - reserve, delta=delta
+            )
+            order = _order(theta, which)
+            u = state.basis.combine(y[:, order[:k]], dt).to(dev)
+            peak, restarts = max(peak, state.basis.allocated), restarts + state.restarts
+            state = None  # free the basis before the checks
+            cert = _certify(
+                op, u, theta[order[k:]], res[order[k:]], tol=tol, delta=delta, rounding=rounding
+            )
+            delta = cert.delta
+            if best is None or cert.score < best[0].score:
+                best = (cert, u)
+            failing = ~cert.converged
+            if not bool(failing.any()):
+                break
+            blocked = _blocked(cert, failing, tol)
+            if blocked:
+                warnings.warn(blocked, RuntimeWarning, stacklevel=2)
+                break
+            now = float(cert.residuals[failing].max())
+            room = stop_at - op.count
+            if rounds >= MAX_REFINEMENTS or room < k + 2 or now > 0.5 * worst:
+                break
+            worst, rounds = now, rounds + 1
+            state = _Krylov(n, min(n, m + k), work, basis, gen)
+            if not state.load(u, cert.products, delta / ROUNDING_FACTOR):
+                break
     finally:
+        op.on_product = None
         bar.close()
-
-    want = _order(theta, which)[:k]
-    floor = 1e-6 * float(theta.abs().max())
-    limit = tol * torch.clamp(theta[want].abs(), min=floor)
-    vecs = Y[:, want].T.to(dev, dt) @ V[:j]
-    vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)
+    cert, u = best
+    idx = _order(cert.values, which)
     return EigshOutput(
-        eigenvalues=theta[want].clone(),
-        eigenvectors=_fix_signs(vecs),
-        residuals=res[want].clone(),
-        error_bounds=bounds[want].clone(),
-        converged=bounds[want] <= limit,
-        num_matvecs=count,
+        eigenvalues=cert.values[idx],
+        eigenvectors=_fix_signs(u[idx]),
+        residuals=cert.residuals[idx],
+        error_bounds=cert.bounds[idx],
+        converged=cert.converged[idx],
+        num_matvecs=op.count - start_count,
         num_restarts=restarts,
+        rounding=delta,
+        basis_vectors=peak,
+        num_refinements=rounds,
     )
 
 
@@ -210,112 +418,3 @@ def _fix_signs(vecs: Tensor) -> Tensor:
     signs = torch.sign(vecs.gather(1, idx[:, None]))
     signs[signs == 0] = 1
     return vecs * signs
-
-
-def lanczos_tridiagonal(matvec: MatVec, v0: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """Run ``steps`` Lanczos steps with full reorthogonalization from ``v0``.
-
-    Returns:
-        ``(alpha, beta)`` in float64 on the CPU: the diagonal (length s) and off-diagonal
-        (length s - 1) of the tridiagonal T = V^T A V, where s <= steps stops early at an
-        invariant subspace.
-    """
-    n = v0.numel()
-    steps = min(steps, n)
-    V = torch.zeros(steps, n, device=v0.device, dtype=v0.dtype)
-    V[0] = _unit(v0)
-    alpha, beta = [], []
-    for j in range(steps):
-        w = matvec(V[j])
-        w, h = _orthogonalize(w, V[: j + 1])
-        alpha.append(float(h[j]))
-        if j + 1 == steps:
-            break
-        b = float(torch.linalg.vector_norm(w))
-        if b <= 1e-12 * max(abs(a) for a in alpha) * math.sqrt(n):
-            break
-        beta.append(b)
-        V[j + 1] = w / b
-    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
-
-
-def power_iteration(
-    matvec: MatVec,
-    n: int,
-    k: int,
-    *,
-    which: Which = "LA",
-    tol: float = 1e-4,
-    max_matvecs: int | None = None,
-    make_start: Callable[[], Tensor],
-    progress: bool = False,
-) -> EigshOutput:
-    """k eigenpairs by power iteration with deflation (Hotelling-style projection).
-
-    Each eigenpair is found on the operator P (s A - c I) P, where P projects out the
-    eigenvectors already found, s = -1 for ``"SA"`` and c is a shift. For ``"LA"``/``"SA"``
-    the dominant eigenvalue is found first; when it has the wrong sign, the iteration is
-    rerun with that eigenvalue as the shift so the wanted end of the spectrum dominates.
-    Stops when the Rayleigh quotient changes by less than ``tol`` relative, or when the
-    budget of ``max_matvecs`` products in all (default 1000 k) is spent; one product per
-    pair checks its residual and is part of the budget.
-    """
-    if not 1 <= k < n:
-        raise ValueError(f"k must be between 1 and num_params - 1 = {n - 1}, got {k}")
-    budget = 1000 * k if max_matvecs is None else max_matvecs
-    if budget < k:
-        raise ValueError(f"max_matvecs must be >= k = {k} (one check per pair), got {budget}")
-    sign = -1.0 if which == "SA" else 1.0
-    found: list[Tensor] = []
-    values: list[float] = []
-    residuals: list[float] = []
-    converged: list[bool] = []
-    count = 0
-
-    def deflate(v: Tensor) -> Tensor:
-        for u in found:
-            v = v - (u @ v) * u
-        return v
-
-    bar = tqdm(total=k, desc="power", disable=not progress, leave=False)
-    for _ in range(k):
-        shift = 0.0
-        for _attempt in range(2):
-            v = _unit(deflate(make_start()))
-            lam, ok = 0.0, False
-            while count + (k - len(found)) < budget:
-                w = deflate(sign * matvec(v) - shift * v)
-                count += 1
-                new = float(v @ w)
-                nw = torch.linalg.vector_norm(w)
-                if nw == 0:
-                    lam, ok = new, True
-                    break
-                v = _unit(deflate(w / nw))
-                if abs(new - lam) <= tol * abs(new):
-                    lam, ok = new, True
-                    break
-                lam = new
-            if which == "LM" or lam >= 0 or shift != 0.0:
-                break
-            shift = lam
-        av = matvec(v)
-        count += 1
-        value = float(v @ av)
-        found.append(v)
-        values.append(value)
-        residuals.append(float(torch.linalg.vector_norm(av - value * v)))
-        converged.append(ok)
-        bar.update(1)
-    bar.close()
-    vecs = torch.stack(found)
-    res = torch.tensor(residuals, dtype=torch.float64)
-    return EigshOutput(
-        eigenvalues=torch.tensor(values, dtype=torch.float64),
-        eigenvectors=_fix_signs(vecs),
-        residuals=res,
-        error_bounds=res.clone(),
-        converged=torch.tensor(converged),
-        num_matvecs=count,
-        num_restarts=0,
-    )

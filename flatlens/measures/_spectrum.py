@@ -1,6 +1,8 @@
 """The Hessian spectrum of an :class:`~flatlens.Objective`: extreme eigenvalues, trace, density.
 
-All three only need Hessian-vector products v -> H v, which run on the model's device.
+All three only need products v -> H v, which run on the model's device; each also accepts
+any symmetric operator instead of an Objective (:class:`SymmetricOperator`, a SciPy
+``LinearOperator``, a curvlinops operator; see ``flatlens.measures._operators``).
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
@@ -17,9 +19,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flatlens.core._checks import check_positive_int, make_generator
-from flatlens.core._objective import Objective
 from flatlens.core._results import Result
-from flatlens.measures._lanczos import Which, lanczos_eigsh, lanczos_tridiagonal, power_iteration
+from flatlens.measures._basis import dot64, norm64, rows_dot64
+from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._lanczos import ROUNDING_FACTOR, ROUNDING_SCALE, Which, lanczos_eigsh
+from flatlens.measures._operators import Operator, as_operator
 
 __all__ = [
     "DensityResult",
@@ -31,28 +35,16 @@ __all__ = [
 ]
 
 
-def random_vector(
-    objective: Objective, generator: torch.Generator, kind: str = "gaussian"
-) -> Tensor:
-    """A random flat vector (drawn on the CPU, so every device and rank gets the same one)."""
-    n = objective.num_params
-    if kind == "rademacher":
-        v = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8).to(torch.float64)
-        v = 2 * v - 1
-    else:
-        v = torch.randn(n, generator=generator, dtype=torch.float64)
-    return v.to(objective.device, objective.dtype)
-
-
 def _start_vector(
-    objective: Objective, theta: Tensor, generator: torch.Generator, *, use_gradient: bool
+    op: Operator, generator: torch.Generator, *, use_gradient: bool
 ) -> tuple[Tensor, str]:
-    """``(r / ||r|| + g / ||g||, "gradient")`` (r Gaussian, g the gradient at ``theta``), or
-    ``(r, "random")`` when not asked for or when g is zero or not finite."""
-    r = random_vector(objective, generator)
-    if not use_gradient:
+    """``(r / ||r|| + g / ||g||, "gradient")`` (r Gaussian, g the gradient where the Hessian is
+    taken), or ``(r, "random")`` when not asked for, without an Objective, or when g is zero
+    or not finite."""
+    r = op.random(generator)
+    if not use_gradient or op.objective is None:
         return r, "random"
-    g = objective.gradient(at=theta)
+    g = op.objective.gradient(at=op.point)
     g_norm = torch.linalg.vector_norm(g)
     if not bool(torch.isfinite(g_norm)) or g_norm == 0:
         return r, "random"
@@ -61,16 +53,20 @@ def _start_vector(
 
 @dataclass
 class EigenResult(Result):
-    """Extreme eigenpairs of the Hessian.
+    """Extreme eigenpairs of the Hessian (or of the operator given).
 
     Attributes:
-        eigenvalues: 1-D float64 tensor, most wanted first (descending for ``"LA"``).
+        eigenvalues: 1-D float64 tensor of Rayleigh quotients u.Hu (float64 sums), most
+            wanted first (descending for ``"LA"``).
         eigenvectors: ``(k, num_params)`` tensor of unit rows (left out of ``to_dict``).
-        residuals: ``||H u - lambda u||`` for each pair.
-        error_bounds: Certified bound on each eigenvalue's error, min(||r||, ||r||^2/gap).
+        residuals: True residual norms ``||H u - lambda u||``, from one product per pair.
+        error_bounds: Bound on each eigenvalue's error, min(r + d, (r + d)^2 / (gap - d) + d)
+            with d = ``rounding`` (see :func:`~flatlens.measures.lanczos_eigsh`).
         converged: Whether each bound is within ``tol`` relative.
-        num_hvps: Hessian-vector products spent (at most ``max_hvps``).
+        num_hvps: Products spent, the final checks included (at most ``max_hvps``).
         start: The Lanczos start vector used: ``"gradient"`` or ``"random"``.
+        rounding: The allowance d for the rounding of one product (absolute).
+        basis_vectors: Most vectors of length num_params the Lanczos basis held at once.
     """
 
     eigenvalues: Tensor
@@ -87,10 +83,12 @@ class EigenResult(Result):
     seed: int | None
     num_restarts: int = 0
     start: str = "gradient"
+    rounding: float = 0.0
+    basis_vectors: int = 0
 
 
 def hessian_eigenvalues(
-    objective: Objective,
+    objective: Any,
     k: int = 1,
     *,
     which: Which = "LA",
@@ -103,49 +101,67 @@ def hessian_eigenvalues(
     at: Tensor | None = None,
     start: Literal["gradient", "random"] = "gradient",
     max_iter: int | None = None,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
+    rounding: float | None = None,
 ) -> EigenResult:
-    """The k extreme eigenvalues of H = grad^2 L(theta) and their eigenvectors.
+    """The k extreme eigenvalues of H = grad^2 L(theta) (or of a symmetric operator).
 
     ``method="lanczos"`` runs thick-restart Lanczos with full reorthogonalization on the
-    model's device and stops once each wanted eigenvalue's certified error bound
-    min(||r||, ||r||^2 / gap), r = H u - lambda u, is at most ``tol`` relative.
+    model's device, stops once the k wanted Ritz pairs meet ``tol``, and certifies each
+    returned pair with its true residual r = ||H u - lambda u|| (one more product per pair
+    and one for the rounding allowance d, float64 sums): |lambda - lambda_true| <=
+    min(r + d, (r + d)^2 / (gap - d) + d). See :func:`~flatlens.measures.lanczos_eigsh`.
     ``method="power"`` runs power iteration with deflation and stops when the Rayleigh
-    quotient changes by less than ``tol`` relative (no certificate).
+    quotient changes by less than ``tol`` relative (its bound is r plus rounding only).
 
     Args:
-        objective: The empirical risk whose Hessian is taken.
+        objective: The empirical risk whose Hessian is taken, or a symmetric operator:
+            :class:`~flatlens.measures.SymmetricOperator`, a SciPy ``LinearOperator``, a
+            torch operator with ``@`` (curvlinops), a square tensor.
         k: Number of eigenpairs (1 <= k < num_params).
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
             magnitude.
         method: ``"lanczos"`` or ``"power"``.
         tol: Relative accuracy wanted, > 0.
-        max_hvps: Budget of Hessian-vector products for either method (default: Lanczos
-            ``max(500, 20 basis_size)``, power iteration ``1000 k``).
+        max_hvps: Budget of products for either method, checks included (default:
+            Lanczos ``max(500, 20 basis_size)``, power iteration ``1000 k``).
             When it is spent before ``tol`` is met, ``converged`` says so.
-        basis_size: Lanczos vectors kept between restarts (memory: ``basis_size + 1``
-            vectors of ``num_params``); default ``max(2k + 10, 24)``, capped at n.
+        basis_size: Lanczos vectors processed between restarts; the basis grows to at most
+            ``basis_size + 1`` vectors of num_params (``+ k`` while refining); default
+            ``max(2k + 10, 24)``, capped at n.
         seed: Seed or generator for the start vector.
-        progress: Show a tqdm bar.
-        at: Flat parameter vector where the Hessian is taken (default: the model's).
+        progress: Show a tqdm bar of products done (no total: Lanczos stops when converged).
+        at: Flat parameter vector where the Hessian is taken (default: the model's; an
+            Objective only).
         start: Lanczos start vector. ``"gradient"`` (for ``"LA"`` and ``"LM"``) is
             r / ||r|| + g / ||g|| with r Gaussian and g = grad L(theta): the gradient of a
             trained network lies mostly in the top eigenspace (Gur-Ari et al., 2018), and
             r keeps every eigenvector in reach. It costs one gradient: free when the
             objective caches its graph, one more pass over the data otherwise (not counted
-            in ``num_hvps``). ``"random"`` is r alone (always used for ``"SA"`` and for
-            power iteration, and when g is zero); the result's ``start`` says which ran.
+            in ``num_hvps``). ``"random"`` is r alone (always used for ``"SA"``, for power
+            iteration, for operators, and when g is zero); the result's ``start`` says which.
         max_iter: Deprecated name of ``max_hvps``.
+        basis_device: Keep the Lanczos basis there, e.g. ``"cpu"`` when the parameters are
+            many: device memory for two transfers of num_params per step.
+        basis_dtype: Store the basis in a lower precision (e.g. bfloat16): half the memory,
+            weaker orthogonality, accuracy reachable about eps(basis_dtype); the
+            certificate still holds.
+        rounding: Known relative rounding u of one product (||fl(Hv) - Hv|| <= u ||H||),
+            instead of measuring it with one product.
 
     Returns:
         An :class:`EigenResult`.
     """
-    n = objective.num_params
-    if not isinstance(k, int) or not 1 <= k < n:
+    n = _size(objective)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
         raise ValueError(f"k must be an integer with 1 <= k < num_params = {n}, got {k!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', not {which!r}")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', not {method!r}")
     if max_iter is not None:
         if max_hvps is not None:
             raise TypeError("pass max_hvps only (max_iter is its deprecated name)")
@@ -160,18 +176,11 @@ def hessian_eigenvalues(
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', not {start!r}")
     gen = make_generator(seed)
-    theta = objective.point(at)
-    start_hvps = objective.counts["hvp"]
-
-    def matvec(v: Tensor) -> Tensor:
-        return objective.hvp(v, at=theta)
-
+    op = as_operator(objective, at)
     if method == "lanczos":
-        v0, used = _start_vector(
-            objective, theta, gen, use_gradient=start == "gradient" and which != "SA"
-        )
+        v0, used = _start_vector(op, gen, use_gradient=start == "gradient" and which != "SA")
         out = lanczos_eigsh(
-            matvec,
+            op,
             v0,
             k,
             which=which,
@@ -180,28 +189,29 @@ def hessian_eigenvalues(
             basis_size=basis_size,
             generator=gen,
             progress=progress,
+            basis_device=basis_device,
+            basis_dtype=basis_dtype,
+            rounding=rounding,
         )
-    elif method == "power":
+    else:
         used = "random"
         out = power_iteration(
-            matvec,
+            op.matvec,
             n,
             k,
             which=which,
             tol=tol,
             max_matvecs=max_hvps,
-            make_start=lambda: random_vector(objective, gen),
+            make_start=lambda: op.random(gen),
             progress=progress,
         )
-    else:
-        raise ValueError(f"method must be 'lanczos' or 'power', not {method!r}")
     return EigenResult(
         eigenvalues=out.eigenvalues,
         eigenvectors=out.eigenvectors,
         residuals=out.residuals,
         error_bounds=out.error_bounds,
         converged=out.converged,
-        num_hvps=objective.counts["hvp"] - start_hvps,
+        num_hvps=op.count,
         k=k,
         which=which,
         method=method,
@@ -210,7 +220,17 @@ def hessian_eigenvalues(
         seed=seed if isinstance(seed, int) else None,
         num_restarts=out.num_restarts,
         start=used,
+        rounding=out.rounding,
+        basis_vectors=out.basis_vectors,
     )
+
+
+def _size(objective: Any) -> int:
+    """num_params of an Objective or n of an operator, before any work (for the k check)."""
+    n = getattr(objective, "num_params", None)
+    if isinstance(n, int):
+        return n
+    return as_operator(objective).n
 
 
 @dataclass
@@ -219,8 +239,13 @@ class TraceResult(Result):
 
     Attributes:
         value: The estimate.
-        stderr: Its standard error (of the stochastic part for Hutch++).
-        num_hvps: Hessian-vector products spent.
+        stderr: Its standard error s / sqrt(m) over the m stochastic samples. For Hutch++
+            this is the whole statistical error: given the sketch Q the estimate is
+            unbiased and tr(Q^T H Q) is exact.
+        num_hvps: Products spent (``num_samples``).
+        rounding: Allowance for the operator's rounding in the exact part tr(Q^T H Q) of
+            Hutch++ (r d, d measured as in the eigenvalue certificate; 0 for Hutchinson,
+            whose rounding is part of the sample spread).
     """
 
     value: float
@@ -229,10 +254,27 @@ class TraceResult(Result):
     num_samples: int
     method: str
     seed: int | None
+    rounding: float = 0.0
+
+
+def _orthonormal_rows(y: Tensor) -> Tensor:
+    """Orthonormalize the rows of ``y`` in place (Gram-Schmidt twice, float64 sums); returns
+    the leading rows that span them (a zero row is dropped)."""
+    r = 0
+    for i in range(y.shape[0]):
+        x = y[i].clone()
+        for _ in range(2):
+            if r:
+                x.addmv_(y[:r].T, rows_dot64(y[:r], x).to(x.device, x.dtype), alpha=-1.0)
+        nrm = norm64(x)
+        if nrm > 0:
+            y[r] = x / nrm
+            r += 1
+    return y[:r]
 
 
 def hessian_trace(
-    objective: Objective,
+    objective: Any,
     *,
     num_samples: int = 99,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
@@ -240,19 +282,22 @@ def hessian_trace(
     progress: bool = False,
     at: Tensor | None = None,
 ) -> TraceResult:
-    """Estimate tr(H) with ``num_samples`` Hessian-vector products.
+    """Estimate tr(H) with ``num_samples`` products (all sums in float64).
 
     * Hutchinson: tr(H) ~ (1/m) sum_i z_i^T H z_i with Rademacher z_i.
-    * Hutch++ (Meyer et al., 2021): with m/3 products sketch Q = orth(H S), add the exact
-      tr(Q^T H Q) (m/3 products) and Hutchinson on the deflated rest (I - QQ^T) H (I - QQ^T)
-      (the remaining products). Its variance falls like 1/m^2 instead of 1/m.
+    * Hutch++ (Meyer et al., 2021): with s = m/3 products sketch Q = orth(H S), add the
+      exact tr(Q^T H Q) (s products) and Hutchinson on the deflated rest
+      (I - QQ^T) H (I - QQ^T) (the remaining products, one of which measures the rounding
+      of H q_1 when at least three remain). Its variance falls like 1/m^2 instead of 1/m.
+      Memory: s + 3 vectors of num_params (S is never stored; Q overwrites H S).
 
     Args:
-        objective: The empirical risk.
-        num_samples: HVP budget m (>= 2 for Hutchinson, >= 3 for Hutch++).
+        objective: The empirical risk, or a symmetric operator (see
+            :func:`hessian_eigenvalues`).
+        num_samples: Product budget m (>= 2 for Hutchinson, >= 3 for Hutch++).
         method: ``"hutch++"`` or ``"hutchinson"``.
         seed: Seed or generator.
-        progress: Show a tqdm bar.
+        progress: Show a tqdm bar of products done (of ``num_samples``).
         at: Flat parameter vector where the Hessian is taken (default: the model's).
     """
     if method not in ("hutch++", "hutchinson"):
@@ -261,40 +306,50 @@ def hessian_trace(
     if not isinstance(num_samples, int) or num_samples < least:
         raise ValueError(f"num_samples must be an integer >= {least} for {method}")
     gen = make_generator(seed)
-    theta = objective.point(at)
-    start = objective.counts["hvp"]
-    bar = tqdm(total=num_samples, desc="trace", disable=not progress, leave=False)
-
-    def hvp(v: Tensor) -> Tensor:
-        bar.update(1)
-        return objective.hvp(v, at=theta)
-
-    exact = 0.0
-    Q = None
+    op = as_operator(objective, at)
+    bar = tqdm(total=num_samples, desc="trace", unit="matvec", disable=not progress, leave=False)
+    op.on_product = bar.update
+    exact, rounding, spread, q = 0.0, 0.0, 0.0, None
     n_stoch = num_samples
-    if method == "hutch++":
-        s = min(num_samples // 3, objective.num_params)
-        S = torch.stack([random_vector(objective, gen, "rademacher") for _ in range(s)], dim=1)
-        HS = torch.stack([hvp(S[:, i]) for i in range(s)], dim=1)
-        Q, _ = torch.linalg.qr(HS)
-        exact = sum(float(Q[:, i] @ hvp(Q[:, i])) for i in range(Q.shape[1]))
-        n_stoch = num_samples - 2 * s
-    samples = []
-    for _ in range(n_stoch):
-        z = random_vector(objective, gen, "rademacher")
-        if Q is not None:
-            z = z - Q @ (Q.T @ z)
-        samples.append(float(z @ hvp(z)))
-    bar.close()
+    try:
+        if method == "hutch++":
+            s = min(num_samples // 3, op.n)
+            y = torch.empty(s, op.n, device=op.device, dtype=op.dtype)
+            for i in range(s):
+                y[i] = op.matvec(op.random(gen, "rademacher"))
+            q = _orthonormal_rows(y)
+            products = []
+            for i in range(q.shape[0]):
+                hq = op.matvec(q[i])
+                exact += dot64(q[i], hq)
+                products.append(norm64(hq))
+                if i == 0 and num_samples - 2 * s >= 3:
+                    spread = norm64(op.matvec(ROUNDING_SCALE * q[0]) / ROUNDING_SCALE - hq)
+                del hq
+            eps = torch.finfo(op.dtype).eps
+            floor = 2 * eps * max(products, default=0.0)
+            d = max(ROUNDING_FACTOR * spread, floor) if num_samples - 2 * s >= 3 else floor
+            rounding = q.shape[0] * d
+            n_stoch = num_samples - op.count
+        samples = []
+        for _ in range(n_stoch):
+            z = op.random(gen, "rademacher")
+            if q is not None and q.shape[0]:
+                z.addmv_(q.T, rows_dot64(q, z).to(z.device, z.dtype), alpha=-1.0)
+            samples.append(dot64(z, op.matvec(z)))
+    finally:
+        op.on_product = None
+        bar.close()
     arr = np.asarray(samples, dtype=np.float64)
     stderr = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else float("nan")
     return TraceResult(
-        value=exact + float(arr.mean()),
+        value=exact + (float(arr.mean()) if arr.size else 0.0),
         stderr=stderr,
-        num_hvps=objective.counts["hvp"] - start,
+        num_hvps=op.count,
         num_samples=num_samples,
         method=method,
         seed=seed if isinstance(seed, int) else None,
+        rounding=rounding,
     )
 
 
@@ -322,7 +377,7 @@ class DensityResult(Result):
 
 
 def hessian_density(
-    objective: Objective,
+    objective: Any,
     *,
     num_runs: int = 4,
     lanczos_steps: int = 64,
@@ -331,46 +386,61 @@ def hessian_density(
     seed: int | torch.Generator = 0,
     progress: bool = False,
     at: Tensor | None = None,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> DensityResult:
     """Spectral density phi(t) = (1/n) sum_i delta(t - lambda_i) by stochastic Lanczos quadrature.
 
     Each run starts Lanczos from a random unit vector v, builds the tridiagonal T with full
-    reorthogonalization and solves it with the symmetric tridiagonal eigensolver
-    (``scipy.linalg.eigh_tridiagonal``): nodes theta_j are its eigenvalues and weights
-    tau_j = (e_1^T y_j)^2 (so v^T f(H) v ~ sum_j tau_j f(theta_j)). The density is the
-    average over runs of sum_j tau_j N(t; theta_j, sigma^2), with
-    sigma = kernel_width * (max node - min node).
+    reorthogonalization (float64 sums) and solves it with the symmetric tridiagonal
+    eigensolver (``scipy.linalg.eigh_tridiagonal``): nodes theta_j are its eigenvalues and
+    weights tau_j = (e_1^T y_j)^2 (so v^T f(H) v ~ sum_j tau_j f(theta_j)). The density is
+    the average over runs of sum_j tau_j N(t; theta_j, sigma^2), with
+    sigma = kernel_width * (max node - min node). The operator's rounding moves each node
+    by about the eigenvalue allowance d, far below sigma. Memory: ``lanczos_steps``
+    vectors of num_params, allocated as the run grows.
 
     Args:
-        objective: The empirical risk.
+        objective: The empirical risk, or a symmetric operator (see
+            :func:`hessian_eigenvalues`).
         num_runs: Number of random start vectors.
-        lanczos_steps: Lanczos steps per run (HVPs per run).
+        lanczos_steps: Lanczos steps per run (products per run).
         num_points: Size of the output grid.
         kernel_width: Gaussian width relative to the spectrum's range.
         seed: Seed or generator.
-        progress: Show a tqdm bar.
+        progress: Show a tqdm bar of products done (of at most num_runs * lanczos_steps).
         at: Flat parameter vector where the Hessian is taken (default: the model's).
+        basis_device: Keep the Lanczos basis there (as for :func:`hessian_eigenvalues`).
+        basis_dtype: Store the basis in this dtype (as for :func:`hessian_eigenvalues`).
     """
     if num_runs < 1 or lanczos_steps < 1 or num_points < 2:
         raise ValueError("num_runs and lanczos_steps must be >= 1 and num_points >= 2")
     if not kernel_width > 0:
         raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
     gen = make_generator(seed)
-    theta = objective.point(at)
-    start = objective.counts["hvp"]
+    op = as_operator(objective, at)
+    total = num_runs * min(lanczos_steps, op.n)
+    bar = tqdm(total=total, desc="density", unit="matvec", disable=not progress, leave=False)
+    op.on_product = bar.update
     nodes, weights = [], []
-    for _ in tqdm(range(num_runs), desc="density", disable=not progress, leave=False):
-        alpha, beta = lanczos_tridiagonal(
-            lambda v: objective.hvp(v, at=theta),
-            random_vector(objective, gen),
-            lanczos_steps,
-        )
-        if alpha.numel() == 1:
-            vals, vecs = alpha.numpy(), np.ones((1, 1))
-        else:
-            vals, vecs = scipy.linalg.eigh_tridiagonal(alpha.numpy(), beta.numpy())
-        nodes.append(vals)
-        weights.append(vecs[0] ** 2)
+    try:
+        for _ in range(num_runs):
+            alpha, beta = lanczos_tridiagonal(
+                op.matvec,
+                op.random(gen),
+                lanczos_steps,
+                basis_device=basis_device,
+                basis_dtype=basis_dtype,
+            )
+            if alpha.numel() == 1:
+                vals, vecs = alpha.numpy(), np.ones((1, 1))
+            else:
+                vals, vecs = scipy.linalg.eigh_tridiagonal(alpha.numpy(), beta.numpy())
+            nodes.append(vals)
+            weights.append(vecs[0] ** 2)
+    finally:
+        op.on_product = None
+        bar.close()
     all_nodes = np.concatenate(nodes)
     lo, hi = float(all_nodes.min()), float(all_nodes.max())
     sigma = kernel_width * max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
@@ -389,6 +459,6 @@ def hessian_density(
         sigma=sigma,
         num_runs=num_runs,
         lanczos_steps=lanczos_steps,
-        num_hvps=objective.counts["hvp"] - start,
+        num_hvps=op.count,
         seed=seed if isinstance(seed, int) else None,
     )

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import symmetric_with_spectrum
 
-from flatlens.measures._lanczos import lanczos_eigsh, lanczos_tridiagonal, power_iteration
+from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._lanczos import lanczos_eigsh
 
 
 def wanted(lam: torch.Tensor, which: str, k: int) -> torch.Tensor:
@@ -83,7 +84,7 @@ def test_n_smaller_than_basis(which):
     lam = torch.tensor([3.0, -4.0, 1.0, 2.0, -0.5, 0.1, 7.0, -7.5])
     a, out = solve(lam, 3, which)
     check_pairs(a, out, wanted(lam, which, 3), rtol=1e-10)
-    assert out.num_matvecs <= 8
+    assert out.num_matvecs <= 8 + 3 + 1  # n steps, k residual checks, one rounding check
 
 
 def test_k_is_n_minus_one():
@@ -152,12 +153,37 @@ def test_stops_as_soon_as_converged_and_no_later():
     err = (loose.eigenvalues - wanted(lam, "LA", 3)).abs()
     assert bool((err <= 1e-3 * wanted(lam, "LA", 3).abs()).all())
     assert bool(loose.converged.all())
-    # It stopped at the first matvec after which the wanted pairs and the one guard pair
-    # (lanczos.GUARD) were certified: one fewer on the same path would not have been enough.
+    # It stopped at the first product after which the k wanted pairs were certified (no
+    # guard pair is waited for): one product less on the same path is not enough.
     _, early = solve(lam, 3, "LA", tol=1e-3, max_matvecs=loose.num_matvecs - 1)
     assert early.num_matvecs == loose.num_matvecs - 1
-    _, guarded = solve(lam, 4, "LA", tol=1e-3, max_matvecs=loose.num_matvecs - 1)
-    assert not bool(guarded.converged.all())
+    assert not bool(early.converged.all())
+    err = (early.eigenvalues - wanted(lam, "LA", 3)).abs()
+    assert bool((err <= early.error_bounds).all())
+
+
+def test_a_cluster_below_the_top_does_not_delay_the_stop():
+    """The old rule also waited for the next pair, deep in the cluster at 2 (80 products
+    at tol 1e-6); the top pair alone needs a dozen Lanczos steps."""
+    gen = torch.Generator().manual_seed(0)
+    cluster = 2.0 + 0.01 * torch.rand(40, generator=gen, dtype=torch.float64)
+    lam = torch.cat([torch.tensor([3.0]), cluster, spread(259, -1.0, 1.0)])
+    a, out = solve(lam, 1, "LA", tol=1e-6)
+    assert out.num_matvecs <= 20
+    check_pairs(a, out, torch.tensor([3.0], dtype=torch.float64), rtol=1e-6)
+
+
+def test_quadratic_bound_needs_a_converged_neighbour():
+    """After a few steps the top Ritz value can sit between unseen eigenvalues (1000, 990,
+    985) with its nearest neighbour an unconverged bulk mixture: the gap to that neighbour
+    is no gap of the spectrum. Kato-Temple is used only once the neighbour met tol."""
+    n = 2000
+    gen = torch.Generator().manual_seed(0)
+    d = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * 100
+    d[:5] = torch.tensor([1000.0, 990.0, 985.0, 970.0, 960.0], dtype=torch.float64)
+    out = lanczos_eigsh(lambda v: d * v, start(n, seed=3), 1, tol=1e-4)
+    assert bool(out.converged.all())
+    assert abs(float(out.eigenvalues[0]) - 1000.0) <= float(out.error_bounds[0])
 
 
 def test_budget_exhausted_reports_not_converged():
@@ -189,6 +215,119 @@ def test_float32_operator():
     assert torch.allclose(out.eigenvalues, wanted(lam, "LA", 3), rtol=1e-4)
 
 
+# ---------------------------------------------------------------------------------- float32
+def diagonal_case(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 diagonal spectrum: five separated top values, a bulk in [-100, 100] and a
+    cluster near -500; and its exact values in descending order (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * 100
+    d[:5] = torch.tensor([1000.0, 990.0, 985.0, 970.0, 960.0], dtype=torch.float64)
+    d[5:10] = -500.0 + torch.arange(5, dtype=torch.float64)
+    d32 = d.float()
+    return d32, d32.double().sort(descending=True).values
+
+
+@pytest.mark.parametrize(("k", "tol"), [(1, 1e-4), (3, 1e-5)])
+def test_float32_certificate_holds_at_a_million_parameters(k, tol):
+    """Basis and products in float32, n = 1e6: every bound covers the true error (the
+    recurrence alone claimed 1e-6 while off by 1e-3 at this size), is within tol, and the
+    reported residuals are the true ones."""
+    n = 1_000_000
+    d, exact = diagonal_case(n)
+    out = lanczos_eigsh(lambda v: d * v, start(n).float(), k, tol=tol)
+    assert out.eigenvectors.dtype == torch.float32
+    err = (out.eigenvalues - exact[:k]).abs()
+    assert bool((err <= out.error_bounds).all()), (err, out.error_bounds)
+    assert bool(out.converged.all())
+    assert bool((out.error_bounds <= tol * out.eigenvalues.abs()).all())
+    u = out.eigenvectors.double()
+    true_res = torch.linalg.vector_norm(u * d.double() - out.eigenvalues[:, None] * u, dim=1)
+    assert torch.allclose(out.residuals, true_res, rtol=1e-3, atol=1e-9 * 1000)
+    assert 0 < out.rounding <= 1e-5 * 1000  # measured, a few eps32 of ||A||
+    assert out.basis_vectors <= 25
+
+
+def test_unreachable_tol_warns_and_stays_honest():
+    d, exact = diagonal_case(100_000)
+    with pytest.warns(RuntimeWarning, match="rounding"):
+        out = lanczos_eigsh(lambda v: d * v, start(100_000).float(), 1, tol=1e-9)
+    assert not bool(out.converged.all())
+    assert abs(float(out.eigenvalues[0] - exact[0])) <= float(out.error_bounds[0])
+    assert out.num_matvecs < 100  # it stops once rounding is what is left
+
+
+def test_rounding_given_skips_the_measurement():
+    lam = spread(120, -1.0, 2.0)
+    a, measured = solve(lam, 2, tol=1e-8)
+    _, given = solve(lam, 2, tol=1e-8, rounding=0.0)
+    assert given.num_matvecs == measured.num_matvecs - 1
+    assert given.rounding <= 1e-13 <= measured.rounding + 1e-13
+    check_pairs(a, given, wanted(lam, "LA", 2), rtol=1e-8)
+
+
+def test_matmat_batches_the_final_checks():
+    lam = spread(80, -1.0, 1.0)
+    a, _ = symmetric_with_spectrum(lam)
+    calls = []
+
+    def matmat(rows):
+        calls.append(rows.shape[0])
+        return rows @ a
+
+    out = lanczos_eigsh(lambda v: a @ v, start(80), 3, tol=1e-8, matmat=matmat)
+    assert calls == [4]  # three residual checks and the rounding check in one call
+    check_pairs(a, out, wanted(lam, "LA", 3), rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------- memory
+def test_basis_grows_as_needed():
+    lam = spread(2000, -1.0, 1.0, seed=5)
+    lam[0] = 4.0
+    a, out = solve(lam, 1, "LA", tol=1e-4)
+    steps = out.num_matvecs - 2
+    assert steps < 12
+    assert out.basis_vectors <= steps + 4 < 25  # not basis_size + 1 = 25 rows up front
+    check_pairs(a, out, torch.tensor([4.0], dtype=torch.float64), rtol=1e-4)
+
+
+def test_lower_precision_basis_keeps_the_certificate():
+    lam = spread(300, -1.0, 1.0, seed=2)
+    lam[:3] = torch.tensor([3.0, 2.5, 2.2])
+    expected = wanted(lam, "LA", 2)
+    _a, ref = solve(lam, 2, tol=1e-6)
+    _, on_cpu = solve(lam, 2, tol=1e-6, basis_device="cpu")
+    assert torch.equal(ref.eigenvalues, on_cpu.eigenvalues)
+    _, f32 = solve(lam, 2, tol=1e-6, basis_dtype=torch.float32)
+    assert bool(f32.converged.all()) and f32.eigenvectors.dtype == torch.float64
+    for dtype in (torch.float32, torch.bfloat16):
+        _, out = solve(lam, 2, tol=1e-6, basis_dtype=dtype, max_matvecs=200)
+        assert bool(((out.eigenvalues - expected).abs() <= out.error_bounds).all())
+
+
+def test_refinement_restarts_from_the_returned_vectors():
+    """A float16 basis drifts: the recurrence claims tol before the true residual meets it,
+    so Lanczos restarts from the returned vectors and their products."""
+    n = 200_000
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
+    d[:4] = torch.tensor([3.0, 2.5, 2.2, 2.1], dtype=torch.float64)
+    d32 = d.float()
+    v0 = start(n).float()
+    out = lanczos_eigsh(lambda v: d32 * v, v0, 2, tol=1e-4, basis_dtype=torch.float16)
+    assert out.num_refinements >= 1
+    assert bool(out.converged.all())
+    exact = torch.tensor([3.0, 2.5], dtype=torch.float64)
+    assert bool(((out.eigenvalues - exact).abs() <= out.error_bounds).all())
+
+
+def test_progress_counts_products_without_a_budget_total(capsys):
+    lam = spread(60, -1.0, 1.0)
+    solve(lam, 1, tol=1e-6, progress=True)
+    err = capsys.readouterr().err
+    assert "lanczos" in err and "matvec" in err
+    assert "/500" not in err and "/1" not in err
+
+
 def test_eigsh_errors():
     a, _ = symmetric_with_spectrum([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="k must be"):
@@ -197,6 +336,11 @@ def test_eigsh_errors():
         lanczos_eigsh(lambda v: a @ v, start(3), 0)
     with pytest.raises(ValueError, match="basis_size"):
         lanczos_eigsh(lambda v: a @ v, start(3), 2, basis_size=2)
+    b, _ = symmetric_with_spectrum(spread(20, 0.0, 1.0))
+    with pytest.raises(ValueError, match=r"max_matvecs \(max_hvps\) must be at least 5"):
+        lanczos_eigsh(lambda v: b @ v, start(20), 2, max_matvecs=4)
+    with pytest.raises(ValueError, match="rounding"):
+        lanczos_eigsh(lambda v: b @ v, start(20), 2, rounding=-1.0)
 
 
 # ---------------------------------------------------------------------------------- tridiagonal

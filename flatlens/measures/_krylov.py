@@ -1,0 +1,147 @@
+"""Plain Krylov iterations: Lanczos steps for stochastic Lanczos quadrature, power iteration.
+
+* :func:`lanczos_tridiagonal`: plain Lanczos steps returning the tridiagonal (alpha, beta).
+* :func:`power_iteration`: power iteration with deflation, for comparison.
+
+Both accumulate inner products in float64 (:mod:`flatlens.measures._basis`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flatlens.measures._basis import Basis, combo_norm64, dot64, norm64
+from flatlens.measures._lanczos import EigshOutput, MatVec, Which, _fix_signs
+
+__all__ = ["lanczos_tridiagonal", "power_iteration"]
+
+
+def lanczos_tridiagonal(
+    matvec: MatVec,
+    v0: Tensor,
+    steps: int,
+    *,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run ``steps`` Lanczos steps with full reorthogonalization from ``v0``.
+
+    Inner products are accumulated in float64; the basis grows as needed (at most
+    ``steps`` vectors), on ``basis_device`` in ``basis_dtype`` if given.
+
+    Returns:
+        ``(alpha, beta)`` in float64 on the CPU: the diagonal (length s) and off-diagonal
+        (length s - 1) of the tridiagonal T = V^T A V, where s <= steps stops early at an
+        invariant subspace.
+    """
+    n = v0.numel()
+    steps = min(steps, n)
+    dev, dt = v0.device, v0.dtype
+    bdev = torch.device(basis_device) if basis_device else dev
+    basis = Basis(n, steps, device=bdev, dtype=basis_dtype or dt)
+    basis.append(v0 / norm64(v0))
+    alpha, beta = [], []
+    for j in range(steps):
+        w = matvec(basis.row(j).to(dev, dt)).to(basis.device, copy=True)
+        w, h = basis.orthogonalize(w)
+        alpha.append(float(h[j]))
+        if j + 1 == steps:
+            break
+        b = norm64(w)
+        if b <= 1e-12 * max(abs(a) for a in alpha) * math.sqrt(n):
+            break
+        beta.append(b)
+        basis.append(w / b)
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+
+
+def power_iteration(
+    matvec: MatVec,
+    n: int,
+    k: int,
+    *,
+    which: Which = "LA",
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    make_start: Callable[[], Tensor],
+    progress: bool = False,
+) -> EigshOutput:
+    """k eigenpairs by power iteration with deflation (Hotelling-style projection).
+
+    Each eigenpair is found on the operator P (s A - c I) P, where P projects out the
+    eigenvectors already found, s = -1 for ``"SA"`` and c is a shift. For ``"LA"``/``"SA"``
+    the dominant eigenvalue is found first; when it has the wrong sign, the iteration is
+    rerun with that eigenvalue as the shift so the wanted end of the spectrum dominates.
+    Stops when the Rayleigh quotient changes by less than ``tol`` relative, or when the
+    budget of ``max_matvecs`` products in all (default 1000 k) is spent; one product per
+    pair checks its residual r (float64 sums) and is part of the budget. The bound is
+    r + 2 eps |lambda| (Weyl: some eigenvalue lies that close, not necessarily the wanted).
+    """
+    if not 1 <= k < n:
+        raise ValueError(f"k must be between 1 and num_params - 1 = {n - 1}, got {k}")
+    budget = 1000 * k if max_matvecs is None else max_matvecs
+    if budget < k:
+        raise ValueError(f"max_matvecs must be >= k = {k} (one check per pair), got {budget}")
+    sign = -1.0 if which == "SA" else 1.0
+    found: list[Tensor] = []
+    values: list[float] = []
+    residuals: list[float] = []
+    converged: list[bool] = []
+    count = 0
+
+    def deflate(v: Tensor) -> Tensor:
+        for u in found:
+            v = v - dot64(u, v) * u
+        return v
+
+    bar = tqdm(desc="power", unit="matvec", disable=not progress, leave=False)
+    for _ in range(k):
+        shift = 0.0
+        for _attempt in range(2):
+            v = deflate(make_start())
+            v = v / norm64(v)
+            lam, ok = 0.0, False
+            while count + (k - len(found)) < budget:
+                w = deflate(sign * matvec(v) - shift * v)
+                count += 1
+                bar.update(1)
+                new = dot64(v, w)
+                nw = norm64(w)
+                if nw == 0:
+                    lam, ok = new, True
+                    break
+                v = deflate(w / nw)
+                v = v / norm64(v)
+                if abs(new - lam) <= tol * abs(new):
+                    lam, ok = new, True
+                    break
+                lam = new
+            if which == "LM" or lam >= 0 or shift != 0.0:
+                break
+            shift = lam
+        av = matvec(v)
+        count += 1
+        bar.update(1)
+        value = dot64(v, av)
+        found.append(v)
+        values.append(value)
+        residuals.append(combo_norm64(av, v, value))
+        converged.append(ok)
+    bar.close()
+    vecs = torch.stack(found)
+    res = torch.tensor(residuals, dtype=torch.float64)
+    vals = torch.tensor(values, dtype=torch.float64)
+    return EigshOutput(
+        eigenvalues=vals,
+        eigenvectors=_fix_signs(vecs),
+        residuals=res,
+        error_bounds=res + 2 * torch.finfo(vecs.dtype).eps * vals.abs().max(),
+        converged=torch.tensor(converged),
+        num_matvecs=count,
+        num_restarts=0,
+    )

@@ -26,22 +26,29 @@ __all__ = ["PeakMemory", "available_bytes", "saved_bytes", "tracks_peak_memory"]
 R = TypeVar("R")
 
 
-def _vm_hwm() -> int | None:
+def _status(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
+def _vm_hwm() -> int | None:
+    return _status("VmHWM")
+
+
 def _reset_vm_hwm() -> bool:
+    """Reset the peak RSS to the current RSS; False where the kernel (or a sandbox) does not
+    support it, which is checked, since some accept the write and ignore it."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return True
+    hwm, rss = _vm_hwm(), _status("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + (4 << 20)
 
 
 _DEPTH = [0]

@@ -283,7 +283,9 @@ def worst_case_ascent(
             eigen=eigen,
             num_eigen=config.num_eigen,
             eigen_tol=config.eigen_tol,
-            eigen_max_hvps=None if config.budget is None else max(2, int(0.3 * config.budget)),
+            eigen_max_hvps=None
+            if config.budget is None
+            else max(2 * config.num_eigen + 1, int(0.3 * config.budget)),
             starts=starts,
         )
         steps = config.steps

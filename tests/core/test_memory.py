@@ -16,7 +16,7 @@ def test_peak_memory_sees_a_large_temporary_allocation():
         del block
     after = _status("VmRSS")
     assert peak.kind in ("cpu_peak_rss", "cpu_process_peak_rss")
-    assert peak.bytes >= inside >= 64 << 20
+    assert peak.bytes >= inside - (1 << 20) and inside >= 64 << 20  # RSS counters lag a little
     if peak.kind == "cpu_peak_rss" and after is not None:
         # The peak was reset on entry, so it reflects this block, not an earlier one.
         assert peak.bytes <= max(inside, after) + (64 << 20)

@@ -1,4 +1,5 @@
-"""Data sets: scikit-learn's bundled digits, CIFAR-10/100 from a local folder, synthetic sets.
+"""Data sets: scikit-learn's bundled digits, CIFAR-10/100 from a local folder, your own
+``torch.utils.data`` data sets, synthetic sets.
 
 Nothing is ever downloaded. Each loader returns in-memory tensors ``(x_train, y_train,
 x_test, y_test)`` and :func:`batches` cuts a tensor pair into a list of batches.
@@ -6,15 +7,27 @@ x_test, y_test)`` and :func:`batches` cuts a tensor pair into a list of batches.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "batches", "load_cifar", "load_digits", "synthetic_classification"]
+__all__ = [
+    "Dataset",
+    "batches",
+    "digest",
+    "from_datasets",
+    "load_cifar",
+    "load_digits",
+    "synthetic_classification",
+]
 
 
 @dataclass
@@ -102,11 +115,22 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
             entry = _CifarUnpickler(fh, encoding="latin1").load()
         data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry[label_key], dtype=np.int64)
-    except Exception as err:
-        raise ValueError(f"{path} is not a CIFAR python batch file ({err})") from err
+    except Exception as err:  # every failure of the reader: one line
+        text = " ".join(str(err).split()) or "(no message)"
+        raise ValueError(
+            f"{path} is not a CIFAR python batch file ({type(err).__name__}: {text})"
+        ) from err
     if len(labels) != len(data):
         raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
     return data, labels
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{path} holds labels outside 0..{num_classes - 1} "
+            f"({int(labels.min())}..{int(labels.max())}): is it CIFAR-{num_classes}?"
+        )
 
 
 def load_cifar(root: str | Path, *, num_classes: int = 10) -> Dataset:
@@ -141,6 +165,8 @@ def load_cifar(root: str | Path, *, num_classes: int = 10) -> Dataset:
             raise FileNotFoundError(f"CIFAR-{num_classes}: missing file {f}")
     xs, ys = zip(*(_read_cifar_batch(f, key) for f in train_files), strict=True)
     xt, yt = _read_cifar_batch(test_files[0], key)
+    for f, labels in zip([*train_files, *test_files], [*ys, yt], strict=True):
+        _check_labels(labels, num_classes, f)
     x_train = torch.from_numpy(np.concatenate(xs)).float() / 255
     x_test = torch.from_numpy(xt).float() / 255
     mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
@@ -210,3 +236,143 @@ def batches(
         x, y = x[order], y[order]
     stop = n - n % batch_size if drop_last else n
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, stop, batch_size)]
+
+
+def digest(data: Dataset) -> str:
+    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs.
+
+    Two data sets with the same digest are, for every practical purpose, the same; it is
+    what resumed training runs and diagnoses compare (16 hex digits).
+    """
+    h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
+    for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).numpy().tobytes())
+    h.update(f"{len(data.x_train)},{len(data.x_test)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _as_tensor(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, bool | int | np.integer):
+        return torch.tensor(int(value), dtype=torch.int64)
+    if isinstance(value, float | np.floating):
+        return torch.tensor(float(value), dtype=torch.float32)
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise TypeError(f"a {type(value).__name__} that is not numbers")
+    return torch.from_numpy(array.copy())
+
+
+def _stack(values: list[Tensor], what: str, split: str) -> Tensor:
+    first = tuple(values[0].shape)
+    for i, v in enumerate(values):
+        if tuple(v.shape) != first:
+            raise ValueError(
+                f"the {what} of the {split} set differ in shape: example 0 is {first}, "
+                f"example {i} is {tuple(v.shape)}; every example must have the same shape"
+            )
+    return torch.stack(values)
+
+
+def _examples(source: Any, split: str) -> tuple[Tensor, Tensor]:
+    """Every ``(input, target)`` example of ``source`` as two stacked tensors."""
+    if isinstance(source, Tensor | np.ndarray | str | bytes) or not (
+        hasattr(source, "__getitem__") or isinstance(source, Iterable)
+    ):
+        raise TypeError(f"the {split} set is a {type(source).__name__}, not a data set")
+    try:
+        if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+            examples = [source[i] for i in range(len(source))]
+        else:
+            examples = list(source)
+    except Exception as err:  # the user's data set failed
+        text = " ".join(str(err).split()) or "(no message)"
+        raise ValueError(f"reading the {split} set raised {type(err).__name__}: {text}") from err
+    if not examples:
+        raise ValueError(f"the {split} set is empty")
+    xs, ys = [], []
+    for i, example in enumerate(examples):
+        if not isinstance(example, tuple | list) or len(example) != 2:
+            raise TypeError(
+                f"example {i} of the {split} set is a {type(example).__name__}, not an "
+                "(input, target) pair"
+            )
+        try:
+            xs.append(_as_tensor(example[0]))
+            ys.append(_as_tensor(example[1]))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"example {i} of the {split} set holds {err}") from None
+    return _stack(xs, "inputs", split), _stack(ys, "targets", split)
+
+
+def _is_pair(obj: Any) -> bool:
+    """Whether ``obj`` is a ``(train, test)`` tuple of data sets, not one data set."""
+    if not isinstance(obj, tuple) or len(obj) != 2:
+        return False
+    return all(
+        isinstance(part, torch.utils.data.Dataset)
+        or (isinstance(part, list | tuple) and bool(part) and isinstance(part[0], tuple | list))
+        for part in obj
+    )
+
+
+def from_datasets(
+    datasets: Any,
+    *,
+    name: str,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+) -> Dataset:
+    """A :class:`Dataset` from ``torch.utils.data`` data sets of ``(input, target)`` examples.
+
+    Every example is read once and stacked in memory (inputs keep their dtype; integer and
+    Python ``int`` targets become int64 class labels, floating targets stay as they are).
+
+    Args:
+        datasets: One data set, or a ``(train, test)`` tuple of them. One data set is split
+            like :func:`load_digits`: a fixed permutation drawn from ``seed``, the first
+            ``test_fraction`` of it for testing.
+        name: The data set's name in reports.
+        test_fraction: Share of a single data set held out for testing.
+        seed: Seed of that split.
+
+    Returns:
+        The data set; ``num_classes`` is 1 + the largest label for class labels, else the
+        number of values of one target (the outputs a model needs).
+
+    Raises:
+        TypeError: something that is not a data set of ``(input, target)`` pairs.
+        ValueError: an empty split, examples of different shapes, negative labels, or any
+            exception the data set raised while it was read (type and message kept).
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if _is_pair(datasets):
+        x_train, y_train = _examples(datasets[0], "training")
+        x_test, y_test = _examples(datasets[1], "test")
+    else:
+        x, y = _examples(datasets, "training")
+        if len(y) < 2:
+            raise ValueError("one data set needs at least 2 examples to split into train/test")
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        n_test = min(max(1, round(len(y) * test_fraction)), len(y) - 1)
+        x, y = x[perm], y[perm]
+        x_train, y_train, x_test, y_test = x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    if x_train.shape[1:] != x_test.shape[1:] or y_train.shape[1:] != y_test.shape[1:]:
+        raise ValueError(
+            f"train and test examples differ in shape: inputs {tuple(x_train.shape[1:])} vs "
+            f"{tuple(x_test.shape[1:])}, targets {tuple(y_train.shape[1:])} vs "
+            f"{tuple(y_test.shape[1:])}"
+        )
+    if y_train.is_floating_point() or y_test.is_floating_point():
+        num_classes = math.prod(y_train.shape[1:])
+    else:
+        y_train, y_test = y_train.long(), y_test.long()
+        low = min(int(y_train.min()), int(y_test.min()))
+        if low < 0:
+            raise ValueError(f"class labels must be >= 0, found {low}")
+        num_classes = max(int(y_train.max()), int(y_test.max())) + 1
+    return Dataset(x_train, y_train, x_test, y_test, num_classes, name)

@@ -19,7 +19,17 @@ from torch import nn
 if TYPE_CHECKING:
     from flatlens.data import Dataset
 
-__all__ = ["MODELS", "ResNet18", "build", "check_spec", "cnn", "factory", "mlp", "resnet18"]
+__all__ = [
+    "MODELS",
+    "ResNet18",
+    "build",
+    "check_spec",
+    "cnn",
+    "factory",
+    "import_object",
+    "mlp",
+    "resnet18",
+]
 
 
 def mlp(
@@ -121,25 +131,66 @@ def check_spec(spec: object) -> str:
     return spec
 
 
+def import_object(spec: str, what: str = "model factory") -> Any:
+    """The object ``package.module:name`` names, importing its module.
+
+    Any exception while importing the module (an ``ImportError``, but also a
+    ``RuntimeError`` or ``SyntaxError`` raised by the module's own code) becomes one
+    :class:`ValueError` naming the spec, the module, the exception's type and its message.
+
+    Args:
+        spec: ``package.module:name`` (``name`` may be dotted: ``module:Class.method``).
+        what: What the object is, for messages (``"model factory"``, ``"loss"``, ...).
+
+    Raises:
+        ValueError: a malformed spec, a module that cannot be imported, or a missing name.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} must look like package.module:name")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise ValueError(
+                f"cannot import {what} {spec!r}: no module named {err.name!r}; is its package "
+                "on PYTHONPATH?"
+            ) from err
+        raise ValueError(_import_failure(spec, what, module_name, err)) from err
+    except (Exception, SystemExit) as err:  # the user's module code failed
+        raise ValueError(_import_failure(spec, what, module_name, err)) from err
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError as err:
+            raise ValueError(
+                f"cannot import {what} {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from err
+    return found
+
+
+def _import_failure(spec: str, what: str, module: str, err: BaseException) -> str:
+    where, text = "", " ".join(str(err).split()) or "(no message)"
+    if isinstance(err, SyntaxError) and err.filename:
+        where, text = f" at {err.filename}:{err.lineno}", err.msg or text
+    return (
+        f"cannot import {what} {spec!r}: importing module {module!r} raised "
+        f"{type(err).__name__}{where}: {text}"
+    )
+
+
 def factory(spec: str) -> Callable[..., nn.Module]:
     """The callable a model spec names, imported for a ``package.module:factory`` spec.
 
     Raises:
         TypeError: ``spec`` is not a string.
-        ValueError: a bad spec (see :func:`check_spec`), a factory that cannot be imported,
-            or one that is not callable.
+        ValueError: a bad spec (see :func:`check_spec`), a factory that cannot be imported
+            (whatever its module raised), or one that is not callable.
     """
     check_spec(spec)
     if ":" not in spec:
         return MODELS[spec]
-    module_name, _, attr = spec.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"cannot import model factory {spec!r} ({type(err).__name__}: {err}); is its "
-            "package on PYTHONPATH?"
-        ) from err
+    found = import_object(spec, "model factory")
     if not callable(found):
         raise ValueError(f"model factory {spec!r} is not callable")
     return found
@@ -157,8 +208,8 @@ def build(spec: str, /, data: Dataset | None = None, **kwargs: Any) -> nn.Module
 
     Raises:
         TypeError: ``spec`` is not a string, or the factory returned no ``nn.Module``.
-        ValueError: an unknown name, a factory that cannot be imported, or arguments it
-            does not take.
+        ValueError: an unknown name, a factory that cannot be imported, arguments it does
+            not take, or any exception the factory raised (its type and message kept).
     """
     make = factory(spec)
     if data is not None:
@@ -176,9 +227,18 @@ def build(spec: str, /, data: Dataset | None = None, **kwargs: Any) -> nn.Module
             if key in accepted and key not in kwargs and value is not None:
                 kwargs[key] = value
     try:
-        model = make(**kwargs)
+        inspect.signature(make).bind(**kwargs)
     except TypeError as err:
         raise ValueError(f"model {spec!r} does not take the arguments {kwargs}: {err}") from err
+    except ValueError:  # no signature to check (a builtin): let the call decide
+        pass
+    try:
+        model = make(**kwargs)
+    except Exception as err:  # the user's factory failed
+        text = " ".join(str(err).split()) or "(no message)"
+        raise ValueError(
+            f"model factory {spec!r} raised {type(err).__name__}: {text} (arguments {kwargs})"
+        ) from err
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, not a Module")
     return model

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from flatlens.data import batches, load_cifar, load_digits, synthetic_classification
+from flatlens.data import (
+    batches,
+    digest,
+    from_datasets,
+    load_cifar,
+    load_digits,
+    synthetic_classification,
+)
 
 
 # ------------------------------------------------------------------ digits
@@ -124,6 +131,99 @@ def test_cifar_label_count_mismatch(tmp_path):
         pickle.dump({"data": np.zeros((3, 3072), np.uint8), "labels": [0, 1]}, fh)
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         load_cifar(tmp_path)
+
+
+_RANDOM = np.random.default_rng(0).bytes(360)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", _RANDOM[:300], b"PK\x03\x04" + _RANDOM[300:], b"x" * 50],
+    ids=["empty", "random", "zip", "text"],
+)
+def test_every_unreadable_cifar_batch_is_one_value_error(tmp_path, content):
+    folder, _, _ = fake_cifar10(tmp_path)
+    (folder / "data_batch_2").write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_2 is not a CIFAR python batch file") as info:
+        load_cifar(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_cifar_labels_out_of_range_are_refused(tmp_path):
+    folder, _, _ = fake_cifar10(tmp_path)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 57]}, fh)
+    with pytest.raises(ValueError, match=r"labels outside 0\.\.9 \(0\.\.57\): is it CIFAR-10"):
+        load_cifar(tmp_path)
+
+
+# ------------------------------------------------------------------ your own data sets
+def _pairs(n: int, seed: int = 0) -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 3, generator=gen)
+    return torch.utils.data.TensorDataset(x, torch.arange(n) % 4)
+
+
+def test_from_datasets_takes_a_train_test_pair_as_it_is():
+    train, test = _pairs(10), _pairs(6, seed=1)
+    data = from_datasets((train, test), name="mine")
+    assert torch.equal(data.x_train, train.tensors[0]) and torch.equal(data.y_test, test.tensors[1])
+    assert data.input_shape == (2, 3) and data.num_classes == 4 and data.name == "mine"
+    assert data.y_train.dtype == torch.int64
+
+
+def test_from_datasets_splits_one_data_set_like_digits():
+    data = from_datasets(_pairs(20), name="one")
+    assert (len(data.y_train), len(data.y_test)) == (15, 5)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    x = _pairs(20).tensors[0][perm]
+    assert torch.equal(data.x_test, x[:5]) and torch.equal(data.x_train, x[5:])
+
+
+def test_from_datasets_reads_plain_python_examples_and_float_targets():
+    examples = [(np.full(3, i, dtype=np.float32), float(i) / 2) for i in range(8)]
+    data = from_datasets((examples[:6], examples[6:]), name="regression")
+    assert data.x_train.shape == (6, 3) and data.y_train.dtype == torch.float32
+    assert data.num_classes == 1  # one output per example
+    assert data.y_test.tolist() == [3.0, 3.5]
+
+
+class _Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise OSError("file vanished")
+        return torch.zeros(2), 0
+
+
+@pytest.mark.parametrize(
+    ("datasets", "error", "match"),
+    [
+        (3, TypeError, "the training set is a int, not a data set"),
+        ([], ValueError, "the training set is empty"),
+        ([torch.zeros(2)], TypeError, "example 0 of the training set is a Tensor, not an"),
+        ([(torch.zeros(2), 0), (torch.zeros(3), 1)], ValueError, "differ in shape"),
+        ([(torch.zeros(2), -1), (torch.zeros(2), 1)], ValueError, "labels must be >= 0"),
+        ([("a", 0), ("b", 1)], TypeError, "example 0 of the training set holds"),
+        (_Failing(), ValueError, "reading the training set raised OSError: file vanished"),
+        ([(torch.zeros(2), 0)], ValueError, "at least 2 examples"),
+    ],
+)
+def test_from_datasets_errors(datasets, error, match):
+    with pytest.raises(error, match=match):
+        from_datasets(datasets, name="bad")
+
+
+def test_digest_sees_labels_inputs_and_names():
+    data = synthetic_classification(n=20, test_n=10)
+    same = synthetic_classification(n=20, test_n=10)
+    assert digest(data) == digest(same) and len(digest(data)) == 16
+    same.y_train[0] = (same.y_train[0] + 1) % 3
+    assert digest(data) != digest(same)
+    data.name = "other"
+    assert digest(data) != digest(synthetic_classification(n=20, test_n=10))
 
 
 # ------------------------------------------------------------------ synthetic, batches

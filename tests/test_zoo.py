@@ -73,3 +73,48 @@ def test_check_spec_checks_the_form_without_importing(spec, error, match):
     assert zoo.check_spec("no_such_module_xyz:net") == "no_such_module_xyz:net"  # not imported
     with pytest.raises(ValueError, match="cannot import model factory"):
         zoo.build("no_such_module_xyz:net")
+
+
+_MODULES = {
+    "zoo_raises_at_import": "raise RuntimeError('CUDA driver missing')\n",
+    "zoo_bad_syntax": "def net(:\n",
+    "zoo_needs_missing": "import zoo_no_such_dependency\n",
+    "zoo_ok": (
+        "from torch import nn\n"
+        "def net(width=2):\n    return nn.Linear(3, width)\n"
+        "def raises(width=2):\n    raise KeyError('no weights')\n"
+        "class Holder:\n    make = staticmethod(net)\n"
+    ),
+}
+
+
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+    for name, text in _MODULES.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("zoo_raises_at_import:net", ["'zoo_raises_at_import' raised RuntimeError", "driver"]),
+        ("zoo_bad_syntax:net", ["raised SyntaxError at", "zoo_bad_syntax.py:1"]),
+        ("zoo_needs_missing:net", ["ModuleNotFoundError", "zoo_no_such_dependency"]),
+        ("zoo_not_a_module_xyz:net", ["no module named 'zoo_not_a_module_xyz'", "PYTHONPATH"]),
+        ("zoo_ok:missing", ["has no attribute 'missing'"]),
+    ],
+)
+def test_any_import_failure_is_one_value_error_naming_the_module(user_modules, spec, words):
+    with pytest.raises(ValueError, match="cannot import model factory") as info:
+        zoo.build(spec)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_import_object_follows_dotted_names_and_factory_errors_keep_their_type(user_modules):
+    assert zoo.import_object("zoo_ok:Holder.make", "loss") is zoo.import_object("zoo_ok:net")
+    with pytest.raises(ValueError, match=r"raised KeyError: 'no weights' \(arguments"):
+        zoo.build("zoo_ok:raises")
+    with pytest.raises(ValueError, match="does not take the arguments"):
+        zoo.build("zoo_ok:net", depth=3)
+    assert zoo.build("zoo_ok:net", width=4).out_features == 4

@@ -1,28 +1,30 @@
 """What each ``flatlens`` subcommand does, given its parsed arguments.
 
-A command raises :class:`~flatlens.cli._errors.UserError` for input the user can fix and
-lets failures of the computation propagate; :func:`flatlens.cli._main.main` turns both into
-one line on stderr and an exit code.
+Every command first resolves and checks everything the user gave (model, data, loss,
+checkpoint, settings, the ``--out`` folder) and raises :class:`~flatlens.cli._errors.UserError`
+for what the user can fix; only then does it compute. Failures of the computation propagate;
+:func:`flatlens.cli._main.main` turns both into one line on stderr and an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flatlens.cli._errors import UserError
+from flatlens.cli._outputs import claim_out
 from flatlens.core._results import to_jsonable
 
 if TYPE_CHECKING:
-    from torch import nn
+    from collections.abc import Callable
+
+    from torch import Tensor, nn
 
     from flatlens.core._objective import Objective
     from flatlens.data import Dataset
-    from flatlens.train import TrainConfig
 
 __all__ = [
     "cmd_bound",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``--model-kwargs`` as a dict (a JSON object)."""
     try:
         kwargs = json.loads(args.model_kwargs)
@@ -45,36 +47,72 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def _data(args: argparse.Namespace) -> Dataset:
+def load_data(args: argparse.Namespace) -> Dataset:
     """The data set ``--data`` names."""
-    from flatlens.cli._resolve import load_data
+    from flatlens.cli._resolve import load_data as load
 
     try:
-        return load_data(args.data)
-    except (FileNotFoundError, ValueError) as err:
+        return load(args.data)
+    except (OSError, ValueError, TypeError) as err:
         raise UserError(str(err)) from err
 
 
-def _load(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
-    """The model with the checkpoint's weights on ``--device``, and the data in its dtype."""
+def load_loss(args: argparse.Namespace) -> Callable[..., Tensor]:
+    """The loss ``--loss`` names."""
+    from flatlens.cli._resolve import build_loss
+
+    try:
+        return build_loss(args.loss)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from err
+
+
+def check_fit(
+    args: argparse.Namespace,
+    model: nn.Module,
+    data: Dataset,
+    loss_fn: Callable[..., Tensor],
+    *,
+    trainable: bool = False,
+) -> None:
+    """Model, data and loss on two examples (see :func:`~flatlens.cli._resolve.preflight`)."""
+    from flatlens.cli._resolve import preflight
+
+    try:
+        preflight(
+            model, data, loss_fn, model_spec=args.model, loss_spec=args.loss, trainable=trainable
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def _load(args: argparse.Namespace, notes: list[str]) -> tuple[nn.Module, Dataset, Any]:
+    """The model with the checkpoint's weights on ``--device``, the data in its dtype and
+    the loss, all checked to fit together."""
     from flatlens.cli._resolve import build_model, load_weights, match_dtype
 
-    kwargs = _model_kwargs(args)
-    data = _data(args)
+    kwargs = model_kwargs(args)
+    data = load_data(args)
+    loss_fn = load_loss(args)
     try:
         model = build_model(args.model, data, **kwargs)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
-    load_weights(model, args.checkpoint)
+    load_weights(model, args.checkpoint, dtype=args.dtype, notes=notes)
     model.to(args.device)
-    return model, match_dtype(data, model)
+    data = match_dtype(data, model)
+    check_fit(args, model, data, loss_fn)
+    for text in notes:
+        note(args, text)
+    return model, data, loss_fn
 
 
-def _progress(args: argparse.Namespace) -> bool:
+def progress(args: argparse.Namespace) -> bool:
+    """Whether to show progress bars."""
     return not args.quiet
 
 
-def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+def emit(args: argparse.Namespace, result: Any, text: str) -> None:
     """JSON on stdout with ``--json``; else ``text`` unless ``--quiet``."""
     if args.json:
         print(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
@@ -82,10 +120,26 @@ def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
         print(text)
 
 
-def _note(args: argparse.Namespace, text: str) -> None:
-    """A remark on stderr unless ``--quiet``."""
+def note(args: argparse.Namespace, text: str) -> None:
+    """A remark on stderr unless ``--quiet`` (never a safety decision: those are errors)."""
     if not args.quiet:
         print(f"flatlens {args.command}: {text}", file=sys.stderr)
+
+
+def _check_stores(out: Path, names: list[str]) -> None:
+    """Refuse, before any work, a landscape store in ``out`` that cannot be read."""
+    from flatlens.landscape._storage import read
+
+    for name in names:
+        path = out / name
+        if path.exists():
+            try:
+                read(path)
+            except (OSError, ValueError) as err:
+                raise UserError(
+                    f"landscape store {path} cannot be resumed: {err}. Delete it to recompute "
+                    "it, or pass --overwrite instead of --resume to start afresh"
+                ) from err
 
 
 # ---------------------------------------------------------------------- diagnose
@@ -93,7 +147,6 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     """Measure a checkpoint; write report.json, figures and report.html."""
     from flatlens.report._diagnose import DiagnoseConfig, diagnose
 
-    model, data = _load(args)
     try:
         config = DiagnoseConfig(
             rhos=args.rho, k=args.k, measure_samples=args.samples, seed=args.seed
@@ -102,10 +155,23 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         raise UserError(str(err)) from err
     if args.quick:
         config = config.quick()
-    out = Path(args.out)
+    notes: list[str] = []
+    model, data, loss_fn = _load(args, notes)
+    out = claim_out(args)
+    if args.resume:
+        _check_stores(out, ["landscape_1d.npz", "landscape_2d.npz"])
     title = args.title or f"flatlens diagnosis: {Path(args.checkpoint).name} ({args.model})"
     report = diagnose(
-        model, data, out, config=config, resume=args.resume, progress=_progress(args), title=title
+        model,
+        data,
+        out,
+        config=config,
+        loss_fn=loss_fn,
+        loss_name=args.loss,
+        resume=args.resume,
+        progress=progress(args),
+        title=title,
+        notes=notes,
     )
     files = ["report.json", "report.html", "figures", "parts"]
     report["files"] = [str(out / f) for f in files]
@@ -115,121 +181,17 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     ]
     if report["reused_parts"]:
         lines.append(f"{'reused':>12}: {', '.join(report['reused_parts'])}")
-    _emit(args, report, "\n".join(lines) + f"\nreport: {out / 'report.html'}")
-
-
-# ---------------------------------------------------------------------- train / compare
-def _train_config(args: argparse.Namespace, optimizer: str, model: str) -> TrainConfig:
-    from flatlens.train import TrainConfig
-
-    try:
-        return TrainConfig(
-            model=model,
-            model_kwargs=_model_kwargs(args),
-            optimizer=optimizer,
-            base=args.base,
-            lr=args.lr,
-            rho=args.rho,
-            gam={"rho": args.rho} if optimizer.startswith("gam") else {},
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            scheduler=args.scheduler,
-            measure_every=getattr(args, "measure_every", 0),
-            measure_samples=args.measure_samples,
-            measure_rho=args.rho,
-            measure_steps=args.measure_steps,
-            dtype=args.dtype,
-            device=args.device,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
-
-
-def _check_resumable(config: TrainConfig, data: Dataset, path: Path) -> None:
-    """Refuse to resume from a training checkpoint of another architecture (one line)."""
-    from flatlens.cli._resolve import check_state_dict
-    from flatlens.train import build_model, load_training_checkpoint
-
-    payload = load_training_checkpoint(path)
-    try:
-        model = build_model(config, data)
-    except (ValueError, TypeError) as err:
-        raise UserError(str(err)) from err
-    check_state_dict(model, payload["model"], path)
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    """Train one network; write model.pt, metrics.json and checkpoints/."""
-    from flatlens.core._io import save_torch, write_json
-    from flatlens.train import train
-    from flatlens.train._trainer import CHECKPOINT_NAME
-
-    data = _data(args)
-    out = Path(args.out)
-    config = _train_config(args, args.optimizer, args.model)
-    config.checkpoint_dir = str(out / "checkpoints")
-    last = Path(config.checkpoint_dir) / CHECKPOINT_NAME
-    if last.is_file():
-        if args.resume:
-            _check_resumable(config, data, last)
-        else:
-            _note(args, f"starting afresh over {last} (--resume continues it)")
-    result = train(config, data, resume=args.resume, progress=_progress(args))
-    save_torch(out / "model.pt", result.model.state_dict())
-    write_json(out / "metrics.json", result)
-    payload = result.to_dict()
-    payload["files"] = [str(out / f) for f in ("model.pt", "metrics.json", "checkpoints")]
-    final = result.final
-    _emit(
-        args,
-        payload,
-        f"epoch {final.get('epoch')}: train loss {final.get('train_loss', math.nan):.4g}, test "
-        f"acc {final.get('test_acc') or math.nan:.4f}, gap (loss) "
-        f"{final.get('gap_loss', math.nan):.4g}\nweights: {out / 'model.pt'}",
-    )
-
-
-def cmd_compare(args: argparse.Namespace) -> None:
-    """Optimizers x seeds; write study.json, flatness_vs_gap.png and report.html."""
-    from flatlens.core._io import write_json
-    from flatlens.report._html import write_report
-    from flatlens.report._study import study_sections
-    from flatlens.train import OPTIMIZERS, build_model, compare
-
-    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
-    if unknown:
-        raise UserError(f"unknown optimizers {unknown}; choose from {list(OPTIMIZERS)}")
-    data = _data(args)
-    out = Path(args.out)
-    base = _train_config(args, "sgd", args.model)
-    try:  # a model that cannot be built fails here, not under the progress bar
-        build_model(base, data)
-    except (ValueError, TypeError) as err:
-        raise UserError(str(err)) from err
-    study = compare(data, args.optimizers, seeds=args.seeds, base=base, progress=_progress(args))
-    write_json(out / "study.json", study)
-    sections = study_sections(study, out)
-    write_report(
-        out / "report.html",
-        f"flatlens compare: {', '.join(args.optimizers)} on {data.name}",
-        sections,
-        subtitle=(
-            f"model {args.model}, {args.epochs} epochs, seeds {args.seeds}, lr {args.lr}, "
-            f"ρ {args.rho}"
-        ),
-    )
-    payload = study.to_dict()
-    payload["files"] = [str(out / f) for f in ("study.json", "flatness_vs_gap.png", "report.html")]
-    _emit(args, payload, study.table() + f"\n\nreport: {out / 'report.html'}")
+    emit(args, report, "\n".join(lines) + f"\nreport: {out / 'report.html'}")
 
 
 # ---------------------------------------------------------------------- bound / landscape
-def _objective(args: argparse.Namespace, model: nn.Module, data: Dataset) -> Objective:
+def _objective(
+    args: argparse.Namespace, model: nn.Module, data: Dataset, loss_fn: Any
+) -> Objective:
     """The risk over the first ``--samples`` training examples, as ``diagnose`` measures it."""
     from flatlens.report._diagnose import DiagnoseConfig, measure_objective
 
-    return measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples))
+    return measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples), loss_fn)
 
 
 def cmd_bound(args: argparse.Namespace) -> None:
@@ -237,23 +199,24 @@ def cmd_bound(args: argparse.Namespace) -> None:
     from flatlens.core._io import write_json
     from flatlens.measures._bounds import check_bound
 
-    model, data = _load(args)
-    objective = _objective(args, model, data)
+    notes: list[str] = []
+    model, data, loss_fn = _load(args, notes)
+    objective = _objective(args, model, data, loss_fn)
+    out = claim_out(args)
     report = check_bound(
         objective,
         list(args.rho),
         steps=args.steps,
         restarts=args.restarts,
         seed=args.seed,
-        progress=_progress(args),
+        progress=progress(args),
     )
-    out = Path(args.out)
     report.plot(out / "bound.png")
-    write_json(out / "bound.json", report)
-    payload = report.to_dict()
+    payload = {**report.to_dict(), "loss": args.loss, "notes": notes}
+    write_json(out / "bound.json", payload)
     payload["files"] = [str(out / "bound.json"), str(out / "bound.png")]
     verdict = "R0 <= R1 at every radius" if report.all_hold else "R0 > R1 somewhere: more --steps"
-    _emit(args, payload, f"{report.table()}\n{verdict}\nplot: {out / 'bound.png'}")
+    emit(args, payload, f"{report.table()}\n{verdict}\nplot: {out / 'bound.png'}")
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:
@@ -261,17 +224,20 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     from flatlens import landscape as fl
     from flatlens.landscape._storage import store_paths
 
-    model, data = _load(args)
-    objective = _objective(args, model, data)
-    out = Path(args.out)
+    notes: list[str] = []
+    model, data, loss_fn = _load(args, notes)
+    objective = _objective(args, model, data, loss_fn)
+    out = claim_out(args)
     stem = "line" if args.dim == 1 else "plane"
     store = out / f"{stem}.npz"
-    if not args.resume:
+    if args.resume:
+        _check_stores(out, [store.name])
+    else:
         for stale in store_paths(store):
             stale.unlink(missing_ok=True)
     d1 = fl.random_direction(objective, seed=args.seed)
     span = (-args.span, args.span)
-    common = {"span": span, "store": store, "progress": _progress(args)}
+    common = {"span": span, "store": store, "progress": progress(args)}
     if args.dim == 1:
         result = fl.line(objective, d1, steps=args.steps, **common)
         fl.plot_line(result, out / "line.png", log=args.log)
@@ -287,15 +253,17 @@ def cmd_landscape(args: argparse.Namespace) -> None:
         "dim": args.dim,
         "shape": list(result.shape),
         "span": list(span),
+        "loss": args.loss,
         "loss_center": result.center.get("loss"),
         "loss_min": float(loss.min()),
         "loss_max": float(loss.max()),
         "cosine_d1_d2": result.cosine,
         "num_params": objective.num_params,
         "num_evaluated": result.num_evaluated,
+        "notes": notes,
         "files": [str(out / f) for f in files],
     }
-    _emit(
+    emit(
         args,
         summary,
         f"loss at θ {summary['loss_center']:.4g}, range [{summary['loss_min']:.4g}, "
@@ -303,16 +271,31 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     )
 
 
-# ---------------------------------------------------------------------- demo
+# ---------------------------------------------------------------------- train / compare / demo
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train one network; write model.pt, metrics.json and checkpoints/."""
+    from flatlens.cli._training import run_train
+
+    run_train(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Optimizers x seeds; write study.json, flatness_vs_gap.png and report.html."""
+    from flatlens.cli._training import run_compare
+
+    run_compare(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """SGD, SAM and GAM on digits, each diagnosed, one comparison report."""
     from flatlens.cli._demo import run_demo
 
+    out = claim_out(args)
     summary = run_demo(
-        Path(args.out),
+        out,
         quick=args.quick,
-        progress=_progress(args),
+        progress=progress(args),
         seed=args.seed,
         device=args.device,
     )
-    _emit(args, summary, summary["text"])
+    emit(args, summary, summary["text"])

@@ -4,10 +4,19 @@ to an exit code.
 Subcommands: ``diagnose``, ``train``, ``compare``, ``bound``, ``landscape``, ``demo``
 (``flatlens SUBCOMMAND --help`` lists the options; docs/cli.md describes them all).
 
-Exit codes: 0 success; 2 an error the user can fix (a missing, corrupt, untrusted or
-mismatched checkpoint, a bad option value), printed as one line on stderr without a
-traceback; 1 a failure while running (non-finite loss, out of memory, an unwritable output
-folder), also one line; 130 interrupted. ``FLATLENS_DEBUG=1`` shows the traceback instead.
+Exit codes, each with one line on stderr and no traceback:
+
+* 0 success;
+* 1 the computation failed: a non-finite loss or non-finite weights
+  (:class:`~flatlens.core.NonFiniteLossError`, any ``FloatingPointError``), two passes
+  over the same data that disagree (:class:`~flatlens.core.DataChangedError`: the model
+  or data is random, found only by computing), out of memory, a failed write mid-run;
+* 2 an error in what the user gave: a file (checkpoint, landscape store), a module
+  (model, data or loss factory), a setting, a folder (``--out`` holding another run, or
+  unwritable);
+* 130 interrupted (Ctrl-C).
+
+A traceback means a bug in flatlens; ``FLATLENS_DEBUG=1`` shows it for every error.
 
 Under ``torchrun`` every rank runs the command and only rank 0 writes ``--out`` and prints
 (see :func:`flatlens.cli._session.cli_session`).
@@ -26,10 +35,10 @@ import torch
 from flatlens.cli._errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
 from flatlens.cli._parser import build_parser
 from flatlens.cli._session import cli_session
-from flatlens.core._errors import NonFiniteLossError
+from flatlens.core._errors import DataChangedError
 from flatlens.core._io import CheckpointError
 
-__all__ = ["EXIT_FAILURE", "EXIT_USAGE", "UserError", "build_parser", "main"]
+__all__ = ["EXIT_FAILURE", "EXIT_USAGE", "UserError", "build_parser", "interrupted", "main"]
 
 _DEBUG_HINT = " (FLATLENS_DEBUG=1 shows the traceback)"
 
@@ -71,31 +80,42 @@ def _fail(command: str, err: BaseException, code: int, hint: str = "") -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
-    The order of the handlers matters: a non-finite loss is a failed computation (exit 1)
-    even where its class also derives from ``ValueError``, which otherwise means bad input.
+    The order of the handlers matters: a non-finite loss and a data change are failed
+    computations (exit 1) even where their classes also derive from ``ValueError``, which
+    otherwise means bad input.
     """
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    command = "flatlens"
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        func: Callable[[argparse.Namespace], None] = args.func
+        if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+            raise UserError("--resume continues the run in --out and --overwrite replaces it")
         if args.device != "cpu" and not _device_ok(args.device):
             raise UserError(f"--device {args.device} is not available on this machine")
         with cli_session(args), _threads(args.threads):
             func(args)
-    except NonFiniteLossError as err:
-        return _fail(args.command, err, EXIT_FAILURE, _DEBUG_HINT)
+    except (FloatingPointError, DataChangedError) as err:
+        return _fail(command, err, EXIT_FAILURE, _DEBUG_HINT)
     except (UserError, CheckpointError) as err:
-        return _fail(args.command, err, EXIT_USAGE)
+        return _fail(command, err, EXIT_USAGE)
     except (ValueError, TypeError) as err:
-        return _fail(args.command, err, EXIT_USAGE, _DEBUG_HINT)
+        return _fail(command, err, EXIT_USAGE, _DEBUG_HINT)
     except torch.OutOfMemoryError as err:
-        return _fail(args.command, err, EXIT_FAILURE, "; try fewer --samples or a smaller model")
-    except (FloatingPointError, OSError) as err:
-        return _fail(args.command, err, EXIT_FAILURE, _DEBUG_HINT)
+        return _fail(command, err, EXIT_FAILURE, "; try fewer --samples or a smaller model")
+    except OSError as err:
+        return _fail(command, err, EXIT_FAILURE, _DEBUG_HINT)
     except KeyboardInterrupt:
-        hint = "; rerun with --resume to continue" if hasattr(args, "resume") else ""
-        print(f"flatlens {args.command}: interrupted{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted(command, resumable=command != "flatlens" and hasattr(args, "resume"))
     return EXIT_OK
+
+
+def interrupted(command: str, *, resumable: bool = False) -> int:
+    """Say that the command was interrupted (one line); returns exit code 130."""
+    hint = "; rerun with --resume to continue" if resumable else ""
+    prefix = command if command == "flatlens" else f"flatlens {command}"
+    print(f"{prefix}: interrupted{hint}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,8 @@ from flatlens.core._checks import check_positive, check_positive_int, check_rho
 
 __all__ = ["build_parser"]
 
+_DATA_HELP = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR or package.module:factory"
+
 
 class _Help(argparse.HelpFormatter):
     """Help that shows an option's default when it has a meaningful one."""
@@ -110,7 +112,16 @@ def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
         default=threads,
         help="CPU threads of torch (0: torch's default; 1 is fastest for tiny models)",
     )
-    g.add_argument("--quiet", action="store_true", help="no progress bars and no summary text")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier run in --out (refused without it)",
+    )
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, notes or summary text (errors and refusals still print)",
+    )
     g.add_argument(
         "--json", action="store_true", help="print the result as JSON on stdout, nothing else"
     )
@@ -127,7 +138,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="state dict file (.pt): plain, or {'model': state_dict, ...}",
     )
-    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
+    p.add_argument("--data", default="digits", help=_DATA_HELP)
+    _loss_arg(p)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float64"],
+        help="precision of the measures; auto: the checkpoint's when float32 or float64, "
+        "else the model's",
+    )
+
+
+def _loss_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--loss",
+        default="cross_entropy",
+        help="cross_entropy, mse (one-hot targets for class labels) or package.module:callable",
+    )
 
 
 def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -135,7 +162,8 @@ def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument(
         "--model-kwargs", metavar="JSON", default="{}", help="JSON object of model arguments"
     )
-    p.add_argument("--data", default="digits", help="digits, cifar10:DIR or cifar100:DIR")
+    p.add_argument("--data", default="digits", help=_DATA_HELP)
+    _loss_arg(p)
     p.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs of training")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate")
     p.add_argument("--rho", type=_positive_float, default=0.05, help="SAM/GAM radius")

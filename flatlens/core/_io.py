@@ -119,9 +119,14 @@ def _unpickler_reason(err: Exception) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    """``Type: first line of the message`` of an exception."""
+    """``Type: first sentence of the message`` of an exception (torch's reader appends
+    paragraphs of advice to its reasons)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    text = lines[0]
+    cut = text.find(". ", 20)
+    return f"{type(err).__name__}: {text[: cut + 1] if cut > 0 else text}"
 
 
 def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
@@ -148,6 +153,19 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        opcode = re.search(r"Unsupported operand (\d+)", str(err))
+        if opcode:
+            raise CheckpointError(
+                f"checkpoint {path} is not a file torch.save wrote: the safe reader stopped at "
+                f"pickle opcode {opcode.group(1)}, so it is corrupt, or a plain pickle, which is "
+                "refused because unpickling it could run arbitrary code. Re-save it as a plain "
+                "state dict: torch.save(model.state_dict(), path)"
+            ) from err
+        if "GLOBAL" not in str(err) and "WeightsUnpickler" not in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt, or not a file torch.save wrote "
+                f"({_first_line(err)})"
+            ) from err
         raise CheckpointError(
             f"checkpoint {path} was refused: unpickling it needs code beyond tensors and plain "
             f"containers, which could run arbitrary code ({_unpickler_reason(err)}). Re-save "

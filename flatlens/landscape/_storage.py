@@ -182,9 +182,12 @@ def save(landscape: Landscape, path: str | os.PathLike, *, done: np.ndarray | No
 def read(path: str | os.PathLike) -> tuple[Landscape, np.ndarray]:
     """Read a landscape and its mask of evaluated points (see :func:`save`).
 
+    Any failure of the reader (a truncated or foreign file, missing arrays, metadata that
+    does not fit the arrays) is one :class:`ValueError` naming the file.
+
     Raises:
         FileNotFoundError: if the ``.npz`` file does not exist.
-        ValueError: if it is not a flatlens landscape file.
+        ValueError: if it is not a readable flatlens landscape file.
     """
     npz_path, _ = store_paths(path)
     if not npz_path.is_file():
@@ -193,27 +196,49 @@ def read(path: str | os.PathLike) -> tuple[Landscape, np.ndarray]:
         with np.load(npz_path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(str(arrays["meta"]))
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{npz_path} is not a readable flatlens landscape ({err})") from err
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{npz_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    ndim = len(meta["shape"])
-    coords = [arrays[f"coord_{i}"] for i in range(ndim)]
-    values = {name: arrays[f"value_{i}"] for i, name in enumerate(meta["metrics"])}
+    except Exception as err:  # every reader failure is a bad file
+        raise ValueError(
+            f"{npz_path} is not a readable flatlens landscape ({_describe(err)})"
+        ) from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{npz_path} has format {found!r}, expected {FORMAT!r}")
+    try:
+        landscape, done = _from_arrays(arrays, meta)
+    except Exception as err:
+        raise ValueError(f"{npz_path} is a damaged flatlens landscape ({_describe(err)})") from err
+    return landscape, done
+
+
+def _describe(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[Landscape, Any]:
+    """The landscape an ``.npz`` file's arrays and metadata describe, checked for shape."""
+    shape = tuple(int(n) for n in meta["shape"])
+    coords = [np.asarray(arrays[f"coord_{i}"], dtype=np.float64) for i in range(len(shape))]
+    values = {str(name): arrays[f"value_{i}"] for i, name in enumerate(meta["metrics"])}
+    done = np.asarray(arrays["done"])
+    if tuple(len(c) for c in coords) != shape or done.shape != shape or done.dtype != bool:
+        raise ValueError(f"the coordinates or the done mask do not have the shape {shape}")
+    if any(v.shape != shape for v in values.values()):
+        raise ValueError(f"a value array does not have the grid's shape {shape}")
     landscape = Landscape(
         coords=coords,
         values=values,
-        center_index=tuple(meta["center_index"]),
-        center={k: math.nan if v is None else v for k, v in meta["center"].items()},
-        directions=meta["directions"],
+        center_index=tuple(int(i) for i in meta["center_index"]),
+        center={k: math.nan if v is None else float(v) for k, v in meta["center"].items()},
+        directions=list(meta["directions"]),
         cosine=meta["cosine"],
         trajectory=arrays.get("trajectory"),
-        settings=meta["settings"],
-        fingerprint=meta["fingerprint"],
-        num_evaluated=meta["num_evaluated"],
-        elapsed_s=meta["elapsed_s"],
+        settings=dict(meta["settings"]),
+        fingerprint=str(meta["fingerprint"]),
+        num_evaluated=int(meta["num_evaluated"]),
+        elapsed_s=float(meta["elapsed_s"]),
     )
-    return landscape, arrays["done"]
+    return landscape, done
 
 
 def load(path: str | os.PathLike) -> Landscape:

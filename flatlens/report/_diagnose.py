@@ -18,7 +18,7 @@ fewer than W examples is not sharded: every rank evaluates all of it on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,15 @@ from flatlens.data import Dataset, batches
 from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 from flatlens.report._figures import plot_density, plot_eigenvalues
 from flatlens.report._html import Section, write_report
-from flatlens.report._pipeline import PartStore, data_digest, fingerprint, model_digest
+from flatlens.report._pipeline import (
+    PartStore,
+    data_digest,
+    fingerprint,
+    landscape_part,
+    loss_key,
+    loss_label,
+    model_digest,
+)
 
 __all__ = [
     "PARTS",
@@ -180,36 +188,6 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
 
-def _landscape_part(
-    store: PartStore,
-    name: str,
-    compute: Callable[[Path], Any],
-    settings: dict[str, Any],
-    out: Path,
-) -> dict[str, Any]:
-    """Run one landscape through ``store``; its grid lives in ``out/<name>.npz``, and a
-    resumed run continues an interrupted grid of the same weights, data and settings."""
-    from flatlens.landscape._storage import store_paths
-
-    path = out / f"{name}.npz"
-
-    def summary() -> dict[str, Any]:
-        result = compute(path)
-        values = result.values["loss"]
-        return {
-            "path": path.name,
-            "steps": settings["steps"],
-            "span": settings["span"],
-            "loss_center": result.center.get("loss"),
-            "loss_min": float(values.min()),
-            "loss_max": float(values.max()),
-        }
-
-    return store.run_resumable(
-        name, summary, settings=settings, files=[path], outputs=store_paths(path)
-    )
-
-
 def _landscapes(
     objective: Objective, config: DiagnoseConfig, out: Path, store: PartStore, progress: bool
 ) -> dict[str, Any]:
@@ -227,7 +205,7 @@ def _landscapes(
     }
     info: dict[str, Any] = {"cosine_d1_d2": fl.cosine(d1, d2)}
     if config.landscape_1d:
-        info["landscape_1d"] = _landscape_part(
+        info["landscape_1d"] = landscape_part(
             store,
             "landscape_1d",
             lambda path: fl.line(
@@ -238,7 +216,7 @@ def _landscapes(
         )
     if config.landscape_2d:
         steps = (config.landscape_2d, config.landscape_2d)
-        info["landscape_2d"] = _landscape_part(
+        info["landscape_2d"] = landscape_part(
             store,
             "landscape_2d",
             lambda path: fl.plane(
@@ -281,9 +259,11 @@ def diagnose(
     *,
     config: DiagnoseConfig | None = None,
     loss_fn: nn.Module | None = None,
+    loss_name: str | None = None,
     resume: bool = False,
     progress: bool = False,
     title: str = "flatlens diagnosis",
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Measure everything about ``model`` on ``data`` and write a report to ``out_dir``.
 
@@ -299,6 +279,10 @@ def diagnose(
     figures under ``figures/``, ``report.json`` and ``report.html``, each atomically. The
     model is left unchanged.
 
+    ``loss_fn`` (default cross-entropy) is named ``loss_name`` in the report, and parts are
+    reused only for the same loss. ``notes`` are sentences shown in the summary and stored
+    as ``notes`` (e.g. that the weights were converted to another precision).
+
     Returns:
         The report as a JSON-ready dictionary; ``reused_parts`` and ``computed_parts`` name
         the parts taken from an earlier run and those computed now.
@@ -309,7 +293,8 @@ def diagnose(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     digest = model_digest(model)
-    store = PartStore(out / "parts", fingerprint(digest, data_digest(data)), resume=resume)
+    key = fingerprint(digest, data_digest(data), loss_key(loss_fn))
+    store = PartStore(out / "parts", key, resume=resume)
     objective = measure_objective(model, data, config, loss_fn)
     seed = config.seed
     subset = {"measure_samples": config.measure_samples, "batch_size": config.batch_size}
@@ -323,6 +308,8 @@ def diagnose(
             "device": str(objective.device),
             "digest": digest[:16],
         },
+        "loss": loss_name or loss_label(loss_fn),
+        "notes": list(notes),
         "settings": to_jsonable(asdict(config)),
     }
     report["performance"] = store.run(
@@ -381,7 +368,8 @@ def _subtitle(report: dict) -> str:
     return (
         f"data: {report['data']} · model: {report['model']['class']} with "
         f"{report['model']['num_params']:,} {report['model']['dtype']} parameters on "
-        f"{report['model']['device']} · curvature on {samples} training examples · "
+        f"{report['model']['device']} · loss {report.get('loss')} · curvature on {samples} "
+        "training examples · "
         f"seed {s['seed']}"
     )
 
@@ -402,6 +390,7 @@ def _sections(report: dict, out: Path) -> list[Section]:
                 "R0 = zeroth-order sharpness and R1 = first-order flatness in the l2 ball of "
                 "radius ρ (the middle radius). Smaller λ_max, R0 and R1 mean a flatter minimum."
                 + (f" Reused from an earlier run: {', '.join(reused)}." if reused else "")
+                + "".join(f" Note: {n}." for n in report.get("notes", ()))
             ),
             table=[report["summary"]],
         ),

@@ -24,7 +24,15 @@ from flatlens.core._results import to_jsonable
 if TYPE_CHECKING:
     from flatlens.data import Dataset
 
-__all__ = ["PartStore", "data_digest", "fingerprint", "model_digest"]
+__all__ = [
+    "PartStore",
+    "data_digest",
+    "fingerprint",
+    "landscape_part",
+    "loss_key",
+    "loss_label",
+    "model_digest",
+]
 
 
 def model_digest(model: nn.Module) -> str:
@@ -39,20 +47,35 @@ def model_digest(model: nn.Module) -> str:
 
 
 def data_digest(data: Dataset) -> str:
-    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs."""
-    h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
-    for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).numpy().tobytes())
-    h.update(f"{len(data.x_train)},{len(data.x_test)}".encode())
-    return h.hexdigest()[:16]
+    """A cheap fingerprint of a data set (see :func:`flatlens.data.digest`)."""
+    from flatlens.data import digest
+
+    return digest(data)
 
 
 def fingerprint(*items: Any) -> str:
     """A short stable hash of JSON-able values (key order does not matter)."""
     text = json.dumps(to_jsonable(items), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def loss_label(loss_fn: Any) -> str:
+    """``module.qualname`` of a loss function, or of a loss module's class."""
+    fn = loss_fn if not isinstance(loss_fn, nn.Module) else type(loss_fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def loss_key(loss_fn: Any) -> str:
+    """What identifies a loss for reusing stored parts: its class or function and, for a
+    module, its plain settings and buffers (e.g. label smoothing, class weights)."""
+    if not isinstance(loss_fn, nn.Module):
+        return loss_label(loss_fn)
+    plain = {
+        k: v
+        for k, v in sorted(vars(loss_fn).items())
+        if not k.startswith("_") and isinstance(v, bool | int | float | str | type(None))
+    }
+    return fingerprint(loss_label(loss_fn), plain, model_digest(loss_fn))
 
 
 class PartStore:
@@ -92,7 +115,7 @@ class PartStore:
             return False, None
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except Exception:  # an unreadable part is recomputed, never reused
             return False, None
         if not isinstance(stored, dict) or stored.get("key") != self.part_key(settings):
             return False, None
@@ -165,3 +188,33 @@ class PartStore:
         self.path(f"{name}.started").unlink(missing_ok=True)
         self.computed.append(name)
         return value
+
+
+def landscape_part(
+    store: PartStore,
+    name: str,
+    compute: Callable[[Path], Any],
+    settings: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """Run one landscape through ``store``; its grid lives in ``out/<name>.npz``, and a
+    resumed run continues an interrupted grid of the same weights, data and settings."""
+    from flatlens.landscape._storage import store_paths
+
+    path = out / f"{name}.npz"
+
+    def summary() -> dict[str, Any]:
+        result = compute(path)
+        values = result.values["loss"]
+        return {
+            "path": path.name,
+            "steps": settings["steps"],
+            "span": settings["span"],
+            "loss_center": result.center.get("loss"),
+            "loss_min": float(values.min()),
+            "loss_max": float(values.max()),
+        }
+
+    return store.run_resumable(
+        name, summary, settings=settings, files=[path], outputs=store_paths(path)
+    )

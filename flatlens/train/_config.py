@@ -20,7 +20,9 @@ from flatlens import zoo
 from flatlens.core._checks import check_positive
 from flatlens.data import Dataset
 from flatlens.optim import GAM, SAM
+from flatlens.train._losses import build_loss, check_loss_spec
 from flatlens.train._measures import MEASURES, check_measures
+from flatlens.train._resume import check_resume
 from flatlens.train._trainer import CHECKPOINT_NAME, Trainer, TrainResult
 
 __all__ = [
@@ -56,6 +58,8 @@ class TrainConfig:
             Periodic flatness measures (see :class:`Trainer`).
         dtype, device: Where the model lives.
         checkpoint_dir: Where checkpoints go (None: none are written).
+        loss: ``cross_entropy``, ``mse`` or ``package.module:callable`` (see
+            :func:`flatlens.train._losses.build_loss`).
     """
 
     model: str = "mlp"
@@ -80,6 +84,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "cpu"
     checkpoint_dir: str | None = None
+    loss: str = "cross_entropy"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -91,6 +96,7 @@ class TrainConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, not {self.dtype!r}")
         zoo.check_spec(self.model)
+        check_loss_spec(self.loss)
         check_positive("lr", self.lr)
         self.measures = check_measures(self.measures)
 
@@ -157,6 +163,13 @@ def train(
 ) -> TrainResult:
     """Build model, optimizer and scheduler from ``config``, train, return the result.
 
+    A resumed run continues exactly where the checkpoint stopped, so it must be the same
+    run: every setting that changes the result (model, data, loss, optimizer and its
+    settings, batch size, schedule, seed, dtype, measures) must equal the checkpoint's.
+    ``epochs`` may grow only without a schedule (``scheduler="none"``), where the longer
+    run is exactly the one asked for from the start; a cosine schedule spans the epochs it
+    was started with, so they must match.
+
     Args:
         config: The run.
         data: Train/test tensors.
@@ -167,8 +180,13 @@ def train(
         A :class:`TrainResult`; the trained network is ``result.model``.
 
     Raises:
+        CheckpointError: (a ``ValueError``) the checkpoint is unreadable or holds another
+            run (the message names every differing setting).
+        ValueError: the model has no trainable parameters, or cannot be built.
         NonFiniteLossError: the training loss became NaN or infinite.
     """
+    from flatlens.data import digest
+
     model = build_model(config, data)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
@@ -176,6 +194,7 @@ def train(
         model,
         optimizer,
         data,
+        loss_fn=build_loss(config.loss),
         batch_size=config.batch_size,
         scheduler=scheduler,
         seed=config.seed,
@@ -186,11 +205,12 @@ def train(
         measure_steps=config.measure_steps,
         trace_samples=config.trace_samples,
         checkpoint_dir=config.checkpoint_dir,
-        settings={"config": config.to_dict()},
+        settings={"config": config.to_dict(), "data_digest": digest(data)},
         progress=progress,
     )
     if resume and config.checkpoint_dir is not None:
         path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
         if fd.broadcast_object(path.is_file()) if trainer.distributed else path.is_file():
+            check_resume(config, data, path)
             trainer.load_checkpoint(path)
     return trainer.fit(config.epochs)

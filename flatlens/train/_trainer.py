@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from flatlens import distributed as fd
 from flatlens.core._checks import check_positive_int, check_rho, make_generator
 from flatlens.core._errors import NonFiniteLossError
+from flatlens.core._io import CheckpointError
 from flatlens.core._objective import Objective
 from flatlens.core._results import Result
 from flatlens.data import Dataset, batches
@@ -187,7 +188,14 @@ class Trainer:
         self.extra_settings = dict(settings or {})
         self.progress = progress
 
-        param = next(model.parameters())
+        params = list(model.parameters())
+        if not any(p.requires_grad for p in params):
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no trainable parameters"
+                + (" (every parameter has requires_grad=False)" if params else "")
+                + "; training would change nothing"
+            )
+        param = params[0]
         self.device, self.dtype = param.device, param.dtype
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -454,15 +462,22 @@ class Trainer:
                 "the checkpoint and this trainer disagree on having an LR scheduler; build "
                 "the trainer as the saved run was built"
             )
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
-        rng = payload["rng"]
-        self._shuffle.set_state(rng["shuffle"])
-        self._rng["torch"] = rng["torch"]
-        if "cuda" in self._rng and "cuda" in rng:
-            self._rng["cuda"] = rng["cuda"]
-        self.epoch = int(payload["epoch"])
-        self.history = [dict(r) for r in payload["history"]]
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(payload["scheduler"])
+            rng = payload["rng"]
+            self._shuffle.set_state(rng["shuffle"])
+            self._rng["torch"] = rng["torch"]
+            if "cuda" in self._rng and "cuda" in rng:
+                self._rng["cuda"] = rng["cuda"]
+            self.epoch = int(payload["epoch"])
+            self.history = [dict(r) for r in payload["history"]]
+        except Exception as err:  # a state that does not fit this trainer
+            text = " ".join(str(err).split()) or "(no message)"
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this trainer ({type(err).__name__}: {text}); "
+                "build the model, optimizer and scheduler as the saved run was built"
+            ) from err
         self.last_checkpoint = Path(path)

@@ -355,6 +355,8 @@ def test_train_accepts_a_factory_and_matches_the_zoo_path(tmp_path, capsys, monk
         "tinynets:tiny",
         "--model-kwargs",
         '{"width": 3}',
+        "--scheduler",
+        "none",  # without a schedule a run can be extended (see tests/cli/test_resume.py)
         "--out",
         str(out),
     ]

@@ -73,3 +73,49 @@ def test_non_state_dict_is_refused(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="no state dict"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is an empty file"),
+        (b"hello, this is text\n", "not a file torch.save wrote"),
+        (b"PK\x05\x06" + b"\x00" * 18, "not a file torch.save wrote"),  # an empty zip
+        (os.urandom(64), "not a file torch.save wrote"),
+    ],
+)
+def test_every_reader_failure_is_one_checkpoint_error(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_zip_torch_did_not_write_is_a_checkpoint_error(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "foreign.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", b"not a pickle")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_a_folder_is_not_reported_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder, not a file"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_the_refusal_gives_the_reason_without_torchs_advice(tmp_path, fmt):
+    path = tmp_path / "evil.pt"
+    if fmt == "torch.save":
+        torch.save({"weight": _Evil(str(tmp_path / "x"))}, path)
+    else:
+        path.write_bytes(pickle.dumps({"weight": _Evil(str(tmp_path / "x"))}))
+    with pytest.raises(CheckpointError, match="refused") as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    reason = f"{os.system.__module__}.system" if fmt == "torch.save" else "a plain pickle"
+    assert reason in message
+    assert "weights_only" not in message and "trusted source" not in message

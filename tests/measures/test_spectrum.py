@@ -344,7 +344,10 @@ def live_vectors(n: int) -> float:
         warnings.simplefilter("ignore")
         for o in gc.get_objects():
             if isinstance(o, torch.Tensor) and o.device.type == "cpu":
-                storage = o.untyped_storage()
+                try:
+                    storage = o.untyped_storage()
+                except (NotImplementedError, RuntimeError):  # functorch wrappers, meta
+                    continue
                 if storage.nbytes() >= 8 * n:
                     sizes[storage.data_ptr()] = storage.nbytes()
     return sum(sizes.values()) / (8 * n)

@@ -233,3 +233,25 @@ def test_config_checks_and_quick_settings():
     quick = DiagnoseConfig(k=10, measure_samples=None).quick()
     assert (quick.k, quick.measure_samples, quick.landscape_2d) == (3, 256, 7)
     assert DiagnoseConfig(landscape_1d=0).quick().landscape_1d == 0
+
+
+def test_the_loss_and_notes_are_in_the_report_and_parts_follow_the_loss(data, tmp_path):
+    config = dataclasses.replace(CONFIG, landscape_1d=0, landscape_2d=0)
+    model = _model()
+    first = diagnose(model, data, tmp_path, config=config, notes=["weights were float16"])
+    assert first["loss"] == "torch.nn.modules.loss.CrossEntropyLoss"
+    assert first["notes"] == ["weights were float16"]
+    assert "Note: weights were float16." in (tmp_path / "report.html").read_text()
+    mse = torch.nn.MSELoss()
+
+    def loss(outputs, targets):
+        return mse(outputs, F.one_hot(targets, 3).to(outputs.dtype))
+
+    named = {"loss_fn": loss, "loss_name": "mse"}
+    other = diagnose(model, data, tmp_path, config=config, resume=True, **named)
+    assert other["reused_parts"] == [] and other["loss"] == "mse"
+    x, y = data.train()
+    with torch.no_grad():
+        assert other["performance"]["train_loss"] == pytest.approx(loss(model(x), y).item())
+    again = diagnose(model, data, tmp_path, config=config, loss_fn=loss, resume=True)
+    assert again["computed_parts"] == []

@@ -8,8 +8,8 @@ import re
 import pytest
 from matplotlib.figure import Figure
 
-from flatlens.data import synthetic_classification
 from flatlens.core import write_figure
+from flatlens.data import synthetic_classification
 from flatlens.report._html import Section, render_report, write_report
 from flatlens.report._study import kendall_rows, mean_rows, study_sections
 from flatlens.train import TrainConfig, compare

@@ -87,3 +87,35 @@ def test_model_digest_sees_every_bit_of_parameters_and_buffers():
     model[1].running_mean += 1.0
     assert model_digest(model) != changed
     assert model_digest(copy.deepcopy(model).double()) != model_digest(model)
+
+
+def test_any_unreadable_part_is_recomputed_never_reused(tmp_path):
+    compute = Counter()
+    PartStore(tmp_path, "k", resume=False).run("p", compute)
+    for content in (b"", b"\xff\xfe\x00", b"[1, 2]", b'{"key": 3}', b"[" * 100000):
+        (tmp_path / "p.json").write_bytes(content)
+        store = PartStore(tmp_path, "k", resume=True)
+        store.run("p", compute)
+        assert store.computed == ["p"], content[:10]
+    (tmp_path / "p.json").unlink()
+    (tmp_path / "p.json").mkdir()  # a folder where the part's file should be
+    assert PartStore(tmp_path, "k", resume=True).lookup("p") == (False, None)
+
+
+def test_loss_key_tells_losses_apart_and_is_stable():
+    from flatlens.report._pipeline import loss_key, loss_label
+
+    def twice(outputs, targets):
+        return 2 * nn.functional.cross_entropy(outputs, targets)
+
+    keys = {
+        loss_key(nn.CrossEntropyLoss()),
+        loss_key(nn.CrossEntropyLoss(label_smoothing=0.1)),
+        loss_key(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]))),
+        loss_key(nn.MSELoss()),
+        loss_key(twice),
+    }
+    assert len(keys) == 5
+    assert loss_key(nn.CrossEntropyLoss()) == loss_key(nn.CrossEntropyLoss())
+    assert loss_label(nn.MSELoss()) == "torch.nn.modules.loss.MSELoss"
+    assert loss_label(twice).endswith("twice")

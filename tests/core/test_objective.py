@@ -859,6 +859,7 @@ def test_hvps_through_stacked_layernorms_match_finite_differences(method):
     obj = Objective(model, nn.MSELoss(), (x, y), hvp_method=method)
     theta = obj.theta
     v = torch.randn(obj.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
     def central(eps):
         return (obj.gradient(at=theta + eps * v) - obj.gradient(at=theta - eps * v)) / (2 * eps)
 

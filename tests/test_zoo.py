@@ -118,3 +118,15 @@ def test_import_object_follows_dotted_names_and_factory_errors_keep_their_type(u
     with pytest.raises(ValueError, match="does not take the arguments"):
         zoo.build("zoo_ok:net", depth=3)
     assert zoo.build("zoo_ok:net", width=4).out_features == 4
+
+
+def test_the_package_root_is_lazy_and_every_public_name_resolves():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flatlens; assert 'torch' not in sys.modules, 'torch loaded eagerly'; "
+        "[getattr(flatlens, n) for n in flatlens.__all__]; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

@@ -317,11 +317,6 @@ def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path):
     assert proc.stderr.strip() == "flatlens: interrupted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flatlens/__init__.py imports torch eagerly, before any code of the command runs; "
-    "a Ctrl-C in that first second can only be caught once the package root imports lazily",
-)
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     proc = _interrupted_at_import("torch", "", tmp_path)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr

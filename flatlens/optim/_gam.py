@@ -24,14 +24,8 @@ from torch.optim import Optimizer
 
 from flatlens.core._checks import check_finite, check_fraction, check_nonnegative
 from flatlens.core._derivatives import second_order
-from flatlens.optim._sam import (
-    PerturbationOptimizer,
-    Perturbations,
-    _ascent,
-    _combine,
-    _dot,
-    _norm,
-)
+from flatlens.optim._perturbation import PerturbationOptimizer, Perturbations
+from flatlens.optim._vectors import _ascent, _combine, _dot, _norm
 
 __all__ = ["GAM"]
 

@@ -11,11 +11,11 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) --editable ".[test,docs]"
+	$(PIP) --editable ".[test,docs,models]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m flatlens demo --out demo_out
+	$(BIN)/python -m flatlens demo --out demo_out --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -33,7 +33,7 @@ $(VENV)/.bench: $(STAMP)
 	touch $(VENV)/.bench
 
 bench: $(VENV)/.bench
-	for b in spectrum allocator flatness landscape optim distributed; do \
+	for b in spectrum flatness landscape optim distributed; do \
 	  test ! -f benchmarks/bench_$$b.py || $(BIN)/python benchmarks/bench_$$b.py || exit 1; \
 	done
 
@@ -42,6 +42,3 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
-
-# docs and examples targets
--include mk/docs.mk

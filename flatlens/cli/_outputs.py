@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flatlens import distributed as fd
 from flatlens.cli._errors import UserError
+from flatlens.report._diagnose import PARTS
 
 __all__ = ["claim_out", "outputs_of"]
 
@@ -31,19 +32,7 @@ _DIAGNOSE = [
     "landscape_1d.json",
     "landscape_2d.npz",
     "landscape_2d.json",
-    *(
-        f"parts/{name}{suffix}"
-        for name in (
-            "performance",
-            "spectrum",
-            "trace",
-            "density",
-            "sharpness",
-            "landscape_1d",
-            "landscape_2d",
-        )
-        for suffix in (".json", ".started.json")
-    ),
+    *(f"parts/{name}{suffix}" for name in PARTS for suffix in (".json", ".started.json")),
 ]
 _STUDY = ["study.json", "report.html", "flatness_vs_gap.png"]
 

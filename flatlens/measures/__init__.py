@@ -6,6 +6,7 @@ as it was; the spectrum measures also take any symmetric operator (a
 eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product.
 """
 
+from flatlens.measures._ascent import WorstCaseResult
 from flatlens.measures._ball import Ball
 from flatlens.measures._blocks import (
     BlockSpectraResult,
@@ -49,6 +50,7 @@ __all__ = [
     "SharpnessResult",
     "SymmetricOperator",
     "TraceResult",
+    "WorstCaseResult",
     "average_sharpness",
     "block_spectra",
     "check_bound",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +29,7 @@ from flatlens.core._checks import make_generator
 from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
+from flatlens.core._results import MeasureResult
 from flatlens.measures._apgd import AscentFn, AscentResult, multi_start_ascent
 from flatlens.measures._ball import Ball
 from flatlens.measures._config import AscentConfig, check_init
@@ -41,6 +42,7 @@ __all__ = [
     "CenterFn",
     "SolvedBall",
     "WorstCase",
+    "WorstCaseResult",
     "batch_objectives",
     "center_point",
     "combine_batches",
@@ -134,6 +136,52 @@ def _since(start: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- R0 and R1
+@dataclass(kw_only=True)
+class WorstCaseResult(MeasureResult):
+    """The fields R0 and R1 share: the perturbation found, the settings (flat, and as
+    ``config``: the :class:`AscentConfig` used, ``init`` resolved), the winning start, the
+    evaluations spent and the time. See :class:`~flatlens.measures.SharpnessResult` and
+    :class:`~flatlens.measures.FlatnessResult`.
+
+    Attributes:
+        value: The measure; with ``per_batch`` the batch-weighted mean of per-batch values.
+        delta_norm: ||delta||_B of the best perturbation (<= rho; the largest over batches).
+        delta_l2: Its Euclidean norm (the largest over batches).
+        best_start: Which start's run won (``"gradient"``, ``"+eigen0"``, ``"random0"``,
+            ``"given0"`` or ``"center"``); empty with ``per_batch``.
+        start_values: Best value reached from each start (single-batch runs only).
+        num_losses, num_gradients, num_hvps: Evaluations spent (over all batch objectives
+            with ``per_batch``; HVPs include the Lanczos run of the ``"eigen"`` start).
+        seconds: Wall-clock time.
+        batch_values: Per-batch values with ``per_batch``, else ``None``.
+        delta: The best perturbation (not in ``to_dict``; ``None`` with ``per_batch``).
+    """
+
+    value: float
+    delta_norm: float
+    delta_l2: float
+    rho: float
+    norm: str
+    adaptive: bool
+    adaptive_eta: float
+    steps: int
+    restarts: int
+    init: list[str]
+    step_size: float
+    momentum: float
+    per_batch: bool
+    seed: int | None
+    best_start: str
+    start_values: dict[str, float]
+    num_losses: int
+    num_gradients: int
+    num_hvps: int
+    seconds: float
+    config: AscentConfig
+    batch_values: list[float] | None = None
+    delta: Tensor | None = field(default=None, metadata={"json": False})
+
+
 @dataclass
 class SolvedBall:
     """One worst-case ascent in one ball: f(0), the best ascent and the ball."""

@@ -19,7 +19,7 @@ the gradient and at random points, and keeps the best.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,9 +27,8 @@ from torch import Tensor
 
 from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
-from flatlens.core._results import MeasureResult
 from flatlens.measures._apgd import AscentFn
-from flatlens.measures._ascent import worst_case_ascent
+from flatlens.measures._ascent import WorstCaseResult, worst_case_ascent
 from flatlens.measures._ball import Ball
 from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
 from flatlens.measures._spectrum import EigenResult
@@ -40,9 +39,10 @@ if TYPE_CHECKING:
 __all__ = ["FlatnessResult", "first_order_flatness", "gradient_norm_function"]
 
 
-@dataclass
-class FlatnessResult(MeasureResult):
-    """First-order flatness R1 and how it was found.
+@dataclass(kw_only=True)
+class FlatnessResult(WorstCaseResult):
+    """First-order flatness R1 and how it was found (the fields it shares with the other
+    worst-case measure: :class:`~flatlens.measures.WorstCaseResult`).
 
     Attributes:
         value: R1 = rho * max_grad_norm; with ``per_batch`` the batch-weighted mean of the
@@ -50,43 +50,10 @@ class FlatnessResult(MeasureResult):
         max_grad_norm: The largest ||grad L(theta + delta)||_* found (batch-weighted mean
             with ``per_batch``).
         grad_norm_at_center: ||grad L(theta)||_* (so R1 >= rho * grad_norm_at_center).
-        delta_norm: ||delta||_B of the maximizer (<= rho; the largest over batches).
-        delta_l2: Its Euclidean norm (the largest over batches).
-        best_start: Which start's run won; empty with ``per_batch``.
-        start_values: Best ||grad L||_* reached from each start (single-batch runs only).
-        num_losses, num_gradients, num_hvps: Evaluations spent (Lanczos included).
-        seconds: Wall-clock time.
-        config: The :class:`AscentConfig` used (``init`` resolved); ``rho`` to ``momentum``
-            repeat its fields flat.
-        batch_values: Per-batch R1 with ``per_batch``, else ``None``.
-        delta: The maximizer (not in ``to_dict``; ``None`` with ``per_batch``).
     """
 
-    value: float
     max_grad_norm: float
     grad_norm_at_center: float
-    delta_norm: float
-    delta_l2: float
-    rho: float
-    norm: str
-    adaptive: bool
-    adaptive_eta: float
-    steps: int
-    restarts: int
-    init: list[str]
-    step_size: float
-    momentum: float
-    per_batch: bool
-    seed: int | None
-    best_start: str
-    start_values: dict[str, float]
-    num_losses: int
-    num_gradients: int
-    num_hvps: int
-    seconds: float
-    config: AscentConfig
-    batch_values: list[float] | None = None
-    delta: Tensor | None = field(default=None, metadata={"json": False})
 
 
 def gradient_norm_function(objective: Objective, ball: Ball, theta: Tensor) -> AscentFn:

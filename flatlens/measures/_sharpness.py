@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import MeasureResult
 from flatlens.measures._apgd import AscentFn
-from flatlens.measures._ascent import center_point, worst_case_ascent
+from flatlens.measures._ascent import WorstCaseResult, center_point, worst_case_ascent
 from flatlens.measures._ball import Ball, Norm
 from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
 from flatlens.measures._spectrum import EigenResult
@@ -45,54 +45,20 @@ __all__ = [
 ]
 
 
-@dataclass
-class SharpnessResult(MeasureResult):
-    """Worst-case zeroth-order sharpness R0 and how it was found.
+@dataclass(kw_only=True)
+class SharpnessResult(WorstCaseResult):
+    """Worst-case zeroth-order sharpness R0 and how it was found (the fields it shares with the other
+    worst-case measure: :class:`~flatlens.measures.WorstCaseResult`).
 
     Attributes:
         value: R0 = max_loss - loss (>= 0); with ``per_batch`` the batch-weighted mean of
             the per-batch values ("m-sharpness").
         loss: L(theta).
         max_loss: L(theta + delta) at the best perturbation found.
-        delta_norm: ||delta||_B of that perturbation (<= rho; the largest over batches).
-        delta_l2: Its Euclidean norm (the largest over batches).
-        best_start: Which start's run won (``"gradient"``, ``"+eigen0"``, ``"random0"``,
-            ``"given0"`` or ``"center"``); empty with ``per_batch``.
-        start_values: Best value reached from each start (single-batch runs only).
-        num_losses, num_gradients, num_hvps: Evaluations spent (over all batch objectives
-            with ``per_batch``; HVPs come from the Lanczos run of the ``"eigen"`` start).
-        seconds: Wall-clock time.
-        config: The :class:`AscentConfig` used (``init`` resolved); ``rho`` to ``momentum``
-            repeat its fields flat.
-        batch_values: Per-batch R0 with ``per_batch``, else ``None``.
-        delta: The best perturbation (not in ``to_dict``; ``None`` with ``per_batch``).
     """
 
-    value: float
     loss: float
     max_loss: float
-    delta_norm: float
-    delta_l2: float
-    rho: float
-    norm: str
-    adaptive: bool
-    adaptive_eta: float
-    steps: int
-    restarts: int
-    init: list[str]
-    step_size: float
-    momentum: float
-    per_batch: bool
-    seed: int | None
-    best_start: str
-    start_values: dict[str, float]
-    num_losses: int
-    num_gradients: int
-    num_hvps: int
-    seconds: float
-    config: AscentConfig
-    batch_values: list[float] | None = None
-    delta: Tensor | None = field(default=None, metadata={"json": False})
 
 
 def _loss_at_center(objective: Objective, ball: Ball, theta: Tensor) -> tuple[float, Tensor]:

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flatlens import Objective
-from flatlens.core._results import to_jsonable
+from flatlens import Objective, check_bound
+from flatlens.core import to_jsonable
 from flatlens.data import load_digits
-from flatlens.measures._bounds import check_bound
 from flatlens.train import TrainConfig, train
 
 

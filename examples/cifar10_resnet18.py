@@ -100,8 +100,14 @@ def train_and_diagnose(args: argparse.Namespace, folder: Path) -> int:
     from torch import nn
 
     from flatlens import Objective
-    from flatlens.core._io import save_torch, write_json
+    from flatlens.core import save_torch, write_json
     from flatlens.data import Dataset, batches, load_cifar
+
+    # The one private import of the examples: diagnose() has no public Python home yet
+    # (its public entry is the command, flatlens.cli.main(["diagnose", ...])). The command
+    # would reload the checkpoint and the whole CIFAR-10 folder, so with --subset its train
+    # loss would count images the network never saw; diagnose() takes the trained model and
+    # the very Dataset it was trained on.
     from flatlens.report._diagnose import DiagnoseConfig, diagnose
     from flatlens.train import TrainConfig, build_model, build_optimizer, build_scheduler
 

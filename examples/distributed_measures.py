@@ -35,11 +35,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flatlens import Objective, hessian_eigenvalues, hessian_trace
+from flatlens import (
+    Objective,
+    first_order_flatness,
+    hessian_eigenvalues,
+    hessian_trace,
+    zeroth_order_sharpness,
+)
 from flatlens import landscape as fl
 from flatlens.data import batches, load_digits
-from flatlens.measures._flatness import first_order_flatness
-from flatlens.measures._sharpness import zeroth_order_sharpness
 from flatlens.train import TrainConfig, train
 
 

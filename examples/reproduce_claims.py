@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from flatlens.core._results import to_jsonable
+from flatlens.core import to_jsonable
 from flatlens.data import Dataset, load_digits, synthetic_classification
 from flatlens.train import TrainConfig, compare
-from flatlens.train._compare import GAPS, kendall_tau
 
 MEASURES = ("lambda_max", "trace", "r0", "r1")
+GAPS = ("gap_loss", "gap_acc")  # the gaps of compare()'s runs: test - train loss, train - test acc
 LABELS = {"lambda_max": "λ_max", "trace": "tr(H)", "r0": "R0", "r1": "R1"}
 
 
@@ -63,6 +63,25 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def kendall_tau(x: Sequence[float | None], y: Sequence[float | None]) -> dict[str, Any]:
+    """Kendall's tau-b and its two-sided p-value over the pairs where both values are finite,
+    as ``compare()`` reports them in ``StudyResult.kendall``: ``{"tau", "p_value", "n"}``,
+    tau and p None with fewer than 3 pairs or a constant side."""
+    from scipy.stats import kendalltau
+
+    pairs = [
+        (float(a), float(b))
+        for a, b in zip(x, y, strict=True)
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+    ]
+    out: dict[str, Any] = {"tau": None, "p_value": None, "n": len(pairs)}
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return out
+    res = kendalltau(*zip(*pairs, strict=True))
+    out["tau"], out["p_value"] = float(res.statistic), float(res.pvalue)
+    return out
 
 
 def fmt(mean: float, std: float, spec: str = ".4g") -> str:

@@ -26,7 +26,7 @@ from torch import nn
 
 from flatlens import Objective
 from flatlens import landscape as fl
-from flatlens.core._results import to_jsonable
+from flatlens.core import to_jsonable
 from flatlens.data import batches, load_digits
 from flatlens.train import TrainConfig, TrainResult, compare
 

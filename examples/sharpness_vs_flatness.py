@@ -29,11 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flatlens import Objective, hessian_eigenvalues
-from flatlens.core._results import to_jsonable
+from flatlens import (
+    Objective,
+    average_sharpness,
+    first_order_flatness,
+    hessian_eigenvalues,
+    zeroth_order_sharpness,
+)
+from flatlens.core import to_jsonable
 from flatlens.data import load_digits
-from flatlens.measures._flatness import first_order_flatness
-from flatlens.measures._sharpness import average_sharpness, zeroth_order_sharpness
 from flatlens.train import TrainConfig, train
 
 

@@ -149,7 +149,11 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
     try:
         config = DiagnoseConfig(
-            rhos=args.rho, k=args.k, measure_samples=args.samples, seed=args.seed
+            rhos=args.rho,
+            k=args.k,
+            measure_samples=args.samples,
+            blocks=args.blocks,
+            seed=args.seed,
         )
     except ValueError as err:
         raise UserError(str(err)) from err

@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="measure a checkpoint; write report.json, figures and report.html",
         description="Performance, top-k Hessian eigenvalues, trace, spectral density, R0 (l2 "
-        "and adaptive), R1 and the bound check over radii, a 1-D slice and a 2-D plane.",
+        "and adaptive), R1 and the bound check over radii, a 1-D slice and a 2-D plane; with "
+        "--blocks, the spectrum of each diagonal Hessian block.",
     )
     _model_args(p)
     p.add_argument(
@@ -222,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_samples,
         default=512,
         help="training examples of the curvature measures and slices, or 'all'",
+    )
+    p.add_argument(
+        "--blocks",
+        choices=["layers", "groups", "params"],
+        default=None,
+        help="also the top eigenvalue and density of each diagonal Hessian block: one per "
+        "module (layers: CNNs, MLPs), per transformer group (groups: embedding, attention, "
+        "MLP, norm, head) or per tensor (params); off by default",
     )
     p.add_argument("--quick", action="store_true", help="small settings for a fast look")
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")

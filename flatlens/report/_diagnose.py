@@ -18,7 +18,7 @@ fewer than W examples is not sharded: every rank evaluates all of it on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,7 @@ from flatlens.core._objective import Objective
 from flatlens.core._results import to_jsonable
 from flatlens.data import Dataset, batches
 from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
-from flatlens.report._figures import plot_density, plot_eigenvalues
-from flatlens.report._html import Section, write_report
+from flatlens.report._html import write_report
 from flatlens.report._pipeline import (
     PartStore,
     data_digest,
@@ -43,8 +42,10 @@ from flatlens.report._pipeline import (
     loss_label,
     model_digest,
 )
+from flatlens.report._sections import diagnose_sections, subtitle
 
 __all__ = [
+    "BLOCK_PART",
     "PARTS",
     "DiagnoseConfig",
     "data_digest",
@@ -62,6 +63,14 @@ PARTS = (
     "landscape_1d",
     "landscape_2d",
 )
+"""The parts every diagnosis computes, in order."""
+
+BLOCK_PART = "block_spectra"
+"""The optional part of per-block spectra (``DiagnoseConfig.blocks``), computed after
+``density``; it is not in :data:`PARTS` because it is off by default."""
+
+BLOCK_TOL = 1e-3
+"""Relative accuracy of each block's λ_max (the Lanczos certificate of ``block_spectra``)."""
 
 
 @dataclass
@@ -79,6 +88,14 @@ class DiagnoseConfig:
         ascent_steps: Projected-ascent steps for R0 and R1.
         landscape_1d, landscape_2d: Grid points per axis of the loss slices (0 skips one).
         landscape_span: The slices cover ``[-span, span]`` along each direction.
+        blocks: Per-block Hessian spectra (:func:`flatlens.measures.block_spectra`), off
+            with ``None``: ``"layers"`` (one block per module that owns parameters; suits
+            CNNs and MLPs), ``"groups"`` (embedding, attention, MLP, norm, head, other;
+            suits transformers), ``"params"`` (one block per tensor) or a mapping ``{block
+            name: parameter name or module prefix, or a list of them}``.
+        block_k: Top eigenvalues of each block (the first is the table's λ_max).
+        block_density: Also each block's SLQ density (``density_runs`` x
+            ``density_steps`` HVPs per block), drawn beside the eigenvalues.
         seed: Seed of every random choice.
         extra: Free-form values stored with the report.
     """
@@ -94,6 +111,9 @@ class DiagnoseConfig:
     landscape_1d: int = 41
     landscape_2d: int = 21
     landscape_span: float = 1.0
+    blocks: str | dict[str, str | list[str]] | None = None
+    block_k: int = 1
+    block_density: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +131,7 @@ class DiagnoseConfig:
             ("ascent_steps", 1),
             ("landscape_1d", 0),
             ("landscape_2d", 0),
+            ("block_k", 1),
             ("seed", 0),
         ):
             check_positive_int(name, getattr(self, name), least)
@@ -119,6 +140,9 @@ class DiagnoseConfig:
         if self.measure_samples is not None:
             check_positive_int("measure_samples", self.measure_samples)
         self.landscape_span = check_positive("landscape_span", self.landscape_span)
+        self.blocks = _check_blocks(self.blocks)
+        if not isinstance(self.block_density, bool):
+            raise TypeError(f"block_density must be True or False, not {self.block_density!r}")
 
     def quick(self) -> DiagnoseConfig:
         """Small settings for a fast first look."""
@@ -133,6 +157,42 @@ class DiagnoseConfig:
             landscape_1d=min(self.landscape_1d, 11),
             landscape_2d=min(self.landscape_2d, 7),
         )
+
+
+def _check_blocks(blocks: Any) -> str | dict[str, str | list[str]] | None:
+    """``blocks`` checked: None, a scheme name, or ``{name: parameter names/prefixes}``
+    (kept JSON-able, since it is stored with the report and fingerprints the part)."""
+    from flatlens.measures._blocks import SCHEMES
+
+    if blocks is None:
+        return None
+    if isinstance(blocks, str):
+        if blocks not in SCHEMES:
+            raise ValueError(
+                f"blocks must be None, one of {', '.join(SCHEMES)} or a mapping, not {blocks!r}"
+            )
+        return blocks
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise TypeError(
+            "blocks must be None, 'layers', 'groups', 'params' or a non-empty mapping "
+            "{block name: parameter name or module prefix, or a list of them}"
+        )
+    out: dict[str, str | list[str]] = {}
+    for name, spec in blocks.items():
+        specs = [spec] if isinstance(spec, str) else spec
+        if (
+            not isinstance(name, str)
+            or not name
+            or not isinstance(specs, Sequence)
+            or not specs
+            or not all(isinstance(v, str) and v for v in specs)
+        ):
+            raise TypeError(
+                f"block {name!r}: a diagnosed block is a non-empty name given parameter names "
+                f"or module prefixes (strings), not {spec!r}"
+            )
+        out[name] = spec if isinstance(spec, str) else list(spec)
+    return out
 
 
 def _objective(
@@ -186,6 +246,40 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
         objective, list(config.rhos), steps=config.ascent_steps, seed=config.seed, progress=progress
     )
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
+
+
+def _block_settings(config: DiagnoseConfig) -> dict[str, Any]:
+    """What the ``block_spectra`` part depends on (a mapping's block order included)."""
+    blocks = config.blocks
+    settings: dict[str, Any] = {
+        "measure_samples": config.measure_samples,
+        "batch_size": config.batch_size,
+        "blocks": list(blocks.items()) if isinstance(blocks, Mapping) else blocks,
+        "block_k": config.block_k,
+        "block_density": config.block_density,
+        "tol": BLOCK_TOL,
+        "seed": config.seed,
+    }
+    if config.block_density:
+        settings["density_runs"] = config.density_runs
+        settings["density_steps"] = config.density_steps
+    return settings
+
+
+def _block_spectra(objective: Objective, config: DiagnoseConfig, progress: bool) -> Any:
+    """Top ``block_k`` eigenvalues (and the density) of each diagonal Hessian block."""
+    from flatlens.measures._blocks import block_spectra
+
+    return block_spectra(
+        objective,
+        config.blocks,
+        k=config.block_k,
+        density=config.block_density,
+        tol=BLOCK_TOL,
+        seed=config.seed,
+        progress=progress,
+        density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.density_steps},
+    )
 
 
 def _landscapes(
@@ -269,10 +363,12 @@ def diagnose(
 
     Parts: train/test loss and accuracy and the gap (test − train loss, train − test
     accuracy); the top-k Hessian eigenvalues (Lanczos), tr(H) (Hutch++) and the spectral
-    density (SLQ); the adaptive R0 at the middle radius and, for every radius ρ, R0 =
-    max_{‖δ‖≤ρ} L(θ+δ) − L(θ), R1 = ρ·max_{‖δ‖≤ρ} ‖∇L(θ+δ)‖ and ρ²λ_max (the bound check);
-    a 1-D slice L(θ + a·d1) and a 2-D plane L(θ + a·d1 + b·d2) along filter-normalized
-    random directions.
+    density (SLQ); with ``config.blocks``, the top eigenvalues (and density) of each
+    diagonal block H_bb = ∂²L/∂θ_b² (part ``block_spectra``, report key of the same name,
+    figure ``figures/block_spectra.png``); the adaptive R0 at the middle radius and, for
+    every radius ρ, R0 = max_{‖δ‖≤ρ} L(θ+δ) − L(θ), R1 = ρ·max_{‖δ‖≤ρ} ‖∇L(θ+δ)‖ and
+    ρ²λ_max (the bound check); a 1-D slice L(θ + a·d1) and a 2-D plane
+    L(θ + a·d1 + b·d2) along filter-normalized random directions.
 
     Writes ``parts/*.json`` (one per part; with ``resume=True`` a part is reused when the
     weights, the data and the settings it depends on match), ``landscape_*.npz``, PNG
@@ -345,6 +441,16 @@ def diagnose(
             "seed": seed,
         },
     )
+    if config.blocks is not None:
+        report[BLOCK_PART] = store.run(
+            BLOCK_PART,
+            lambda: _block_spectra(objective, config, progress),
+            settings=_block_settings(config),
+        )
+    else:  # a folder never shows the blocks of an earlier run as this one's
+        (out / "figures" / "block_spectra.png").unlink(missing_ok=True)
+        if not resume:
+            store.path(BLOCK_PART).unlink(missing_ok=True)
     report["sharpness"] = store.run(
         "sharpness",
         lambda: _sharpness_parts(objective, config, progress),
@@ -356,127 +462,7 @@ def diagnose(
     report["summary"] = summary_row(report)
     report["seconds"] = time.perf_counter() - start
 
-    sections = _sections(report, out)
+    sections = diagnose_sections(report, out)
     write_json(out / "report.json", report)
-    write_report(out / "report.html", title, sections, subtitle=_subtitle(report))
+    write_report(out / "report.html", title, sections, subtitle=subtitle(report))
     return report
-
-
-def _subtitle(report: dict) -> str:
-    s = report["settings"]
-    samples = s["measure_samples"] or "all"
-    return (
-        f"data: {report['data']} · model: {report['model']['class']} with "
-        f"{report['model']['num_params']:,} {report['model']['dtype']} parameters on "
-        f"{report['model']['device']} · loss {report.get('loss')} · curvature on {samples} "
-        "training examples · "
-        f"seed {s['seed']}"
-    )
-
-
-def _sections(report: dict, out: Path) -> list[Section]:
-    """Draw the figures and return the report's sections."""
-    from types import SimpleNamespace
-
-    figs = out / "figures"
-    plot_density(SimpleNamespace(**report["density"]), figs / "density.png")
-    plot_eigenvalues({"λ": report["spectrum"]["eigenvalues"]}, figs / "spectrum.png")
-    reused = report.get("reused_parts") or []
-    sections = [
-        Section(
-            "Summary",
-            text=(
-                "gap = test loss − train loss; λ_max = top Hessian eigenvalue; trace = tr(H); "
-                "R0 = zeroth-order sharpness and R1 = first-order flatness in the l2 ball of "
-                "radius ρ (the middle radius). Smaller λ_max, R0 and R1 mean a flatter minimum."
-                + (f" Reused from an earlier run: {', '.join(reused)}." if reused else "")
-                + "".join(f" Note: {n}." for n in report.get("notes", ()))
-            ),
-            table=[report["summary"]],
-        ),
-        Section("Performance", table=[dict(report["performance"])]),
-        Section(
-            "Hessian spectrum",
-            text=(
-                f"Top-{len(report['spectrum']['eigenvalues'])} eigenvalues by Lanczos "
-                f"({report['spectrum']['num_hvps']} HVPs); trace by Hutch++ "
-                f"{report['trace']['value']:.4g} ± {report['trace']['stderr']:.2g}."
-            ),
-            table=[
-                {"i": i + 1, "λ_i": lam, "residual": res}
-                for i, (lam, res) in enumerate(
-                    zip(
-                        report["spectrum"]["eigenvalues"],
-                        report["spectrum"]["residuals"],
-                        strict=True,
-                    )
-                )
-            ],
-            images=[
-                ("Top eigenvalues", figs / "spectrum.png"),
-                ("Spectral density", figs / "density.png"),
-            ],
-        ),
-    ]
-    sharp = report.get("sharpness")
-    if sharp:
-        from flatlens.measures._bounds import plot_bound_rows
-
-        plot_bound_rows(sharp["bound"]["rows"], figs / "bound.png")
-        sections.append(
-            Section(
-                "Sharpness, flatness and the bound",
-                text=(
-                    "R0 = max L(θ+δ) − L(θ) and R1 = ρ·max ‖∇L(θ+δ)‖ over the ρ-ball; the "
-                    "bound says R0 ≤ R1 and R1/ρ² → λ_max at a minimum. Adaptive R0 at "
-                    f"ρ = {sharp['rho']:.4g}: {sharp['adaptive_r0']['value']:.4g}."
-                ),
-                table=[
-                    {
-                        "ρ": r["rho"],
-                        "R0": r["r0"],
-                        "R1": r["r1"],
-                        "ρ²λ_max": r["rho2_lambda"],
-                        "R1/(ρ²λ_max)": r["r1_ratio"],
-                        "R0 ≤ R1": r["holds"],
-                    }
-                    for r in sharp["bound"]["rows"]
-                ],
-                images=[("R0/ρ², R1/ρ² and λ_max against ρ", figs / "bound.png")],
-            )
-        )
-    land = report.get("landscape", {})
-    if land.get("landscape_1d") or land.get("landscape_2d"):
-        from flatlens import landscape as fl
-
-        section = Section(
-            "Loss landscape",
-            text=(
-                "Slices along filter-normalized Gaussian directions d1, d2 (Li et al., 2018); "
-                f"cosine(d1, d2) = {land['cosine_d1_d2']:.3f}. Drag the surface to rotate it."
-            ),
-        )
-        if land.get("landscape_1d"):
-            line = fl.load(out / land["landscape_1d"]["path"])
-            fl.plot_line(line, figs / "landscape_1d.png")
-            section.images.append(("1-D slice θ + a·d1", figs / "landscape_1d.png"))
-        if land.get("landscape_2d"):
-            plane = fl.load(out / land["landscape_2d"]["path"])
-            fl.plot_contour(plane, figs / "landscape_2d.png", filled=True)
-            section.images.append(("2-D plane θ + a·d1 + b·d2", figs / "landscape_2d.png"))
-            section.plotly.append(fl.plot_surface(plane, title="loss surface"))
-        sections.append(section)
-    settings = {k: v for k, v in report["settings"].items() if k != "extra"}
-    sections.append(
-        Section(
-            "Settings",
-            table=[{"setting": k, "value": _plain(v)} for k, v in settings.items()],
-        )
-    )
-    return sections
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return value

@@ -14,11 +14,18 @@ from helpers import ModelSnapshot, dense_hessian
 from torch.func import functional_call
 
 import flatlens.landscape as fl
-from flatlens import zoo
-from flatlens.data import synthetic_classification
+from flatlens import block_spectra, zoo
+from flatlens.cli import main
+from flatlens.data import load_digits, synthetic_classification
 from flatlens.measures._bounds import check_bound
 from flatlens.measures._sharpness import zeroth_order_sharpness
-from flatlens.report._diagnose import PARTS, DiagnoseConfig, diagnose, measure_objective
+from flatlens.report._diagnose import (
+    BLOCK_PART,
+    PARTS,
+    DiagnoseConfig,
+    diagnose,
+    measure_objective,
+)
 
 CONFIG = DiagnoseConfig(
     rhos=(0.05, 0.01),
@@ -255,3 +262,128 @@ def test_the_loss_and_notes_are_in_the_report_and_parts_follow_the_loss(data, tm
         assert other["performance"]["train_loss"] == pytest.approx(loss(model(x), y).item())
     again = diagnose(model, data, tmp_path, config=config, loss_fn=loss, resume=True)
     assert again["computed_parts"] == []
+
+
+# ---------------------------------------------------------------------- per-block spectra
+def _digits_mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return zoo.build("mlp", load_digits(image=True))
+
+
+# The quick settings on the digits MLP (8,970 parameters), without the slices (not tested here).
+BLOCKS = dataclasses.replace(
+    DiagnoseConfig(blocks="layers").quick(), landscape_1d=0, landscape_2d=0
+)
+
+
+def test_blocks_part_section_figure_and_resume(tmp_path):
+    data = load_digits(image=True)
+    model = _digits_mlp()
+    before = ModelSnapshot.take(model)
+    out = tmp_path / "d"
+    report = diagnose(model, data, out, config=BLOCKS)
+    before.assert_unchanged(model)
+    assert report["computed_parts"] == [*PARTS[:4], BLOCK_PART, "sharpness"]
+    blocks = report[BLOCK_PART]
+    assert [b["name"] for b in blocks["blocks"]] == ["1", "3", "5"]  # the three Linear layers
+    assert [b["num_params"] for b in blocks["blocks"]] == [64 * 64 + 64, 64 * 64 + 64, 650]
+    # The same numbers as the measure itself on the same objective and settings.
+    reference = block_spectra(
+        measure_objective(model, data, BLOCKS),
+        "layers",
+        k=1,
+        density=True,
+        tol=1e-3,
+        seed=0,
+        density_kwargs={"num_runs": 1, "lanczos_steps": 20},
+    ).to_dict()
+    for got, ref in zip(blocks["blocks"], reference["blocks"], strict=True):
+        assert got["eigenvalues"] == ref["eigenvalues"]
+        assert got["error_bounds"] == ref["error_bounds"] and all(got["converged"])
+        assert got["density"]["grid"] == ref["density"]["grid"]
+    assert json.loads((out / "report.json").read_text())[BLOCK_PART] == blocks
+    assert json.loads((out / "parts" / f"{BLOCK_PART}.json").read_text())["value"] == blocks
+    assert (out / "figures" / "block_spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert "<h2>Per-block spectra</h2>" in page
+    assert "<th>block</th><th>params</th><th>λ_max</th><th>bound</th><th>HVPs</th>" in page
+    assert page.count('<img alt="') == 4  # spectrum, density, blocks, bound
+    assert (
+        page.index("<h2>Hessian spectrum")
+        < page.index("<h2>Per-block")
+        < page.index("<h2>Sharpness")
+    )
+
+    again = diagnose(model, data, out, config=BLOCKS, resume=True)
+    assert again["computed_parts"] == [] and BLOCK_PART in again["reused_parts"]
+    assert again[BLOCK_PART] == blocks
+    assert (out / "figures" / "block_spectra.png").is_file()
+    # Another block setting recomputes that part only; switching blocks off drops the
+    # section and the figure but keeps the part for a later resume.
+    groups = diagnose(
+        model, data, out, config=dataclasses.replace(BLOCKS, blocks="params"), resume=True
+    )
+    assert groups["computed_parts"] == [BLOCK_PART]
+    assert len(groups[BLOCK_PART]["blocks"]) == 6
+    off = diagnose(model, data, out, config=dataclasses.replace(BLOCKS, blocks=None), resume=True)
+    assert off["computed_parts"] == [] and BLOCK_PART not in off
+    assert "Per-block" not in (out / "report.html").read_text()
+    assert not (out / "figures" / "block_spectra.png").exists()
+    assert (out / "parts" / f"{BLOCK_PART}.json").is_file()
+    fresh = diagnose(model, data, out, config=dataclasses.replace(BLOCKS, blocks=None))
+    assert BLOCK_PART not in fresh and not (out / "parts" / f"{BLOCK_PART}.json").exists()
+
+
+def test_blocks_by_mapping_and_config_checks(data, tmp_path):
+    config = dataclasses.replace(
+        CONFIG,
+        landscape_1d=0,
+        landscape_2d=0,
+        blocks={"hidden": ["1.weight", "1.bias"], "out": "3"},
+        block_k=2,
+        block_density=False,
+    )
+    report = diagnose(_model(), data, tmp_path, config=config)
+    blocks = report[BLOCK_PART]
+    assert [(b["name"], b["num_params"]) for b in blocks["blocks"]] == [("hidden", 36), ("out", 21)]
+    assert all(len(b["eigenvalues"]) == 2 and b["density"] is None for b in blocks["blocks"])
+    assert report["settings"]["blocks"] == {"hidden": ["1.weight", "1.bias"], "out": "3"}
+    # The block H_bb of the output layer is a principal submatrix of the dense Hessian.
+    hessian = dense_hessian(measure_objective(_model(), data, CONFIG))
+    top = torch.linalg.eigvalsh(hessian[36:, 36:]).flip(0)[:2]
+    assert blocks["blocks"][1]["eigenvalues"] == pytest.approx(top.tolist(), rel=1e-3)
+    # A mapping in another order is another part (the block order is part of its key).
+    swapped = dataclasses.replace(config, blocks={"out": "3", "hidden": ["1.weight", "1.bias"]})
+    again = diagnose(_model(), data, tmp_path, config=swapped, resume=True)
+    assert again["computed_parts"] == [BLOCK_PART]
+
+    with pytest.raises(ValueError, match="blocks must be None"):
+        DiagnoseConfig(blocks="modules")
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        DiagnoseConfig(blocks={})
+    with pytest.raises(TypeError, match="block 'a'"):
+        DiagnoseConfig(blocks={"a": [torch.nn.Linear(1, 1)]})
+    with pytest.raises(ValueError, match="block_k"):
+        DiagnoseConfig(blocks="layers", block_k=0)
+    assert DiagnoseConfig().blocks is None and DiagnoseConfig(blocks="groups").quick().blocks
+
+
+def test_cli_blocks_flag_end_to_end(tmp_path, capsys):
+    checkpoint = tmp_path / "model.pt"
+    torch.save(_digits_mlp().state_dict(), checkpoint)
+    args = ["diagnose", "--model", "mlp", "--checkpoint", str(checkpoint), "--quick"]
+    args += ["--blocks", "layers", "--out", str(tmp_path / "d"), "--quiet", "--threads", "1"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["settings"]["blocks"] == "layers"
+    assert BLOCK_PART in report["computed_parts"]
+    assert [b["name"] for b in report[BLOCK_PART]["blocks"]] == ["1", "3", "5"]
+    assert (tmp_path / "d" / "figures" / "block_spectra.png").is_file()
+    assert "<h2>Per-block spectra</h2>" in (tmp_path / "d" / "report.html").read_text()
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert again["computed_parts"] == [] and BLOCK_PART in again["reused_parts"]
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose", "--model", "mlp", "--checkpoint", str(checkpoint), "--blocks", "x"])
+    assert exc.value.code == 2
+    assert "argument --blocks: invalid choice: 'x'" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flatlens import distributed as fd
 from flatlens.cli._errors import UserError
-from flatlens.report._diagnose import BLOCK_PART, PARTS
+from flatlens.report._diagnose import PARTS
 
 __all__ = ["claim_out", "outputs_of"]
 

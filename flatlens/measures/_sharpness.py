@@ -47,8 +47,8 @@ __all__ = [
 
 @dataclass(kw_only=True)
 class SharpnessResult(WorstCaseResult):
-    """Worst-case zeroth-order sharpness R0 and how it was found (the fields it shares with the other
-    worst-case measure: :class:`~flatlens.measures.WorstCaseResult`).
+    """Worst-case zeroth-order sharpness R0 and how it was found (the fields it shares with
+    the other worst-case measure: :class:`~flatlens.measures.WorstCaseResult`).
 
     Attributes:
         value: R0 = max_loss - loss (>= 0); with ``per_batch`` the batch-weighted mean of

@@ -65,7 +65,17 @@ class DerivativesMixin:
             self.cache_graph = None  # decided by _decide_caching
         else:
             self.cache_graph = bool(cache_graph)
-            self._agree_on_caching()
+        if self.distributed:
+            # Every rank must make the same collective calls: one reduction settles whether
+            # any rank cannot cache (then none does) and whether any is undecided (then all
+            # decide together at the first second-order call).
+            may, undecided = self.cache_graph is not False, self.cache_graph is None
+            flags = torch.tensor([int(may), -int(undecided)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+            if not flags[0].item():
+                self.cache_graph = False
+            elif flags[1].item():
+                self.cache_graph = None
 
     def _agree_on_caching(self) -> None:
         """A cached and an uncached HVP make different collective calls, so every rank

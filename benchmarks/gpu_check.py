@@ -6,6 +6,12 @@ Run from the repository root on a machine with a GPU (flatlens need not be insta
     pip download --no-deps PyHessian==0.1 -d .whl          # once, where pip works
     PYTHONPATH=.:.whl/PyHessian-0.1-py3-none-any.whl python3 benchmarks/gpu_check.py
 
+The real-architecture checks (``models_hvp_cost``, ``resnet18_top5``, ``transformers_top1``)
+also need torchvision, timm and transformers (in the lent machines' image); their
+``resnet18_top5`` baselines run when PyHessian and curvlinops import (curvlinops is pure
+Python too: ``pip download --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch
+einconv``) and are skipped, with a line saying so, when they do not.
+
 Without CUDA it prints a message and exits 0 (``--device cpu`` runs the same checks on the
 CPU to try the script out; ``--quick`` makes them a smoke run). It prints a table per check
 and writes ``gpu_check.json`` to ``$OUT`` when that is set, else to ``benchmarks/results/``;
@@ -14,7 +20,8 @@ switched off so float32 means float32 for both tools.
 
 Each check is one function ``check_<name>(device, *, quick) -> CheckOutput`` registered with
 :func:`check`; later issues add theirs (landscape vmap vs serial, ResNet-18 optimizer step
-throughput) the same way.
+throughput, the real-architecture checks of ``bench_models.py``: HVP vs gradient on ResNet-18,
+ViT and GPT-2, ResNet-18 top-5 on 512 images, ViT and GPT-2 top-1) the same way.
 """
 
 from __future__ import annotations
@@ -122,6 +129,153 @@ def check_resnet18_steps(device: torch.device, *, quick: bool = False) -> CheckO
         payload={"rows": rows},
         tables={f"ResNet-18 step throughput on {device}": (rows, columns)},
         lines=[f"{r['optimizer']}: {r['relative_to_sgd']:.2f}x SGD per step" for r in rows],
+    )
+
+
+def _model_cases(device: torch.device, quick: bool, names: Sequence[str]) -> list[Any]:
+    """The bench_models cases (ResNet-18 CIFAR, timm ViT, Hugging Face GPT-2) on ``device``,
+    trained briefly there (a few seconds on a GPU; CPU-trained weights are not reused)."""
+    import bench_models as bm
+
+    sizes = bm.QUICK if quick else bm.GPU
+    makers = {
+        "resnet18": lambda: bm.resnet_case(sizes, device, trained=True),
+        "vit": lambda: bm.vit_case(sizes, device),
+        "gpt2": lambda: bm.gpt2_case(sizes, device),
+    }
+    return [makers[n]() for n in names]
+
+
+@check
+def check_models_hvp_cost(device: torch.device, *, quick: bool = False) -> CheckOutput:
+    """ResNet-18 (512 images), ViT, GPT-2: one HVP vs one gradient (target <= 2.5)."""
+    import bench_models as bm
+
+    sizes = bm.QUICK if quick else bm.GPU
+    rows: list[dict[str, Any]] = []
+    cases = []
+    for case in _model_cases(device, quick, ("resnet18", "vit", "gpt2")):
+        cases.append({"name": case.name, **case.info})
+        rows += bm.hvp_cost(case, repeats=sizes.hvp_cost_repeats, warmup=2)
+        del case
+    lines = [
+        f"{r['case']} {r['method']}: {r['ratio']:.2f} gradients (target <= 2.5) "
+        + ("ok" if r["ratio"] <= 2.5 else "MISS")
+        for r in rows
+        if r["method"].startswith("hvp")
+    ]
+    return CheckOutput(
+        payload={"cases": cases, "rows": rows, "target_ratio": 2.5},
+        tables={f"One HVP relative to one gradient on {device}": (rows, bm.COST_COLUMNS)},
+        lines=lines,
+    )
+
+
+@check
+def check_resnet18_top5(device: torch.device, *, quick: bool = False) -> CheckOutput:
+    """ResNet-18 top-5 on 512 images, flatlens tol=1e-3 (target < 10 s), then PyHessian 0.1
+    and curvlinops at the same tol for comparison (skipped when flatlens took over 60 s)."""
+    import bench_models as bm
+
+    (case,) = _model_cases(device, quick, ("resnet18",))
+    k = 1 if quick else 5
+    bm.warm_up(case)
+    tools = {
+        "flatlens": lambda: bm.flatlens_eigen(case, k),
+        "pyhessian": lambda: bm.pyhessian_eigen(case, k),
+        "curvlinops": lambda: bm.curvlinops_eigen(case, k),
+    }
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for tool, fn in tools.items():
+        if not bm.available(tool):
+            skipped[tool] = "not installed"
+            continue
+        if rows and rows[0]["time_s"] > 60:
+            skipped[tool] = "flatlens took over 60 s"
+            continue
+        out, stats = bm.measured(fn, device)
+        row = {
+            "case": case.name,
+            "weights": case.weights,
+            "measure": f"top-{k}",
+            "tool": tool,
+            "setting": bm._setting(tool, "eigen"),
+            **stats,
+            "num_hvps": out["num_hvps"],
+            "eigenvalues": out["eigenvalues"],
+            "value_text": f"{out['eigenvalues'][0]:.5g}",
+        }
+        if "relative_bounds" in out:
+            row["relative_bound"] = max(out["relative_bounds"])
+            row["converged"] = out["converged"]
+        if rows:
+            row["diff_vs_flatlens"] = bm.relative_difference(
+                row["eigenvalues"], rows[0]["eigenvalues"]
+            )
+        rows.append(row)
+    bm._add_speedups(rows)
+    ours = rows[0]
+    lines = [
+        f"flatlens top-{k} on {case.info['images']} images: {ours['time_s']:.2f}s, "
+        f"{ours['num_hvps']} HVPs, converged {ours.get('converged')} (target < 10 s) "
+        + ("ok" if ours["time_s"] < 10 else "MISS")
+    ]
+    for r in rows[1:]:
+        speedup = ours["speedup_" + r["tool"]]
+        lines.append(
+            f"{r['tool']}: {r['time_s']:.2f}s, {r['num_hvps']} HVPs, flatlens {speedup:.2f}x "
+            f"faster, max rel. diff of eigenvalues vs flatlens {r['diff_vs_flatlens']:.1e}"
+        )
+    lines += [f"{tool} skipped: {why}" for tool, why in skipped.items()]
+    return CheckOutput(
+        payload={
+            "case": {"name": case.name, **case.info},
+            "k": k,
+            "rows": rows,
+            "skipped": skipped,
+        },
+        tables={
+            f"ResNet-18 top-{k} on {device}": (bm._with_mib(rows), bm.EIGEN_COLUMNS),
+        },
+        lines=lines,
+    )
+
+
+@check
+def check_transformers_top1(device: torch.device, *, quick: bool = False) -> CheckOutput:
+    """ViT and GPT-2 top-1 eigenvalue, flatlens tol=1e-3, fused attention as the models set it."""
+    import bench_models as bm
+
+    rows: list[dict[str, Any]] = []
+    cases = []
+    for case in _model_cases(device, quick, ("vit", "gpt2")):
+        cases.append({"name": case.name, **case.info})
+        bm.warm_up(case)
+        res, stats = bm.measured(lambda case=case: bm.flatlens_eigen(case, 1), device)
+        rows.append(
+            {
+                "case": case.name,
+                "measure": "top-1",
+                "setting": bm._setting("flatlens", "eigen"),
+                **stats,
+                "num_hvps": res["num_hvps"],
+                "value_text": f"{res['eigenvalues'][0]:.5g}",
+                "eigenvalues": res["eigenvalues"],
+                "relative_bound": res["relative_bounds"][0],
+                "converged": res["converged"],
+            }
+        )
+        del case
+    columns = [c for c in bm.FLATLENS_COLUMNS if c.key not in ("num_gradients", "num_losses")]
+    return CheckOutput(
+        payload={"cases": cases, "rows": rows},
+        tables={f"ViT and GPT-2 top-1 on {device}": (bm._with_mib(rows), columns)},
+        lines=[
+            f"{r['case']} top-1 {r['value_text']}: {r['time_s']:.2f}s, {r['num_hvps']} HVPs, "
+            f"bound {r['relative_bound']:.1e}, converged {r['converged']}"
+            for r in rows
+        ],
     )
 
 

@@ -19,7 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flatlens.core._checks import check_positive_int, make_generator
-from flatlens.core._results import Result
+from flatlens.core._memory import tracks_peak_memory
+from flatlens.core._results import MeasureResult
 from flatlens.measures._basis import dot64, norm64, rows_dot64
 from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
 from flatlens.measures._lanczos import ROUNDING_FACTOR, ROUNDING_SCALE, Which, lanczos_eigsh
@@ -52,7 +53,7 @@ def _start_vector(
 
 
 @dataclass
-class EigenResult(Result):
+class EigenResult(MeasureResult):
     """Extreme eigenpairs of the Hessian (or of the operator given).
 
     Attributes:
@@ -87,6 +88,7 @@ class EigenResult(Result):
     basis_vectors: int = 0
 
 
+@tracks_peak_memory
 def hessian_eigenvalues(
     objective: Any,
     k: int = 1,
@@ -234,7 +236,7 @@ def _size(objective: Any) -> int:
 
 
 @dataclass
-class TraceResult(Result):
+class TraceResult(MeasureResult):
     """Stochastic estimate of tr(H).
 
     Attributes:
@@ -273,6 +275,7 @@ def _orthonormal_rows(y: Tensor) -> Tensor:
     return y[:r]
 
 
+@tracks_peak_memory
 def hessian_trace(
     objective: Any,
     *,
@@ -354,7 +357,7 @@ def hessian_trace(
 
 
 @dataclass
-class DensityResult(Result):
+class DensityResult(MeasureResult):
     """Spectral density of H by stochastic Lanczos quadrature.
 
     Attributes:
@@ -376,6 +379,7 @@ class DensityResult(Result):
     seed: int | None
 
 
+@tracks_peak_memory
 def hessian_density(
     objective: Any,
     *,

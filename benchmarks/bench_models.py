@@ -79,6 +79,7 @@ from _common import (
     time_interleaved,
     write_json,
 )
+from bench_spectrum import _clear_grads, _counting_pyhessian, _pyhessian
 from torch import Tensor, nn
 
 from flatlens._compat import import_torchvision
@@ -546,43 +547,11 @@ def gpt2_case(sizes: Sizes, device: torch.device) -> Case:
 
 
 # ---------------------------------------------------------------------------- the tools
-def _pyhessian() -> tuple[Any, Any]:
-    """PyHessian's ``hessian`` class and the module whose globals its methods use."""
-    try:
-        module = importlib.import_module("pyhessian.hessian")
-    except ImportError as err:
-        raise SystemExit(
-            "PyHessian is not installed: .venv/bin/pip install -c constraints.txt "
-            "--no-deps PyHessian==0.1"
-        ) from err
-    return module.hessian, module
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _clear_grads(model: nn.Module) -> None:
-    # PyHessian leaves .grad holding a differentiable graph; drop it after each run.
-    for p in model.parameters():
-        p.grad = None
-
-
-@contextlib.contextmanager
-def _counting_pyhessian() -> Iterator[tuple[Any, list[int]]]:
-    cls, module = _pyhessian()
-    count = [0]
-    original = module.hessian_vector_product
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    with mock.patch.object(module, "hessian_vector_product", counted):
-        yield cls, count
 
 
 @contextlib.contextmanager

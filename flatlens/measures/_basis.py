@@ -2,9 +2,13 @@
 
 Float32 dot products of length n ~ 1e7 lose about sqrt(n) eps of accuracy (sequential
 accumulation in SIMD lanes), which is enough to shift the Lanczos matrix T by 1e-4
-relative. Every inner product and norm here is accumulated in float64: chunks of the
-vectors are cast to float64, so the extra memory is one float64 chunk of
-``CHUNK_ELEMENTS`` elements, never a float64 copy of the basis.
+relative. The certificate's inner products and norms (:func:`dot64`, :func:`norm64`,
+:func:`combo_norm64`) are formed in float64: chunks of the vectors are cast to float64, so
+the extra memory is one float64 chunk of ``CHUNK_ELEMENTS`` elements, never a float64 copy.
+The reorthogonalization's many products with the basis rows (:func:`rows_dot64`) are summed
+in float32 within chunks of at most ``PROJECT_ELEMENTS / rows`` (at least 4096) elements and
+in float64 across chunks: about 1e-8 relative to ||v|| ||w|| at n = 1.1e7 (a tenth of eps32),
+three times faster than casting the rows.
 
 :class:`Basis` stores its rows in blocks allocated as the basis grows (4, 4, 4, 6, 9, ...
 rows, at most 32 at a time), on any device and in any dtype; arithmetic on the rows is
@@ -23,6 +27,8 @@ __all__ = ["Basis", "combo_norm64", "dot64", "norm64", "rows_dot64"]
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements of a float64 temporary (8 MiB); chunks of the vectors are cast this many at a time."""
+PROJECT_ELEMENTS = 1 << 18
+"""Elements of the rows (all rows together) summed in float32 before a float64 sum."""
 
 
 def _slices(n: int, rows: int = 1) -> Iterator[slice]:
@@ -56,12 +62,16 @@ def combo_norm64(w: Tensor, u: Tensor, c: float) -> float:
 
 
 def rows_dot64(m: Tensor, w: Tensor) -> Tensor:
-    """``m @ w`` for rows ``m`` (r, n), accumulated in float64; a float64 CPU tensor (r,)."""
+    """``m @ w`` for rows ``m`` (r, n): float32 sums over chunks of at most
+    ``max(4096, PROJECT_ELEMENTS / r)`` elements, float64 across chunks; a float64 CPU
+    tensor (r,)."""
     if m.dtype == w.dtype == torch.float64:
         return (m @ w).cpu()
     acc = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
-    for s in _slices(w.numel(), m.shape[0]):
-        acc += m[:, s].double() @ w[s].double()
+    step = max(4096, PROJECT_ELEMENTS // max(m.shape[0], 1))
+    for start in range(0, w.numel(), step):
+        rows = m[:, start : start + step]
+        acc += torch.mv(rows.to(w.dtype), w[start : start + step]).double()
     return acc.cpu()
 
 

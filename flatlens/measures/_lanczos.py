@@ -33,9 +33,12 @@ MatVec = Callable[[Tensor], Tensor]
 F64 = torch.float64
 
 ROUNDING_FACTOR = 4.0
-"""Safety factor on the measured rounding spread ||A(s u)/s - A u|| (see lanczos_eigsh)."""
+"""Safety factor on a measured spread between two roundings of one product."""
 ROUNDING_SCALE = 3.0
-"""The scale s of the rounding check: not a power of two, so s u rounds differently."""
+"""The scale s of a rounding check fl(A(s u))/s vs fl(A u) (SLQ): not a power of two."""
+STOP_MARGIN = 0.5
+"""Lanczos stops when the recurrence bounds are this fraction of tol, so the true residual
+plus the rounding allowance (not known before the checks) meets tol at the first check."""
 MAX_REFINEMENTS = 3
 """Restarts from the returned vectors when their true residual misses tol."""
 
@@ -218,30 +221,68 @@ def _blocked(cert: _Certificate, failing: Tensor, tol: float) -> str | None:
     return None
 
 
-def _certify(op, u, other, other_res, *, tol, delta, rounding) -> _Certificate:
-    """True residuals, float64 Rayleigh quotients and bounds of the unit rows u."""
-    k, n = u.shape[0], op.n
-    for i in range(k):
-        u[i] /= norm64(u[i])
+def _certify(op, u, other, other_res, *, tol, delta, rounding, predicted) -> _Certificate:
+    """True residuals, float64 Rayleigh quotients and bounds of the unit rows u.
+
+    With no ``delta`` or ``rounding`` yet, the rounding is measured: from the distance of
+    the fresh products to ``predicted`` (the products of u assembled from the Lanczos
+    products, V H y), or, without it, from one more product fl(A(s u_1)) / s."""
+    k = u.shape[0]
     measure = delta is None and rounding is None
-    w = op.matmat(torch.cat([u, ROUNDING_SCALE * u[:1]]) if measure else u)
+    scaled = measure and predicted is None  # then one more product, fl(A(s u_1)) / s
+    w = op.matmat(torch.cat([u, ROUNDING_SCALE * u[:1]]) if scaled else u)
     rho = torch.tensor([dot64(u[i], w[i]) / dot64(u[i], u[i]) for i in range(k)], dtype=F64)
     res = [combo_norm64(w[i], u[i], float(rho[i])) / norm64(u[i]) for i in range(k)]
     res = torch.tensor(res, dtype=F64)
-    scale = max(float(rho.abs().max()), float(other.abs().max()) if other.numel() else 0.0)
-    acc = math.sqrt(n) * torch.finfo(F64).eps * max(norm64(w[i]) for i in range(k))
-    if measure:
+    if scaled:
         spread = combo_norm64(w[k], w[0], ROUNDING_SCALE) / ROUNDING_SCALE
-        eps = torch.finfo(op.dtype).eps
-        delta = max(ROUNDING_FACTOR * spread, 2 * eps * scale) + acc
         w = w[:k]
+    elif measure:
+        spread = max(combo_norm64(w[i], predicted[i], 1.0) for i in range(k))
+    cert = _Certificate(rho, res, rho, rho, rho, 0.0, w)
+    if measure:
+        delta = _allowance(op, cert, other, spread)
     elif delta is None:
-        delta = rounding * scale + acc
+        delta = rounding * _scale(rho, other) + _sums(op, w)
+    return _bounded(cert, delta, other, other_res, tol)
+
+
+def _scale(values: Tensor, other: Tensor) -> float:
+    """||A|| as the largest |Ritz value| seen."""
+    return max(float(values.abs().max()), float(other.abs().max()) if other.numel() else 0.0)
+
+
+def _sums(op, w: Tensor) -> float:
+    """The float64 sums' own error, sqrt(n) eps64 ||w||."""
+    return math.sqrt(op.n) * torch.finfo(F64).eps * max(norm64(row) for row in w)
+
+
+def _allowance(op, cert: _Certificate, other: Tensor, spread: float) -> float:
+    """delta = max(4 spread, 2 eps ||A||) plus the float64 sums' error."""
+    eps = torch.finfo(op.dtype).eps
+    scale = _scale(cert.values, other)
+    return max(ROUNDING_FACTOR * spread, 2 * eps * scale) + _sums(op, cert.products)
+
+
+def _bounded(cert: _Certificate, delta: float, other, other_res, tol: float) -> _Certificate:
+    """The certificate's bounds and flags for the rounding allowance ``delta``."""
+    rho, res = cert.values, cert.residuals
+    scale = _scale(rho, other)
     bounds = _error_bounds(
         rho, res, delta, partial(_limit, tol=tol, scale=scale), other, other_res + delta
     )
     limit = _limit(rho, tol, scale)
-    return _Certificate(rho, res, bounds, bounds <= limit, limit, delta, w)
+    return _Certificate(rho, res, bounds, bounds <= limit, limit, delta, cert.products)
+
+
+def _rescaled(op, u: Tensor, cert: _Certificate, other, other_res, tol: float) -> _Certificate:
+    """``cert`` with the rounding measured by one more product, fl(A(s u_1)) / s against
+    fl(A u_1): V H y also carries the rounding of the basis arithmetic (about sqrt(p) eps
+    ||A|| after restarts), which can hide a pair that the operator's own rounding lets pass.
+    """
+    w3 = op.matvec(ROUNDING_SCALE * u[0])
+    spread = combo_norm64(w3, cert.products[0], ROUNDING_SCALE) / ROUNDING_SCALE
+    return _bounded(cert, _allowance(op, cert, other, spread), other, other_res, tol)
 
 
 def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,7 +301,8 @@ def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Te
             want = order[:k]
             bounds = _error_bounds(theta, res, d, partial(_limit, tol=tol, scale=scale))
             limit = _limit(theta[want], tol, scale)
-            met = bool((bounds[want] <= limit).all()) or bool((res[want] <= 0.5 * d).all())
+            met = bool((bounds[want] <= STOP_MARGIN * limit).all())
+            met = met or bool((res[want] <= 0.5 * d).all())
             full = state.p == state.basis.size
             if (met and (not state.broke or state.p == m)) or full or op.count >= stop_at:
                 return theta, y, res
@@ -286,14 +328,17 @@ def lanczos_eigsh(
 ) -> EigshOutput:
     """k extreme eigenpairs of a symmetric operator by thick-restart Lanczos, certified.
 
-    Lanczos stops once the recurrence bounds of the k wanted Ritz pairs meet ``tol`` (no
-    extra guard pair is waited for). Then each returned unit vector u is checked with one
-    more product w = fl(A u) (batched through ``matmat`` when given), all sums in float64:
+    Lanczos stops once the recurrence bounds of the k wanted Ritz pairs are within half of
+    ``tol`` (no extra guard pair is waited for). Then each returned unit vector u = V y is
+    checked with one more product w = fl(A u) (batched through ``matmat`` when given), all
+    sums in float64:
 
     * lambda = u.w / u.u (the float64 Rayleigh quotient), r = ||w - lambda u||;
-    * delta = 4 ||fl(A(3u_1))/3 - w_1|| (the spread of two roundings of one product, one
-      more product; at least 2 eps ||A||, ||A|| ~ max |Ritz value|), or ``rounding * ||A||``
-      when given, plus sqrt(n) eps64 ||w|| for the float64 sums (Higham & Mary, 2019);
+    * delta = 4 max_i ||w_i - V H y_i||: the same product assembled from the Lanczos
+      products (A V = V H) rounds differently from the fresh one, so their distance
+      measures the rounding at no extra product; at least 2 eps ||A|| (||A|| ~ max |Ritz
+      value|), or ``rounding * ||A||`` when given; plus sqrt(n) eps64 ||w|| for the
+      float64 sums (Higham & Mary, 2019);
     * bound = min(r + delta, (r + delta)^2 / (gap - delta) + delta): Weyl, and Kato-Temple
       once the nearest other Ritz value theta_l has met tol itself and r_l + delta <=
       |lambda - theta_l| / 10, with gap = |lambda - theta_l| - r_l - delta.
@@ -312,7 +357,7 @@ def lanczos_eigsh(
             magnitude.
         tol: Converged when each bound is at most ``tol * max(|lambda|, 1e-6 ||A||)``.
         max_matvecs: Budget of products, the checks included (default
-            ``max(500, 20 * basis_size)``); at least 2k + 1 (2k with ``rounding``).
+            ``max(500, 20 * basis_size)``); at least 2k.
         basis_size: Processed Lanczos vectors before a restart (default
             ``max(2k + 10, 24)``). The basis holds at most ``basis_size + 1`` vectors
             (``basis_size + k`` while refining), allocated as it grows.
@@ -341,12 +386,6 @@ def lanczos_eigsh(
     if rounding is not None and not rounding >= 0:
         raise ValueError(f"rounding must be >= 0, got {rounding!r}")
     budget = max_matvecs if max_matvecs is not None else max(500, 20 * m)
-    least = 2 * k + (rounding is None)
-    if budget < least:
-        raise ValueError(
-            f"max_matvecs (max_hvps) must be at least {least}: k Lanczos steps, k residual "
-            "checks and one rounding check"
-        )
     if isinstance(matvec, Operator):
         op = matvec
     else:
@@ -355,6 +394,15 @@ def lanczos_eigsh(
     dev, dt = op.device, op.dtype
     work = (dev, dt)
     basis = (torch.device(basis_device) if basis_device else dev, basis_dtype or dt)
+    # A basis stored below the working precision adds its own rounding to V H y, which would
+    # be taken for the operator's: then the rounding check takes one more product instead.
+    exact_basis = torch.finfo(basis[1]).eps <= torch.finfo(dt).eps
+    least = 2 * k + (rounding is None and not exact_basis)
+    if budget < least:
+        raise ValueError(
+            f"max_matvecs (max_hvps) must be at least {least}: k Lanczos steps and k residual "
+            "checks" + ("" if least == 2 * k else " and one rounding check")
+        )
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     bar = tqdm(desc="lanczos", unit="matvec", disable=not progress, leave=False)
     op.on_product, start_count = bar.update, op.count
@@ -364,17 +412,29 @@ def lanczos_eigsh(
     delta, peak, restarts, rounds, worst, best = None, 0, 0, 0, math.inf, None
     try:
         while True:
-            reserve = k + (delta is None and rounding is None)
+            measure = delta is None and rounding is None
+            reserve = k + (measure and not exact_basis)
             theta, y, res = _iterate(
                 state, op, k=k, m=m, which=which, tol=tol, stop_at=stop_at - reserve, delta=delta
             )
             order = _order(theta, which)
-            u = state.basis.combine(y[:, order[:k]], dt).to(dev)
+            u, predicted = _returned(state, y[:, order[:k]], dt, predict=measure and exact_basis)
+            u, predicted = u.to(dev), None if predicted is None else predicted.to(dev)
             peak, restarts = max(peak, state.basis.allocated), restarts + state.restarts
             state = None  # free the basis before the checks
             cert = _certify(
-                op, u, theta[order[k:]], res[order[k:]], tol=tol, delta=delta, rounding=rounding
+                op,
+                u,
+                theta[order[k:]],
+                res[order[k:]],
+                tol=tol,
+                delta=delta,
+                rounding=rounding,
+                predicted=predicted,
             )
+            if predicted is not None and not bool(cert.converged.all()) and op.count < stop_at:
+                cert = _rescaled(op, u, cert, theta[order[k:]], res[order[k:]], tol)
+            predicted = None
             delta = cert.delta
             if best is None or cert.score < best[0].score:
                 best = (cert, u)
@@ -410,6 +470,23 @@ def lanczos_eigsh(
         basis_vectors=peak,
         num_refinements=rounds,
     )
+
+
+def _returned(
+    state: _Krylov, y: Tensor, dtype: torch.dtype, *, predict: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The unit Ritz vectors u = V y / ||V y|| and, with ``predict``, their products as the
+    Lanczos products give them: A V[:p] = V[:rows] H[:rows, :p], so A u = V (H y) / ||V y||,
+    which rounds differently from a fresh product fl(A u)."""
+    u = state.basis.combine(y, dtype)
+    norms = torch.tensor([norm64(row) for row in u], dtype=F64)
+    u /= norms.to(u.device, dtype)[:, None]
+    if not predict:
+        return u, None
+    rows, p = state.basis.size, state.p
+    predicted = state.basis.combine(state.H[:rows, :p] @ y, dtype)
+    predicted /= norms.to(u.device, dtype)[:, None]
+    return u, predicted
 
 
 def _fix_signs(vecs: Tensor) -> Tensor:

@@ -110,9 +110,10 @@ def hessian_eigenvalues(
     """The k extreme eigenvalues of H = grad^2 L(theta) (or of a symmetric operator).
 
     ``method="lanczos"`` runs thick-restart Lanczos with full reorthogonalization on the
-    model's device, stops once the k wanted Ritz pairs meet ``tol``, and certifies each
-    returned pair with its true residual r = ||H u - lambda u|| (one more product per pair
-    and one for the rounding allowance d, float64 sums): |lambda - lambda_true| <=
+    model's device, stops once the k wanted Ritz pairs are within half of ``tol``, and
+    certifies each returned pair with its true residual r = ||H u - lambda u|| (one more
+    product per pair; the rounding allowance d comes from comparing that product with the
+    one the Lanczos products give; float64 sums): |lambda - lambda_true| <=
     min(r + d, (r + d)^2 / (gap - d) + d). See :func:`~flatlens.measures.lanczos_eigsh`.
     ``method="power"`` runs power iteration with deflation and stops when the Rayleigh
     quotient changes by less than ``tol`` relative (its bound is r plus rounding only).

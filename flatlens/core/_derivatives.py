@@ -229,17 +229,21 @@ class DerivativesMixin:
         self._decide_caching(theta)
         self._ensure_checked(theta, graph=True)
         v = v.detach().to(self.dtype)
-        out = self.zeros()
         count = 0
         method = self._resolved_hvp_method()
         if self.cache_graph:
+            out = None  # the first batch's product is the sum so far: no zeroed buffer
             for leaf, g in self._cached_graph(theta)[0]:
                 if g is not None and g.requires_grad:
                     (hv,) = torch.autograd.grad(
                         g, leaf, grad_outputs=v, retain_graph=True, allow_unused=True
                     )
                     if hv is not None:
-                        out += hv
+                        out = hv if out is None else out.add_(hv)
+            if out is None:
+                out = self.zeros()
+            elif out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+                out = out.clone()  # autograd passed v through (an identity Hessian)
             count = self.num_samples or 0
             if self.distributed:
                 import torch.distributed as dist
@@ -250,6 +254,7 @@ class DerivativesMixin:
             self.counts["hvp"] += 1
             return out
 
+        out = self.zeros()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         parts = []
         with eval_mode(self.model, self.eval_mode), second_order():

@@ -10,9 +10,10 @@ in float32 within chunks of at most ``PROJECT_ELEMENTS / rows`` (at least 4096) 
 in float64 across chunks: about 1e-8 relative to ||v|| ||w|| at n = 1.1e7 (a tenth of eps32),
 three times faster than casting the rows.
 
-:class:`Basis` stores its rows in blocks allocated as the basis grows (4, 4, 4, 6, 9, ...
-rows, at most 32 at a time), on any device and in any dtype; arithmetic on the rows is
-done in the dtype of the vector they meet (the operator's dtype).
+:class:`Basis` stores its rows in blocks allocated as the basis grows (1, 1, 1, 2, 3, 4,
+6, ... rows: at most half again what it holds, at most 32 at a time), on any device and in
+any dtype; arithmetic on the rows is done in the dtype of the vector they meet (the
+operator's dtype).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Basis:
         if self.size == self.allocated:
             if self.size >= self.capacity:
                 raise RuntimeError("basis capacity exceeded")
-            rows = min(max(4, self.allocated // 2), 32, self.capacity - self.allocated)
+            rows = min(max(1, self.allocated // 2), 32, self.capacity - self.allocated)
             self._blocks.append(torch.empty(rows, self.n, device=self.device, dtype=self.dtype))
         for block, lo, _hi, _ in self._segments(self.size, self.size + 1):
             block[lo].copy_(v)

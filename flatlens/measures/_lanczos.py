@@ -148,7 +148,8 @@ class _Krylov:
 
     def step(self, op: Operator) -> None:
         w = op.matvec(self.basis.row(self.p).to(self.dev, self.dt))
-        self.absorb(w.to(self.basis.device, copy=True), 0.0)
+        # absorb works in place: copy unless the product is a new tensor of the operator's
+        self.absorb(w.to(self.basis.device, copy=not op.fresh), 0.0)
 
     def absorb(self, w: Tensor, noise: float) -> None:
         """Record w = A v_p: orthogonalize, fill column p of H, append the remainder."""

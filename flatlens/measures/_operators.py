@@ -105,6 +105,7 @@ class Operator:
         self.point = point
         self.n, self.dtype, self.device = n, dtype, torch.device(device)
         self.objective = objective
+        self.fresh = objective is not None  # each product is a new tensor (may be modified)
         self.batched = matmat is not None
         self.count = 0
         self.on_product: Callable[[int], None] | None = None

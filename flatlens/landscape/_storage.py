@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flatlens.core._io import atomic_path, write_json
-from flatlens.core._results import Result, to_jsonable
+from flatlens.core._results import MeasureResult, to_jsonable
 
 __all__ = ["FORMAT", "Landscape", "load", "save", "store_paths"]
 
@@ -26,7 +26,7 @@ FORMAT = "flatlens.landscape/1"
 
 
 @dataclass(eq=False)
-class Landscape(Result):
+class Landscape(MeasureResult):
     """Metric values on a 1-D or 2-D grid around theta: theta + a d1 (+ b d2).
 
     Attributes:
@@ -44,6 +44,8 @@ class Landscape(Result):
         num_evaluated: Grid points evaluated by the call that returned this object
             (points restored from a store are not counted).
         elapsed_s: Wall-clock seconds of that call.
+        peak_memory_bytes: Peak memory of that call (see
+            :class:`~flatlens.core.MeasureResult`); ``peak_memory_kind`` says which.
     """
 
     coords: list[np.ndarray]
@@ -94,7 +96,7 @@ class Landscape(Result):
 
         Args:
             other: The landscape to compare with.
-            timing: Also compare ``num_evaluated`` and ``elapsed_s``.
+            timing: Also compare ``num_evaluated``, ``elapsed_s`` and the peak memory.
         """
         if not isinstance(other, Landscape) or self.shape != other.shape:
             return False
@@ -113,9 +115,13 @@ class Landscape(Result):
         meta_a, meta_b = _metadata(self), _metadata(other)
         if not timing:
             for meta in (meta_a, meta_b):
-                meta.pop("num_evaluated")
-                meta.pop("elapsed_s")
+                for key in RUN_FIELDS:
+                    meta.pop(key)
         return arrays_equal and traj_equal and meta_a == meta_b
+
+
+RUN_FIELDS = ("num_evaluated", "elapsed_s", "peak_memory_bytes", "peak_memory_kind")
+"""Metadata of the call that produced a landscape, not of the landscape itself."""
 
 
 def store_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -140,6 +146,8 @@ def _metadata(landscape: Landscape) -> dict[str, Any]:
             "fingerprint": landscape.fingerprint,
             "num_evaluated": landscape.num_evaluated,
             "elapsed_s": landscape.elapsed_s,
+            "peak_memory_bytes": landscape.peak_memory_bytes,
+            "peak_memory_kind": landscape.peak_memory_kind,
         }
     )
 
@@ -237,6 +245,8 @@ def _from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[L
         fingerprint=str(meta["fingerprint"]),
         num_evaluated=int(meta["num_evaluated"]),
         elapsed_s=float(meta["elapsed_s"]),
+        peak_memory_bytes=meta.get("peak_memory_bytes"),
+        peak_memory_kind=str(meta.get("peak_memory_kind", "")),
     )
     return landscape, done
 

@@ -4,7 +4,14 @@ import torch
 import torch.nn.functional as F
 from helpers import classification_data, tiny_mlp, uneven_batches
 
-from flatlens import Objective, first_order_flatness, zeroth_order_sharpness
+from flatlens import (
+    Objective,
+    first_order_flatness,
+    hessian_eigenvalues,
+    hessian_trace,
+    zeroth_order_sharpness,
+)
+from flatlens import landscape as fl
 from flatlens.core import PeakMemory
 from flatlens.core._memory import _status, saved_bytes
 
@@ -33,9 +40,14 @@ def test_saved_bytes_counts_what_autograd_keeps():
 def test_measures_report_their_peak_memory():
     model = tiny_mlp()
     obj = Objective(model, F.cross_entropy, classification_data())
+    direction = fl.random_direction(obj, seed=0)
     for res in (
         zeroth_order_sharpness(obj, 0.05, steps=2),
         first_order_flatness(obj, 0.05, steps=2),
+        hessian_eigenvalues(obj, 1, tol=1e-2),
+        hessian_trace(obj, num_samples=3),
+        fl.line(obj, direction, steps=5),
+        fl.plane(obj, direction, fl.random_direction(obj, seed=1), steps=3),
     ):
         assert res.peak_memory_bytes > 0 and res.peak_memory_kind
         assert res.to_dict()["peak_memory_bytes"] == res.peak_memory_bytes

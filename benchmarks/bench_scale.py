@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _common import Column, environment, report, set_threads
+from _common import Column, environment, report, set_threads, write_json
 from bench_models import Sizes, measured, resnet_case, synthetic_images, vit_small
 from torch import nn
 
@@ -44,6 +44,7 @@ TOL = 1e-3
 RHO = 0.05
 R1_BUDGET = 40.0
 PARTS = ("resnet512", "vit256", "r1")
+OUT: str | None = None  # --out
 EIGEN_COLUMNS = [
     Column("case", "case"),
     Column("setting", "setting"),
@@ -133,13 +134,16 @@ def vit256() -> list[dict[str, Any]]:
     return rows
 
 
-def r1(images: int) -> list[dict[str, Any]]:
+R1_SETTINGS = {
+    "default": ("default (20 steps)", AscentConfig(RHO)),
+    "budget": (f"budget={R1_BUDGET:g}", AscentConfig(RHO, budget=R1_BUDGET)),
+}
+
+
+def r1(images: int, order: Sequence[str] = ("default", "budget")) -> list[dict[str, Any]]:
     case = resnet_case(Sizes(), torch.device("cpu"), trained=True, images=images)
     rows = []
-    for label, config in (
-        ("default (20 steps)", AscentConfig(RHO)),
-        (f"budget={R1_BUDGET:g}", AscentConfig(RHO, budget=R1_BUDGET)),
-    ):
+    for label, config in (R1_SETTINGS[name] for name in order):
 
         def call(config: AscentConfig = config) -> Any:
             return first_order_flatness(case.objective(), config=config)
@@ -163,9 +167,10 @@ def r1(images: int) -> list[dict[str, Any]]:
             f"{stats['time_s']:.0f} s",
             flush=True,
         )
-    base = rows[0]["value"]
+        write_json(f"bench_scale_r1_{images}_partial", rows, OUT)  # a long run keeps its rows
+    base = next((r["value"] for r in rows if r["setting"].startswith("default")), None)
     for row in rows:
-        row["relative_to_default"] = row["value"] / base - 1
+        row["relative_to_default"] = None if base is None else row["value"] / base - 1
     return rows
 
 
@@ -173,15 +178,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--r1-images", type=int, default=64)
+    parser.add_argument(
+        "--r1-order", nargs="+", choices=list(R1_SETTINGS), default=["default", "budget"]
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    global OUT
+    OUT = args.out
     threads = set_threads(args.threads)
     rows: list[dict[str, Any]] = []
     for part in args.parts:
         print(f"{part} ...", flush=True)
-        rows += r1(args.r1_images) if part == "r1" else globals()[part]()
+        rows += r1(args.r1_images, args.r1_order) if part == "r1" else globals()[part]()
     for row in rows:
         for key in ("peak_bytes", "peak_over_entry_bytes"):
             if row.get(key) is not None:

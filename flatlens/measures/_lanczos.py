@@ -240,12 +240,11 @@ def _certify(op, u, other, other_res, *, tol, delta, rounding, predicted) -> _Ce
         w = w[:k]
     elif measure:
         spread = max(combo_norm64(w[i], predicted[i], 1.0) for i in range(k))
-    cert = _Certificate(rho, res, rho, rho, rho, 0.0, w)
     if measure:
-        delta = _allowance(op, cert, other, spread)
+        delta = _allowance(op, rho, w, other, spread)
     elif delta is None:
         delta = rounding * _scale(rho, other) + _sums(op, w)
-    return _bounded(cert, delta, other, other_res, tol)
+    return _bounded(rho, res, w, delta, other, other_res, tol)
 
 
 def _scale(values: Tensor, other: Tensor) -> float:
@@ -258,22 +257,22 @@ def _sums(op, w: Tensor) -> float:
     return math.sqrt(op.n) * torch.finfo(F64).eps * max(norm64(row) for row in w)
 
 
-def _allowance(op, cert: _Certificate, other: Tensor, spread: float) -> float:
+def _allowance(op, values: Tensor, products: Tensor, other: Tensor, spread: float) -> float:
     """delta = max(4 spread, 2 eps ||A||) plus the float64 sums' error."""
     eps = torch.finfo(op.dtype).eps
-    scale = _scale(cert.values, other)
-    return max(ROUNDING_FACTOR * spread, 2 * eps * scale) + _sums(op, cert.products)
+    scale = _scale(values, other)
+    return max(ROUNDING_FACTOR * spread, 2 * eps * scale) + _sums(op, products)
 
 
-def _bounded(cert: _Certificate, delta: float, other, other_res, tol: float) -> _Certificate:
-    """The certificate's bounds and flags for the rounding allowance ``delta``."""
-    rho, res = cert.values, cert.residuals
+def _bounded(rho, res, w, delta: float, other, other_res, tol: float) -> _Certificate:
+    """The certificate of values ``rho`` with residuals ``res`` (products ``w``) for the
+    rounding allowance ``delta``."""
     scale = _scale(rho, other)
     bounds = _error_bounds(
         rho, res, delta, partial(_limit, tol=tol, scale=scale), other, other_res + delta
     )
     limit = _limit(rho, tol, scale)
-    return _Certificate(rho, res, bounds, bounds <= limit, limit, delta, cert.products)
+    return _Certificate(rho, res, bounds, bounds <= limit, limit, delta, w)
 
 
 def _rescaled(op, u: Tensor, cert: _Certificate, other, other_res, tol: float) -> _Certificate:
@@ -281,9 +280,10 @@ def _rescaled(op, u: Tensor, cert: _Certificate, other, other_res, tol: float) -
     fl(A u_1): V H y also carries the rounding of the basis arithmetic (about sqrt(p) eps
     ||A|| after restarts), which can hide a pair that the operator's own rounding lets pass.
     """
-    w3 = op.matvec(ROUNDING_SCALE * u[0])
-    spread = combo_norm64(w3, cert.products[0], ROUNDING_SCALE) / ROUNDING_SCALE
-    return _bounded(cert, _allowance(op, cert, other, spread), other, other_res, tol)
+    rho, res, w = cert.values, cert.residuals, cert.products
+    spread = combo_norm64(op.matvec(ROUNDING_SCALE * u[0]), w[0], ROUNDING_SCALE) / ROUNDING_SCALE
+    delta = _allowance(op, rho, w, other, spread)
+    return _bounded(rho, res, w, delta, other, other_res, tol)
 
 
 def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Tensor, Tensor]:
@@ -337,9 +337,12 @@ def lanczos_eigsh(
     * lambda = u.w / u.u (the float64 Rayleigh quotient), r = ||w - lambda u||;
     * delta = 4 max_i ||w_i - V H y_i||: the same product assembled from the Lanczos
       products (A V = V H) rounds differently from the fresh one, so their distance
-      measures the rounding at no extra product; at least 2 eps ||A|| (||A|| ~ max |Ritz
-      value|), or ``rounding * ||A||`` when given; plus sqrt(n) eps64 ||w|| for the
-      float64 sums (Higham & Mary, 2019);
+      measures the rounding at no extra product. V H y also carries the float32 basis
+      arithmetic (about sqrt(p) eps ||A|| after restarts): when that keeps a pair from
+      converging, and for a basis stored below the operator's precision, one more product
+      measures it instead, delta = 4 ||fl(A(3u_1))/3 - w_1||. At least 2 eps ||A|| (||A||
+      ~ max |Ritz value|), or ``rounding * ||A||`` when given; plus sqrt(n) eps64 ||w|| for
+      the float64 sums (Higham & Mary, 2019);
     * bound = min(r + delta, (r + delta)^2 / (gap - delta) + delta): Weyl, and Kato-Temple
       once the nearest other Ritz value theta_l has met tol itself and r_l + delta <=
       |lambda - theta_l| / 10, with gap = |lambda - theta_l| - r_l - delta.
@@ -358,7 +361,8 @@ def lanczos_eigsh(
             magnitude.
         tol: Converged when each bound is at most ``tol * max(|lambda|, 1e-6 ||A||)``.
         max_matvecs: Budget of products, the checks included (default
-            ``max(500, 20 * basis_size)``); at least 2k.
+            ``max(500, 20 * basis_size)``); at least 2k (2k + 1 with a ``basis_dtype``
+            below the operator's and no ``rounding``).
         basis_size: Processed Lanczos vectors before a restart (default
             ``max(2k + 10, 24)``). The basis holds at most ``basis_size + 1`` vectors
             (``basis_size + k`` while refining), allocated as it grows.

@@ -151,7 +151,7 @@ def hessian_eigenvalues(
             weaker orthogonality, accuracy reachable about eps(basis_dtype); the
             certificate still holds.
         rounding: Known relative rounding u of one product (||fl(Hv) - Hv|| <= u ||H||),
-            instead of measuring it with one product.
+            instead of measuring it (from the checked products, sometimes one more).
 
     Returns:
         An :class:`EigenResult`.

@@ -152,6 +152,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
             rhos=args.rho,
             k=args.k,
             measure_samples=args.samples,
+            batch_size=args.batch_size,
+            memory_budget=args.memory_budget,
             blocks=args.blocks,
             seed=args.seed,
         )
@@ -195,7 +197,12 @@ def _objective(
     """The risk over the first ``--samples`` training examples, as ``diagnose`` measures it."""
     from flatlens.report._diagnose import DiagnoseConfig, measure_objective
 
-    return measure_objective(model, data, DiagnoseConfig(measure_samples=args.samples), loss_fn)
+    config = DiagnoseConfig(
+        measure_samples=args.samples,
+        batch_size=args.batch_size,
+        memory_budget=args.memory_budget,
+    )
+    return measure_objective(model, data, config, loss_fn)
 
 
 def cmd_bound(args: argparse.Namespace) -> None:

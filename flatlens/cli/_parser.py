@@ -7,6 +7,7 @@ code 2) before any data is loaded.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -127,6 +128,39 @@ def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
     )
 
 
+def _bytes(text: str) -> float:
+    """A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = body[-1:] if body[-1:] in "KMGT" and body[-1:] else ""
+    try:
+        value = float(body[: len(body) - len(unit)]) * units[unit]
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 3G, 500M or 2e9 (bytes), got {text!r}"
+        )
+    return value
+
+
+def _measure_args(p: argparse.ArgumentParser, batch_size: int = 512) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=batch_size,
+        help="examples per data pass of the measures",
+    )
+    p.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        type=_bytes,
+        default=None,
+        help="memory the cached first-order graph may take, e.g. 3G (default: half the free "
+        "memory); over it, HVPs stream batch by batch and the peak is one batch's graph",
+    )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
     p.add_argument(
@@ -232,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "module (layers: CNNs, MLPs), per transformer group (groups: embedding, attention, "
         "MLP, norm, head) or per tensor (params); off by default",
     )
+    _measure_args(p)
     p.add_argument("--quick", action="store_true", help="small settings for a fast look")
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")
     p.add_argument("--title", default="", help="title of report.html (default: from the file)")
@@ -297,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--samples", metavar="N", type=_samples, default=512, help="training examples, or 'all'"
     )
+    _measure_args(p)
     _common(p, "flatlens_bound")
     p.set_defaults(func=commands.cmd_bound)
 
@@ -314,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--samples", metavar="N", type=_samples, default="all", help="training examples, or 'all'"
     )
+    _measure_args(p)
     p.add_argument("--log", action="store_true", help="log-scale loss in the plots")
     p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
     _common(p, "flatlens_landscape")

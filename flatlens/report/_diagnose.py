@@ -83,6 +83,9 @@ class DiagnoseConfig:
         k: Number of top Hessian eigenvalues.
         measure_samples: Training examples used for curvature measures (``None``: all).
         batch_size: Batch size of the data passes.
+        memory_budget: Bytes the curvature measures' cached graph may take (``None``: half
+            the free memory; see :class:`~flatlens.Objective`); over it, HVPs stream batch
+            by batch and the peak is one batch's graph.
         trace_samples: HVPs for the Hutch++ trace (at least 3).
         density_runs, density_steps: Stochastic Lanczos quadrature settings.
         ascent_steps: Projected-ascent steps for R0 and R1.
@@ -104,6 +107,7 @@ class DiagnoseConfig:
     k: int = 5
     measure_samples: int | None = 512
     batch_size: int = 512
+    memory_budget: float | None = None
     trace_samples: int = 30
     density_runs: int = 2
     density_steps: int = 40
@@ -139,6 +143,8 @@ class DiagnoseConfig:
                 raise ValueError(f"{name} must be 0 (skip) or at least 2 grid points")
         if self.measure_samples is not None:
             check_positive_int("measure_samples", self.measure_samples)
+        if self.memory_budget is not None:
+            self.memory_budget = check_positive("memory_budget", self.memory_budget)
         self.landscape_span = check_positive("landscape_span", self.landscape_span)
         self.blocks = _check_blocks(self.blocks)
         if not isinstance(self.block_density, bool):
@@ -196,14 +202,19 @@ def _check_blocks(blocks: Any) -> str | dict[str, str | list[str]] | None:
 
 
 def _objective(
-    model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, batch_size: int
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    memory_budget: float | None = None,
 ) -> Objective:
     """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
     rank's shard, reduced across the ranks (see the module docstring)."""
     x, y, distributed = fd.local_split(x, y)
     parts = batches(x, y, batch_size)
     data = parts[0] if len(parts) == 1 else parts
-    return Objective(model, loss_fn, data, distributed=distributed)
+    return Objective(model, loss_fn, data, distributed=distributed, memory_budget=memory_budget)
 
 
 def measure_objective(
@@ -218,7 +229,8 @@ def measure_objective(
     x, y = data.train()
     if config.measure_samples is not None:
         x, y = x[: config.measure_samples], y[: config.measure_samples]
-    return _objective(model, loss_fn or nn.CrossEntropyLoss(), x, y, config.batch_size)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    return _objective(model, loss_fn, x, y, config.batch_size, config.memory_budget)
 
 
 def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn) -> dict:

@@ -3,6 +3,7 @@ subprocess on small settings, plus its error paths (one line on stderr, exit cod
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -177,6 +178,30 @@ def test_bound_two_radii(trained, tmp_path):
     assert (tmp_path / "b" / "bound.png").is_file()
 
 
+def test_bound_under_a_memory_budget_streams_to_the_same_answer(trained, tmp_path):
+    reports = {}
+    for name, extra in (("cached", []), ("streamed", ["--memory-budget", "1K"])):
+        proc = run_cli(
+            "bound", "--model", "mlp", "--checkpoint", str(trained["model"]),
+            "--rho", "0.05", "--steps", "2", "--samples", "128", "--batch-size", "64",
+            "--out", name, "--json", "--quiet", *extra, cwd=tmp_path,
+        )  # fmt: skip
+        reports[name] = ok_json(proc)
+    cached, streamed = reports["cached"], reports["streamed"]
+    assert streamed["lambda_max"] == pytest.approx(cached["lambda_max"], rel=1e-4)
+    assert streamed["rows"][0]["r1"] == pytest.approx(cached["rows"][0]["r1"], rel=1e-4)
+
+
+def test_sizes_in_bytes():
+    from flatlens.cli._parser import _bytes
+
+    assert _bytes("3G") == _bytes("3GiB") == _bytes("3gb") == 3 * 2**30
+    assert _bytes("500M") == 500 * 2**20 and _bytes("2e9") == 2e9 and _bytes("1.5K") == 1536
+    for bad in ("", "G", "-1G", "0", "nan", "lots", "3X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _bytes(bad)
+
+
 @pytest.mark.parametrize("dim", [1, 2])
 def test_landscape_slices(trained, tmp_path, dim):
     proc = run_cli(
@@ -268,6 +293,9 @@ def test_architecture_mismatch_lists_missing_and_unexpected_keys(trained, tmp_pa
         (["--rho", "0.1,0"], "argument --rho"),
         (["--k", "0"], "argument --k"),
         (["--samples", "-3"], "argument --samples"),
+        (["--batch-size", "0"], "argument --batch-size"),
+        (["--memory-budget", "lots"], "argument --memory-budget"),
+        (["--memory-budget", "0"], "argument --memory-budget"),
         (["--device", "cuda:99"], "--device cuda:99 is not available"),
     ],
 )

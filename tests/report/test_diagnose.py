@@ -96,6 +96,9 @@ def _one_process_objective_checks(data) -> None:
     assert [n for _, _, n in seen] == [40, 24]  # the first 64 examples, in order, unsharded
     assert torch.equal(torch.cat([b[0] for b in seen]), x[:64])
     assert torch.equal(torch.cat([b[1] for b in seen]), y[:64])
+    assert objective.memory_budget is None
+    budget = measure_objective(model, data, dataclasses.replace(CONFIG, memory_budget=1024))
+    assert budget.memory_budget == 1024
     whole = measure_objective(model, data, dataclasses.replace(CONFIG, measure_samples=None))
     assert sum(n for _, _, n in whole.batches()) == len(y) == 96
 

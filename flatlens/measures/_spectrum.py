@@ -244,7 +244,9 @@ class TraceResult(MeasureResult):
         value: The estimate.
         stderr: Its standard error s / sqrt(m) over the m stochastic samples. For Hutch++
             this is the whole statistical error: given the sketch Q the estimate is
-            unbiased and tr(Q^T H Q) is exact.
+            unbiased and tr(Q^T H Q) is exact. NaN when a single stochastic sample is left
+            (Hutch++ with ``num_samples=3``, Hutchinson with 1): one sample has no spread,
+            so its error is unknown, not zero.
         num_hvps: Products spent (``num_samples``).
         rounding: Allowance for the operator's rounding in the exact part tr(Q^T H Q) of
             Hutch++ (r d, d measured as in the eigenvalue certificate; 0 for Hutchinson,

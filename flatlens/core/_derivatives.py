@@ -238,12 +238,15 @@ class DerivativesMixin:
                     (hv,) = torch.autograd.grad(
                         g, leaf, grad_outputs=v, retain_graph=True, allow_unused=True
                     )
-                    if hv is not None:
-                        out = hv if out is None else out.add_(hv)
+                    if hv is None:
+                        continue
+                    if out is None:
+                        aliased = hv.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+                        out = hv.clone() if aliased else hv  # autograd may pass v through
+                    else:
+                        out.add_(hv)
             if out is None:
                 out = self.zeros()
-            elif out.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
-                out = out.clone()  # autograd passed v through (an identity Hessian)
             count = self.num_samples or 0
             if self.distributed:
                 import torch.distributed as dist

@@ -88,16 +88,19 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         _DEPTH[0] -= 1
+        self.bytes = self.so_far()
+
+    def so_far(self) -> int:
+        """The peak since entering, read without leaving the block (for partial results)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-            return
+            return int(torch.cuda.max_memory_allocated(self.device))
         peak = _vm_hwm() if self.kind == "cpu_peak_rss" else None
         if peak is None:
             scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
             self.kind = "cpu_process_peak_rss"
-        self.bytes = int(peak)
+        return int(peak)
 
 
 def _device_of(target: Any) -> torch.device:

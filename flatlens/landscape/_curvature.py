@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flatlens.core._checks import check_positive
+from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.landscape._directions import Direction, as_direction, cosine
 from flatlens.landscape._grid import Grid, Span, grid_axes, grid_points
@@ -25,6 +26,7 @@ from flatlens.measures._spectrum import hessian_eigenvalues
 __all__ = ["curvature_map"]
 
 
+@tracks_peak_memory
 def curvature_map(
     objective: Objective,
     d1: Direction | Tensor,

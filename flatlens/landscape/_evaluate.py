@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from flatlens import distributed as fd
 from flatlens.core._checks import check_nonnegative, check_positive_int
 from flatlens.core._errors import NonFiniteLossError
+from flatlens.core._memory import PeakMemory
 from flatlens.core._objective import Objective
 from flatlens.core._points import SERIAL_CHUNK, MetricsArg, chunk_size_for, preferred_method
 from flatlens.landscape._directions import Direction, as_direction, cosine
@@ -47,6 +48,8 @@ Distribute = Literal["auto", "data", "points"]
 
 class _GridRun:
     """One landscape computation: checked arguments, the centre, then the missing points."""
+
+    peak: PeakMemory | None = None  # set by evaluate_grid: snapshots report the peak so far
 
     def __init__(
         self,
@@ -248,6 +251,8 @@ class _GridRun:
             fingerprint=self.fingerprint,
             num_evaluated=self.evaluated,
             elapsed_s=time.perf_counter() - self.start,
+            peak_memory_bytes=None if self.peak is None else self.peak.so_far(),
+            peak_memory_kind="" if self.peak is None else self.peak.kind,
         )
 
 
@@ -260,6 +265,7 @@ def evaluate_grid(
     """Evaluate a line or plane grid (the options are those of :func:`plane`, plus
     ``trajectory`` and ``extra_settings``) and return it as a :class:`Landscape`."""
     run = _GridRun(objective, dirs, coords, **options)
-    run.prepare()
-    run.loop()
-    return run.snapshot()
+    with PeakMemory(objective.device) as run.peak:  # stores saved on the way hold it too
+        run.prepare()
+        run.loop()
+        return run.snapshot()

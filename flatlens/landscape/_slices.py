@@ -8,7 +8,6 @@ from collections.abc import Callable
 import numpy as np
 from torch import Tensor
 
-from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._points import MetricsArg
 from flatlens.landscape._directions import Direction
@@ -19,7 +18,6 @@ from flatlens.landscape._storage import Landscape
 __all__ = ["line", "plane"]
 
 
-@tracks_peak_memory
 def line(
     objective: Objective,
     direction: Direction | Tensor,
@@ -94,7 +92,6 @@ def line(
     )
 
 
-@tracks_peak_memory
 def plane(
     objective: Objective,
     d1: Direction | Tensor,

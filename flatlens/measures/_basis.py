@@ -63,16 +63,17 @@ def combo_norm64(w: Tensor, u: Tensor, c: float) -> float:
 
 
 def rows_dot64(m: Tensor, w: Tensor) -> Tensor:
-    """``m @ w`` for rows ``m`` (r, n): float32 sums over chunks of at most
-    ``max(4096, PROJECT_ELEMENTS / r)`` elements, float64 across chunks; a float64 CPU
-    tensor (r,)."""
+    """``m @ w`` for rows ``m`` (r, n): sums in the wider of the two dtypes (at least
+    float32) over chunks of at most ``max(4096, PROJECT_ELEMENTS / r)`` elements, float64
+    across chunks; a float64 CPU tensor (r,)."""
     if m.dtype == w.dtype == torch.float64:
         return (m @ w).cpu()
     acc = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
+    work = torch.promote_types(torch.promote_types(m.dtype, w.dtype), torch.float32)
     step = max(4096, PROJECT_ELEMENTS // max(m.shape[0], 1))
     for start in range(0, w.numel(), step):
-        rows = m[:, start : start + step]
-        acc += torch.mv(rows.to(w.dtype), w[start : start + step]).double()
+        rows, part = m[:, start : start + step], w[start : start + step]
+        acc += torch.mv(rows.to(work), part.to(work)).double()
     return acc.cpu()
 
 

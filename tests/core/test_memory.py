@@ -53,6 +53,15 @@ def test_measures_report_their_peak_memory():
         assert res.to_dict()["peak_memory_bytes"] == res.peak_memory_bytes
 
 
+def test_a_stored_landscape_keeps_its_peak_memory(tmp_path):
+    obj = Objective(tiny_mlp(), F.cross_entropy, classification_data())
+    res = fl.line(obj, fl.random_direction(obj, seed=0), steps=5, store=tmp_path / "line")
+    loaded = fl.load(tmp_path / "line")
+    assert 0 < loaded.peak_memory_bytes <= res.peak_memory_bytes  # saved just before return
+    assert loaded.peak_memory_kind == res.peak_memory_kind != ""
+    assert loaded.equals(res, timing=False)
+
+
 def test_cache_graph_follows_the_memory_budget():
     model = tiny_mlp()
     x, y = classification_data()

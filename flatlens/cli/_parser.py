@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -129,15 +130,15 @@ def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
 
 
 def _bytes(text: str) -> float:
-    """A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024)."""
+    """A size in bytes: a number with an optional K, M, G or T suffix (powers of 1024), e.g.
+    3G, 3GiB, 500M or 2e9; at least one byte."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    body = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = body[-1:] if body[-1:] in "KMGT" and body[-1:] else ""
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(?:([KMGT])(?:I?B)?|B)?\s*", text.upper())
     try:
-        value = float(body[: len(body) - len(unit)]) * units[unit]
+        value = float(match.group(1)) * units[match.group(2) or ""] if match else math.nan
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and value >= 1):
         raise argparse.ArgumentTypeError(
             f"expected a size such as 3G, 500M or 2e9 (bytes), got {text!r}"
         )

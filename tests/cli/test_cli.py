@@ -197,7 +197,8 @@ def test_sizes_in_bytes():
 
     assert _bytes("3G") == _bytes("3GiB") == _bytes("3gb") == 3 * 2**30
     assert _bytes("500M") == 500 * 2**20 and _bytes("2e9") == 2e9 and _bytes("1.5K") == 1536
-    for bad in ("", "G", "-1G", "0", "nan", "lots", "3X"):
+    assert _bytes(" 2 g ") == 2 * 2**30 and _bytes("100B") == 100 and _bytes("1kb") == 1024
+    for bad in ("", "G", "-1G", "0", "0.5", "nan", "inf", "lots", "3X", "3I", "3BB"):
         with pytest.raises(argparse.ArgumentTypeError):
             _bytes(bad)
 

@@ -2,8 +2,8 @@
 
 :func:`lanczos_eigsh` is thick-restart Lanczos (Wu & Simon, 2000) with full, twice-applied
 (DGKS) reorthogonalization, inner products accumulated in float64, and a final certificate
-from the true residual of every returned pair (see its docstring). Plain Lanczos steps for
-SLQ and power iteration live in ``_krylov``.
+from the true residual of every returned pair (``_certificate``; see its docstring). Plain
+Lanczos steps for SLQ and power iteration live in ``_krylov``.
 
 The basis is a :class:`~flatlens.measures._basis.Basis`: allocated as it grows, on any
 device, in any dtype. Its rows and the projected matrix H = V^T A V[:, :p] (float64, CPU)
@@ -25,17 +25,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flatlens.measures._basis import Basis, combo_norm64, dot64, norm64
+from flatlens.measures._basis import Basis, norm64
+from flatlens.measures._certificate import (
+    ROUNDING_FACTOR,
+    blocked_by_rounding,
+    certify,
+    error_bounds,
+    rescaled,
+    tolerance_limit,
+)
 from flatlens.measures._operators import Operator
 
 Which = Literal["LA", "SA", "LM"]
 MatVec = Callable[[Tensor], Tensor]
 F64 = torch.float64
 
-ROUNDING_FACTOR = 4.0
-"""Safety factor on a measured spread between two roundings of one product."""
-ROUNDING_SCALE = 3.0
-"""The scale s of a rounding check fl(A(s u))/s vs fl(A u) (SLQ): not a power of two."""
 STOP_MARGIN = 0.5
 """Lanczos stops when the recurrence bounds are this fraction of tol, so the true residual
 plus the rounding allowance (not known before the checks) meets tol at the first check."""
@@ -72,45 +76,6 @@ def _order(theta: Tensor, which: Which) -> Tensor:
     if which == "SA":
         return torch.argsort(theta)
     return torch.argsort(theta.abs(), descending=True)
-
-
-def _error_bounds(
-    values: Tensor,
-    res: Tensor,
-    delta: float,
-    limit: Callable[[Tensor], Tensor],
-    other: Tensor | None = None,
-    other_rad: Tensor | None = None,
-) -> Tensor:
-    """min(r + d, (r + d)^2 / (gap - d) + d) per value (Weyl / Kato-Temple with rounding d).
-
-    Weyl (r + d) needs nothing else. Kato-Temple needs the distance to the nearest other
-    eigenvalue; it is estimated from the nearest other value (``values`` or ``other``)
-    minus its radius (r + d, or ``other_rad``), and used only when that neighbour has met
-    the tolerance itself (radius at most ``limit`` of it and a tenth of the distance).
-    Lanczos finds extreme eigenvalues from the outside in, so by then the ones in between
-    have (with high probability) appeared; an unconverged neighbour can be a mixture far
-    from any eigenvalue near the value and would overstate the gap.
-    """
-    rad = res + delta
-    pts = values if other is None else torch.cat([values, other])
-    prad = rad if other_rad is None else torch.cat([rad, other_rad])
-    bound = rad.clone()
-    j = values.numel()
-    if pts.numel() > 1:
-        dist = (values[:, None] - pts[None, :]).abs()
-        dist[torch.arange(j), torch.arange(j)] = math.inf
-        nearest = dist.argmin(dim=1)
-        near = dist.gather(1, nearest[:, None]).squeeze(1)
-        near_rad = prad[nearest]
-        gap = near - near_rad - delta
-        ok = (gap > 0) & (near_rad <= 0.1 * near) & (near_rad <= limit(pts[nearest]))
-        bound[ok] = torch.minimum(rad[ok], rad[ok] ** 2 / gap[ok] + delta)
-    return bound
-
-
-def _limit(values: Tensor, tol: float, scale: float) -> Tensor:
-    return tol * torch.clamp(values.abs(), min=1e-6 * scale)
 
 
 class _Krylov:
@@ -193,99 +158,6 @@ class _Krylov:
         self.restarts += 1
 
 
-@dataclass
-class _Certificate:
-    values: Tensor
-    residuals: Tensor
-    bounds: Tensor
-    converged: Tensor
-    limit: Tensor
-    delta: float
-    products: Tensor
-
-    @property
-    def score(self) -> float:
-        """The worst bound relative to its limit (below 1: all converged)."""
-        return float((self.bounds / self.limit.clamp_min(1e-300)).max())
-
-
-def _blocked(cert: _Certificate, failing: Tensor, tol: float) -> str | None:
-    """Why refining cannot reach tol: the rounding allowance alone exceeds it."""
-    scale = float(cert.values.abs().max()) or 1.0
-    limit = cert.limit[failing]
-    if bool((limit <= 1.5 * cert.delta).any()):
-        return (
-            f"the operator's rounding (allowance {cert.delta:.2e}, {cert.delta / scale:.1e} "
-            f"relative to ||A||) keeps the certificate above tol={tol}; use a wider dtype or "
-            "a looser tol"
-        )
-    return None
-
-
-def _certify(op, u, other, other_res, *, tol, delta, rounding, predicted) -> _Certificate:
-    """True residuals, float64 Rayleigh quotients and bounds of the unit rows u.
-
-    With no ``delta`` or ``rounding`` yet, the rounding is measured: from the distance of
-    the fresh products to ``predicted`` (the products of u assembled from the Lanczos
-    products, V H y), or, without it, from one more product fl(A(s u_1)) / s."""
-    k = u.shape[0]
-    measure = delta is None and rounding is None
-    scaled = measure and predicted is None  # then one more product, fl(A(s u_1)) / s
-    w = op.matmat(torch.cat([u, ROUNDING_SCALE * u[:1]]) if scaled else u)
-    rho = torch.tensor([dot64(u[i], w[i]) / dot64(u[i], u[i]) for i in range(k)], dtype=F64)
-    res = [combo_norm64(w[i], u[i], float(rho[i])) / norm64(u[i]) for i in range(k)]
-    res = torch.tensor(res, dtype=F64)
-    if scaled:
-        spread = combo_norm64(w[k], w[0], ROUNDING_SCALE) / ROUNDING_SCALE
-        w = w[:k]
-    elif measure:
-        spread = max(combo_norm64(w[i], predicted[i], 1.0) for i in range(k))
-    if measure:
-        delta = _allowance(op, rho, w, other, spread)
-    elif delta is None:
-        delta = rounding * _scale(rho, other) + _sums(op, w)
-    return _bounded(rho, res, w, delta, other, other_res, tol)
-
-
-def _scale(values: Tensor, other: Tensor) -> float:
-    """||A|| as the largest |Ritz value| seen."""
-    return max(float(values.abs().max()), float(other.abs().max()) if other.numel() else 0.0)
-
-
-def _sums(op, w: Tensor) -> float:
-    """The float64 sums' own error, sqrt(n) eps64 ||w||."""
-    return math.sqrt(op.n) * torch.finfo(F64).eps * max(norm64(row) for row in w)
-
-
-def _allowance(op, values: Tensor, products: Tensor, other: Tensor, spread: float) -> float:
-    """delta = max(4 spread, 2 eps ||A||) plus the float64 sums' error."""
-    eps = torch.finfo(op.dtype).eps
-    scale = _scale(values, other)
-    return max(ROUNDING_FACTOR * spread, 2 * eps * scale) + _sums(op, products)
-
-
-def _bounded(rho, res, w, delta: float, other, other_res, tol: float) -> _Certificate:
-    """The certificate of values ``rho`` with residuals ``res`` (products ``w``) for the
-    rounding allowance ``delta``."""
-    scale = _scale(rho, other)
-    bounds = _error_bounds(
-        rho, res, delta, partial(_limit, tol=tol, scale=scale), other, other_res + delta
-    )
-    limit = _limit(rho, tol, scale)
-    return _Certificate(rho, res, bounds, bounds <= limit, limit, delta, w)
-
-
-def _rescaled(op, u: Tensor, cert: _Certificate, other, other_res, tol: float) -> _Certificate:
-    """``cert`` with the rounding measured by one more product, fl(A(s u_1)) / s against
-    fl(A u_1): V H y also carries the rounding of the basis arithmetic (about sqrt(p) eps
-    ||A|| after restarts), which can hide a pair that the operator's own rounding lets pass.
-    """
-    rho, res, w = cert.values, cert.residuals, cert.products
-    spread = combo_norm64(op.matvec(ROUNDING_SCALE * u[0]), w[0], ROUNDING_SCALE) / ROUNDING_SCALE
-    delta = _allowance(op, rho, w, other, spread)
-    return _bounded(rho, res, w, delta, other, other_res, tol)
-
-
 def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Tensor, Tensor]:
     """Lanczos steps until the recurrence bounds meet tol, stagnate below the rounding
     allowance, the space is exhausted, or ``op.count`` reaches ``stop_at``."""
@@ -300,8 +172,8 @@ def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Te
             d = max(delta or 0.0, 2 * eps_b * scale)
             order = _order(theta, which)
             want = order[:k]
-            bounds = _error_bounds(theta, res, d, partial(_limit, tol=tol, scale=scale))
-            limit = _limit(theta[want], tol, scale)
+            bounds = error_bounds(theta, res, d, partial(tolerance_limit, tol=tol, scale=scale))
+            limit = tolerance_limit(theta[want], tol, scale)
             met = bool((bounds[want] <= STOP_MARGIN * limit).all())
             met = met or bool((res[want] <= 0.5 * d).all())
             full = state.p == state.basis.size
@@ -427,7 +299,7 @@ def lanczos_eigsh(
             u, predicted = u.to(dev), None if predicted is None else predicted.to(dev)
             peak, restarts = max(peak, state.basis.allocated), restarts + state.restarts
             state = None  # free the basis before the checks
-            cert = _certify(
+            cert = certify(
                 op,
                 u,
                 theta[order[k:]],
@@ -438,7 +310,7 @@ def lanczos_eigsh(
                 predicted=predicted,
             )
             if predicted is not None and not bool(cert.converged.all()) and op.count < stop_at:
-                cert = _rescaled(op, u, cert, theta[order[k:]], res[order[k:]], tol)
+                cert = rescaled(op, u, cert, theta[order[k:]], res[order[k:]], tol)
             predicted = None
             delta = cert.delta
             if best is None or cert.score < best[0].score:
@@ -446,9 +318,9 @@ def lanczos_eigsh(
             failing = ~cert.converged
             if not bool(failing.any()):
                 break
-            blocked = _blocked(cert, failing, tol)
-            if blocked:
-                warnings.warn(blocked, RuntimeWarning, stacklevel=2)
+            reason = blocked_by_rounding(cert, failing, tol)
+            if reason:
+                warnings.warn(reason, RuntimeWarning, stacklevel=2)
                 break
             now = float(cert.residuals[failing].max())
             room = stop_at - op.count

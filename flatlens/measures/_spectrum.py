@@ -22,8 +22,9 @@ from flatlens.core._checks import check_positive_int, make_generator
 from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._results import MeasureResult
 from flatlens.measures._basis import dot64, norm64, rows_dot64
+from flatlens.measures._certificate import ROUNDING_FACTOR, ROUNDING_SCALE
 from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
-from flatlens.measures._lanczos import ROUNDING_FACTOR, ROUNDING_SCALE, Which, lanczos_eigsh
+from flatlens.measures._lanczos import Which, lanczos_eigsh
 from flatlens.measures._operators import Operator, as_operator
 
 __all__ = [

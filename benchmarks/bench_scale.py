@@ -45,7 +45,6 @@ TOL = 1e-3
 RHO = 0.05
 R1_BUDGET = 40.0
 PARTS = ("resnet512", "vit256", "r1")
-OUT: str | None = None  # --out
 EIGEN_COLUMNS = [
     Column("case", "case"),
     Column("setting", "setting"),
@@ -141,7 +140,9 @@ R1_SETTINGS = {
 }
 
 
-def r1(images: int, order: Sequence[str] = ("default", "budget")) -> list[dict[str, Any]]:
+def r1(
+    images: int, order: Sequence[str] = ("default", "budget"), out: str | None = None
+) -> list[dict[str, Any]]:
     case = resnet_case(Sizes(), torch.device("cpu"), trained=True, images=images)
     rows = []
     for label, config in (R1_SETTINGS[name] for name in order):
@@ -168,7 +169,7 @@ def r1(images: int, order: Sequence[str] = ("default", "budget")) -> list[dict[s
             f"{stats['time_s']:.0f} s",
             flush=True,
         )
-        write_json(f"bench_scale_r1_{images}_partial", rows, OUT)  # a long run keeps its rows
+        write_json(f"bench_scale_r1_{images}_partial", rows, out)  # a long run keeps its rows
     base = next((r["value"] for r in rows if r["setting"].startswith("default")), None)
     for row in rows:
         row["relative_to_default"] = None if base is None else row["value"] / base - 1
@@ -188,14 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    global OUT
-    OUT = args.out
     threads = set_threads(args.threads)
     rows: list[dict[str, Any]] = []
     for part in args.parts:
         print(f"{part} ...", flush=True)
         if part == "r1":
-            rows += r1(args.r1_images, args.r1_order)
+            rows += r1(args.r1_images, args.r1_order, args.out)
         elif part == "vit256":
             rows += vit256(args.vit_batch, cached=not args.streamed_only)
         else:

@@ -121,7 +121,7 @@ def _flatlens(
         obj = Objective(case.model, case.loss_fn, (case.x, case.y))
         d1, d2 = fl.random_direction(obj, seed=0), fl.random_direction(obj, seed=1)
         return fl.plane(
-            obj, d1, d2, span=(-1, 1), steps=(steps, steps), metrics=metrics, method=method
+            obj, d1, d2, span=(-1, 1), num_points=(steps, steps), metrics=metrics, method=method
         )
 
     return run

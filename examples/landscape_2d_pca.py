@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         objective,
         *pca.directions,
         span=pca.span(margin=0.2),
-        steps=(steps, steps),
+        num_points=(steps, steps),
         trajectory=pca.coordinates,
         store=out / "pca_plane",
     )
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     to_start = fl.interpolation_direction(objective, checkpoints[0])
-    curve = fl.line(objective, to_start, span=(-0.25, 1.0), steps=11 if args.fast else 51)
+    curve = fl.line(objective, to_start, span=(-0.25, 1.0), num_points=11 if args.fast else 51)
     fl.plot_line(
         curve,
         out / "interpolation.png",

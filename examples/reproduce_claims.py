@@ -149,7 +149,7 @@ def head_to_head(data: Dataset, seeds: list[int], base: TrainConfig) -> dict[str
         "GAM": {"optimizer": "gam"},
         "SGD-4x": {"optimizer": "sgd", "epochs": 4 * base.epochs},
     }
-    study = compare(data, optimizers, seeds=seeds, base=base)
+    study = compare(data, optimizers, seeds=seeds, config=base)
     keys = ("train_loss", "test_loss", "test_acc", "gap_loss", "gap_acc", *MEASURES)
     summary = {
         label: {k: mean_std([r[k] for r in study.runs if r["optimizer"] == label]) for k in keys}
@@ -255,7 +255,7 @@ def ranking(
                 if opt == "sam":
                     cfg["rho"] = 0.05
                 grid[f"{opt} lr={lr:g} bs={bs}"] = cfg
-    study = compare(data, grid, seeds=seeds, base=base)
+    study = compare(data, grid, seeds=seeds, config=base)
     runs = [
         {**r, "opt": grid[r["optimizer"]]["optimizer"], **grid[r["optimizer"]]} for r in study.runs
     ]
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measure_samples": 64 if fast else 256,
         "measure_rho": 0.05,
         "measure_steps": 3 if fast else 20,
-        "trace_samples": 9 if fast else 30,
+        "trace_probes": 9 if fast else 30,
     }
     digits = load_digits(image=True)
     head_seeds = list(range(args.seeds or (2 if fast else 5)))

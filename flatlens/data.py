@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlens.core._renames import renamed
+
 __all__ = [
     "Dataset",
     "batches",
@@ -181,27 +183,32 @@ def load_cifar(root: str | Path, *, num_classes: int = 10) -> Dataset:
     )
 
 
+@renamed(n="num_train", dim="num_features", test_n="num_test")
 def synthetic_classification(
-    n: int = 256,
-    dim: int = 10,
+    num_train: int = 256,
+    num_features: int = 10,
     num_classes: int = 3,
     *,
-    test_n: int = 128,
+    num_test: int = 128,
     noise: float = 0.5,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
-    """Gaussian clusters around random class means: a small, fast classification task."""
+    """Gaussian clusters around random class means: a small, fast classification task.
+
+    x = mu_y + noise * N(0, I) with class means mu_c ~ 2 N(0, I) in ``num_features``
+    dimensions and labels y uniform over ``num_classes``.
+    """
     gen = torch.Generator().manual_seed(seed)
-    means = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) * 2
+    means = torch.randn(num_classes, num_features, generator=gen, dtype=torch.float64) * 2
 
     def draw(count: int) -> tuple[Tensor, Tensor]:
         y = torch.randint(0, num_classes, (count,), generator=gen)
-        x = means[y] + noise * torch.randn(count, dim, generator=gen, dtype=torch.float64)
+        x = means[y] + noise * torch.randn(count, num_features, generator=gen, dtype=torch.float64)
         return x.to(dtype), y
 
-    x_train, y_train = draw(n)
-    x_test, y_test = draw(test_n)
+    x_train, y_train = draw(num_train)
+    x_test, y_test = draw(num_test)
     return Dataset(x_train, y_train, x_test, y_test, num_classes, "synthetic")
 
 

@@ -217,20 +217,20 @@ def test_from_datasets_errors(datasets, error, match):
 
 
 def test_digest_sees_labels_inputs_and_names():
-    data = synthetic_classification(n=20, test_n=10)
-    same = synthetic_classification(n=20, test_n=10)
+    data = synthetic_classification(num_train=20, num_test=10)
+    same = synthetic_classification(num_train=20, num_test=10)
     assert digest(data) == digest(same) and len(digest(data)) == 16
     same.y_train[0] = (same.y_train[0] + 1) % 3
     assert digest(data) != digest(same)
     data.name = "other"
-    assert digest(data) != digest(synthetic_classification(n=20, test_n=10))
+    assert digest(data) != digest(synthetic_classification(num_train=20, num_test=10))
 
 
 # ------------------------------------------------------------------ synthetic, batches
 def test_synthetic_is_seeded():
-    a = synthetic_classification(50, dim=4, num_classes=3, seed=5, dtype=torch.float64)
-    b = synthetic_classification(50, dim=4, num_classes=3, seed=5, dtype=torch.float64)
-    c = synthetic_classification(50, dim=4, num_classes=3, seed=6, dtype=torch.float64)
+    a = synthetic_classification(50, num_features=4, num_classes=3, seed=5, dtype=torch.float64)
+    b = synthetic_classification(50, num_features=4, num_classes=3, seed=5, dtype=torch.float64)
+    c = synthetic_classification(50, num_features=4, num_classes=3, seed=6, dtype=torch.float64)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert not torch.equal(a.x_train, c.x_train)
     assert a.x_train.dtype == torch.float64 and a.input_shape == (4,)

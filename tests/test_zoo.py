@@ -46,7 +46,7 @@ def test_build_by_name():
 def test_build_takes_a_name_or_a_factory_spec_and_sizes_from_the_data():
     from flatlens.data import synthetic_classification
 
-    data = synthetic_classification(n=16, dim=12, num_classes=5, test_n=4)
+    data = synthetic_classification(num_train=16, num_features=12, num_classes=5, num_test=4)
     torch.manual_seed(0)
     by_name = zoo.build("mlp", data, hidden=7)
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,13 +144,31 @@ def _check_stores(out: Path, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------- diagnose
+DIAGNOSE_SETTINGS = {
+    "steps": "steps",
+    "restarts": "restarts",
+    "trace_probes": "trace_probes",
+    "density_runs": "density_runs",
+    "lanczos_steps": "lanczos_steps",
+    "landscape_1d": "line_points",
+    "landscape_2d": "plane_points",
+    "landscape_span": "span",
+}
+"""``DiagnoseConfig`` field -> the ``diagnose`` option that sets it (None: the default)."""
+
+
 def cmd_diagnose(args: argparse.Namespace) -> None:
     """Measure a checkpoint; write report.json, figures and report.html."""
     from flatlens.report._diagnose import DiagnoseConfig, diagnose
 
+    given = {
+        field: getattr(args, flag)
+        for field, flag in DIAGNOSE_SETTINGS.items()
+        if getattr(args, flag) is not None
+    }
     try:
         config = DiagnoseConfig(
-            rhos=args.rho,
+            rhos=args.measure_rho,
             k=args.k,
             measure_samples=args.samples,
             batch_size=args.batch_size,
@@ -157,10 +176,11 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
             blocks=args.blocks,
             seed=args.seed,
         )
+        if args.quick:
+            config = config.quick()
+        config = replace(config, **given)
     except ValueError as err:
         raise UserError(str(err)) from err
-    if args.quick:
-        config = config.quick()
     notes: list[str] = []
     model, data, loss_fn = _load(args, notes)
     out = claim_out(args)
@@ -216,7 +236,7 @@ def cmd_bound(args: argparse.Namespace) -> None:
     out = claim_out(args)
     report = check_bound(
         objective,
-        list(args.rho),
+        list(args.measure_rho),
         steps=args.steps,
         restarts=args.restarts,
         seed=args.seed,
@@ -250,12 +270,13 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     span = (-args.span, args.span)
     common = {"span": span, "store": store, "progress": progress(args)}
     if args.dim == 1:
-        result = fl.line(objective, d1, steps=args.steps, **common)
+        result = fl.line(objective, d1, num_points=args.num_points, **common)
         fl.plot_line(result, out / "line.png", log=args.log)
         files = ["line.npz", "line.json", "line.png"]
     else:
         d2 = fl.random_direction(objective, seed=args.seed + 1)
-        result = fl.plane(objective, d1, d2, steps=(args.steps, args.steps), **common)
+        points = (args.num_points, args.num_points)
+        result = fl.plane(objective, d1, d2, num_points=points, **common)
         fl.plot_contour(result, out / "plane.png", filled=True, log=args.log)
         fl.plot_surface(result, out / "plane.html", log=args.log)
         files = ["plane.npz", "plane.json", "plane.png", "plane.html"]

@@ -14,7 +14,13 @@ from typing import NoReturn
 
 from flatlens.cli import _commands as commands
 from flatlens.cli._errors import EXIT_USAGE
-from flatlens.core._checks import check_positive, check_positive_int, check_rho
+from flatlens.core._checks import (
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_rho,
+)
 
 __all__ = ["build_parser"]
 
@@ -63,6 +69,30 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
 
 
+def _nonnegative_float(text: str) -> float:
+    """An option type: a finite number >= 0."""
+    try:
+        return check_nonnegative("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    """An option type: a number in [0, 1]."""
+    try:
+        return check_fraction("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+
+
+def _grid_points(text: str) -> int:
+    """An option type: 0 (skip) or an integer >= 2."""
+    value = _int_at_least(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected 0 (skip) or at least 2 grid points, got 1")
+    return value
+
+
 def _rhos(text: str) -> tuple[float, ...]:
     """An option type: radii > 0 separated by commas."""
     try:
@@ -99,6 +129,81 @@ def _seeds(text: str) -> list[int]:
             f"expected distinct integers >= 0 separated by commas, like 0,1,2; got {text!r}"
         )
     return seeds
+
+
+class _Deprecated(argparse.Action):
+    """An old flag that still works for one release: it stores its value under the new
+    flag's destination and prints one line naming the new flag."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: object) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        import sys
+
+        from flatlens.core._renames import REMOVED_IN
+
+        print(
+            f"{parser.prog}: {option_string} is deprecated and stops working in flatlens "
+            f"{REMOVED_IN}: use {self.new}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+        namespace._deprecated = [*getattr(namespace, "_deprecated", []), option_string]
+
+
+class _Given(argparse.Action):
+    """Store the value and note that the flag was given (``namespace._given``), for flags
+    whose default an older, broader flag may replace."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace._given = [*getattr(namespace, "_given", []), self.dest]
+
+
+def _measure_rho_arg(p: argparse.ArgumentParser, default: str, help_text: str) -> None:
+    """``--measure-rho RHOS`` (radii of R0, R1 and the bound), and its old name ``--rho``."""
+    p.add_argument("--measure-rho", metavar="RHOS", type=_rhos, default=default, help=help_text)
+    p.add_argument(
+        "--rho",
+        dest="measure_rho",
+        metavar="RHOS",
+        type=_rhos,
+        action=_Deprecated,
+        new="--measure-rho",
+        help=argparse.SUPPRESS,
+    )
+
+
+def _ascent_args(p: argparse.ArgumentParser, steps: int | None, restarts: int | None) -> None:
+    """``--steps`` and ``--restarts`` of the projected ascent behind R0 and R1."""
+    p.add_argument(
+        "--steps",
+        type=_int_at_least(1),
+        default=steps,
+        help="projected-ascent steps of R0 and R1 per start"
+        + ("" if steps is not None else " (default: 10; --quick: 4)"),
+    )
+    p.add_argument(
+        "--restarts",
+        type=_int_at_least(0),
+        default=restarts,
+        help="random starts of R0 and R1 besides the gradient and eigenvector ones"
+        + ("" if restarts is not None else " (default: 1)"),
+    )
 
 
 # ---------------------------------------------------------------------- shared options
@@ -201,8 +306,56 @@ def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
     _loss_arg(p)
     p.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs of training")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate")
-    p.add_argument("--rho", type=_positive_float, default=0.05, help="SAM/GAM radius")
     p.add_argument("--base", default="sgd", choices=["sgd", "adamw"], help="SAM/GAM base")
+    g = p.add_argument_group("SAM and GAM (flatlens.optim; docs/optimizers.md)")
+    g.add_argument(
+        "--sam-rho", type=_positive_float, default=0.05, action=_Given, help="SAM's radius ρ"
+    )
+    g.add_argument(
+        "--gam-rho",
+        type=_positive_float,
+        default=0.2,
+        action=_Given,
+        help="GAM's gradient-norm radius ρ",
+    )
+    g.add_argument(
+        "--gam-perturb-rho",
+        type=_nonnegative_float,
+        default=None,
+        help="GAM's SAM radius ρ' (default: 0.03 accelerated, 0 exact)",
+    )
+    g.add_argument(
+        "--gam-plus-weight",
+        type=_fraction,
+        default=None,
+        help="GAM's α, weight of g1 against g3 in h+ (accelerated; default 0.1)",
+    )
+    g.add_argument(
+        "--gam-minus-weight",
+        type=_fraction,
+        default=None,
+        help="GAM's β, weight of g0 against g2 in h- (accelerated; default 0.1)",
+    )
+    g.add_argument(
+        "--gam-orthogonal-weight",
+        type=_nonnegative_float,
+        default=None,
+        help="GAM's γ, share of h-'s part orthogonal to h+ removed (accelerated; default 0.05)",
+    )
+    g.add_argument(
+        "--gam-flatness-weight",
+        type=_nonnegative_float,
+        default=None,
+        help="GAM's weight of R1 in L + α R1 (gam-exact; default 0.1)",
+    )
+    p.add_argument(
+        "--rho",
+        dest="rho_all",
+        type=_positive_float,
+        action=_Deprecated,
+        new="--sam-rho, --gam-rho and --measure-rho (it set all three)",
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="training batch size")
     p.add_argument(
         "--scheduler", default="cosine", choices=["cosine", "none"], help="learning-rate schedule"
@@ -217,7 +370,20 @@ def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
         help="training examples of the flatness measures",
     )
     p.add_argument(
+        "--measure-rho",
+        type=_positive_float,
+        default=0.05,
+        action=_Given,
+        help="radius ρ of the R0 and R1 measures (independent of the optimizers' radii)",
+    )
+    p.add_argument(
         "--measure-steps", type=_int_at_least(1), default=20, help="ascent steps of R0 and R1"
+    )
+    p.add_argument(
+        "--trace-probes",
+        type=_int_at_least(3),
+        default=30,
+        help="random probes (HVPs) of the Hutch++ trace measure",
     )
 
 
@@ -244,12 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--blocks, the spectrum of each diagonal Hessian block.",
     )
     _model_args(p)
-    p.add_argument(
-        "--rho",
-        metavar="RHOS",
-        type=_rhos,
-        default="0.01,0.02,0.05",
-        help="radii of R0, R1 and the bound check; the middle one is the summary's",
+    _measure_rho_arg(
+        p,
+        "0.01,0.02,0.05",
+        "radii of R0, R1 and the bound check; the middle one is the summary's",
     )
     p.add_argument("--k", type=_int_at_least(1), default=5, help="top Hessian eigenvalues")
     p.add_argument(
@@ -268,7 +432,54 @@ def build_parser() -> argparse.ArgumentParser:
         "MLP, norm, head) or per tensor (params); off by default",
     )
     _measure_args(p)
-    p.add_argument("--quick", action="store_true", help="small settings for a fast look")
+    g = p.add_argument_group(
+        "measure settings (smaller than the library's defaults, so a report takes minutes)"
+    )
+    _ascent_args(g, None, None)
+    g.add_argument(
+        "--trace-probes",
+        type=_int_at_least(3),
+        default=None,
+        help="random probes (HVPs) of the Hutch++ trace (default: 30; --quick: 9; "
+        "hessian_trace's own default is 99)",
+    )
+    g.add_argument(
+        "--density-runs",
+        type=_int_at_least(1),
+        default=None,
+        help="Lanczos runs of the spectral density (default: 2; --quick: 1; "
+        "hessian_density's own default is 4)",
+    )
+    g.add_argument(
+        "--lanczos-steps",
+        type=_int_at_least(2),
+        default=None,
+        help="Lanczos steps per density run (default: 40; --quick: 20; library: 64)",
+    )
+    g.add_argument(
+        "--line-points",
+        type=_grid_points,
+        default=None,
+        help="grid points of the 1-D slice, 0 to skip it (default: 41; --quick: 11)",
+    )
+    g.add_argument(
+        "--plane-points",
+        type=_grid_points,
+        default=None,
+        help="grid points per axis of the 2-D plane, 0 to skip it (default: 21; --quick: 7)",
+    )
+    g.add_argument(
+        "--span",
+        type=_positive_float,
+        default=None,
+        help="the slices cover [-span, span] along each direction (default: 1.0)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small settings for a fast look (k <= 3, 256 examples, and the --quick values "
+        "above for the settings not given)",
+    )
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")
     p.add_argument("--title", default="", help="title of report.html (default: from the file)")
     _common(p, "flatlens_diagnosis")
@@ -325,11 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="R0, R1 and ρ²λ_max in the l2 ball for each radius; bound.json, bound.png.",
     )
     _model_args(p)
-    p.add_argument(
-        "--rho", metavar="RHOS", type=_rhos, default="0.005,0.01,0.02,0.05", help="radii"
-    )
-    p.add_argument("--steps", type=_int_at_least(1), default=20, help="projected-ascent steps")
-    p.add_argument("--restarts", type=_int_at_least(0), default=1, help="random restarts")
+    _measure_rho_arg(p, "0.005,0.01,0.02,0.05", "radii of R0, R1 and ρ²λ_max")
+    _ascent_args(p, 20, 1)
     p.add_argument(
         "--samples", metavar="N", type=_samples, default=512, help="training examples, or 'all'"
     )
@@ -346,7 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     p.add_argument("--dim", type=int, choices=[1, 2], default=2, help="a line or a plane")
-    p.add_argument("--steps", type=_int_at_least(2), default=41, help="grid points per axis")
+    p.add_argument("--num-points", type=_int_at_least(2), default=51, help="grid points per axis")
+    p.add_argument(
+        "--steps",
+        dest="num_points",
+        type=_int_at_least(2),
+        action=_Deprecated,
+        new="--num-points",
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--span", type=_positive_float, default=1.0, help="grid covers [-span, span]")
     p.add_argument(
         "--samples", metavar="N", type=_samples, default="all", help="training examples, or 'all'"

@@ -41,9 +41,15 @@ OPTION_NAMES = {
     "optimizer": "--optimizer",
     "base": "--base",
     "lr": "--lr",
-    "rho": "--rho",
-    "gam": "--rho",
-    "measure_rho": "--rho",
+    "sam_rho": "--sam-rho",
+    "gam_rho": "--gam-rho",
+    "gam_perturb_rho": "--gam-perturb-rho",
+    "gam_plus_weight": "--gam-plus-weight",
+    "gam_minus_weight": "--gam-minus-weight",
+    "gam_orthogonal_weight": "--gam-orthogonal-weight",
+    "gam_flatness_weight": "--gam-flatness-weight",
+    "measure_rho": "--measure-rho",
+    "trace_probes": "--trace-probes",
     "epochs": "--epochs",
     "batch_size": "--batch-size",
     "seed": "--seed",
@@ -56,6 +62,17 @@ OPTION_NAMES = {
 """The option that sets each :class:`~flatlens.train.TrainConfig` field, for messages."""
 
 
+def _radii(args: argparse.Namespace) -> dict[str, float]:
+    """SAM's, GAM's and the measures' radii; the deprecated ``--rho`` sets the three at once
+    (as it did in flatlens 0.1) where the new flags are not given."""
+    radii = {name: getattr(args, name) for name in ("sam_rho", "gam_rho", "measure_rho")}
+    old = getattr(args, "rho_all", None)
+    if old is not None:
+        given = set(getattr(args, "_given", ()))
+        radii.update({name: old for name in radii if name not in given})
+    return radii
+
+
 def _train_config(args: argparse.Namespace, optimizer: str) -> TrainConfig:
     from flatlens.train import TrainConfig
 
@@ -66,16 +83,20 @@ def _train_config(args: argparse.Namespace, optimizer: str) -> TrainConfig:
             optimizer=optimizer,
             base=args.base,
             lr=args.lr,
-            rho=args.rho,
-            gam={"rho": args.rho} if optimizer.startswith("gam") else {},
+            **_radii(args),
+            gam_perturb_rho=args.gam_perturb_rho,
+            gam_plus_weight=args.gam_plus_weight,
+            gam_minus_weight=args.gam_minus_weight,
+            gam_orthogonal_weight=args.gam_orthogonal_weight,
+            gam_flatness_weight=args.gam_flatness_weight,
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
             scheduler=args.scheduler,
             measure_every=getattr(args, "measure_every", 0),
             measure_samples=args.measure_samples,
-            measure_rho=args.rho,
             measure_steps=args.measure_steps,
+            trace_probes=args.trace_probes,
             dtype=args.dtype,
             device=args.device,
             loss=args.loss,
@@ -177,7 +198,7 @@ def run_compare(args: argparse.Namespace) -> None:
     base = _train_config(args, "sgd")
     _built(args, base, data)  # a model that cannot be built fails here, not under the bar
     out = claim_out(args)
-    study = compare(data, args.optimizers, seeds=args.seeds, base=base, progress=progress(args))
+    study = compare(data, args.optimizers, seeds=args.seeds, config=base, progress=progress(args))
     write_json(out / "study.json", study)
     sections = study_sections(study, out)
     write_report(
@@ -186,7 +207,8 @@ def run_compare(args: argparse.Namespace) -> None:
         sections,
         subtitle=(
             f"model {args.model}, loss {args.loss}, {args.epochs} epochs, seeds {args.seeds}, "
-            f"lr {args.lr}, ρ {args.rho}"
+            f"lr {args.lr}, SAM ρ {base.sam_rho}, GAM ρ {base.gam_rho}, "
+            f"measured at ρ {base.measure_rho}"
         ),
     )
     payload: dict[str, Any] = study.to_dict()

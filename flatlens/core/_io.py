@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from flatlens.core._renames import renamed
 from flatlens.core._results import to_jsonable
 
 __all__ = [
@@ -65,11 +66,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+@renamed(data="content")
+def write_bytes(path: str | os.PathLike, content: bytes) -> None:
+    """Write ``content`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
 

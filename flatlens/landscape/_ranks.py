@@ -71,7 +71,7 @@ def agree(
         raise ValueError(
             "the ranks disagree on the weights, the directions or the grid (fingerprints "
             f"{[v[0] for v in views]}); give every rank the same model, directions (same "
-            "seeds), span and steps"
+            "seeds), span and num_points"
         )
     if mode == "points":
         ref = views[0][1]

@@ -38,7 +38,7 @@ class Landscape(MeasureResult):
         directions: Each direction's metadata (source, settings, norm); vectors not kept.
         cosine: cos(d1, d2) for a plane, else None.
         trajectory: Optional ``(T, ndim)`` coordinates of points to overlay (e.g. PCA).
-        settings: How the grid was evaluated (span, steps, method, chunk size, dtype, ...).
+        settings: How the grid was evaluated (span, num_points, method, chunk size, dtype, ...).
         fingerprint: Hash of everything that determines the values (theta, directions,
             grid, metrics, loss settings), used to refuse resuming a different run.
         num_evaluated: Grid points evaluated by the call that returned this object

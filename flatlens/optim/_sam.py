@@ -10,6 +10,7 @@ With g = grad L(theta)::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,14 @@ from flatlens.optim._perturbation import PerturbationOptimizer, Perturbations
 from flatlens.optim._vectors import _ascent
 
 __all__ = ["SAM"]
+
+
+@dataclass
+class _Ascended:
+    """What :meth:`SAM.first_step` keeps for :meth:`SAM.second_step`."""
+
+    theta: list[Tensor]
+    buffers: list[Tensor]
 
 
 # ------------------------------------------------------------------------ SAM
@@ -68,6 +77,14 @@ class SAM(PerturbationOptimizer):
             return loss
 
         loss = optimizer.step(closure)
+
+    Code written for davda54/sam's two-call form runs unchanged, with the same result as
+    ``step(closure)`` (see :meth:`first_step`)::
+
+        loss_fn(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
     """
 
     _HYPERPARAMETERS = ("rho", "adaptive", "eps")
@@ -99,11 +116,67 @@ class SAM(PerturbationOptimizer):
         )
         self.rho = rho
         self.adaptive = adaptive
+        self._ascended: _Ascended | None = None
 
     def _set_hyperparameters(self, values: dict[str, Any]) -> None:
         self.rho = check_nonnegative("rho", values["rho"])
         self.adaptive = bool(values["adaptive"])
         self.eps = check_nonnegative("eps", values["eps"])
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to theta + e using the gradients the caller's backward left (davda54/sam).
+
+        e = rho g / (||g|| + eps) (adaptive: rho w^2 g / (||w g|| + eps)) with g the current
+        ``.grad`` of the parameters, the same ascent :meth:`step` takes. theta, and with
+        ``model=`` the buffers after this first pass (BatchNorm statistics), are kept until
+        :meth:`second_step` restores them.
+
+        Args:
+            zero_grad: Drop the gradients afterwards, ready for the second backward pass.
+
+        Raises:
+            RuntimeError: ``first_step`` twice without ``second_step``, or a GradScaler in
+                use (the two-call form cannot unscale or skip a step: use ``step``).
+        """
+        if self._ascended is not None:
+            raise RuntimeError("SAM.first_step called twice: call second_step() in between")
+        if self._scaling():
+            raise RuntimeError(
+                "SAM.first_step/second_step cannot unscale gradients or skip an overflowing "
+                "step; with a GradScaler use step(closure)"
+            )
+        params = self._params
+        theta = [p.detach().clone() for p in params]
+        buffers = [] if self.model is None else [b.detach().clone() for b in self.model.buffers()]
+        grads = [None if p.grad is None else p.grad.detach() for p in params]
+        weights = theta if self.adaptive else None
+        self._move(theta, _ascent(grads, self.rho, self.eps, params[0].device, weights))
+        self._ascended = _Ascended(theta, buffers)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to theta and take the base step with the gradient at theta + e (davda54/sam).
+
+        Args:
+            zero_grad: Drop the gradients after the step.
+
+        Raises:
+            RuntimeError: No :meth:`first_step` before it.
+        """
+        if self._ascended is None:
+            raise RuntimeError("SAM.second_step called without first_step")
+        saved, self._ascended = self._ascended, None
+        for p, t in zip(self._params, saved.theta, strict=True):
+            p.copy_(t)
+        if self.model is not None:
+            for b, kept in zip(self.model.buffers(), saved.buffers, strict=True):
+                b.copy_(kept)
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
 
     def _direction(self, run, theta, device):
         start = run()

@@ -86,9 +86,10 @@ class DiagnoseConfig:
         memory_budget: Bytes the curvature measures' cached graph may take (``None``: half
             the free memory; see :class:`~flatlens.Objective`); over it, HVPs stream batch
             by batch and the peak is one batch's graph.
-        trace_samples: HVPs for the Hutch++ trace (at least 3).
-        density_runs, density_steps: Stochastic Lanczos quadrature settings.
-        ascent_steps: Projected-ascent steps for R0 and R1.
+        trace_probes: HVPs for the Hutch++ trace (at least 3).
+        density_runs, lanczos_steps: Stochastic Lanczos quadrature settings.
+        steps: Projected-ascent steps for R0 and R1 (per start).
+        restarts: Random starts of R0 and R1.
         landscape_1d, landscape_2d: Grid points per axis of the loss slices (0 skips one).
         landscape_span: The slices cover ``[-span, span]`` along each direction.
         blocks: Per-block Hessian spectra (:func:`flatlens.measures.block_spectra`), off
@@ -98,7 +99,7 @@ class DiagnoseConfig:
             name: parameter name or module prefix, or a list of them}``.
         block_k: Top eigenvalues of each block (the first is the table's λ_max).
         block_density: Also each block's SLQ density (``density_runs`` x
-            ``density_steps`` HVPs per block), drawn beside the eigenvalues.
+            ``lanczos_steps`` HVPs per block), drawn beside the eigenvalues.
         seed: Seed of every random choice.
         extra: Free-form values stored with the report.
     """
@@ -108,10 +109,11 @@ class DiagnoseConfig:
     measure_samples: int | None = 512
     batch_size: int = 512
     memory_budget: float | None = None
-    trace_samples: int = 30
+    trace_probes: int = 30
     density_runs: int = 2
-    density_steps: int = 40
-    ascent_steps: int = 10
+    lanczos_steps: int = 40
+    steps: int = 10
+    restarts: int = 1
     landscape_1d: int = 41
     landscape_2d: int = 21
     landscape_span: float = 1.0
@@ -129,10 +131,11 @@ class DiagnoseConfig:
         for name, least in (
             ("k", 1),
             ("batch_size", 1),
-            ("trace_samples", 3),
+            ("trace_probes", 3),
             ("density_runs", 1),
-            ("density_steps", 2),
-            ("ascent_steps", 1),
+            ("lanczos_steps", 2),
+            ("steps", 1),
+            ("restarts", 0),
             ("landscape_1d", 0),
             ("landscape_2d", 0),
             ("block_k", 1),
@@ -156,10 +159,10 @@ class DiagnoseConfig:
             self,
             k=min(self.k, 3),
             measure_samples=min(self.measure_samples or 256, 256),
-            trace_samples=9,
+            trace_probes=9,
             density_runs=1,
-            density_steps=20,
-            ascent_steps=4,
+            lanczos_steps=20,
+            steps=4,
             landscape_1d=min(self.landscape_1d, 11),
             landscape_2d=min(self.landscape_2d, 7),
         )
@@ -252,10 +255,20 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
 
     rho = config.rhos[len(config.rhos) // 2]
     adaptive = zeroth_order_sharpness(
-        objective, rho, adaptive=True, steps=config.ascent_steps, seed=config.seed
+        objective,
+        rho,
+        adaptive=True,
+        steps=config.steps,
+        restarts=config.restarts,
+        seed=config.seed,
     )
     bound = check_bound(
-        objective, list(config.rhos), steps=config.ascent_steps, seed=config.seed, progress=progress
+        objective,
+        list(config.rhos),
+        steps=config.steps,
+        restarts=config.restarts,
+        seed=config.seed,
+        progress=progress,
     )
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
@@ -274,7 +287,7 @@ def _block_settings(config: DiagnoseConfig) -> dict[str, Any]:
     }
     if config.block_density:
         settings["density_runs"] = config.density_runs
-        settings["density_steps"] = config.density_steps
+        settings["lanczos_steps"] = config.lanczos_steps
     return settings
 
 
@@ -290,7 +303,7 @@ def _block_spectra(objective: Objective, config: DiagnoseConfig, progress: bool)
         tol=BLOCK_TOL,
         seed=config.seed,
         progress=progress,
-        density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.density_steps},
+        density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.lanczos_steps},
     )
 
 
@@ -315,20 +328,25 @@ def _landscapes(
             store,
             "landscape_1d",
             lambda path: fl.line(
-                objective, d1, span=span, steps=config.landscape_1d, store=path, progress=progress
+                objective,
+                d1,
+                span=span,
+                num_points=config.landscape_1d,
+                store=path,
+                progress=progress,
             ),
-            {**common, "steps": config.landscape_1d},
+            {**common, "num_points": config.landscape_1d},
             out,
         )
     if config.landscape_2d:
-        steps = (config.landscape_2d, config.landscape_2d)
+        points = (config.landscape_2d, config.landscape_2d)
         info["landscape_2d"] = landscape_part(
             store,
             "landscape_2d",
             lambda path: fl.plane(
-                objective, d1, d2, span=span, steps=steps, store=path, progress=progress
+                objective, d1, d2, span=span, num_points=points, store=path, progress=progress
             ),
-            {**common, "steps": config.landscape_2d},
+            {**common, "num_points": config.landscape_2d},
             out,
         )
     return info
@@ -433,23 +451,23 @@ def diagnose(
     report["trace"] = store.run(
         "trace",
         lambda: hessian_trace(
-            objective, num_samples=config.trace_samples, seed=seed, progress=progress
+            objective, num_probes=config.trace_probes, seed=seed, progress=progress
         ),
-        settings={**subset, "trace_samples": config.trace_samples, "seed": seed},
+        settings={**subset, "trace_probes": config.trace_probes, "seed": seed},
     )
     report["density"] = store.run(
         "density",
         lambda: hessian_density(
             objective,
             num_runs=config.density_runs,
-            lanczos_steps=config.density_steps,
+            lanczos_steps=config.lanczos_steps,
             seed=seed,
             progress=progress,
         ),
         settings={
             **subset,
             "density_runs": config.density_runs,
-            "density_steps": config.density_steps,
+            "lanczos_steps": config.lanczos_steps,
             "seed": seed,
         },
     )
@@ -466,7 +484,13 @@ def diagnose(
     report["sharpness"] = store.run(
         "sharpness",
         lambda: _sharpness_parts(objective, config, progress),
-        settings={**subset, "rhos": config.rhos, "steps": config.ascent_steps, "seed": seed},
+        settings={
+            **subset,
+            "rhos": config.rhos,
+            "steps": config.steps,
+            "restarts": config.restarts,
+            "seed": seed,
+        },
     )
     report["landscape"] = _landscapes(objective, config, out, store, progress)
     report["reused_parts"] = list(store.reused)

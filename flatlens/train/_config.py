@@ -7,6 +7,7 @@ values only, so that it can be stored in a checkpoint and repeated exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch.optim import Optimizer
 from flatlens import distributed as fd
 from flatlens import zoo
 from flatlens.core._checks import check_positive
+from flatlens.core._renames import RENAMES, warn_renamed
 from flatlens.data import Dataset
 from flatlens.optim import GAM, SAM
 from flatlens.train._losses import build_loss, check_loss_spec
@@ -50,12 +52,17 @@ class TrainConfig:
         optimizer: ``sgd``, ``adamw``, ``sam``, ``gam`` (accelerated) or ``gam-exact``.
         base: Base optimizer of SAM/GAM: ``sgd`` or ``adamw``.
         lr, momentum, weight_decay: Base optimizer settings (momentum only for SGD).
-        rho: SAM's radius.
-        gam: Keyword arguments of :class:`~flatlens.optim.GAM` (rho, perturb_rho, ...).
+        sam_rho: SAM's radius rho (:class:`~flatlens.optim.SAM`'s ``rho``).
+        gam_rho, gam_perturb_rho, gam_plus_weight, gam_minus_weight,
+            gam_orthogonal_weight, gam_flatness_weight: :class:`~flatlens.optim.GAM`'s
+            ``rho`` (the gradient-norm radius), ``perturb_rho`` (rho'), ``plus_weight``
+            (alpha), ``minus_weight`` (beta), ``orthogonal_weight`` (gamma) and
+            ``flatness_weight`` (exact mode); ``None`` is GAM's own default for the mode.
         epochs, batch_size, seed: The run.
         scheduler: ``cosine`` (CosineAnnealingLR over the epochs) or ``none``.
-        measure_every, measures, measure_samples, measure_rho, measure_steps, trace_samples:
-            Periodic flatness measures (see :class:`Trainer`).
+        measure_every, measures, measure_samples, measure_rho, measure_steps, trace_probes:
+            Periodic flatness measures (see :class:`Trainer`); ``measure_rho`` is the
+            radius of R0 and R1, independent of the optimizers' radii.
         dtype, device: Where the model lives.
         checkpoint_dir: Where checkpoints go (None: none are written).
         loss: ``cross_entropy``, ``mse`` or ``package.module:callable`` (see
@@ -69,8 +76,13 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    rho: float = 0.05
-    gam: dict[str, Any] = field(default_factory=dict)
+    sam_rho: float = 0.05
+    gam_rho: float = 0.2
+    gam_perturb_rho: float | None = None
+    gam_plus_weight: float | None = None
+    gam_minus_weight: float | None = None
+    gam_orthogonal_weight: float | None = None
+    gam_flatness_weight: float | None = None
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
@@ -80,7 +92,7 @@ class TrainConfig:
     measure_samples: int = 256
     measure_rho: float = 0.05
     measure_steps: int = 20
-    trace_samples: int = 30
+    trace_probes: int = 30
     dtype: str = "float32"
     device: str = "cpu"
     checkpoint_dir: str | None = None
@@ -98,6 +110,8 @@ class TrainConfig:
         zoo.check_spec(self.model)
         check_loss_spec(self.loss)
         check_positive("lr", self.lr)
+        check_positive("sam_rho", self.sam_rho)
+        check_positive("gam_rho", self.gam_rho)
         self.measures = check_measures(self.measures)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +119,52 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["measures"] = list(self.measures)
         return out
+
+    def gam_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~flatlens.optim.GAM` these settings give
+        (``None`` settings left out, so GAM's own defaults apply)."""
+        given = {name: getattr(self, f"gam_{name}") for name in _GAM_SETTINGS}
+        return {name: value for name, value in given.items() if value is not None}
+
+
+_GAM_SETTINGS = (
+    "rho",
+    "perturb_rho",
+    "plus_weight",
+    "minus_weight",
+    "orthogonal_weight",
+    "flatness_weight",
+)
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass ``__init__``, accepting the names of flatlens 0.1 with a warning:
+    ``rho`` (SAM's radius, now ``sam_rho``), ``gam`` (a dict, now ``gam_*`` fields) and
+    ``trace_samples`` (now ``trace_probes``)."""
+    old_names = {"rho": "sam_rho", "trace_samples": "trace_probes"}
+    gam = kwargs.pop("gam", None) or {}
+    unknown = sorted(set(gam) - set(_GAM_SETTINGS))
+    if unknown:
+        raise TypeError(f"TrainConfig(gam=...) has unknown GAM settings {unknown}")
+    if gam:
+        warn_renamed("TrainConfig", "gam", "one field per setting: gam_rho, gam_perturb_rho, ...")
+    moved = {f"gam_{name}": value for name, value in gam.items()}
+    for old, new in old_names.items():
+        if old in kwargs:
+            warn_renamed("TrainConfig", old, new)
+            moved[new] = kwargs.pop(old)
+    both = sorted(set(moved) & set(kwargs))
+    if both:
+        raise TypeError(f"TrainConfig() got {both} under both their old and their new names")
+    _dataclass_init(self, *args, **kwargs, **moved)
+
+
+TrainConfig.__init__ = _init  # type: ignore[method-assign]
+RENAMES[("TrainConfig", "rho")] = "sam_rho"
+RENAMES[("TrainConfig", "gam")] = "gam_rho, gam_perturb_rho, ..."
+RENAMES[("TrainConfig", "trace_samples")] = "trace_probes"
 
 
 def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
@@ -141,9 +201,9 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     if config.optimizer in ("sgd", "adamw"):
         return base(config.optimizer)
     if config.optimizer == "sam":
-        return SAM(model.parameters(), base(config.base), rho=config.rho, model=model)
+        return SAM(model.parameters(), base(config.base), rho=config.sam_rho, model=model)
     mode = "exact" if config.optimizer == "gam-exact" else "accelerated"
-    return GAM(model.parameters(), base(config.base), model=model, mode=mode, **config.gam)
+    return GAM(model.parameters(), base(config.base), model=model, mode=mode, **config.gam_kwargs())
 
 
 def build_scheduler(config: TrainConfig, optimizer: Optimizer) -> Any | None:
@@ -203,7 +263,7 @@ def train(
         measure_samples=config.measure_samples,
         measure_rho=config.measure_rho,
         measure_steps=config.measure_steps,
-        trace_samples=config.trace_samples,
+        trace_probes=config.trace_probes,
         checkpoint_dir=config.checkpoint_dir,
         settings={"config": config.to_dict(), "data_digest": digest(data)},
         progress=progress,

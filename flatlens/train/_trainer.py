@@ -36,6 +36,7 @@ from flatlens.core._checks import check_positive_int, check_rho, make_generator
 from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._io import CheckpointError
 from flatlens.core._objective import Objective
+from flatlens.core._renames import renamed
 from flatlens.core._results import Result
 from flatlens.data import Dataset, batches
 from flatlens.optim import PerturbationOptimizer
@@ -113,7 +114,7 @@ class Trainer:
         measure_samples: Size of the fixed training subset the measures use.
         measure_rho: Radius of R0 and R1.
         measure_steps: Ascent steps of R0 and R1.
-        trace_samples: Hessian-vector products of the trace estimate.
+        trace_probes: Random probes (Hessian-vector products) of the trace estimate.
         eval_batch_size: Batch size of the evaluation passes.
         checkpoint_dir: Write ``checkpoint.pt`` and ``checkpoint.json`` there.
         checkpoint_every: Checkpoint every this many epochs (and after the last).
@@ -127,6 +128,7 @@ class Trainer:
             synchronized perturbations.
     """
 
+    @renamed("Trainer", trace_samples="trace_probes")
     def __init__(
         self,
         model: nn.Module,
@@ -142,7 +144,7 @@ class Trainer:
         measure_samples: int = 256,
         measure_rho: float = 0.05,
         measure_steps: int = 20,
-        trace_samples: int = 30,
+        trace_probes: int = 30,
         eval_batch_size: int = 512,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 1,
@@ -162,7 +164,7 @@ class Trainer:
             ("measure_every", measure_every, 0),
             ("measure_samples", measure_samples, 1),
             ("measure_steps", measure_steps, 1),
-            ("trace_samples", trace_samples, 3),
+            ("trace_probes", trace_probes, 3),
             ("checkpoint_every", checkpoint_every, 1),
             ("seed", seed, 0),
         ):
@@ -181,7 +183,7 @@ class Trainer:
         self.measure_samples = measure_samples
         self.measure_rho = measure_rho
         self.measure_steps = measure_steps
-        self.trace_samples = trace_samples
+        self.trace_probes = trace_probes
         self.eval_batch_size = eval_batch_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
@@ -250,7 +252,7 @@ class Trainer:
             "measure_samples": self.measure_samples,
             "measure_rho": self.measure_rho,
             "measure_steps": self.measure_steps,
-            "trace_samples": self.trace_samples,
+            "trace_probes": self.trace_probes,
             "data": self.data.name,
             "dtype": str(self.dtype),
             "device": str(self.device),
@@ -377,7 +379,7 @@ class Trainer:
             self.measures,
             rho=self.measure_rho,
             steps=self.measure_steps,
-            trace_samples=self.trace_samples,
+            trace_probes=self.trace_probes,
             seed=self.seed,
         )
 

@@ -162,7 +162,7 @@ def test_compare_two_optimizers_two_seeds(tmp_path):
 def test_bound_two_radii(trained, tmp_path):
     proc = run_cli(
         "bound", "--model", "mlp", "--checkpoint", str(trained["model"]),
-        "--rho", "0.05,0.01", "--steps", "3", "--samples", "128", "--out", "b", "--json",
+        "--measure-rho", "0.05,0.01", "--steps", "3", "--samples", "128", "--out", "b", "--json",
         "--quiet", cwd=tmp_path,
     )  # fmt: skip
     report = ok_json(proc)
@@ -183,7 +183,7 @@ def test_bound_under_a_memory_budget_streams_to_the_same_answer(trained, tmp_pat
     for name, extra in (("cached", []), ("streamed", ["--memory-budget", "1K"])):
         proc = run_cli(
             "bound", "--model", "mlp", "--checkpoint", str(trained["model"]),
-            "--rho", "0.05", "--steps", "2", "--samples", "128", "--batch-size", "64",
+            "--measure-rho", "0.05", "--steps", "2", "--samples", "128", "--batch-size", "64",
             "--out", name, "--json", "--quiet", *extra, cwd=tmp_path,
         )  # fmt: skip
         reports[name] = ok_json(proc)
@@ -207,7 +207,7 @@ def test_sizes_in_bytes():
 def test_landscape_slices(trained, tmp_path, dim):
     proc = run_cli(
         "landscape", "--model", "mlp", "--checkpoint", str(trained["model"]),
-        "--dim", str(dim), "--steps", "5", "--samples", "128", "--out", "l", "--json",
+        "--dim", str(dim), "--num-points", "5", "--samples", "128", "--out", "l", "--json",
         "--quiet", cwd=tmp_path,
     )  # fmt: skip
     summary = ok_json(proc)
@@ -289,9 +289,9 @@ def test_architecture_mismatch_lists_missing_and_unexpected_keys(trained, tmp_pa
         (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
         (["--model-kwargs", '{"hiddn": 3}'], "unexpected keyword argument 'hiddn'"),
-        (["--rho", "abc"], "argument --rho"),
-        (["--rho=-0.1"], "argument --rho"),
-        (["--rho", "0.1,0"], "argument --rho"),
+        (["--measure-rho", "abc"], "argument --measure-rho"),
+        (["--measure-rho=-0.1"], "argument --measure-rho"),
+        (["--measure-rho", "0.1,0"], "argument --measure-rho"),
         (["--k", "0"], "argument --k"),
         (["--samples", "-3"], "argument --samples"),
         (["--batch-size", "0"], "argument --batch-size"),

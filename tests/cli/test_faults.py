@@ -63,7 +63,7 @@ def good(tmp_path_factory) -> dict[str, Path]:
     code, _, err = run(["train", "--epochs", "1", "--out", str(root / "run"), "--quiet"])
     assert code == 0, err
     argv = ["landscape", "--model", "mlp", "--checkpoint", str(root / "model.pt"), "--dim", "1"]
-    code, _, err = run([*argv, "--steps", "3", "--samples", "16", "--out", str(root / "l")])
+    code, _, err = run([*argv, "--num-points", "3", "--samples", "16", "--out", str(root / "l")])
     assert code == 0, err
     return {
         "weights": root / "model.pt",
@@ -112,7 +112,18 @@ def _argv(command: str, role: str, bad: Path, out: Path, good: dict[str, Path]) 
         return ["diagnose", *model, "--quick", *resume, *common]
     if command == "bound":
         return ["bound", *model, "--steps", "1", "--samples", "16", *common]
-    return ["landscape", *model, "--dim", "1", "--steps", "3", "--samples", "16", *resume, *common]
+    return [
+        "landscape",
+        *model,
+        "--dim",
+        "1",
+        "--num-points",
+        "3",
+        "--samples",
+        "16",
+        *resume,
+        *common,
+    ]
 
 
 @pytest.mark.parametrize(("command", "role", "source"), CONSUMERS)

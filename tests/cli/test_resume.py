@@ -71,12 +71,14 @@ def test_a_changed_setting_is_refused_and_named(sgd_run, change, named):
 
 
 def test_several_changes_are_all_named(sgd_run):
-    code, err = _train(sgd_run, "--resume", "--lr", "0.1", "--rho", "0.2", "--optimizer", "sam")
+    code, err = _train(
+        sgd_run, "--resume", "--lr", "0.1", "--sam-rho", "0.2", "--measure-rho", "0.1",
+        "--optimizer", "sam",
+    )  # fmt: skip
     line = one_error_line(err, "train")
     assert code == 2
-    for option in ("--optimizer", "--lr", "--rho"):
+    for option in ("--optimizer", "--lr", "--sam-rho", "--measure-rho"):
         assert f"{option} " in line
-    assert line.count("--rho ") == 1  # rho, GAM's rho and the measures' rho are one option
 
 
 def test_other_data_are_refused(sgd_run, tmp_path, monkeypatch):

@@ -25,7 +25,9 @@ from flatlens.train import (
 )
 from flatlens.train._checkpoint import load_training_checkpoint
 
-DATA = synthetic_classification(96, dim=6, num_classes=3, test_n=48, seed=1, dtype=torch.float64)
+DATA = synthetic_classification(
+    96, num_features=6, num_classes=3, num_test=48, seed=1, dtype=torch.float64
+)
 
 
 def net(seed: int = 0, dropout: float = 0.2) -> nn.Module:
@@ -197,7 +199,7 @@ def test_measures_match_the_dense_hessian_of_the_fixed_subset_and_leave_the_mode
         measure_every=1,
         measures=("lambda_max", "trace"),
         measure_samples=40,
-        trace_samples=3 * n,  # Hutch++ sketches the whole space: the trace is exact
+        trace_probes=3 * n,  # Hutch++ sketches the whole space: the trace is exact
     )
     trainer.fit(1)
     model.train()
@@ -248,7 +250,7 @@ def test_r0_and_r1_come_from_the_flatness_measures():
         ({"measure_every": -1}, "measure_every"),
         ({"measures": ("sharpness",)}, "unknown measures"),
         ({"measure_rho": 0.0}, "measure_rho"),
-        ({"trace_samples": 2}, "trace_samples"),
+        ({"trace_probes": 2}, "trace_probes"),
     ],
 )
 def test_bad_trainer_settings(kwargs, match):
@@ -355,7 +357,9 @@ def test_a_model_that_is_not_a_string_is_a_type_error():
 
 
 def test_a_non_finite_training_loss_stops_with_a_clear_error():
-    broken = synthetic_classification(32, dim=6, num_classes=3, seed=1, dtype=torch.float64)
+    broken = synthetic_classification(
+        32, num_features=6, num_classes=3, seed=1, dtype=torch.float64
+    )
     broken.x_train[5, 2] = float("nan")
     model = net(dropout=0.0)
     with pytest.raises(NonFiniteLossError, match="learning rate"):

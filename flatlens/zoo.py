@@ -1,6 +1,7 @@
 """Small reference models and the one rule that turns a model spec into a network.
 
-A model spec is a zoo name (``mlp``, ``cnn``, ``resnet18``) or ``package.module:factory``.
+A model spec is a zoo name (``mlp``, ``cnn``, ``resnet18``, ``wrn16_8``, ``wrn28_10``) or
+``package.module:factory``.
 The trainer, the studies and the ``flatlens`` command all build models through
 :func:`build`, so a spec means the same network everywhere.
 """
@@ -16,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from flatlens._wide_resnet import WideResNet
+
 if TYPE_CHECKING:
     from flatlens.data import Dataset
 
 __all__ = [
     "MODELS",
     "ResNet18",
+    "WideResNet",
     "build",
     "check_spec",
     "cnn",
@@ -29,6 +33,8 @@ __all__ = [
     "import_object",
     "mlp",
     "resnet18",
+    "wrn16_8",
+    "wrn28_10",
 ]
 
 
@@ -101,11 +107,28 @@ class ResNet18(nn.Module):
 
 
 def resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
-    """CIFAR ResNet-18 (11M parameters at width 64)."""
+    """CIFAR ResNet-18 (11M parameters at width 64): the GAM code's ``resnet18_c``, module for
+    module in the same order, so the same seed gives the same initial weights."""
     return ResNet18(num_classes, width)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18}
+def wrn16_8(num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """WideResNet-16-8 (see :class:`WideResNet`; ``layout="davda54"`` for the SAM code's)."""
+    return WideResNet(16, 8, num_classes=num_classes, **kwargs)
+
+
+def wrn28_10(num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """WideResNet-28-10 (see :class:`WideResNet`)."""
+    return WideResNet(28, 10, num_classes=num_classes, **kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet18": resnet18,
+    "wrn16_8": wrn16_8,
+    "wrn28_10": wrn28_10,
+}
 
 
 def check_spec(spec: object) -> str:
@@ -200,7 +223,7 @@ def build(spec: str, /, data: Dataset | None = None, **kwargs: Any) -> nn.Module
     """Build the model a spec names, with shape arguments taken from ``data``.
 
     Args:
-        spec: ``mlp``, ``cnn``, ``resnet18`` or ``package.module:factory``.
+        spec: A zoo name (:data:`MODELS`) or ``package.module:factory``.
         data: When given, ``num_classes``, ``in_features`` (the product of the input
             shape) and ``in_channels`` (the first axis of image inputs) are passed to the
             factory where its signature takes them and ``kwargs`` does not set them.

@@ -1,6 +1,6 @@
 """Measures: Hessian spectra, zeroth-order sharpness R0, first-order flatness R1 and the bound.
 
-Each is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
+Each (the critical sharpness λ_c along the optimizer's update included) is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
 as it was; the spectrum measures also take any symmetric operator (a
 :class:`SymmetricOperator`, a SciPy ``LinearOperator``, a curvlinops operator), and the
 eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product.
@@ -16,6 +16,7 @@ from flatlens.measures._blocks import (
 )
 from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
 from flatlens.measures._config import AscentConfig
+from flatlens.measures._critical import CriticalSharpnessResult, critical_sharpness
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
 from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
 from flatlens.measures._lanczos import EigshOutput, lanczos_eigsh
@@ -43,6 +44,7 @@ __all__ = [
     "BlockSpectrum",
     "BoundReport",
     "BoundRow",
+    "CriticalSharpnessResult",
     "DensityResult",
     "EigenResult",
     "EigshOutput",
@@ -54,6 +56,7 @@ __all__ = [
     "average_sharpness",
     "block_spectra",
     "check_bound",
+    "critical_sharpness",
     "first_order_flatness",
     "hessian_density",
     "hessian_eigenvalues",

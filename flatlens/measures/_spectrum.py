@@ -8,6 +8,7 @@ any symmetric operator instead of an Objective (:class:`SymmetricOperator`, a Sc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +54,27 @@ def _start_vector(
     return r / torch.linalg.vector_norm(r) + g / g_norm, "gradient"
 
 
+def _starts(first: Tensor | None, draw: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """Start vectors for power iteration: ``first`` (a warm start) once, then ``draw()``."""
+    pending = [] if first is None else [first]
+    return lambda: pending.pop() if pending else draw()
+
+
+def _given_start(op: Operator, start: Tensor, method: str) -> Tensor:
+    """A warm start vector checked against the operator: flat, of its size, finite, nonzero,
+    moved to its device and dtype."""
+    if start.dim() != 1 or start.numel() != op.n:
+        raise ValueError(
+            f"a start vector must be a flat tensor of num_params = {op.n} entries, got shape "
+            f"{tuple(start.shape)}"
+        )
+    v0 = start.detach().to(op.device, op.dtype)
+    nrm = torch.linalg.vector_norm(v0)
+    if not bool(torch.isfinite(nrm)) or nrm == 0:
+        raise ValueError("the start vector must be finite and nonzero")
+    return v0
+
+
 @dataclass
 class EigenResult(MeasureResult):
     """Extreme eigenpairs of the Hessian (or of the operator given).
@@ -66,7 +88,8 @@ class EigenResult(MeasureResult):
             with d = ``rounding`` (see :func:`~flatlens.measures.lanczos_eigsh`).
         converged: Whether each bound is within ``tol`` relative.
         num_hvps: Products spent, the final checks included (at most ``max_hvps``).
-        start: The Lanczos start vector used: ``"gradient"`` or ``"random"``.
+        start: The Lanczos start vector used: ``"gradient"``, ``"random"`` or ``"given"``
+            (a warm start passed as a tensor).
         rounding: The allowance d for the rounding of one product (absolute).
         basis_vectors: Most vectors of length num_params the Lanczos basis held at once.
 
@@ -111,7 +134,7 @@ def hessian_eigenvalues(
     seed: int | torch.Generator = 0,
     progress: bool = False,
     at: Tensor | None = None,
-    start: Literal["gradient", "random"] = "gradient",
+    start: Literal["gradient", "random"] | Tensor = "gradient",
     basis_device: torch.device | str | None = None,
     basis_dtype: torch.dtype | None = None,
     rounding: float | None = None,
@@ -153,6 +176,9 @@ def hessian_eigenvalues(
             objective caches its graph, one more pass over the data otherwise (not counted
             in ``num_hvps``). ``"random"`` is r alone (always used for ``"SA"``, for power
             iteration, for operators, and when g is zero); the result's ``start`` says which.
+            A flat tensor of num_params is a warm start (``"given"``): Lanczos starts from
+            it, e.g. the previous top eigenvector during training, which converges in a few
+            products when the Hessian has moved little; the certificate is the same.
         basis_device: Keep the Lanczos basis there, e.g. ``"cpu"`` when the parameters are
             many: device memory for two transfers of num_params per step.
         basis_dtype: Store the basis in a lower precision (e.g. bfloat16): half the memory,
@@ -175,12 +201,16 @@ def hessian_eigenvalues(
         raise ValueError(f"method must be 'lanczos' or 'power', not {method!r}")
     if max_hvps is not None:
         max_hvps = check_positive_int("max_hvps", max_hvps)
-    if start not in ("gradient", "random"):
-        raise ValueError(f"start must be 'gradient' or 'random', not {start!r}")
+    given = isinstance(start, Tensor)
+    if not given and start not in ("gradient", "random"):
+        raise ValueError(f"start must be 'gradient', 'random' or a flat tensor, not {start!r}")
     gen = make_generator(seed)
     op = as_operator(objective, at)
-    if method == "lanczos":
+    if given:
+        v0, used = _given_start(op, start, method), "given"
+    elif method == "lanczos":
         v0, used = _start_vector(op, gen, use_gradient=start == "gradient" and which != "SA")
+    if method == "lanczos":
         out = lanczos_eigsh(
             op,
             v0,
@@ -196,7 +226,7 @@ def hessian_eigenvalues(
             rounding=rounding,
         )
     else:
-        used = "random"
+        used = "given" if given else "random"
         out = power_iteration(
             op.matvec,
             n,
@@ -204,7 +234,7 @@ def hessian_eigenvalues(
             which=which,
             tol=tol,
             max_matvecs=max_hvps,
-            make_start=lambda: op.random(gen),
+            make_start=_starts(v0 if given else None, lambda: op.random(gen)),
             progress=progress,
         )
     return EigenResult(

@@ -116,7 +116,7 @@ def test_losses_by_name_class_and_callable(tmp_path, monkeypatch):
         "NOT_CALLABLE = 3\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert set(LOSSES) == {"cross_entropy", "mse"}
+    assert set(LOSSES) == {"cross_entropy", "smooth_cross_entropy", "mse"}
     assert isinstance(build_loss("cross_entropy"), nn.CrossEntropyLoss)
     assert isinstance(build_loss("mse"), MSELoss)
     assert build_loss("my_losses:twice").__name__ == "twice"

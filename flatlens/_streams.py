@@ -139,9 +139,7 @@ class Streams:
         std: Sequence[float] | None = None,
     ) -> None:
         for split, value in (("train", train), ("test", test), ("train_eval", train_eval)):
-            if value is not None and not isinstance(
-                value, torch.utils.data.Dataset | DataLoader
-            ):
+            if value is not None and not isinstance(value, torch.utils.data.Dataset | DataLoader):
                 raise TypeError(
                     f"{split} must be a torch.utils.data Dataset or DataLoader, not "
                     f"{type(value).__name__}"
@@ -467,11 +465,10 @@ def stream_imagefolder(
     train = _ImageFiles([(str(p), c) for p, c in train_samples], None, None)
     if mean is None or std is None:
         n = len(train)
-        chosen = (
-            range(n)
-            if n <= STATS_SAMPLES
-            else sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLES].tolist())
-        )
+        chosen: Sequence[int] = range(n)
+        if n > STATS_SAMPLES:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+            chosen = sorted(order[:STATS_SAMPLES].tolist())
         try:
             mean, std = _pixel_stats(train.raw, list(chosen))
         except ValueError as err:
@@ -501,9 +498,7 @@ def stream_datasets(
     if isinstance(datasets, Streams):
         return datasets
     if _is_pair(datasets):
-        train, test = (
-            _Listed(list(p)) if isinstance(p, list | tuple) else p for p in datasets
-        )
+        train, test = (_Listed(list(p)) if isinstance(p, list | tuple) else p for p in datasets)
         return Streams(train, test, name=name)
     if isinstance(datasets, IterableDataset) or not isinstance(datasets, torch.utils.data.Dataset):
         if isinstance(datasets, list | tuple) and datasets and isinstance(datasets[0], tuple):

@@ -44,6 +44,7 @@ def outputs_of(args: argparse.Namespace) -> list[str]:
         return [
             "model.pt",
             "metrics.json",
+            "log.jsonl",
             "checkpoints/checkpoint.pt",
             "checkpoints/checkpoint.json",
         ]

@@ -25,6 +25,7 @@ from flatlens.core._checks import (
 __all__ = ["build_parser"]
 
 _DATA_HELP = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR or package.module:factory"
+_MODEL_HELP = "mlp, cnn, resnet18, wrn16_8, wrn28_10 or package.module:factory"
 
 
 class _Help(argparse.HelpFormatter):
@@ -293,103 +294,15 @@ def _loss_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss",
         default="cross_entropy",
-        help="cross_entropy, mse (one-hot targets for class labels) or package.module:callable",
-    )
-
-
-def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
-    p.add_argument("--model", default="mlp", help=model_help)
-    p.add_argument(
-        "--model-kwargs", metavar="JSON", default="{}", help="JSON object of model arguments"
-    )
-    p.add_argument("--data", default="digits", help=_DATA_HELP)
-    _loss_arg(p)
-    p.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs of training")
-    p.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate")
-    p.add_argument("--base", default="sgd", choices=["sgd", "adamw"], help="SAM/GAM base")
-    g = p.add_argument_group("SAM and GAM (flatlens.optim; docs/optimizers.md)")
-    g.add_argument(
-        "--sam-rho", type=_positive_float, default=0.05, action=_Given, help="SAM's radius ρ"
-    )
-    g.add_argument(
-        "--gam-rho",
-        type=_positive_float,
-        default=0.2,
-        action=_Given,
-        help="GAM's gradient-norm radius ρ",
-    )
-    g.add_argument(
-        "--gam-perturb-rho",
-        type=_nonnegative_float,
-        default=None,
-        help="GAM's SAM radius ρ' (default: 0.03 accelerated, 0 exact)",
-    )
-    g.add_argument(
-        "--gam-plus-weight",
-        type=_fraction,
-        default=None,
-        help="GAM's α, weight of g1 against g3 in h+ (accelerated; default 0.1)",
-    )
-    g.add_argument(
-        "--gam-minus-weight",
-        type=_fraction,
-        default=None,
-        help="GAM's β, weight of g0 against g2 in h- (accelerated; default 0.1)",
-    )
-    g.add_argument(
-        "--gam-orthogonal-weight",
-        type=_nonnegative_float,
-        default=None,
-        help="GAM's γ, share of h-'s part orthogonal to h+ removed (accelerated; default 0.05)",
-    )
-    g.add_argument(
-        "--gam-flatness-weight",
-        type=_nonnegative_float,
-        default=None,
-        help="GAM's weight of R1 in L + α R1 (gam-exact; default 0.1)",
-    )
-    p.add_argument(
-        "--rho",
-        dest="rho_all",
-        type=_positive_float,
-        action=_Deprecated,
-        new="--sam-rho, --gam-rho and --measure-rho (it set all three)",
-        help=argparse.SUPPRESS,
-    )
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="training batch size")
-    p.add_argument(
-        "--scheduler", default="cosine", choices=["cosine", "none"], help="learning-rate schedule"
-    )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype"
-    )
-    p.add_argument(
-        "--measure-samples",
-        type=_int_at_least(1),
-        default=256,
-        help="training examples of the flatness measures",
-    )
-    p.add_argument(
-        "--measure-rho",
-        type=_positive_float,
-        default=0.05,
-        action=_Given,
-        help="radius ρ of the R0 and R1 measures (independent of the optimizers' radii)",
-    )
-    p.add_argument(
-        "--measure-steps", type=_int_at_least(1), default=20, help="ascent steps of R0 and R1"
-    )
-    p.add_argument(
-        "--trace-probes",
-        type=_int_at_least(3),
-        default=30,
-        help="random probes (HVPs) of the Hutch++ trace measure",
+        help="cross_entropy, smooth_cross_entropy (the GAM/SAM code's smoothed loss), mse "
+        "(one-hot targets for class labels) or package.module:callable",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flatlens`` command."""
     from flatlens import __version__
+    from flatlens.cli._train_args import record_given, train_args, train_only_args
 
     fmt = _Help
     parser = _Parser(
@@ -492,22 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one network; --out gets model.pt (the final state dict), "
         "metrics.json (the per-epoch history) and checkpoints/ (for --resume).",
     )
-    _train_args(p, "mlp, cnn, resnet18 or package.module:factory")
+    train_args(p, _MODEL_HELP)
     p.add_argument(
         "--optimizer",
         default="sgd",
         choices=["sgd", "adamw", "sam", "gam", "gam-exact"],
         help="gam: GAM's accelerated mode; gam-exact: its exact Hessian-vector mode",
     )
-    p.add_argument(
-        "--measure-every",
-        metavar="EPOCHS",
-        type=_int_at_least(0),
-        default=0,
-        help="epochs between flatness measures (0: never)",
-    )
+    train_only_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _common(p, "flatlens_train")
+    record_given(p)
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser(
@@ -517,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every optimizer with every seed, measure λ_max, tr(H), R0 and R1 "
         "of each final network and report Kendall's τ against the generalization gap.",
     )
-    _train_args(p, "mlp, cnn, resnet18 or package.module:factory")
+    train_args(p, _MODEL_HELP)
     p.add_argument(
         "--optimizers",
         metavar="NAMES",
@@ -527,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated seeds")
     _common(p, "flatlens_compare")
+    record_given(p)
     p.set_defaults(func=commands.cmd_compare)
 
     p = sub.add_parser(

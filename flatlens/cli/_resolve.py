@@ -285,7 +285,7 @@ def preflight(
             f"model {model_spec!r} has no trainable parameters (every parameter has "
             "requires_grad=False); training would change nothing"
         )
-    x, y = data.x_train[:2], data.y_train[:2]
+    x, y = data.first(2) if hasattr(data, "first") else (data.x_train[:2], data.y_train[:2])
     x = x.to(params[0].device)
     if x.is_floating_point():
         x = x.to(params[0].dtype)

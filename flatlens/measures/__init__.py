@@ -1,9 +1,10 @@
 """Measures: Hessian spectra, zeroth-order sharpness R0, first-order flatness R1 and the bound.
 
-Each (the critical sharpness λ_c along the optimizer's update included) is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
+Each is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
 as it was; the spectrum measures also take any symmetric operator (a
 :class:`SymmetricOperator`, a SciPy ``LinearOperator``, a curvlinops operator), and the
-eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product.
+eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product. The
+critical sharpness λ_c (:func:`critical_sharpness`) needs forward passes only.
 """
 
 from flatlens.measures._ascent import WorstCaseResult

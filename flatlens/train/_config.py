@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from flatlens import distributed as fd
 from flatlens import zoo
+from flatlens._recipes import RECIPES
 from flatlens.core._checks import check_nonnegative, check_positive, check_positive_int
 from flatlens.core._renames import RENAMES, warn_renamed
 from flatlens.data import AUGMENTATIONS, Augmentation, Dataset, Streams
@@ -25,9 +26,8 @@ from flatlens.optim import GAM, SAM
 from flatlens.train._feed import AUGMENT_ON
 from flatlens.train._losses import build_loss, check_loss_spec
 from flatlens.train._measures import MEASURES, check_measures
-from flatlens.train._recipes import RECIPES
 from flatlens.train._resume import check_resume
-from flatlens.train._schedule import check_schedule, make_scheduler
+from flatlens.train._schedule import LR_UPDATES, check_schedule, make_scheduler
 from flatlens.train._trainer import AMP, CHECKPOINT_NAME, Trainer, TrainResult
 
 __all__ = [
@@ -71,7 +71,8 @@ class TrainConfig:
         scheduler: ``cosine``, ``step`` or ``none``, stepped per epoch (see
             ``flatlens.train._schedule``); ``milestones`` (fractions of the epochs) and
             ``lr_decay`` (the factor at each) shape ``step``; ``warmup_epochs`` ramps the
-            rate linearly first.
+            rate linearly first; ``lr_update="step"`` sets the rate after every step from
+            the epoch of that step (davda54/sam's loop) instead of at epoch boundaries.
         label_smoothing: epsilon of the loss: torch's form (epsilon / n on every class) for
             ``cross_entropy``, the GAM/SAM code's (epsilon / (n - 1) on the wrong classes)
             for ``smooth_cross_entropy``.
@@ -127,6 +128,7 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)
     lr_decay: float = 0.1
     warmup_epochs: int = 0
+    lr_update: str = "epoch"
     label_smoothing: float = 0.0
     augment: str = "none"
     augment_on: str = "device"
@@ -163,7 +165,11 @@ class TrainConfig:
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, not {self.augment!r}")
         if self.augment_on not in AUGMENT_ON:
-            raise ValueError(f"augment_on must be one of {list(AUGMENT_ON)}, not {self.augment_on!r}")
+            raise ValueError(
+                f"augment_on must be one of {list(AUGMENT_ON)}, not {self.augment_on!r}"
+            )
+        if self.lr_update not in LR_UPDATES:
+            raise ValueError(f"lr_update must be one of {list(LR_UPDATES)}, not {self.lr_update!r}")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose from {sorted(RECIPES)}")
         self.milestones = check_schedule(
@@ -185,8 +191,13 @@ class TrainConfig:
                 f"label_smoothing applies to cross_entropy and smooth_cross_entropy, not to "
                 f"loss {self.loss!r}"
             )
-        for name in ("num_workers", "measure_every", "measure_every_steps",
-                     "critical_every_steps", "log_every"):
+        for name in (
+            "num_workers",
+            "measure_every",
+            "measure_every_steps",
+            "critical_every_steps",
+            "log_every",
+        ):
             check_positive_int(name, getattr(self, name), 0)
         if self.measure_budget is not None:
             check_positive("measure_budget", self.measure_budget)
@@ -349,9 +360,17 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     )
 
 
-def build_scheduler(config: TrainConfig, optimizer: Optimizer) -> Any | None:
-    """The per-epoch LR schedule of ``config`` (``scheduler``, ``warmup_epochs``,
-    ``milestones``, ``lr_decay``; see ``flatlens.train._schedule``), or None."""
+def build_scheduler(
+    config: TrainConfig, optimizer: Optimizer, steps_per_epoch: int | None = None
+) -> Any | None:
+    """The LR schedule of ``config`` (``scheduler``, ``warmup_epochs``, ``milestones``,
+    ``lr_decay``, ``lr_update``; see ``flatlens.train._schedule``), or None.
+
+    Args:
+        config: The run.
+        optimizer: Its optimizer (SAM/GAM: the schedule drives the base optimizer).
+        steps_per_epoch: Optimizer steps per epoch; needed for ``lr_update="step"``.
+    """
     return make_scheduler(
         optimizer,
         scheduler=config.scheduler,
@@ -359,7 +378,25 @@ def build_scheduler(config: TrainConfig, optimizer: Optimizer) -> Any | None:
         warmup_epochs=config.warmup_epochs,
         milestones=config.milestones,
         lr_decay=config.lr_decay,
+        lr_update=config.lr_update,
+        steps_per_epoch=steps_per_epoch,
     )
+
+
+def steps_per_epoch(data: Dataset | Streams, batch_size: int) -> int | None:
+    """Optimizer steps in one epoch over ``data`` (None when its length is unknown)."""
+    if isinstance(data, Streams):
+        from torch.utils.data import DataLoader
+
+        if isinstance(data.train, DataLoader):
+            try:
+                return len(data.train)
+            except TypeError:
+                return None
+        n = data.size("train")
+    else:
+        n = len(data.y_train)
+    return None if n is None else -(-n // batch_size)
 
 
 def augmentation(config: TrainConfig, data: Dataset | Streams) -> Augmentation | None:
@@ -416,7 +453,7 @@ def train(
         data = with_normalization(data, config.data_mean, config.data_std)
     model = build_model(config, data)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch(data, config.batch_size))
     trainer = Trainer(
         model,
         optimizer,

@@ -8,6 +8,11 @@ The learning rate of epoch e (0-based) of E is lr * f(e) with, after W warm-up e
 * ``step``: f = lr_decay^k with k the number of milestones m (fractions of E) with
   e >= m E (davda54/sam's ``StepLR``: 0.2 at 30%, 60% and 80% of the epochs);
 * ``none``: f = 1.
+
+``lr_update="step"`` applies f after every optimizer step instead, from the epoch of the step
+just taken, as davda54/sam's loop calls ``scheduler(epoch)`` after each step
+(``example/train.py`` line 65): after t steps of S per epoch the rate is lr * f((t − 1) // S),
+so a new rate takes effect from the second step of an epoch.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["SCHEDULERS", "LRFactor", "check_schedule", "make_scheduler"]
+__all__ = ["LR_UPDATES", "SCHEDULERS", "LRFactor", "check_schedule", "make_scheduler"]
 
 SCHEDULERS = ("cosine", "step", "none")
+LR_UPDATES = ("epoch", "step")
 
 
 class LRFactor:
@@ -34,12 +40,18 @@ class LRFactor:
         warmup_epochs: int = 0,
         milestones: Sequence[float] = (),
         lr_decay: float = 0.1,
+        steps_per_epoch: int = 0,
     ) -> None:
         self.scheduler, self.epochs, self.warmup_epochs = scheduler, epochs, warmup_epochs
         self.milestones, self.lr_decay = tuple(float(m) for m in milestones), float(lr_decay)
+        self.steps_per_epoch = int(steps_per_epoch)
 
-    def __call__(self, epoch: int) -> float:
-        e, w, total = epoch, self.warmup_epochs, max(self.epochs, 1)
+    def __call__(self, count: int) -> float:
+        """f of the epoch ``count`` (per-epoch stepping), or of the epoch of the
+        ``count``-th step (per-step stepping, ``steps_per_epoch`` > 0)."""
+        if self.steps_per_epoch:
+            count = max(count - 1, 0) // self.steps_per_epoch
+        e, w, total = count, self.warmup_epochs, max(self.epochs, 1)
         if e < w:
             return (e + 1) / w
         if self.scheduler == "cosine":
@@ -84,14 +96,33 @@ def make_scheduler(
     warmup_epochs: int = 0,
     milestones: Sequence[float] = (),
     lr_decay: float = 0.1,
+    lr_update: str = "epoch",
+    steps_per_epoch: int | None = None,
 ) -> Any | None:
-    """The per-epoch LR scheduler of these settings over the base optimizer's groups (None
-    for ``none`` without warm-up); plain cosine is ``CosineAnnealingLR(T_max=epochs)``."""
+    """The LR scheduler of these settings over the base optimizer's groups (None for
+    ``none`` without warm-up); plain cosine stepped per epoch is
+    ``CosineAnnealingLR(T_max=epochs)``. With ``lr_update="step"`` it is stepped after
+    every optimizer step (its ``per_step`` attribute is True) and needs ``steps_per_epoch``.
+
+    Raises:
+        ValueError: bad settings, or ``lr_update="step"`` without the steps per epoch.
+    """
     marks = check_schedule(scheduler, warmup_epochs, milestones, lr_decay)
+    if lr_update not in LR_UPDATES:
+        raise ValueError(f"lr_update must be one of {list(LR_UPDATES)}, not {lr_update!r}")
     target = getattr(optimizer, "base_optimizer", optimizer)
     if warmup_epochs == 0 and scheduler == "none":
         return None
-    if warmup_epochs == 0 and scheduler == "cosine":
+    per_step = lr_update == "step"
+    if per_step and not steps_per_epoch:
+        raise ValueError(
+            "lr_update='step' needs the number of steps per epoch (a data set with a length)"
+        )
+    if warmup_epochs == 0 and scheduler == "cosine" and not per_step:
         return torch.optim.lr_scheduler.CosineAnnealingLR(target, T_max=max(epochs, 1))
-    factor = LRFactor(scheduler, epochs, warmup_epochs, marks, lr_decay)
-    return torch.optim.lr_scheduler.LambdaLR(target, factor)
+    factor = LRFactor(
+        scheduler, epochs, warmup_epochs, marks, lr_decay, steps_per_epoch if per_step else 0
+    )
+    out = torch.optim.lr_scheduler.LambdaLR(target, factor)
+    out.per_step = per_step
+    return out

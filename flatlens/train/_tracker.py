@@ -118,8 +118,10 @@ class FlatnessTracker:
     def _batches(self, data: Any) -> Any:
         if isinstance(data, tuple | list) and len(data) == 2 and torch.is_tensor(data[1]):
             x, y = data
-            return [(x[i : i + self.batch_size], y[i : i + self.batch_size])
-                    for i in range(0, len(y), self.batch_size)]
+            return [
+                (x[i : i + self.batch_size], y[i : i + self.batch_size])
+                for i in range(0, len(y), self.batch_size)
+            ]
         return data
 
     def objective(self) -> Objective:
@@ -257,4 +259,3 @@ class FlatnessTracker:
         self.eta = state.get("eta")
         self.totals = {k: dict(v) for k, v in (state.get("totals") or {}).items()}
         self._checked = bool(state.get("checked", False))
-

@@ -29,10 +29,8 @@ when the shares are uneven (see ``docs/distributed.md``).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +42,17 @@ from flatlens import distributed as fd
 from flatlens._augment import Augmentation
 from flatlens._streams import Streams
 from flatlens.core._checks import check_positive, check_positive_int, check_rho
-from flatlens.core._errors import NonFiniteLossError
-from flatlens.core._io import CheckpointError
 from flatlens.core._objective import Objective
 from flatlens.core._renames import renamed
-from flatlens.core._results import Result
 from flatlens.data import Dataset
 from flatlens.optim import PerturbationOptimizer
-from flatlens.train._checkpoint import (
-    load_on_main,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from flatlens.train._epoch import EpochMixin
 from flatlens.train._feed import Feed
 from flatlens.train._logs import Progress, RunLog
 from flatlens.train._measures import MEASURES, check_measures
-from flatlens.train._steps import AMP, Stepper, UpdateProbe
+from flatlens.train._persist import CheckpointMixin
+from flatlens.train._result import TrainResult
+from flatlens.train._steps import AMP, Stepper
 from flatlens.train._tracker import FlatnessTracker
 
 __all__ = ["AMP", "CHECKPOINT_NAME", "TrainResult", "Trainer"]
@@ -67,37 +60,7 @@ __all__ = ["AMP", "CHECKPOINT_NAME", "TrainResult", "Trainer"]
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-@dataclass
-class TrainResult(Result):
-    """A finished (or resumed and finished) training run.
-
-    Attributes:
-        history: One row per epoch: ``epoch``, ``step`` (optimizer steps so far), ``lr``,
-            ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, ``gap_loss`` (test -
-            train loss), ``gap_acc`` (train - test accuracy), ``train_loss_running``,
-            ``seconds``, the measures (None when not measured that epoch) and ``lambda_c``
-            (the epoch's last critical sharpness, None when none was taken).
-        final: The last row.
-        settings: The trainer's settings.
-        checkpoint: Path of the last checkpoint written, if any.
-        model: The trained model (left out of ``to_dict``).
-        measurements: Every measurement taken within epochs (``measure_every_steps``,
-            ``critical_every_steps``): step, epoch, values and costs.
-        costs: Seconds of training, evaluation and measures, the overhead (measure seconds
-            over training seconds), images per second, per-epoch timings and each measure's
-            totals (count, products, forward passes, seconds).
-    """
-
-    history: list[dict[str, Any]]
-    final: dict[str, Any]
-    settings: dict[str, Any]
-    checkpoint: str | None = None
-    model: nn.Module | None = field(default=None, repr=False, metadata={"json": False})
-    measurements: list[dict[str, Any]] = field(default_factory=list)
-    costs: dict[str, Any] = field(default_factory=dict)
-
-
-class Trainer:
+class Trainer(EpochMixin, CheckpointMixin):
     """Trains ``model`` with ``optimizer`` on a data set, with flatness tracked cheaply.
 
     Args:
@@ -289,6 +252,10 @@ class Trainer:
         self.log = RunLog(log_dir, tensorboard=tensorboard, enabled=fd.is_main())
         self._log_offset: int | None = None
         self._resumed = False
+        self._bar: Progress | None = None
+        self._tracker_state: dict[str, Any] | None = None
+        self._last_lambda_c: float | None = None
+        self._epoch_timing: dict[str, Any] = {}
 
     def _check_distributed(self, distributed: bool | None) -> bool:
         if distributed is None:
@@ -355,101 +322,6 @@ class Trainer:
                 self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
 
     # ------------------------------------------------------------------ training
-    def train_epoch(self, total_epochs: int | None = None) -> float:
-        """One pass over the shuffled (augmented) training data; returns the mean
-        first-pass loss."""
-        self.model.train()
-        world = fd.world_size() if self.distributed else 1
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count, images, inner, started = 0, 0, 0.0, time.perf_counter()
-        k, n_steps = self.critical_every_steps, self.measure_every_steps
-        probe = UpdateProbe(self.optimizer, self._trainable()) if k else None
-        for x, y, weight in self.feed.epoch():
-            critical = probe is not None and (self.step + 1) % k == 0
-            if critical:
-                probe.before()
-            loss = self.stepper.step(x, y, weight)
-            self.step += 1
-            total += loss.to(torch.float64) * len(y)
-            count += len(y)
-            images += len(y) * world
-            logged = self.log_every and self.step % self.log_every == 0
-            if logged or not self.distributed:
-                value = float(loss)
-                if not self.distributed:
-                    # (distributed: checked once per epoch on the summed loss, so that
-                    # every rank raises at the same point)
-                    self._check_finite(value)
-            extra: dict[str, Any] = {}
-            if critical or (n_steps and self.step % n_steps == 0):
-                began = time.perf_counter()
-                extra = self._measure_within(probe if critical else None, n_steps)
-                inner += time.perf_counter() - began
-            if logged:
-                seconds = time.perf_counter() - started - inner
-                self.log.write(
-                    "step",
-                    {
-                        "step": self.step,
-                        "epoch": self.epoch + 1,
-                        "loss": value,
-                        "lr": float(self.optimizer.param_groups[0]["lr"]),
-                        "images_per_second": images / seconds if seconds > 0 else None,
-                        **{k_: v for k_, v in extra.items() if k_ != "cost"},
-                    },
-                    self.step,
-                )
-            if self._bar is not None:
-                self._bar.update(len(y) * world, epoch=f"{self.epoch + 1}/{total_epochs or '?'}")
-        train_seconds = time.perf_counter() - started - inner
-        self.clock["train"] += train_seconds
-        self.clock["measure"] += inner
-        self.clock["images"] += images
-        self._epoch_timing = {"train_seconds": train_seconds, "step_measure_seconds": inner,
-                              "images": images}
-        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64,
-                                                device=self.device)])
-        if self.distributed:
-            sums = fd.all_reduce_mean([sums.cpu()])[0] * world
-        total_loss, count = sums.tolist()
-        self._check_finite(total_loss)
-        if self.distributed:
-            fd.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics, as DDP does
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return total_loss / max(count, 1)
-
-    def _trainable(self) -> list[Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def _measure_within(self, probe: UpdateProbe | None, every: int) -> dict[str, Any]:
-        """lambda_c after a probed step, the measures every ``every`` steps; logged."""
-        record: dict[str, Any] = {}
-        if probe is not None:
-            direction = probe.direction()
-            if direction is not None:
-                record.update(self.tracker.critical(direction, at=probe.point()))
-        if every and self.step % every == 0:
-            values = self.tracker.measure()
-            cost = {**record.get("cost", {}), **values.pop("cost")}
-            record.update(values)
-            record["cost"] = cost
-        if record:
-            entry = {"step": self.step, "epoch": self.epoch + 1, **record}
-            self.measurements.append(entry)
-            self.log.write("measure", entry, self.step)
-            if "lambda_c" in record:
-                self._last_lambda_c = record["lambda_c"]
-        return record
-
-    def _check_finite(self, value: float) -> None:
-        """Stop a diverged run with :class:`NonFiniteLossError` (exit code 1 in the CLI)."""
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"the training loss became {value} in epoch {self.epoch + 1}; lower the "
-                "learning rate or the perturbation radius"
-            )
-
     # ------------------------------------------------------------------ evaluation
     def _evaluator(self, split: str) -> Objective:
         if split not in self._evaluators:
@@ -523,11 +395,6 @@ class Trainer:
         return values
 
     # ------------------------------------------------------------------ the run
-    _bar: Progress | None = None
-    _tracker_state: dict[str, Any] | None = None
-    _last_lambda_c: float | None = None
-    _epoch_timing: dict[str, Any] = {}
-
     def fit(self, epochs: int) -> TrainResult:
         """Train until ``epochs`` epochs are complete in total (a resumed run continues).
 
@@ -592,8 +459,11 @@ class Trainer:
         self.history.append(row)
         self.epoch += 1
         if costs:
-            self.log.write("measure", {"step": self.step, "epoch": self.epoch,
-                                       **values, "cost": costs}, self.step)
+            self.log.write(
+                "measure",
+                {"step": self.step, "epoch": self.epoch, **values, "cost": costs},
+                self.step,
+            )
         self.log.write("epoch", {**row, **timing}, self.step)
         self.log.flush()
         if self.checkpoint_dir is not None and (
@@ -629,85 +499,3 @@ class Trainer:
             measurements=[dict(r) for r in self.measurements],
             costs=self.costs(),
         )
-
-    # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
-        """The trainer's own state beside model, optimizer and scheduler."""
-        tracker = self._tracker.state_dict() if self._tracker else self._tracker_state
-        return {
-            "step": self.step,
-            "log_offset": self.log.offset(),
-            "tracker": tracker,
-            "scaler": self.stepper.state_dict(),
-            "measurements": self.measurements,
-            "clock": dict(self.clock),
-            "epoch_costs": self.epoch_costs,
-        }
-
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the full training state to ``path`` (+ ``.json``), atomically (on rank 0
-        only when distributed; every rank returns the path)."""
-        if self.distributed and not fd.is_main():
-            self.last_checkpoint = Path(path)
-            return self.last_checkpoint
-        rng = {**self.feed.state_dict(), **self._rng}
-        self.last_checkpoint = save_training_checkpoint(
-            path,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            epoch=self.epoch,
-            history=self.history,
-            rng=rng,
-            config=self.settings(),
-            extra=self._state(),
-        )
-        return self.last_checkpoint
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore model, optimizer, scheduler, RNG states, epoch, history and the
-        measures' warm-start state from ``path``.
-
-        The trainer must have been built like the one that wrote it (same model
-        architecture, optimizer type and scheduler type). When distributed, rank 0 reads
-        the file and sends it to the other ranks (which need no access to it).
-        """
-        if self.distributed:
-            payload = load_on_main(path)
-        else:
-            payload = load_training_checkpoint(path, map_location="cpu")
-        if (payload["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(
-                "the checkpoint and this trainer disagree on having an LR scheduler; build "
-                "the trainer as the saved run was built"
-            )
-        try:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(payload["scheduler"])
-            rng = payload["rng"]
-            self.feed.load_state_dict(rng)
-            self._rng["torch"] = rng["torch"]
-            if "cuda" in self._rng and "cuda" in rng:
-                self._rng["cuda"] = rng["cuda"]
-            self.epoch = int(payload["epoch"])
-            self.history = [dict(r) for r in payload["history"]]
-            extra = payload.get("extra") or {}
-            self.step = int(extra.get("step", 0))
-            self._log_offset = extra.get("log_offset")
-            self._tracker_state = extra.get("tracker")
-            if self._tracker is not None and self._tracker_state is not None:
-                self._tracker.load_state_dict(self._tracker_state)
-            self.stepper.load_state_dict(extra.get("scaler"))
-            self.measurements = [dict(r) for r in extra.get("measurements", [])]
-            self.clock = {**self.clock, **extra.get("clock", {})}
-            self.epoch_costs = [dict(r) for r in extra.get("epoch_costs", [])]
-        except Exception as err:  # a state that does not fit this trainer
-            text = " ".join(str(err).split()) or "(no message)"
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this trainer ({type(err).__name__}: {text}); "
-                "build the model, optimizer and scheduler as the saved run was built"
-            ) from err
-        self.last_checkpoint = Path(path)
-        self._resumed = True

@@ -43,12 +43,16 @@ def _gam(dataset: str) -> Recipe:
     c10 = dataset == "cifar10"
     gam_line = "129-131" if c10 else "124-126"
     # (grad_norm_rho, grad_rho, grad_beta_0, grad_beta_1, grad_gamma), main_cifar.py 124-131
-    rho, perturb, beta0, beta1, gamma = (0.2, 0.03, 0.1, 0.1, 0.05) if c10 else (
-        0.2,
-        0.02,
-        0.5,
-        0.6,
-        0.03,
+    rho, perturb, beta0, beta1, gamma = (
+        (0.2, 0.03, 0.1, 0.1, 0.05)
+        if c10
+        else (
+            0.2,
+            0.02,
+            0.5,
+            0.6,
+            0.03,
+        )
     )
     mean = (0.49139968, 0.48215827, 0.44653124) if c10 else (0.5071, 0.4867, 0.4408)
     std = (0.2023, 0.1994, 0.2010) if c10 else (0.2675, 0.2565, 0.2761)
@@ -73,6 +77,7 @@ def _gam(dataset: str) -> Recipe:
         "batch_size": 128,
         "seed": 0,
         "scheduler": "cosine",
+        "lr_update": "epoch",
         "warmup_epochs": 0,
         "loss": "smooth_cross_entropy",
         "label_smoothing": 0.1,
@@ -104,6 +109,7 @@ def _gam(dataset: str) -> Recipe:
         "seed": f"{main}:68",
         "scheduler": f"gam/optimizer_helper.py:18; {main}:291 (stepped per epoch)",
         "warmup_epochs": "gam/optimizer_helper.py:18 (none)",
+        "lr_update": f"{main}:291 (lr_scheduler.step() after each epoch)",
         "loss": "gam/train_with_gam.py:47-48; gam/smooth_cross_entropy.py:6-13",
         "label_smoothing": f"{main}:108",
         "augment": f"{main}:{'222-227' if c10 else '244-249'} (RandomCrop(32, padding=4), "
@@ -144,6 +150,7 @@ def _sam(adaptive: bool) -> Recipe:
         "scheduler": "step",
         "milestones": (0.3, 0.6, 0.8),
         "lr_decay": 0.2,
+        "lr_update": "step",
         "warmup_epochs": 0,
         "loss": "smooth_cross_entropy",
         "label_smoothing": 0.1,
@@ -177,6 +184,7 @@ def _sam(adaptive: bool) -> Recipe:
         "scheduler": f"{ex}/train.py:41, 65; example/utility/step_lr.py:7-18",
         "milestones": f"{ex}/utility/step_lr.py:8-14",
         "lr_decay": f"{ex}/utility/step_lr.py:11-15",
+        "lr_update": f"{ex}/train.py:65 (scheduler(epoch) after every step)",
         "warmup_epochs": f"{ex}/utility/step_lr.py:7-18 (none)",
         "loss": f"{ex}/train.py:53, 59; example/model/smooth_cross_entropy.py:6-13",
         "label_smoothing": f"{ex}/train.py:23",

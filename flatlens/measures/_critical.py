@@ -10,7 +10,8 @@ Under a quadratic model L(θ − ηΔ) = L(θ) − η Δᵀg + η²/2 ΔᵀHΔ, 
 λ_c = ΔᵀHΔ / Δᵀg: the curvature along the update, measured in the units of 2/η in which
 gradient descent is stable (λ_c < 2/η). It needs no Hessian-vector product: η_c is
 bracketed by an exponential search from a first guess (the last η_c during training), then
-a geometric bisection until the bracket's relative width is at most ``bracket_width``.
+narrowed by safeguarded secant steps (exact for a quadratic) and geometric bisections until
+the bracket's relative width is at most ``bracket_width``.
 """
 
 from __future__ import annotations
@@ -82,12 +83,14 @@ def critical_sharpness(
 
     An exponential search from ``eta_start`` brackets η_c between a step at which the loss
     has not risen and one at which it has (each miss squares the search factor, so a guess
-    off by a factor F costs about log2 log2 F extra losses); a bisection in log scale then
-    halves the bracket until eta_upper / eta_lower − 1 <= ``bracket_width``. Under a
-    quadratic model λ_c = ΔᵀHΔ / Δᵀg, which then lies in [``lower``, ``upper``]. Only
-    losses are evaluated: one forward pass over the objective's data each, about 5 when
-    ``eta_start`` is within 19% of η_c (the warm start during training) and 7 when it is
-    within a factor 2. A non-finite loss counts as a rise.
+    off by a factor F costs about log2 log2 F extra losses). The bracket is then narrowed
+    until eta_upper / eta_lower − 1 <= ``bracket_width``: secant steps on h(η) = (L(θ − ηΔ)
+    − L(θ)) / η, which is linear in η under a quadratic model (the first step lands on η_c
+    and one more closes the bracket), kept inside it, with a geometric bisection whenever
+    two steps did not halve it. Under a quadratic model λ_c = ΔᵀHΔ / Δᵀg, which then lies
+    in [``lower``, ``upper``]. Only losses are evaluated, one forward pass over the
+    objective's data each: L(θ), two or three to bracket from a guess within a factor 3,
+    two to narrow on a near-quadratic loss. A non-finite loss counts as a rise.
 
     Args:
         objective: The empirical risk L (use eval mode for a fixed, deterministic L).
@@ -126,37 +129,49 @@ def critical_sharpness(
     base = objective.loss(at=theta)
     count = 1
 
-    def rises(eta: float) -> bool:
+    def loss(eta: float) -> float:
         nonlocal count
         count += 1
         value = objective.loss(at=theta - eta * d)
-        return not math.isfinite(value) or value > base
+        return value if math.isfinite(value) else math.inf
 
-    lo, hi = 0.0, math.inf
+    # exponential search: (lo, f_lo) with L <= L(θ), (hi, f_hi) with L > L(θ)
+    lo, hi, f_lo, f_hi = 0.0, math.inf, base, math.inf
     eta = eta_start
     tiny, huge = eta_start * 2.0**-200, eta_start * 2.0**200
     while count < max_evals and (lo == 0.0 or hi == math.inf):
-        if rises(eta):
-            hi = eta
-            if lo > 0.0:
-                break
-            if eta < tiny:
+        value = loss(eta)
+        if value > base:
+            hi, f_hi = eta, value
+            if lo > 0.0 or eta < tiny:
                 break
             eta = eta / factor
         else:
-            lo = eta
-            if hi < math.inf:
-                break
-            if eta > huge:
+            lo, f_lo = eta, value
+            if hi < math.inf or eta > huge:
                 break
             eta = eta * factor
         factor = factor * factor
+    # refinement: secant steps on h(η) = (L(θ − ηΔ) − L(θ)) / η, which is linear in η for a
+    # quadratic (so its root is η_c at once), kept a factor sqrt(1 + width) inside the
+    # bracket, with a geometric bisection whenever two steps did not halve it (log scale)
+    margin = math.sqrt(1.0 + bracket_width)
+    history: list[float] = []
     while lo > 0.0 and hi < math.inf and hi / lo - 1 > bracket_width and count < max_evals:
-        mid = math.sqrt(lo * hi)
-        if rises(mid):
-            hi = mid
+        width = math.log(hi / lo)
+        stalled = len(history) >= 2 and width > 0.5 * history[-2]
+        h_lo, h_hi = (f_lo - base) / lo, (f_hi - base) / hi
+        if stalled or not math.isfinite(h_hi) or h_hi <= h_lo:
+            eta = math.sqrt(lo * hi)
         else:
-            lo = mid
+            eta = lo + h_lo / (h_lo - h_hi) * (hi - lo)
+            eta = min(max(eta, lo * margin), hi / margin)
+        history.append(width)
+        value = loss(eta)
+        if value > base:
+            hi, f_hi = eta, value
+        else:
+            lo, f_lo = eta, value
     found = lo > 0.0 and hi < math.inf
     if found:
         eta_c = math.sqrt(lo * hi)

@@ -36,7 +36,7 @@ class Augmentation:
     """A random augmentation of normalized image tensors ``(C, H, W)`` or ``(N, C, H, W)``.
 
     Attributes:
-        kind: ``"none"``, ``"crop-flip"`` or ``"crop-flip-cutout"``.
+        augment: ``"none"``, ``"crop-flip"`` or ``"crop-flip-cutout"``.
         fill: The value of padded pixels, one per channel or one for all: black after
             normalization, −mean/std (0 for unnormalized images).
         padding: Pixels of padding on each side before the crop (4).
@@ -44,15 +44,15 @@ class Augmentation:
         cutout_prob: Probability that an image gets a Cutout square (0.5).
     """
 
-    kind: str = "crop-flip"
+    augment: str = "crop-flip"
     fill: tuple[float, ...] | float = 0.0
     padding: int = 4
     cutout_size: int = 16
     cutout_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.kind not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, not {self.kind!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, not {self.augment!r}")
         if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
             raise ValueError(f"padding must be an integer >= 0, got {self.padding!r}")
         if not isinstance(self.cutout_size, int) or self.cutout_size < 1:
@@ -66,7 +66,7 @@ class Augmentation:
     @property
     def active(self) -> bool:
         """Whether this augmentation changes anything."""
-        return self.kind != "none"
+        return self.augment != "none"
 
     def _fill(self, channels: int, like: Tensor) -> Tensor:
         fill = torch.as_tensor(self.fill, dtype=like.dtype, device=like.device).reshape(-1)
@@ -79,7 +79,7 @@ class Augmentation:
         """A freshly augmented copy of the batch ``x`` (N, C, H, W), drawn from
         ``generator`` (which must live on ``x``'s device).
 
-        Returns ``x`` itself for ``kind="none"``.
+        Returns ``x`` itself for ``augment="none"``.
         """
         if not self.active:
             return x
@@ -97,7 +97,7 @@ class Augmentation:
         index = torch.arange(n, device=dev)[:, None, None]
         out = padded[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         out = out.contiguous()
-        if self.kind == "crop-flip-cutout":
+        if self.augment == "crop-flip-cutout":
             apply = torch.rand(n, generator=generator, device=dev) <= self.cutout_prob
             half = self.cutout_size // 2
             top = torch.randint(-half, h - half, (n,), generator=generator, device=dev)
@@ -114,7 +114,7 @@ class Augmentation:
         return in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
 
     # ------------------------------------------------------------------ one example
-    def example(self, x: Tensor) -> Tensor:
+    def example(self, x: Tensor, /) -> Tensor:
         """One augmented copy of the image ``x`` (C, H, W), drawn from torch's global RNG
         (in a ``DataLoader`` worker: the worker's seed)."""
         if not self.active:
@@ -129,10 +129,10 @@ class Augmentation:
             out = out.flip(-1)
         return self.cutout(out.contiguous())
 
-    def cutout(self, x: Tensor) -> Tensor:
-        """Cutout of one image (C, H, W) from the global RNG (``kind="crop-flip-cutout"``;
+    def cutout(self, x: Tensor, /) -> Tensor:
+        """Cutout of one image (C, H, W) from the global RNG (``augment="crop-flip-cutout"``;
         other kinds return ``x``)."""
-        if self.kind != "crop-flip-cutout" or float(torch.rand(())) > self.cutout_prob:
+        if self.augment != "crop-flip-cutout" or float(torch.rand(())) > self.cutout_prob:
             return x
         _, h, w = x.shape
         half = self.cutout_size // 2

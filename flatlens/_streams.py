@@ -200,10 +200,11 @@ class Streams:
         except TypeError:
             return None
 
-    def measure_subset(self, samples: int) -> tuple[Tensor, Tensor]:
-        """The fixed measurement subset, unaugmented: the first ``samples`` of one
-        permutation drawn from seed 0 (map-style), or the first ``samples`` examples."""
-        base = self.train_eval
+    def measure_subset(self, measure_samples: int) -> tuple[Tensor, Tensor]:
+        """The fixed measurement subset, unaugmented: the first ``measure_samples`` of one
+        permutation drawn from seed 0 (map-style), or the first ``measure_samples``
+        examples."""
+        base, samples = self.train_eval, measure_samples
         if isinstance(base, IterableDataset) or not hasattr(base, "__getitem__"):
             return self.first(samples)
         n = len(base)
@@ -411,13 +412,13 @@ def stream_cifar(
 
 
 def stream_imagefolder(
-    folder: str | Path,
+    root: str | Path,
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     test_fraction: float = 0.25,
 ) -> Streams:
-    """Images in ``folder/CLASS/`` (or ``folder/train/CLASS/`` and ``folder/test/CLASS/``),
+    """Images in ``root/CLASS/`` (or ``root/train/CLASS/`` and ``root/test/CLASS/``),
     decoded per example to RGB and normalized per channel.
 
     The statistics come from up to :data:`STATS_SAMPLES` training images (a fixed seeded
@@ -432,7 +433,8 @@ def stream_imagefolder(
     """
     from flatlens._compat import import_torchvision
 
-    root = Path(folder).expanduser()
+    folder = str(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     try:

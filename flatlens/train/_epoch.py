@@ -20,7 +20,7 @@ __all__ = ["EpochMixin"]
 class EpochMixin:
     """The training-epoch methods of the Trainer."""
 
-    def train_epoch(self, total_epochs: int | None = None) -> float:
+    def _train_epoch(self, total_epochs: int | None = None) -> float:
         """One pass over the shuffled (augmented) training data; returns the mean
         first-pass loss."""
         self.model.train()

@@ -33,7 +33,7 @@ from flatlens._streams import Streams
 from flatlens.core._checks import make_generator
 from flatlens.data import Dataset, batches
 
-__all__ = ["AUGMENT_ON", "Feed"]
+__all__ = ["AUGMENT_ON", "Feed", "check_distributed"]
 
 AUGMENT_ON = ("device", "workers")
 
@@ -298,3 +298,33 @@ class Feed:
             self.augment_generator.set_state(state["augment"])
         if "loader" in state:
             self.loader_generator.set_state(state["loader"])
+
+
+def check_distributed(distributed: bool | None, data: Dataset | Streams, batch_size: int) -> bool:
+    """Whether to train data parallel: ``distributed``, or when ``None`` whether a process
+    group of more than one rank is initialized.
+
+    Raises:
+        ValueError: ``distributed=True`` without a process group, or batches that leave a
+            rank without a share.
+    """
+    if distributed is None:
+        distributed = fd.is_distributed() and fd.world_size() > 1
+    if not distributed:
+        return False
+    if not fd.is_distributed():
+        raise ValueError(
+            "distributed=True needs an initialized torch.distributed process group; "
+            "start with torchrun and call flatlens.distributed.init_from_env()"
+        )
+    world = fd.world_size()
+    n = len(data.y_train) if isinstance(data, Dataset) else data.size()
+    last = 0 if n is None else n % batch_size
+    if batch_size < world or 0 < last < world:
+        raise ValueError(
+            f"each of the {world} ranks needs a share of every batch, but batch_size="
+            f"{batch_size} over {n} training samples leaves a batch of {last or batch_size}; "
+            f"use a batch size of at least {world} whose last batch has at least that many "
+            "samples"
+        )
+    return True

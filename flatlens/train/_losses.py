@@ -61,11 +61,11 @@ class SmoothCrossEntropy(nn.Module):
 
     reduction = "mean"
 
-    def __init__(self, smoothing: float = 0.1) -> None:
+    def __init__(self, label_smoothing: float = 0.1) -> None:
         super().__init__()
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {smoothing!r}")
-        self.smoothing = float(smoothing)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+        self.smoothing = float(label_smoothing)
 
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The mean over the batch of KL(t_i || softmax(outputs_i))."""

@@ -35,7 +35,7 @@ class CheckpointMixin:
             "epoch_costs": self.epoch_costs,
         }
 
-    def save_checkpoint(self, path: str | Path) -> Path:
+    def _save_checkpoint(self, path: str | Path) -> Path:
         """Write the full training state to ``path`` (+ ``.json``), atomically (on rank 0
         only when distributed; every rank returns the path)."""
         if self.distributed and not fd.is_main():
@@ -55,7 +55,7 @@ class CheckpointMixin:
         )
         return self.last_checkpoint
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def _load_checkpoint(self, path: str | Path) -> None:
         """Restore model, optimizer, scheduler, RNG states, epoch, history and the
         measures' warm-start state from ``path``.
 

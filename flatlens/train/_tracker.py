@@ -251,8 +251,9 @@ class FlatnessTracker:
             "checked": self._checked,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (a resumed run then measures as the uninterrupted one)."""
+        state = state_dict
         vec = state.get("eigenvector")
         device = next(self.model.parameters()).device
         self.eigenvector = None if vec is None else vec.to(device)

@@ -47,7 +47,7 @@ from flatlens.core._renames import renamed
 from flatlens.data import Dataset
 from flatlens.optim import PerturbationOptimizer
 from flatlens.train._epoch import EpochMixin
-from flatlens.train._feed import Feed
+from flatlens.train._feed import Feed, check_distributed
 from flatlens.train._logs import Progress, RunLog
 from flatlens.train._measures import MEASURES, check_measures
 from flatlens.train._persist import CheckpointMixin
@@ -226,7 +226,7 @@ class Trainer(EpochMixin, CheckpointMixin):
                 torch.cuda.manual_seed(seed)
                 self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
         self._evaluators: dict[str, Objective] = {}
-        self.distributed = self._check_distributed(distributed)
+        self.distributed = check_distributed(distributed, data, batch_size)
         self.feed = Feed(
             data,
             batch_size=batch_size,
@@ -257,28 +257,6 @@ class Trainer(EpochMixin, CheckpointMixin):
         self._last_lambda_c: float | None = None
         self._epoch_timing: dict[str, Any] = {}
 
-    def _check_distributed(self, distributed: bool | None) -> bool:
-        if distributed is None:
-            distributed = fd.is_distributed() and fd.world_size() > 1
-        if not distributed:
-            return False
-        if not fd.is_distributed():
-            raise ValueError(
-                "distributed=True needs an initialized torch.distributed process group; "
-                "start with torchrun and call flatlens.distributed.init_from_env()"
-            )
-        world = fd.world_size()
-        n = len(self.data.y_train) if isinstance(self.data, Dataset) else self.data.size()
-        last = 0 if n is None else n % self.batch_size
-        if self.batch_size < world or 0 < last < world:
-            raise ValueError(
-                f"each of the {world} ranks needs a share of every batch, but batch_size="
-                f"{self.batch_size} over {n} training samples leaves a "
-                f"batch of {last or self.batch_size}; use a batch size of at least {world} "
-                "whose last batch has at least that many samples"
-            )
-        return True
-
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
         """Plain values describing this run (saved with checkpoints and results)."""
@@ -295,7 +273,7 @@ class Trainer(EpochMixin, CheckpointMixin):
             "measure_budget": self.measure_budget,
             "trace_probes": self.trace_probes,
             "critical_every_steps": self.critical_every_steps,
-            "augment": None if self.augment is None else self.augment.kind,
+            "augment": None if self.augment is None else self.augment.augment,
             "augment_on": self.augment_on,
             "num_workers": self.num_workers,
             "amp": self.amp,
@@ -306,6 +284,23 @@ class Trainer(EpochMixin, CheckpointMixin):
             **({"world_size": fd.world_size()} if self.distributed else {}),
             **self.extra_settings,
         }
+
+    # ------------------------------------------------------------------ public steps
+    def train_epoch(self, total_epochs: int | None = None) -> float:
+        """One pass over the shuffled (augmented) training data, with the measurements due
+        within it; returns the mean first-pass loss."""
+        return self._train_epoch(total_epochs)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write the full training state to ``path`` (+ ``.json``), atomically (on rank 0
+        only when distributed; every rank returns the path)."""
+        return self._save_checkpoint(path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, RNG states, epoch, history and the measures'
+        warm-start state from ``path`` (a trainer built as the saved run was built; when
+        distributed, rank 0 reads the file and sends it to the other ranks)."""
+        self._load_checkpoint(path)
 
     # ------------------------------------------------------------------ RNG
     @contextlib.contextmanager

@@ -478,9 +478,14 @@ def stream_imagefolder(
     train = _ImageFiles(train.samples, mean, std)
     test = _ImageFiles([(str(p), c) for p, c in test_samples], mean, std)
     train.classes = test.classes = list(classes)
-    return Streams(
+    out = Streams(
         train, test, num_classes=len(classes), name=f"imagefolder:{folder}", mean=mean, std=std
     )
+    try:
+        out.check()
+    except ValueError as err:
+        raise ValueError(f"image folder {root}: {err} (resize the images to one size)") from err
+    return out
 
 
 def stream_datasets(
@@ -513,6 +518,7 @@ def stream_datasets(
     n = len(datasets)
     if n < 2:
         raise ValueError("one data set needs at least 2 examples to split into train/test")
+    Streams(datasets, datasets, num_classes=1).check()  # its first examples agree, unsplit
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = min(max(1, round(n * test_fraction)), n - 1)
     return Streams(Subset(datasets, perm[n_test:]), Subset(datasets, perm[:n_test]), name=name)

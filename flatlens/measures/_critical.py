@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from flatlens.core._checks import check_positive, check_positive_int
+from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._results import MeasureResult
@@ -41,8 +42,9 @@ class CriticalSharpnessResult(MeasureResult):
 
     Attributes:
         value: λ_c = 2 / η_c with η_c the geometric center of the final bracket; ``inf``
-            when the loss rises for every step tried (Δ is not a descent direction), 0 when
-            it never rises up to the largest step tried.
+            when the loss rises for every step it resolves (Δ is not a descent direction:
+            the last step without a rise left the loss unchanged to the last bit), 0 when it
+            never rises up to the largest step tried.
         eta: The critical step η_c = 2 / value.
         eta_lower: The largest step tried with L(θ − ηΔ) <= L(θ) (0 if none).
         eta_upper: The smallest step tried with L(θ − ηΔ) > L(θ) (``inf`` if none).
@@ -132,7 +134,10 @@ def critical_sharpness(
     def loss(eta: float) -> float:
         nonlocal count
         count += 1
-        value = objective.loss(at=theta - eta * d)
+        try:
+            value = objective.loss(at=theta - eta * d)
+        except NonFiniteLossError:  # so far along Δ that the loss overflows: a rise
+            return math.inf
         return value if math.isfinite(value) else math.inf
 
     # exponential search: (lo, f_lo) with L <= L(θ), (hi, f_hi) with L > L(θ)
@@ -157,7 +162,15 @@ def critical_sharpness(
     # bracket, with a geometric bisection whenever two steps did not halve it (log scale)
     margin = math.sqrt(1.0 + bracket_width)
     history: list[float] = []
-    while lo > 0.0 and hi < math.inf and hi / lo - 1 > bracket_width and count < max_evals:
+    # a loss that has not changed at all at lo: the rise starts below the loss' resolution
+    unresolved = lo > 0.0 and f_lo == base and hi < math.inf
+    while (
+        not unresolved
+        and lo > 0.0
+        and hi < math.inf
+        and hi / lo - 1 > bracket_width
+        and count < max_evals
+    ):
         width = math.log(hi / lo)
         stalled = len(history) >= 2 and width > 0.5 * history[-2]
         h_lo, h_hi = (f_lo - base) / lo, (f_hi - base) / hi
@@ -172,10 +185,10 @@ def critical_sharpness(
             hi, f_hi = eta, value
         else:
             lo, f_lo = eta, value
-    found = lo > 0.0 and hi < math.inf
+    found = lo > 0.0 and hi < math.inf and not unresolved
     if found:
         eta_c = math.sqrt(lo * hi)
-    else:  # the loss rose at every step tried (η_c -> 0), or at none (η_c -> inf)
+    else:  # the loss rose at every step it resolves (η_c -> 0), or at none (η_c -> inf)
         eta_c = 0.0 if hi < math.inf else math.inf
     value = 2.0 / eta_c if eta_c > 0 else math.inf
     return CriticalSharpnessResult(
@@ -187,7 +200,7 @@ def critical_sharpness(
         upper=2.0 / lo if lo > 0 else math.inf,
         loss=base,
         num_forward=count,
-        converged=found and hi / lo - 1 <= bracket_width,
+        converged=bool(found and hi / lo - 1 <= bracket_width),
         bracket_width=bracket_width,
         eta_start=eta_start,
         direction_norm=norm,

@@ -377,12 +377,12 @@ def main(argv: list[str] | None = None) -> None:
             "measure": "λ_max cold, same point",
             "hvps": cold_cost["hvps"],
             "seconds": cold_cost["seconds"],
-        },  # fmt: skip
+        },
         {
             "measure": "λ_c cold",
             "forward": m["lambda_c_cold"]["cost"]["lambda_c"]["forward"],
             "seconds": m["lambda_c_cold"]["cost"]["lambda_c"]["seconds"],
-        },  # fmt: skip
+        },
         {"measure": "λ_c warm", "forward": lc["forward"], "seconds": lc["seconds"]},
         {"measure": "R1, budget 40", **_cost(r1_cost)},
     ]

@@ -107,7 +107,7 @@ def _gam(dataset: str) -> Recipe:
         "epochs": f"{main}:39",
         "batch_size": f"{main}:41",
         "seed": f"{main}:68",
-        "scheduler": f"gam/optimizer_helper.py:18; {main}:291 (stepped per epoch)",
+        "scheduler": "gam/optimizer_helper.py:18; main_cifar.py:291 (stepped per epoch)",
         "warmup_epochs": "gam/optimizer_helper.py:18 (none)",
         "lr_update": f"{main}:291 (lr_scheduler.step() after each epoch)",
         "loss": "gam/train_with_gam.py:47-48; gam/smooth_cross_entropy.py:6-13",

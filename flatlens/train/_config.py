@@ -59,11 +59,13 @@ class TrainConfig:
             Nesterov only for SGD).
         sam_rho, sam_adaptive: SAM's radius rho and ASAM's elementwise scaling
             (:class:`~flatlens.optim.SAM`'s ``rho`` and ``adaptive``).
-        gam_rho, gam_perturb_rho, gam_plus_weight, gam_minus_weight,
-            gam_orthogonal_weight, gam_flatness_weight: :class:`~flatlens.optim.GAM`'s
-            ``rho`` (the gradient-norm radius), ``perturb_rho`` (rho'), ``plus_weight``
-            (alpha), ``minus_weight`` (beta), ``orthogonal_weight`` (gamma) and
-            ``flatness_weight`` (exact mode); ``None`` is GAM's own default for the mode.
+        gam_rho: :class:`~flatlens.optim.GAM`'s ``rho`` (the gradient-norm radius).
+        gam_perturb_rho: GAM's ``perturb_rho`` (rho'); ``None`` (this and the next four):
+            GAM's own default for the mode.
+        gam_plus_weight: GAM's ``plus_weight`` (alpha).
+        gam_minus_weight: GAM's ``minus_weight`` (beta).
+        gam_orthogonal_weight: GAM's ``orthogonal_weight`` (gamma).
+        gam_flatness_weight: GAM's ``flatness_weight`` (exact mode).
         gam_adaptive: GAM's ASAM-style scaling of its ascents (accelerated mode).
         gam_official: Build GAM with :meth:`~flatlens.optim.GAM.from_official` (the
             authors' code: h- = g0 + |1 - beta| g2) instead of the paper's h- form.
@@ -87,11 +89,12 @@ class TrainConfig:
             GradScaler). Measures run in the parameters' dtype.
         measure_every, measure_every_steps: Take the measures every this many epochs and
             every this many optimizer steps (0: never).
-        measures, measure_samples, measure_rho, measure_steps, measure_budget,
-            trace_probes: The periodic flatness measures (see
-            :class:`~flatlens.train.FlatnessTracker`); ``measure_rho`` is the radius of R0
-            and R1, independent of the optimizers' radii; ``measure_budget`` caps each of R0
-            and R1 in HVP-equivalents (None: ``measure_steps`` steps per start).
+        measures: Which measures (see :class:`~flatlens.train.FlatnessTracker`).
+        measure_samples: Training examples of the fixed subset they run on.
+        measure_rho: The radius of R0 and R1, independent of the optimizers' radii.
+        measure_steps: Ascent steps per start of R0 and R1.
+        measure_budget: Cap on each of R0 and R1 in HVP-equivalents (None: no cap).
+        trace_probes: Probes of the trace.
         critical_every_steps: Measure the critical sharpness lambda_c along the optimizer's
             update every this many steps (0: never).
         log_every: Write a JSON line every this many steps (0: epochs only).

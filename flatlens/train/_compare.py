@@ -285,6 +285,8 @@ def compare(
             row = {"optimizer": label, "seed": seed}
             row.update({k: final.get(k) for k in _RUN_KEYS})
             row["seconds"] = sum(r["seconds"] for r in result.history)
+            row["measure_seconds"] = result.costs.get("measure_seconds")
+            row["overhead"] = result.costs.get("overhead")
             runs.append(row)
             bar.update(1)
     bar.close()

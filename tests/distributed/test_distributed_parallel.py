@@ -235,7 +235,7 @@ def _optimizer_checks(rank: int) -> dict:
 
 
 def _trainer_checks(rank: int, tmp: Path) -> dict:
-    import flatlens.train._trainer as tr
+    import flatlens.train._persist as tr  # where the trainer writes its checkpoints
 
     writes = []
     real = tr.save_training_checkpoint

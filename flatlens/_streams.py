@@ -379,6 +379,21 @@ def _pixel_stats(images: Callable[[int], Tensor], indices: Sequence[int]) -> tup
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+def _uint8_stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and unbiased standard deviation of uint8 images ``(N, C, H, W)``
+    scaled to [0, 1], exactly (float64) from each channel's histogram of 256 values."""
+    levels = np.arange(256, dtype=np.float64) / 255
+    means, stds = [], []
+    for c in range(pixels.shape[1]):
+        counts = np.bincount(pixels[:, c].reshape(-1), minlength=256).astype(np.float64)
+        n = counts.sum()
+        mean = float(counts @ levels / n)
+        var = float(counts @ (levels - mean) ** 2 / max(n - 1, 1))
+        means.append(mean)
+        stds.append(var**0.5)
+    return tuple(means), tuple(stds)
+
+
 def stream_cifar(
     root: str | Path,
     *,
@@ -400,10 +415,7 @@ def stream_cifar(
 
     (xs, ys), (xt, yt) = _cifar_arrays(Path(root), num_classes)
     if mean is None or std is None:
-        pixels = xs.reshape(len(xs), 3, -1).transpose(1, 0, 2).reshape(3, -1)
-        scaled = pixels.astype(np.float64) / 255
-        mean = tuple(scaled.mean(axis=1).tolist())
-        std = tuple(scaled.std(axis=1, ddof=1).tolist())
+        mean, std = _uint8_stats(xs)
     train = _Images(xs, ys, mean, std)
     test = _Images(xt, yt, mean, std)
     return Streams(

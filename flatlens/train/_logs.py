@@ -66,7 +66,7 @@ class RunLog:
         self._file = path.open("a", encoding="utf-8")
         if self.tensorboard:
             writer = _tensorboard_writer_class()
-            purge = None if offset is None else step
+            purge = None if offset is None else step + 1  # events after the checkpoint
             self._writer = writer(str(self.dir / "tensorboard"), purge_step=purge)
 
     def offset(self) -> int | None:

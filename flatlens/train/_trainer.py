@@ -406,6 +406,7 @@ class Trainer(EpochMixin, CheckpointMixin):
                 f"this run has already completed {self.epoch} epochs, more than epochs={epochs}"
             )
         self.log.open(self._log_offset if self._resumed else None, self.step)
+        self._resumed = True  # a later fit() continues this log
         n = self.feed.num_train
         self._bar = Progress(
             None if n is None else n * epochs,
@@ -418,6 +419,7 @@ class Trainer(EpochMixin, CheckpointMixin):
         finally:
             self._bar.close()
             self._bar = None
+            self._log_offset = self.log.offset()
             self.log.close()
         return self.result()
 

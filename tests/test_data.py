@@ -272,7 +272,7 @@ def test_batches_bad_arguments(kwargs, match):
 def test_stream_cifar_reads_what_load_cifar_holds_one_example_at_a_time(tmp_path):
     from flatlens.data import stream_cifar, with_normalization
 
-    folder, parts, test = fake_cifar10(tmp_path)
+    _, parts, _ = fake_cifar10(tmp_path)
     memory = load_cifar(tmp_path)
     streams = stream_cifar(tmp_path)
     assert (streams.size("train"), streams.size("test"), streams.num_classes) == (20, 3, 10)

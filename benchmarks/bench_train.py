@@ -89,18 +89,25 @@ def _trainer(optimizer: str, data: Any, width: int, **kw: Any) -> Trainer:
 
 def _timed_steps(trainer: Trainer) -> Any:
     """A generator: each next() times reading one batch and one optimizer step (epoch after
-    epoch)."""
+    epoch): ``(wall seconds, CPU seconds of this process)``."""
     trainer.model.train()
     while True:
         batches = trainer.feed.epoch()
         while True:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 x, y, weight = next(batches)
             except StopIteration:
                 break
             trainer.stepper.step(x, y, weight)
-            yield time.perf_counter() - start
+            yield time.perf_counter() - start, time.process_time() - cpu
+
+
+def _timed(fn: Any) -> tuple[Any, float, float]:
+    """``fn()``, its wall seconds and its CPU seconds (this process)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def throughput(width: int, steps: int, workers: int) -> list[dict[str, Any]]:
@@ -123,18 +130,23 @@ def throughput(width: int, steps: int, workers: int) -> list[dict[str, Any]]:
         for _ in range(steps):
             times_a.append(next(ta))
             times_b.append(next(tb))
-        ma, mb = statistics.median(times_a), statistics.median(times_b)
+        ma, mb = (statistics.median(t[0] for t in times) for times in (times_a, times_b))
+        ca, cb = (statistics.median(t[1] for t in times) for times in (times_a, times_b))
         rows.append(
             {
                 "optimizer": name,
                 "memory_images_per_s": 128 / ma,
                 "streamed_images_per_s": 128 / mb,
                 "streaming_cost": mb / ma - 1,
+                "streaming_cost_cpu": cb / ca - 1,
                 "first_step_memory_s": first_a,
                 "first_step_streamed_s": first_b,
                 "startup_per_epoch": max(first_b - first_a, 0.0) / (EPOCH_STEPS * ma),
                 "step_s": ma,
+                "step_cpu_s": ca,
                 "implementation": b.feed.implementation,
+                "times_memory": times_a,
+                "times_streamed": times_b,
             }
         )
         print(f"  {name}: {128 / ma:.1f} vs {128 / mb:.1f} images/s", flush=True)
@@ -295,21 +307,25 @@ def measures(width: int, warmup_steps: int, between: int, samples: int) -> dict[
     def critical():
         probe.before()
         next(steps)
-        return tracker.critical(probe.direction(), at=probe.point())
+        return _timed(lambda: tracker.critical(probe.direction(), at=probe.point()))
 
-    first = tracker.measure()
-    lc_cold = critical()
+    def cpu(timed):
+        value, wall, cpu_s = timed
+        value["wall_s"], value["cpu_s"] = wall, cpu_s
+        return value
+
+    first = cpu(_timed(tracker.measure))
+    lc_cold = cpu(critical())
     for _ in range(between):
         next(steps)
-    warm = tracker.measure()
-    lc_warm = critical()
+    warm = cpu(_timed(tracker.measure))
+    lc_warm = cpu(critical())
     obj = Objective(model, loss, [subset], check_determinism=False)
-    start = time.perf_counter()
-    cold = hessian_eigenvalues(obj, 1, tol=1e-4, seed=0)
-    cold_s = time.perf_counter() - start
+    cold, cold_s, cold_cpu = _timed(lambda: hessian_eigenvalues(obj, 1, tol=1e-4, seed=0))
     r1 = FlatnessTracker(model, loss, subset, measures=["r1"], measure_budget=40.0)
-    r1.load_state_dict(tracker.state_dict())  # its eigen start from the warm eigenvector
-    r1_values = r1.measure()
+    state = tracker.state_dict()
+    r1.load_state_dict({**state, "checked": True})  # its eigen start: the warm eigenvector
+    r1_values = cpu(_timed(r1.measure))
     return {
         "first": first,
         "warm": warm,
@@ -317,7 +333,9 @@ def measures(width: int, warmup_steps: int, between: int, samples: int) -> dict[
             "lambda_max": cold.value,
             "hvps": cold.num_hvps,
             "seconds": cold_s,
+            "cpu_s": cold_cpu,
             "error_bound": float(cold.error_bounds[0]),
+            "converged": bool(cold.converged.all()),
         },
         "lambda_c_cold": lc_cold,
         "lambda_c_warm": lc_warm,
@@ -330,7 +348,7 @@ def measures(width: int, warmup_steps: int, between: int, samples: int) -> dict[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=64, help="ResNet-18 width (64: the real)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per contender")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=20, help="SGD steps before measuring")
@@ -349,11 +367,15 @@ def main(argv: list[str] | None = None) -> None:
     ref = versus_reference(args.width, args.steps)
     print("3. measures", flush=True)
     m = measures(args.width, args.warmup, args.between, args.samples)
-    step = {r["optimizer"]: r["step_s"] for r in rows}
+    step = {r["optimizer"]: r["step_cpu_s"] for r in rows}
     warm_cost, cold_cost = m["warm"]["cost"]["lambda_max"], m["cold_at_warm_point"]
     lc = m["lambda_c_warm"]["cost"]["lambda_c"]
     r1_cost = m["r1"]["cost"]["r1"]
-    per_epoch = warm_cost["seconds"] + lc["seconds"]
+    # CPU seconds of this one-thread process: far less sensitive than wall time to the load
+    # of a shared machine, and the projection divides times taken minutes apart
+    lam_cpu, lc_cpu = m["warm"]["cpu_s"], m["lambda_c_warm"]["cpu_s"]
+    r1_cpu = m["r1"]["cpu_s"] * r1_cost["seconds"] / max(m["r1"]["wall_s"], 1e-9)
+    per_epoch = lam_cpu + lc_cpu
     projection = [
         {
             "case": "λ_max + λ_c every epoch / SGD epoch",
@@ -364,27 +386,38 @@ def main(argv: list[str] | None = None) -> None:
         },
         {
             "case": "λ_max + λ_c + R1 (budget 40) every epoch / GAM epoch",
-            "measure_s": per_epoch + r1_cost["seconds"],
+            "measure_s": per_epoch + r1_cpu,
             "epoch_s": EPOCH_STEPS * step["gam"],
-            "overhead": (per_epoch + r1_cost["seconds"]) / (EPOCH_STEPS * step["gam"]),
+            "overhead": (per_epoch + r1_cpu) / (EPOCH_STEPS * step["gam"]),
             "target": 0.15,
         },
     ]
     costs = [
-        {"measure": "λ_max cold (first)", **_cost(m["first"]["cost"]["lambda_max"])},
-        {"measure": "λ_max warm", **_cost(warm_cost)},
+        {
+            "measure": "λ_max cold (first)",
+            **_cost(m["first"]["cost"]["lambda_max"]),
+            "cpu_s": m["first"]["cpu_s"],
+        },
+        {"measure": "λ_max warm", **_cost(warm_cost), "cpu_s": lam_cpu},
         {
             "measure": "λ_max cold, same point",
             "hvps": cold_cost["hvps"],
             "seconds": cold_cost["seconds"],
+            "cpu_s": cold_cost["cpu_s"],
         },
         {
             "measure": "λ_c cold",
             "forward": m["lambda_c_cold"]["cost"]["lambda_c"]["forward"],
             "seconds": m["lambda_c_cold"]["cost"]["lambda_c"]["seconds"],
+            "cpu_s": m["lambda_c_cold"]["cpu_s"],
         },
-        {"measure": "λ_c warm", "forward": lc["forward"], "seconds": lc["seconds"]},
-        {"measure": "R1, budget 40", **_cost(r1_cost)},
+        {
+            "measure": "λ_c warm",
+            "forward": lc["forward"],
+            "seconds": lc["seconds"],
+            "cpu_s": lc_cpu,
+        },
+        {"measure": "R1, budget 40", **_cost(r1_cost), "cpu_s": r1_cpu},
     ]
     ratio = warm_cost["hvps"] / cold_cost["hvps"]
     tables = {
@@ -394,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
                 Column("optimizer", "optimizer"),
                 Column("memory_images_per_s", "in memory", ".2f"),
                 Column("streamed_images_per_s", "streamed (2 workers)", ".2f"),
-                Column("streaming_cost", "streaming cost", "+.1%"),
+                Column("streaming_cost", "streaming cost (wall)", "+.1%"),
+                Column("streaming_cost_cpu", "(main CPU)", "+.1%"),
                 Column("startup_per_epoch", "worker start / epoch", ".2%"),
             ],
         ),
@@ -417,10 +451,11 @@ def main(argv: list[str] | None = None) -> None:
                 Column("gradients", "gradients"),
                 Column("hvp_equivalents", "HVP-eq", ".1f"),
                 Column("forward", "forward passes"),
-                Column("seconds", "seconds", ".1f"),
+                Column("seconds", "wall s", ".1f"),
+                Column("cpu_s", "CPU s", ".1f"),
             ],
         ),
-        "projected overhead per 50,000-image epoch": (
+        "projected overhead per 50,000-image epoch (CPU seconds)": (
             projection,
             [
                 Column("case", "case"),

@@ -5,8 +5,9 @@ training data (every few epochs or steps of a run), and keeps what makes the nex
 measurement cheap:
 
 * λ_max warm-starts Lanczos from the previous top eigenvector (the Hessian moves little
-  between two measurements); the eigenpair is certified exactly as a cold start's is
-  (:func:`~flatlens.measures.hessian_eigenvalues`, ``start=`` a tensor);
+  between two measurements), mixed with the cold start's vector so that a top eigenvector
+  that rotated away stays in reach; the eigenpair is certified exactly as a cold start's
+  is (:func:`~flatlens.measures.hessian_eigenvalues`, ``start=`` a tensor);
 * R0 and R1 start their ascents from that eigenvector (their ``"eigen"`` start) and run
   under a budget of HVP-equivalents (40 by default; an HVP counts 1, a gradient 1/2, a loss
   1/4, see :class:`~flatlens.measures.AscentConfig`);
@@ -171,11 +172,12 @@ class FlatnessTracker:
         eigen = None
         if {"lambda_max", "r0", "r1"} & set(self.measures):
             warm = self.warm_start and self.eigenvector is not None
-            start = self.eigenvector if warm else "gradient"
-            eigen = timed(
-                "lambda_max",
-                lambda: hessian_eigenvalues(obj, k=1, tol=self.tol, seed=self.seed, start=start),
-            )
+
+            def solve():
+                start = self._warm_start(obj) if warm else "gradient"
+                return hessian_eigenvalues(obj, k=1, tol=self.tol, seed=self.seed, start=start)
+
+            eigen = timed("lambda_max", solve)
             costs["lambda_max"].update(start=eigen.start, converged=bool(eigen.converged.all()))
             self.eigenvector = eigen.eigenvectors[0].detach().clone()
             if "lambda_max" in self.measures:
@@ -204,6 +206,22 @@ class FlatnessTracker:
             self._add(name, cost)
         out["cost"] = costs
         return out
+
+    def _warm_start(self, obj: Objective) -> Tensor:
+        """u / ||u|| + (r / ||r|| + g / ||g||) / ||r / ||r|| + g / ||g|||| with u the previous
+        eigenvector and r, g the cold start's Gaussian vector and gradient: the previous
+        direction carries most of the start, and the cold start's share keeps a top
+        eigenvector that rotated away from it in reach (a start nearly orthogonal to it
+        could let Lanczos settle on a lower eigenvalue first). One gradient, counted."""
+        u = self.eigenvector.to(obj.device, obj.dtype)
+        g = torch.Generator().manual_seed(self.seed)
+        r = torch.randn(u.numel(), generator=g, dtype=torch.float64).to(obj.device, obj.dtype)
+        cold = r / torch.linalg.vector_norm(r)
+        grad = obj.gradient()
+        norm = torch.linalg.vector_norm(grad)
+        if bool(torch.isfinite(norm)) and norm > 0:
+            cold = cold + grad / norm
+        return u / torch.linalg.vector_norm(u) + cold / torch.linalg.vector_norm(cold)
 
     def critical(self, direction: Tensor, at: Tensor | None = None) -> dict[str, Any]:
         """The critical sharpness λ_c = 2 / η_c along ``direction`` (the optimizer's update

@@ -54,6 +54,23 @@ def test_a_warm_start_is_certified_like_a_cold_one_and_cheaper():
     assert warm["cost"]["lambda_max"]["hvps"] < cold.num_hvps
 
 
+def test_a_warm_start_from_a_stale_direction_still_finds_the_top_eigenvalue():
+    model = net()
+    tracker = FlatnessTracker(model, nn.CrossEntropyLoss(), _subset(), measures=["lambda_max"])
+    values, vectors = torch.linalg.eigh(_dense_hessian(model))
+    # the previous top eigenvector is now (almost exactly) the second one: alone, it lets
+    # Lanczos certify the second eigenvalue in 3 products
+    stale = vectors[:, -2] + 1e-6 * vectors[:, -1] + 1e-3 * vectors[:, 0]
+    obj = Objective(model, nn.CrossEntropyLoss(), [_subset()])
+    alone = hessian_eigenvalues(obj, 1, start=stale)
+    assert alone.value == pytest.approx(values[-2].item(), rel=1e-6)  # the trap
+    tracker.eigenvector = stale
+    warm = tracker.measure()
+    assert warm["cost"]["lambda_max"]["start"] == "given"
+    bound = warm["cost"]["lambda_max"]["converged"]
+    assert bound and warm["lambda_max"] == pytest.approx(values[-1].item(), rel=1e-4)
+
+
 def _dense_hessian(model):
     x, y = _subset()
     names = [n for n, _ in model.named_parameters()]

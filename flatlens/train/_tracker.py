@@ -12,8 +12,9 @@ measurement cheap:
   under a budget of HVP-equivalents (40 by default; an HVP counts 1, a gradient 1/2, a loss
   1/4, see :class:`~flatlens.measures.AscentConfig`);
 * the critical sharpness λ_c = 2 / η_c along the optimizer's update
-  (:func:`~flatlens.measures.critical_sharpness`) costs forward passes only and starts its
-  search from the last η_c.
+  (:func:`~flatlens.measures.critical_sharpness`) costs forward passes only, is taken on the
+  loss the optimizer descends (batch statistics, no dropout) and starts its search from the
+  last η_c.
 
 Every measurement reports what it cost (products, gradients, losses, seconds). The Trainer
 uses one tracker; the Lightning and Hugging Face callbacks can use the same.
@@ -21,9 +22,10 @@ uses one tracker; the Lightning and Hugging Face callbacks can use the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,11 +33,22 @@ from torch import Tensor, nn
 
 from flatlens.core._checks import check_positive, check_positive_int, check_rho
 from flatlens.core._objective import Objective
+from flatlens.core._params import preserved
 from flatlens.train._measures import check_measures
 
 __all__ = ["FlatnessTracker"]
 
 _EQUIVALENTS = {"hvp": 1.0, "gradient": 0.5, "loss": 0.25}
+
+
+@contextlib.contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Train mode without dropout for the block (the caller restores the modes)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    yield
 
 
 def _cost(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, Any]:
@@ -208,11 +221,12 @@ class FlatnessTracker:
         return out
 
     def _warm_start(self, obj: Objective) -> Tensor:
-        """u / ||u|| + (r / ||r|| + g / ||g||) / ||r / ||r|| + g / ||g|||| with u the previous
-        eigenvector and r, g the cold start's Gaussian vector and gradient: the previous
-        direction carries most of the start, and the cold start's share keeps a top
-        eigenvector that rotated away from it in reach (a start nearly orthogonal to it
-        could let Lanczos settle on a lower eigenvalue first). One gradient, counted."""
+        """u / (2 ||u||) + c / ||c||, c = r / ||r|| + g / ||g||, with u the previous
+        eigenvector and r, g the cold start's Gaussian vector and gradient. The previous
+        direction shortens the solve when the top eigenvector moved little; the cold start's
+        larger share keeps a top eigenvector that rotated away in reach: started from u
+        alone, Lanczos can certify a lower eigenvalue when u has turned into its eigenvector
+        (``tests/train/test_tracker.py``). One gradient, counted."""
         u = self.eigenvector.to(obj.device, obj.dtype)
         g = torch.Generator().manual_seed(self.seed)
         r = torch.randn(u.numel(), generator=g, dtype=torch.float64).to(obj.device, obj.dtype)
@@ -221,11 +235,16 @@ class FlatnessTracker:
         norm = torch.linalg.vector_norm(grad)
         if bool(torch.isfinite(norm)) and norm > 0:
             cold = cold + grad / norm
-        return u / torch.linalg.vector_norm(u) + cold / torch.linalg.vector_norm(cold)
+        return 0.5 * u / torch.linalg.vector_norm(u) + cold / torch.linalg.vector_norm(cold)
 
     def critical(self, direction: Tensor, at: Tensor | None = None) -> dict[str, Any]:
         """The critical sharpness λ_c = 2 / η_c along ``direction`` (the optimizer's update
         before the learning rate), from the last η_c when warm.
+
+        It is taken on the loss the optimizer descends: normalization layers use the
+        subset's batch statistics (train mode; running statistics can lag so far behind
+        early in training that the update does not lower the eval-mode loss at all), dropout
+        is off, and the model (buffers and modes included) is restored afterwards.
 
         Args:
             direction: Δ, flat over the model's trainable parameters.
@@ -237,12 +256,20 @@ class FlatnessTracker:
         """
         from flatlens.measures._critical import critical_sharpness
 
-        obj = self.objective()
+        obj = Objective(
+            self.model,
+            self.loss_fn,
+            self._data,
+            eval_mode=False,
+            distributed=self.distributed,
+            check_determinism=False,
+        )
         start = self.eta if self.warm_start and self.eta else None
         began = time.perf_counter()
-        result = critical_sharpness(
-            obj, direction, eta_start=start, bracket_width=self.bracket_width, at=at
-        )
+        with preserved(self.model), _batch_statistics(self.model):
+            result = critical_sharpness(
+                obj, direction, eta_start=start, bracket_width=self.bracket_width, at=at
+            )
         cost = {
             "forward": result.num_forward,
             "seconds": time.perf_counter() - began,

@@ -10,7 +10,7 @@ import torch
 from helpers import ModelSnapshot
 from torch import nn
 
-from flatlens import Objective, critical_sharpness, hessian_eigenvalues
+from flatlens import Objective, critical_sharpness, hessian_eigenvalues, preserved
 from flatlens.data import synthetic_classification
 from flatlens.train import FlatnessTracker, Trainer
 from flatlens.train._steps import UpdateProbe
@@ -181,3 +181,28 @@ def test_the_trainer_records_measures_within_epochs_costs_and_json_lines(tmp_pat
     assert events.count("measure") == 6 + 2
     assert all("images_per_second" in line for line in lines if line["event"] == "step")
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_the_critical_sharpness_uses_batch_statistics_and_restores_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Dropout(0.5), nn.Linear(12, 3)
+    ).double()
+    model.eval()  # running statistics at their initial values: the eval-mode loss is another
+    tracker = FlatnessTracker(model, nn.CrossEntropyLoss(), _subset())
+    train_mode = Objective(model, nn.CrossEntropyLoss(), [_subset()], eval_mode=False)
+    model.train()
+    model[3].eval()  # the loss the optimizer descends, without dropout's randomness
+    with preserved(model):
+        g = train_mode.gradient()
+    model.eval()
+    snapshot = ModelSnapshot.take(model)
+    got = tracker.critical(g)
+    snapshot.assert_unchanged(model)  # buffers and modes restored
+    model.train()
+    model[3].eval()
+    with torch.no_grad():
+        direct = critical_sharpness(
+            Objective(model, nn.CrossEntropyLoss(), [_subset()], eval_mode=False), g
+        )
+    assert got["lambda_c"] == pytest.approx(direct.value, rel=1e-12)

@@ -211,7 +211,9 @@ def test_measures_match_the_dense_hessian_of_the_fixed_subset_and_leave_the_mode
     eigenvalues = torch.linalg.eigvalsh(hessian)
     assert values["lambda_max"] == pytest.approx(eigenvalues[-1].item(), rel=1e-3)
     assert values["trace"] == pytest.approx(torch.trace(hessian).item(), rel=1e-8)
-    assert trainer.history[0]["lambda_max"] == pytest.approx(values["lambda_max"], rel=1e-12)
+    # the second measurement warm-starts from the first one's eigenvector: the same value
+    # within the tolerance of both (1e-4 relative)
+    assert trainer.history[0]["lambda_max"] == pytest.approx(values["lambda_max"], rel=1e-4)
     assert len(trainer.measure_subset()[1]) == 40
 
 

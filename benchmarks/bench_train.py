@@ -294,8 +294,11 @@ def versus_reference(width: int, steps: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- measures
-def measures(width: int, warmup_steps: int, between: int, samples: int) -> dict[str, Any]:
-    """Cold and warm λ_max, λ_c cold and warm, R1 under its budget, on a briefly trained net."""
+def measures(
+    width: int, warmup_steps: int, between: int, samples: int, rounds: int
+) -> dict[str, Any]:
+    """λ_max cold, then ``rounds`` times (``between`` SGD steps later) warm and cold at the
+    same point, R1 under its budget at the last one; λ_c cold, then warm each round."""
     pixels, labels = synthetic(128 * 8, seed=1)
     data = in_memory(pixels, labels)
     trainer = _trainer("sgd", data, width)
@@ -318,30 +321,36 @@ def measures(width: int, warmup_steps: int, between: int, samples: int) -> dict[
         return value
 
     first = cpu(_timed(tracker.measure))
-    lc_cold = cpu(critical())
-    for _ in range(between):
-        next(steps)
-    warm = cpu(_timed(tracker.measure))
-    lc_warm = cpu(critical())
-    obj = Objective(model, loss, [subset], check_determinism=False)
-    cold, cold_s, cold_cpu = _timed(lambda: hessian_eigenvalues(obj, 1, tol=1e-4, seed=0))
+    lc = [cpu(critical())]
+    pairs = []
+    for _ in range(rounds):
+        for _ in range(between):
+            next(steps)
+        warm = cpu(_timed(tracker.measure))
+        # the cold solve at the very point of the warm one (λ_c's probe takes a step)
+        obj = Objective(model, loss, [subset], check_determinism=False)
+        cold, cold_s, cold_cpu = _timed(lambda obj=obj: hessian_eigenvalues(obj, 1, seed=0))
+        pairs.append(
+            {
+                "warm": warm,
+                "cold": {
+                    "lambda_max": cold.value,
+                    "hvps": cold.num_hvps,
+                    "seconds": cold_s,
+                    "cpu_s": cold_cpu,
+                    "error_bound": float(cold.error_bounds[0]),
+                    "converged": bool(cold.converged.all()),
+                },
+            }
+        )
+        lc.append(cpu(critical()))
     r1 = FlatnessTracker(model, loss, subset, measures=["r1"], measure_budget=40.0)
-    state = tracker.state_dict()
-    r1.load_state_dict({**state, "checked": True})  # its eigen start: the warm eigenvector
+    r1.load_state_dict({**tracker.state_dict(), "checked": True})  # eigen start: warm
     r1_values = cpu(_timed(r1.measure))
     return {
         "first": first,
-        "warm": warm,
-        "cold_at_warm_point": {
-            "lambda_max": cold.value,
-            "hvps": cold.num_hvps,
-            "seconds": cold_s,
-            "cpu_s": cold_cpu,
-            "error_bound": float(cold.error_bounds[0]),
-            "converged": bool(cold.converged.all()),
-        },
-        "lambda_c_cold": lc_cold,
-        "lambda_c_warm": lc_warm,
+        "pairs": pairs,
+        "lambda_c": lc,
         "r1": r1_values,
         "samples": samples,
         "between_steps": between,
@@ -356,12 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=20, help="SGD steps before measuring")
     parser.add_argument("--between", type=int, default=40, help="SGD steps between λ_max")
+    parser.add_argument("--rounds", type=int, default=3, help="warm/cold measurement rounds")
     parser.add_argument("--samples", type=int, default=256, help="images of the measures")
     parser.add_argument("--quick", action="store_true", help="width 8, 2 steps: a smoke run")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.steps, args.warmup, args.between, args.samples = 8, 2, 5, 5, 64
+        args.rounds = 2
     set_threads(args.threads)
     print(f"ResNet-18 width {args.width}, batch 128, {args.threads} thread(s)", flush=True)
     print("1. throughput", flush=True)
@@ -369,14 +380,18 @@ def main(argv: list[str] | None = None) -> None:
     print("2. flatlens vs reference steps", flush=True)
     ref = versus_reference(args.width, args.steps)
     print("3. measures", flush=True)
-    m = measures(args.width, args.warmup, args.between, args.samples)
+    m = measures(args.width, args.warmup, args.between, args.samples, args.rounds)
     step = {r["optimizer"]: r["step_cpu_s"] for r in rows}
-    warm_cost, cold_cost = m["warm"]["cost"]["lambda_max"], m["cold_at_warm_point"]
-    lc = m["lambda_c_warm"]["cost"]["lambda_c"]
+    pairs = m["pairs"]
+    warm_hvps = sum(p["warm"]["cost"]["lambda_max"]["hvps"] for p in pairs)
+    cold_hvps = sum(p["cold"]["hvps"] for p in pairs)
+    ratio = warm_hvps / cold_hvps
+    lc_warm = m["lambda_c"][1:]
     r1_cost = m["r1"]["cost"]["r1"]
     # CPU seconds of this one-thread process: far less sensitive than wall time to the load
     # of a shared machine, and the projection divides times taken minutes apart
-    lam_cpu, lc_cpu = m["warm"]["cpu_s"], m["lambda_c_warm"]["cpu_s"]
+    lam_cpu = statistics.median(p["warm"]["cpu_s"] for p in pairs)
+    lc_cpu = statistics.median(c["cpu_s"] for c in lc_warm)
     r1_cpu = m["r1"]["cpu_s"] * r1_cost["seconds"] / max(m["r1"]["wall_s"], 1e-9)
     per_epoch = lam_cpu + lc_cpu
     projection = [
@@ -398,31 +413,31 @@ def main(argv: list[str] | None = None) -> None:
     costs = [
         {
             "measure": "λ_max cold (first)",
+            "value": m["first"]["lambda_max"],
             **_cost(m["first"]["cost"]["lambda_max"]),
             "cpu_s": m["first"]["cpu_s"],
-        },
-        {"measure": "λ_max warm", **_cost(warm_cost), "cpu_s": lam_cpu},
-        {
-            "measure": "λ_max cold, same point",
-            "hvps": cold_cost["hvps"],
-            "seconds": cold_cost["seconds"],
-            "cpu_s": cold_cost["cpu_s"],
-        },
-        {
-            "measure": "λ_c cold",
-            "forward": m["lambda_c_cold"]["cost"]["lambda_c"]["forward"],
-            "seconds": m["lambda_c_cold"]["cost"]["lambda_c"]["seconds"],
-            "cpu_s": m["lambda_c_cold"]["cpu_s"],
-        },
-        {
-            "measure": "λ_c warm",
-            "forward": lc["forward"],
-            "seconds": lc["seconds"],
-            "cpu_s": lc_cpu,
-        },
-        {"measure": "R1, budget 40", **_cost(r1_cost), "cpu_s": r1_cpu},
+        }
     ]
-    ratio = warm_cost["hvps"] / cold_cost["hvps"]
+    for i, p in enumerate(pairs, 1):
+        w = p["warm"]
+        costs.append(
+            {"measure": f"λ_max warm, round {i}", "value": w["lambda_max"],
+             **_cost(w["cost"]["lambda_max"]), "cpu_s": w["cpu_s"]}
+        )  # fmt: skip
+        costs.append(
+            {"measure": f"λ_max cold, round {i}", "value": p["cold"]["lambda_max"],
+             "hvps": p["cold"]["hvps"], "seconds": p["cold"]["seconds"],
+             "cpu_s": p["cold"]["cpu_s"]}
+        )  # fmt: skip
+    for i, c in enumerate(m["lambda_c"]):
+        cost = c["cost"]["lambda_c"]
+        costs.append(
+            {"measure": "λ_c cold" if i == 0 else f"λ_c warm, round {i}", "value": c["lambda_c"],
+             "forward": cost["forward"], "seconds": cost["seconds"], "cpu_s": c["cpu_s"]}
+        )  # fmt: skip
+    costs.append(
+        {"measure": "R1, budget 40", "value": m["r1"]["r1"], **_cost(r1_cost), "cpu_s": r1_cpu}
+    )
     tables = {
         f"images/s, ResNet-18 width {args.width}, batch 128, {args.threads} thread": (
             rows,
@@ -446,10 +461,12 @@ def main(argv: list[str] | None = None) -> None:
             ],
         ),
         f"measure costs ({args.samples} images; λ_max tol 1e-4; first after {args.warmup} "
-        f"SGD steps, warm {args.between} steps later; warm/cold HVPs {ratio:.2f})": (
+        f"SGD steps, then {args.rounds} rounds of {args.between} steps; warm/cold HVPs "
+        f"{ratio:.2f})": (
             costs,
             [
                 Column("measure", "measure"),
+                Column("value", "value", ".4g"),
                 Column("hvps", "HVPs"),
                 Column("gradients", "gradients"),
                 Column("hvp_equivalents", "HVP-eq", ".1f"),

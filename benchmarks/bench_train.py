@@ -40,7 +40,8 @@ from _common import Column, environment, report, set_threads
 from torch import nn
 
 from flatlens import Objective, hessian_eigenvalues
-from flatlens._streams import Streams, _Images
+from flatlens._readers import _Images
+from flatlens._streams import Streams
 from flatlens.data import Dataset
 from flatlens.optim import GAM, SAM
 from flatlens.train import FlatnessTracker, TrainConfig, Trainer, augmentation

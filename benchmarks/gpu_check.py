@@ -286,7 +286,8 @@ def check_gam_recipe_epoch(device: torch.device, *, quick: bool = False) -> Chec
     CIFAR-shaped data: images/s with augmentation in the workers and on the device, and bf16."""
     import numpy as np
 
-    from flatlens._streams import Streams, _Images
+    from flatlens._readers import _Images
+    from flatlens._streams import Streams
     from flatlens.train import TrainConfig, train
 
     n = 512 if quick else 50_000

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from flatlens._augment import AUGMENTATIONS, Augmentation
-from flatlens._streams import Streams, stream_cifar, stream_datasets, stream_imagefolder
+from flatlens._readers import stream_cifar, stream_datasets, stream_imagefolder
+from flatlens._streams import Streams
 from flatlens.core._renames import renamed
 
 __all__ = [

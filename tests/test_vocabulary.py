@@ -756,7 +756,9 @@ def _public_parameters() -> dict[str, set[str]]:
             if not result and name not in OUTPUTS:
                 add(name, obj)
             for attr, fn in vars(obj).items():
-                if not attr.startswith("_") and inspect.isfunction(fn):
+                # torch.optim patches an inherited step() into the subclass's namespace
+                own = getattr(fn, "__qualname__", "").startswith(obj.__name__ + ".")
+                if not attr.startswith("_") and inspect.isfunction(fn) and own:
                     add(f"{name}.{attr}", fn)
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

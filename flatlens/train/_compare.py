@@ -23,7 +23,7 @@ from flatlens.core._io import write_figure
 from flatlens.core._renames import renamed
 from flatlens.core._results import Result
 from flatlens.data import Dataset
-from flatlens.train._config import TrainConfig, train
+from flatlens.train._config import TrainConfig, current_names, train
 from flatlens.train._measures import MEASURES, check_measures
 from flatlens.train._trainer import TrainResult
 
@@ -212,7 +212,7 @@ def _configs(
             if isinstance(cfg, TrainConfig):
                 out[str(label)] = cfg
             elif isinstance(cfg, Mapping):
-                out[str(label)] = dataclasses.replace(base, **cfg)
+                out[str(label)] = dataclasses.replace(base, **current_names(cfg))
             else:
                 raise TypeError(
                     f"optimizers[{label!r}] must be a TrainConfig or a dict of its fields"

@@ -53,11 +53,12 @@ class TrainConfig:
         base: Base optimizer of SAM/GAM: ``sgd`` or ``adamw``.
         lr, momentum, weight_decay: Base optimizer settings (momentum only for SGD).
         sam_rho: SAM's radius rho (:class:`~flatlens.optim.SAM`'s ``rho``).
-        gam_rho, gam_perturb_rho, gam_plus_weight, gam_minus_weight,
-            gam_orthogonal_weight, gam_flatness_weight: :class:`~flatlens.optim.GAM`'s
-            ``rho`` (the gradient-norm radius), ``perturb_rho`` (rho'), ``plus_weight``
-            (alpha), ``minus_weight`` (beta), ``orthogonal_weight`` (gamma) and
-            ``flatness_weight`` (exact mode); ``None`` is GAM's own default for the mode.
+        gam_rho: GAM's gradient-norm radius rho (:class:`~flatlens.optim.GAM`'s ``rho``).
+        gam_perturb_rho: GAM's ``perturb_rho`` (rho'); ``None``: GAM's default for the mode.
+        gam_plus_weight: GAM's ``plus_weight`` (alpha); ``None``: GAM's default.
+        gam_minus_weight: GAM's ``minus_weight`` (beta); ``None``: GAM's default.
+        gam_orthogonal_weight: GAM's ``orthogonal_weight`` (gamma); ``None``: GAM's default.
+        gam_flatness_weight: GAM-exact's ``flatness_weight``; ``None``: GAM's default.
         epochs, batch_size, seed: The run.
         scheduler: ``cosine`` (CosineAnnealingLR over the epochs) or ``none``.
         measure_every, measures, measure_samples, measure_rho, measure_steps, trace_probes:
@@ -138,27 +139,38 @@ _GAM_SETTINGS = (
 _dataclass_init = TrainConfig.__init__
 
 
-@functools.wraps(_dataclass_init)
-def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
-    """The dataclass ``__init__``, accepting the names of flatlens 0.1 with a warning:
-    ``rho`` (SAM's radius, now ``sam_rho``), ``gam`` (a dict, now ``gam_*`` fields) and
-    ``trace_samples`` (now ``trace_probes``)."""
-    old_names = {"rho": "sam_rho", "trace_samples": "trace_probes"}
-    gam = kwargs.pop("gam", None) or {}
+def current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (TrainConfig fields by keyword) with the names of flatlens 0.1 replaced,
+    with a warning: ``rho`` (SAM's radius, now ``sam_rho``), ``gam`` (a dict, now
+    ``gam_*`` fields) and ``trace_samples`` (now ``trace_probes``).
+
+    Raises:
+        TypeError: a setting given under both its old and its new name, or an unknown key
+            in ``gam``.
+    """
+    settings = dict(settings)
+    gam = settings.pop("gam", None) or {}
     unknown = sorted(set(gam) - set(_GAM_SETTINGS))
     if unknown:
         raise TypeError(f"TrainConfig(gam=...) has unknown GAM settings {unknown}")
     if gam:
         warn_renamed("TrainConfig", "gam", "one field per setting: gam_rho, gam_perturb_rho, ...")
     moved = {f"gam_{name}": value for name, value in gam.items()}
-    for old, new in old_names.items():
-        if old in kwargs:
+    for old, new in (("rho", "sam_rho"), ("trace_samples", "trace_probes")):
+        if old in settings:
             warn_renamed("TrainConfig", old, new)
-            moved[new] = kwargs.pop(old)
-    both = sorted(set(moved) & set(kwargs))
+            moved[new] = settings.pop(old)
+    both = sorted(set(moved) & set(settings))
     if both:
         raise TypeError(f"TrainConfig() got {both} under both their old and their new names")
-    _dataclass_init(self, *args, **kwargs, **moved)
+    return {**settings, **moved}
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass ``__init__``, accepting the names of flatlens 0.1 (see
+    :func:`current_names`)."""
+    _dataclass_init(self, *args, **current_names(kwargs))
 
 
 TrainConfig.__init__ = _init  # type: ignore[method-assign]

@@ -148,8 +148,13 @@ def import_object(spec: str, what: str = "model factory") -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"{what} {spec!r} must look like package.module:name")
+    from flatlens._compat import tolerant_imports
+
     try:
-        found: Any = importlib.import_module(module_name)
+        # The module may import torchvision, timm, transformers or lightning: the
+        # compatibility fix of flatlens._compat applies to that import too.
+        with tolerant_imports():
+            found: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name and module_name.startswith(err.name):
             raise ValueError(

@@ -27,8 +27,9 @@ transformers is imported lazily, through :mod:`flatlens._compat`::
     from flatlens.integrations.transformers import SharpnessAwareTrainer
 
     base = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    sam = SAM(model.parameters(), base, rho=0.05, model=model)
     trainer = SharpnessAwareTrainer(
-        model=model, args=args, train_dataset=train, optimizers=(SAM(model.parameters(), base), None)
+        model=model, args=args, train_dataset=train, optimizers=(sam, None)
     )
     trainer.train()
 """
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from flatlens.optim._perturbation import PerturbationOptimizer
 
-__all__ = ["SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]
+__all__ = ["SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]  # noqa: F822 (lazy)
 
 
 def _inner(optimizer: Any) -> Any:

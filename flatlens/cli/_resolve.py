@@ -315,12 +315,12 @@ def preflight(
         )
     x, y = data.x_train[:2], data.y_train[:2]
     x = x.to(params[0].device)
-    inputs = model_inputs(x, data.input_names)
     if x.is_floating_point():
         x = x.to(params[0].dtype)
     if y.is_floating_point():
         y = y.to(params[0].dtype)
     y = y.to(params[0].device)
+    inputs = model_inputs(x, data.input_names)
     shapes = (
         f"inputs {tuple(x.shape[1:])}, targets "
         f"{tuple(y.shape[1:]) or str(y.dtype).removeprefix('torch.')}"

@@ -19,6 +19,10 @@ Two things need more than that, and :class:`SharpnessAwareMixin` supplies them:
   passes it to ``backward``. Gradient clipping rescales the gradients in place, which would
   cut them from their graph, so exact mode with ``gradient_clip_val`` is refused.
 
+``precision="16-mixed"`` with a CUDA ``GradScaler`` is not supported: Lightning then runs the
+closure itself and steps without one, and SAM/GAM stop with "needs a closure"; use
+``"bf16-mixed"``.
+
 Schedule the learning rate with a scheduler built on the SAM/GAM instance itself (its
 ``param_groups`` are the base optimizer's, so the base steps with the scheduled rate)::
 

@@ -28,6 +28,7 @@ __all__ = [
     "from_datasets",
     "load_cifar",
     "load_digits",
+    "model_inputs",
     "synthetic_classification",
 ]
 
@@ -40,6 +41,11 @@ class Dataset:
         x_train, y_train, x_test, y_test: Tensors (inputs float32, labels int64).
         num_classes: Number of classes.
         name: A short name for reports.
+        input_names: ``None``: the model is called as ``model(x)``. Otherwise the inputs
+            are keyword inputs stacked along dimension 1 (tokenized text: ``x`` of shape
+            (examples, columns, tokens)) and the model is called as
+            ``model(**{name: x[:, i] for i, name in enumerate(input_names)})``
+            (see :func:`model_inputs`).
     """
 
     x_train: Tensor
@@ -48,6 +54,7 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     name: str
+    input_names: tuple[str, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -61,6 +68,14 @@ class Dataset:
     def test(self) -> tuple[Tensor, Tensor]:
         """The test pair."""
         return self.x_test, self.y_test
+
+
+def model_inputs(x: Tensor, input_names: tuple[str, ...] | None) -> Any:
+    """What the model is called with for inputs ``x``: ``x`` itself, or for keyword inputs
+    stacked along dimension 1 the mapping ``{name: x[:, i]}`` (see :class:`Dataset`)."""
+    if input_names is None:
+        return x
+    return {name: x[:, i] for i, name in enumerate(input_names)}
 
 
 def load_digits(*, test_fraction: float = 0.25, image: bool = False, seed: int = 0) -> Dataset:
@@ -252,6 +267,8 @@ def digest(data: Dataset) -> str:
     what resumed training runs and diagnoses compare (16 hex digits).
     """
     h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
+    if data.input_names is not None:
+        h.update(f"|{','.join(data.input_names)}".encode())
     for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())

@@ -90,16 +90,28 @@ def check_fit(
 def _load(args: argparse.Namespace, notes: list[str]) -> tuple[nn.Module, Dataset, Any]:
     """The model with the checkpoint's weights on ``--device``, the data in its dtype and
     the loss, all checked to fit together."""
-    from flatlens.cli._resolve import build_model, load_weights, match_dtype
+    from flatlens.cli._models import resolve_model
+    from flatlens.cli._resolve import match_dtype
 
     kwargs = model_kwargs(args)
     data = load_data(args)
     loss_fn = load_loss(args)
     try:
-        model = build_model(args.model, data, **kwargs)
+        # --model hf:DIR, timm/NAME, torchvision/NAME, zoo names and factories; .safetensors,
+        # torch.save and Lightning .ckpt checkpoints (flatlens.cli._models).
+        model, task_loss, args.loss = resolve_model(
+            args.model,
+            args.checkpoint,
+            data,
+            kwargs,
+            loss_spec=args.loss,
+            dtype=args.dtype,
+            state_prefix=getattr(args, "state_prefix", None),
+            notes=notes,
+        )
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
-    load_weights(model, args.checkpoint, dtype=args.dtype, notes=notes)
+    loss_fn = task_loss if task_loss is not None else loss_fn
     model.to(args.device)
     data = match_dtype(data, model)
     check_fit(args, model, data, loss_fn)
@@ -186,7 +198,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     out = claim_out(args)
     if args.resume:
         _check_stores(out, ["landscape_1d.npz", "landscape_2d.npz"])
-    title = args.title or f"flatlens diagnosis: {Path(args.checkpoint).name} ({args.model})"
+    source = Path(args.checkpoint or args.model.removeprefix("hf:")).name
+    title = args.title or f"flatlens diagnosis: {source} ({args.model})"
     report = diagnose(
         model,
         data,

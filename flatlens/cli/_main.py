@@ -99,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(command, err, EXIT_FAILURE, _DEBUG_HINT)
     except (UserError, CheckpointError) as err:
         return _fail(command, err, EXIT_USAGE)
+    except ImportError as err:  # an optional package the request needs is missing
+        return _fail(command, err, EXIT_USAGE)
     except (ValueError, TypeError) as err:
         return _fail(command, err, EXIT_USAGE, _DEBUG_HINT)
     except torch.OutOfMemoryError as err:

@@ -24,7 +24,10 @@ from flatlens.core._checks import (
 
 __all__ = ["build_parser"]
 
-_DATA_HELP = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR or package.module:factory"
+_DATA_HELP = (
+    "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, hf:DIR (tokenized, from "
+    "datasets' save_to_disk; for diagnose, bound, landscape) or package.module:factory"
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -268,18 +271,37 @@ def _measure_args(p: argparse.ArgumentParser, batch_size: int = 512) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
+    from flatlens.cli._models import DEFAULT_LOSS
+
+    p.add_argument(
+        "--model",
+        required=True,
+        help="mlp, cnn, resnet18, package.module:factory, timm/NAME or torchvision/NAME (an "
+        "architecture by name, class count from the checkpoint), or hf:DIR (a Hugging Face "
+        "save_pretrained folder: architecture from config.json, weights beside it, the loss "
+        "its task implies unless --loss is given)",
+    )
     p.add_argument(
         "--model-kwargs", metavar="JSON", default="{}", help="JSON object of factory arguments"
     )
     p.add_argument(
         "--checkpoint",
         metavar="PATH",
-        required=True,
-        help="state dict file (.pt): plain, or {'model': state_dict, ...}",
+        default=None,
+        help="the weights (required except for hf:DIR): .safetensors (read without pickle), "
+        "a torch.save file (.pt: a state dict, or {'model': state_dict, ...}) or a Lightning "
+        ".ckpt, all read with weights_only=True",
+    )
+    p.add_argument(
+        "--state-prefix",
+        metavar="PREFIX",
+        default=None,
+        help="prefix of the model's entries in the checkpoint, e.g. net. for a Lightning "
+        "module's attribute (default: found when exactly one fits)",
     )
     p.add_argument("--data", default="digits", help=_DATA_HELP)
     _loss_arg(p)
+    p.set_defaults(loss=DEFAULT_LOSS)
     p.add_argument(
         "--dtype",
         default="auto",

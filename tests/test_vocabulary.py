@@ -36,7 +36,18 @@ MODULES = [
     "flatlens.data",
     "flatlens.zoo",
     "flatlens.distributed",
+    "flatlens.integrations.lightning",
+    "flatlens.integrations.transformers",
 ]
+
+# Methods that implement another framework's hook keep that framework's parameter names.
+FRAMEWORK_HOOKS = {
+    "SharpnessAwareMixin.backward",
+    "SharpnessAwareMixin.on_train_batch_start",
+    "SharpnessAwareMixin.optimizer_step",
+    "SharpnessAwareTrainer",
+    "SharpnessAwareTrainerMixin.training_step",
+}
 
 # Dataclasses the library returns; their fields are outputs, their methods' parameters count.
 OUTPUTS = {
@@ -526,7 +537,14 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "optimizer",
         "the optimizer (an instance, or its name in configs and on the command line)",
-        ("TrainConfig", "Trainer", "build_scheduler", "save_training_checkpoint", CMD + "train"),
+        (
+            "TrainConfig",
+            "Trainer",
+            "build_scheduler",
+            "save_training_checkpoint",
+            "unwrap_optimizer",
+            CMD + "train",
+        ),
     ),
     ("optimizers", "the optimizers a study compares", ("compare", CMD + "compare")),
     ("base", "the base optimizer of SAM/GAM by name: sgd or adamw", ("TrainConfig", *TRAINING)),
@@ -559,8 +577,14 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "x",
         "a batch of inputs (first dimension: examples)",
-        ("batches", "ResNet18.forward", "local_split"),
+        ("batches", "ResNet18.forward", "local_split", "model_inputs"),
     ),
+    (
+        "input_names",
+        "the model's keyword inputs stacked in x (tokenized data), or None",
+        ("Dataset", "model_inputs"),
+    ),
+    ("state_prefix", "the module prefix stripped from a checkpoint's keys", MEASURING),
     ("y", "the targets of x", ("batches", "local_split")),
     ("shuffle", "shuffle the examples", ("batches",)),
     ("drop_last", "drop a smaller last batch", ("batches",)),
@@ -731,6 +755,8 @@ def _public_parameters() -> dict[str, set[str]]:
     found: dict[str, set[str]] = collections.defaultdict(set)
 
     def add(owner: str, fn: object) -> None:
+        if owner in FRAMEWORK_HOOKS:
+            return
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):

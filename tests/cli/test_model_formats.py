@@ -388,7 +388,7 @@ def test_class_count_comes_from_the_checkpoint():
     from flatlens.cli._models import resolve_model
     from flatlens.data import synthetic_classification
 
-    data = synthetic_classification(n=8, test_n=4, num_classes=3, dim=12)
+    data = synthetic_classification(num_train=8, num_test=4, num_classes=3, num_features=12)
     tv = sys.modules["torchvision"].models.get_model("squeezenet1_1", weights=None, num_classes=7)
     state = tv.state_dict()
     import tempfile

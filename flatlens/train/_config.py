@@ -53,11 +53,13 @@ class TrainConfig:
         base: Base optimizer of SAM/GAM: ``sgd`` or ``adamw``.
         lr, momentum, weight_decay: Base optimizer settings (momentum only for SGD).
         sam_rho: SAM's radius rho (:class:`~flatlens.optim.SAM`'s ``rho``).
-        gam_rho, gam_perturb_rho, gam_plus_weight, gam_minus_weight,
-            gam_orthogonal_weight, gam_flatness_weight: :class:`~flatlens.optim.GAM`'s
-            ``rho`` (the gradient-norm radius), ``perturb_rho`` (rho'), ``plus_weight``
-            (alpha), ``minus_weight`` (beta), ``orthogonal_weight`` (gamma) and
-            ``flatness_weight`` (exact mode); ``None`` is GAM's own default for the mode.
+        gam_rho: :class:`~flatlens.optim.GAM`'s ``rho``, the gradient-norm radius
+            (GAM's own default, 0.2).
+        gam_perturb_rho: GAM's ``perturb_rho`` (rho'); ``None`` is GAM's own default for
+            the mode.
+        gam_plus_weight, gam_minus_weight, gam_orthogonal_weight, gam_flatness_weight:
+            GAM's ``plus_weight`` (alpha), ``minus_weight`` (beta), ``orthogonal_weight``
+            (gamma) and ``flatness_weight`` (exact mode); ``None`` is GAM's own default.
         epochs, batch_size, seed: The run.
         scheduler: ``cosine`` (CosineAnnealingLR over the epochs) or ``none``.
         measure_every, measures, measure_samples, measure_rho, measure_steps, trace_probes:

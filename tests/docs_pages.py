@@ -20,7 +20,9 @@ The convention, for ``docs/quickstart.md``, ``docs/howto/*.md`` (see ``RUN_PAGES
   * ``<!-- file: NAME -->``: the block is written to ``NAME`` (a module or script that later
     blocks import or run), not executed;
   * ``<!-- needs: MODULE -->``: runs only where ``MODULE`` is installed (a peer library whose
-    code a page shows beside flatlens'); skipped otherwise;
+    code a page shows beside flatlens'); skipped otherwise (``FLATLENS_DOCS_WITHOUT=MODULE``
+    skips it where it is installed), and the page's other blocks must print the same either
+    way;
   * ``<!-- run -->``: a shell block without shown output that runs (it makes what later
     blocks use).
 
@@ -241,6 +243,14 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported; ``FLATLENS_DOCS_WITHOUT=a,b`` pretends that a and b
+    are not (to check a page as it runs where a peer library is missing)."""
+    if module in os.environ.get("FLATLENS_DOCS_WITHOUT", "").split(","):
+        return False
+    return importlib.util.find_spec(module) is not None
+
+
 def execute(page: Path, workdir: Path) -> list[Ran]:
     """Run the blocks of ``page`` in ``workdir`` (in this process: call it in a fresh one)."""
     import warnings
@@ -260,7 +270,7 @@ def execute(page: Path, workdir: Path) -> list[Ran]:
         if failed:
             ran.error = "not run: an earlier block failed"
             continue
-        if block.marker == "needs" and importlib.util.find_spec(block.argument) is None:
+        if block.marker == "needs" and not _installed(block.argument):
             ran.error = f"{block.argument} is not installed"
             continue
         if block.marker == "file":
@@ -395,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--digits", type=int, default=None, help="with --update: significant digits shown"
     )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="run each page in DIR/<page> and keep its files"
+    )
     parser.add_argument("pages", nargs="*", type=Path, help="pages (default: every run page)")
     args = parser.parse_args(argv)
     if args.execute:
@@ -405,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for page in [p.resolve() for p in args.pages] or run_pages():
         with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            if args.keep is not None:  # to copy a figure the page makes into docs/img/
+                workdir = args.keep.resolve() / page.stem
+                workdir.mkdir(parents=True, exist_ok=False)
             start = time.perf_counter()
-            results = run_page(page, Path(tmp))
+            results = run_page(page, workdir)
             seconds = time.perf_counter() - start
         problems = failures(page, results)
         if args.update:

@@ -13,7 +13,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from docs_pages import SHELLS, compare, failures, parse, round_numbers, run_page, run_pages
+from docs_pages import (
+    DEPRECATED,
+    SHELLS,
+    compare,
+    failures,
+    parse,
+    round_numbers,
+    run_page,
+    run_pages,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -81,6 +90,7 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tensor(" in proc.stdout
+    assert DEPRECATED not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_every_documented_import_works():
@@ -225,6 +235,21 @@ def test_page_runs_and_prints_what_it_shows(page, tmp_path):
     """Every Python block of the page, and every command whose output it shows, runs in a
     fresh process and prints what the page shows (to the digits shown; docs_pages.py)."""
     problems = failures(page, run_page(page, tmp_path))
+    assert not problems, "\n\n".join(problems)
+
+
+PEER_PAGES = [p for p in run_pages() if any(b.marker == "needs" for b in parse(p.read_text()))]
+
+
+@pytest.mark.parametrize("page", PEER_PAGES, ids=lambda p: _rel(p))
+def test_page_prints_the_same_without_the_peer_libraries(page, tmp_path, monkeypatch):
+    """Where PyHessian or loss-landscapes is missing (CI installs neither), their blocks are
+    skipped and the rest of the page prints what it shows all the same."""
+    peers = {b.argument for b in parse(page.read_text()) if b.marker == "needs"}
+    monkeypatch.setenv("FLATLENS_DOCS_WITHOUT", ",".join(sorted(peers)))
+    results = run_page(page, tmp_path)
+    assert any(r.status == "skipped" and "not installed" in r.error for r in results)
+    problems = failures(page, results)
     assert not problems, "\n\n".join(problems)
 
 

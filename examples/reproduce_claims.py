@@ -145,7 +145,7 @@ def head_to_head(data: Dataset, seeds: list[int], base: TrainConfig) -> dict[str
     """SGD, SAM, GAM and SGD-4x (equal compute) on one task, compared per seed."""
     optimizers = {
         "SGD": {"optimizer": "sgd"},
-        "SAM": {"optimizer": "sam", "rho": 0.05},
+        "SAM": {"optimizer": "sam", "sam_rho": 0.05},
         "GAM": {"optimizer": "gam"},
         "SGD-4x": {"optimizer": "sgd", "epochs": 4 * base.epochs},
     }
@@ -253,7 +253,7 @@ def ranking(
             for bs in batch_sizes:
                 cfg: dict[str, Any] = {"optimizer": opt, "lr": lr, "batch_size": bs}
                 if opt == "sam":
-                    cfg["rho"] = 0.05
+                    cfg["sam_rho"] = 0.05
                 grid[f"{opt} lr={lr:g} bs={bs}"] = cfg
     study = compare(data, grid, seeds=seeds, config=base)
     runs = [

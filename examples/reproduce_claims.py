@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Feature noise 3 makes the four Gaussian classes overlap: test accuracy ~0.9 and gaps
     # that vary widely with the learning rate (digits' gaps are all small).
     synthetic = synthetic_classification(
-        n=200, dim=20, num_classes=4, test_n=1000, noise=3.0, seed=0
+        num_train=200, num_features=20, num_classes=4, num_test=1000, noise=3.0, seed=0
     )
     syn_base = TrainConfig(model="mlp", lr=0.05, epochs=3 if fast else 40, batch_size=32, **measure)
     print("claim 3: grid on the synthetic task", flush=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch.library
 
-__all__ = ["import_module", "import_torchvision", "tolerant_imports"]
+__all__ = ["import_module", "import_torchvision", "prepare_torchvision", "tolerant_imports"]
 
 
 def _missing_op(err: BaseException) -> bool:
@@ -143,6 +143,17 @@ _EXTRAS = {
 }
 
 
+def prepare_torchvision() -> None:
+    """Import torchvision through the fix now, when it is installed and not yet imported, so
+    that a later plain ``import lightning`` (or timm, transformers) finds it in
+    ``sys.modules`` instead of failing on its C++ ops. Does nothing otherwise."""
+    if "torchvision" not in sys.modules and _torchvision_installed():
+        try:
+            import_torchvision()
+        except ImportError:
+            pass
+
+
 def import_module(name: str, *, purpose: str = "") -> ModuleType:
     """``importlib.import_module(name)`` with the torchvision fix applied inside.
 
@@ -159,11 +170,8 @@ def import_module(name: str, *, purpose: str = "") -> ModuleType:
         tv = import_torchvision()
         return importlib.import_module(name) if name != "torchvision" else tv
     need = f"{purpose} needs {top}" if purpose else f"{top} is needed"
-    if top in _LAZY and "torchvision" not in sys.modules and _torchvision_installed():
-        try:
-            import_torchvision()
-        except ImportError:
-            pass
+    if top in _LAZY:
+        prepare_torchvision()
     try:
         with tolerant_imports():
             return importlib.import_module(name)

@@ -42,7 +42,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatlens._compat import prepare_torchvision
 from flatlens.optim._perturbation import PerturbationOptimizer
+
+# Importing this module before the framework makes a plain ``import lightning`` (or
+# ``transformers``) work also where the torchvision wheel does not match torch.
+prepare_torchvision()
 
 __all__ = ["SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]  # noqa: F822 (lazy)
 

@@ -22,12 +22,20 @@ over ranks of one flat buffer:
 * ``perturbations="synchronized"``: every pass's gradient (and every HVP) is averaged over
   the ranks before it is used, so with equal shards a step equals the one-process step on
   the union of the ranks' batches. One all-reduce per pass.
+
+A step never leaves non-finite parameters behind silently: a perturbed point, the final
+direction or the base optimizer's update that is not finite raises
+:class:`~flatlens.core.NonFiniteLossError` with the parameters as they were before the step
+(with a GradScaler, non-finite gradients skip the step instead, as the scaler does). The
+optimizers copy (``copy.deepcopy``) and pickle, and a state dict records which optimizer
+wrote it, so another optimizer's state is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from flatlens.core._checks import check_nonnegative
+from flatlens.core._errors import NonFiniteLossError
 from flatlens.distributed import all_reduce_mean
 from flatlens.optim._vectors import _dot
 
@@ -56,6 +65,26 @@ _CLOSURE_EXAMPLE = """
         return loss
 
     loss = optimizer.step(closure)"""
+
+
+class _NonFinitePoint(Exception):
+    """A perturbed point of a pass is not finite (turned into a NonFiniteLossError by
+    :meth:`PerturbationOptimizer.step`, which knows the loss at theta)."""
+
+
+def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether every entry of every tensor is finite (one device synchronization)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _finite_value(value: Any) -> bool:
+    """Whether a loss (a number or a tensor) is finite; True for anything else."""
+    if isinstance(value, Tensor):
+        return bool(torch.isfinite(value.detach()).all())
+    if isinstance(value, float | int):
+        return math.isfinite(value)
+    return True
 
 
 class _Overflow(Exception):
@@ -130,6 +159,7 @@ class PerturbationOptimizer(Optimizer):
     """
 
     _HYPERPARAMETERS: tuple[str, ...] = ()
+    _KIND = "PerturbationOptimizer"  # recorded in state dicts; each optimizer sets its own
 
     def __init__(
         self,
@@ -185,6 +215,20 @@ class PerturbationOptimizer(Optimizer):
         self.base_optimizer = base
         self.model = model
         self.grad_scaler = grad_scaler
+        self._graph_checked = False
+
+    # ------------------------------------------------------------------ copy and pickle
+    # torch.optim.Optimizer pickles only defaults, state and param_groups, which here are
+    # the base optimizer's (looked up through it): the copy would lack the base optimizer
+    # itself. The whole instance dict is its state.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_comm"] = None  # a process group belongs to this process only
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_graph_checked", False)
 
     # ------------------------------------------------------------------ torch.optim API
     # param_groups, state and defaults are the base optimizer's, looked up on every access:
@@ -228,28 +272,46 @@ class PerturbationOptimizer(Optimizer):
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"base_optimizer": base.state_dict(), "hyperparameters": {...}}``.
+        """``{"optimizer": "SAM" or "GAM", "base_optimizer": base.state_dict(),
+        "hyperparameters": {...}}``.
 
         Holds only tensors and plain Python values, so it loads with
         ``torch.load(..., weights_only=True)``.
         """
         return {
+            "optimizer": self._KIND,
             "base_optimizer": self.base_optimizer.state_dict(),
             "hyperparameters": self.hyperparameters(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict`, or a plain base-optimizer state dict."""
+        """Load a dict from :meth:`state_dict`, or a plain base-optimizer state dict.
+
+        Raises:
+            ValueError: The dict was saved from another optimizer (SAM's into GAM or the
+                reverse): its ``"optimizer"`` entry names another, or (a dict from before
+                that entry) its settings are not exactly this optimizer's.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, not {type(state_dict).__name__}")
         if "base_optimizer" in state_dict:
             hyper = state_dict.get("hyperparameters") or {}
-            unknown = set(hyper) - set(self._HYPERPARAMETERS)
-            if unknown:
+            name = type(self).__name__
+            kind = state_dict.get("optimizer")
+            if kind is not None and kind != self._KIND:
                 raise ValueError(
-                    f"state_dict holds settings {sorted(unknown)} that {type(self).__name__} "
-                    "does not have: it was saved from another optimizer"
+                    f"state_dict was saved from {kind}, not {self._KIND}: it is another "
+                    f"optimizer's state, which {name} cannot continue"
                 )
+            unknown = set(hyper) - set(self._HYPERPARAMETERS)
+            missing = set(self._HYPERPARAMETERS) - set(hyper) if kind is None and hyper else ()
+            if unknown or missing:
+                what = (
+                    f"settings {sorted(unknown)} that {name} does not have"
+                    if unknown
+                    else f"none of {name}'s settings {sorted(missing)}"
+                )
+                raise ValueError(f"state_dict holds {what}: it was saved from another optimizer")
             self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
             if hyper:
                 self._set_hyperparameters({**self.hyperparameters(), **hyper})
@@ -337,6 +399,8 @@ class PerturbationOptimizer(Optimizer):
             raw = [p.grad for p in params]
             for p in params:  # take the gradients over: the next pass starts from None
                 p.grad = None
+            if create_graph and not self._graph_checked:
+                self._check_graph(raw)
             graph = raw if create_graph else None
             grads = [None if g is None else g.detach() for g in raw]
             if scale is not None:
@@ -354,6 +418,10 @@ class PerturbationOptimizer(Optimizer):
                 direction = self._direction(run, theta, device)
         except _Overflow as err:  # let the scaler see the non-finite values and skip the step
             direction = err.grads
+        except _NonFinitePoint:
+            raise NonFiniteLossError(
+                self._non_finite("perturbation", first[0] if first else None)
+            ) from None
         finally:
             self._comm = None
             for p, t in zip(params, theta, strict=True):
@@ -365,14 +433,83 @@ class PerturbationOptimizer(Optimizer):
             # overflowed sends non-finite values, so every rank's scaler skips the step.
             direction = all_reduce_mean(direction, like=params, group=comm.group)
 
+        scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        if not scaling and not _all_finite(direction):
+            raise NonFiniteLossError(self._non_finite("direction", first[0]))
         for p, d in zip(params, direction, strict=True):
             if d is not None:
                 p.grad = d * scale if scale is not None else d
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+        if scaling:
             self.grad_scaler.step(self.base_optimizer)
         else:
-            self.base_optimizer.step()
+            self._base_step(theta)
         return first[0]
+
+    def _base_step(self, theta: Sequence[Tensor], method: str = "step") -> None:
+        """The base optimizer's step; parameters it makes non-finite are restored to
+        ``theta`` (their values before the step) and the step raises."""
+        self.base_optimizer.step()
+        params = self._params
+        if not _all_finite(params):
+            with torch.no_grad():
+                for p, t in zip(params, theta, strict=True):
+                    p.copy_(t)
+            raise NonFiniteLossError(self._non_finite("update", None, method))
+
+    def _radii(self) -> str:
+        hyper = self.hyperparameters()
+        return ", ".join(
+            f"{k} = {hyper[k]:g}" for k in ("rho", "perturb_rho") if isinstance(hyper.get(k), float)
+        )
+
+    def _non_finite(self, what: str, loss: Any, method: str = "step") -> str:
+        """The message of a step that would leave non-finite parameters: ``what`` is the
+        ``"gradient"`` at theta, the ``"perturbation"``, the ``"direction"`` or the base
+        optimizer's ``"update"``; ``loss`` the loss at theta when known."""
+        name = f"{type(self).__name__}.{method}"
+        kept = "the parameters are left as they were before the step"
+        if what == "gradient":
+            return (
+                f"{name}: the gradient at the current parameters is not finite; {kept} (lower "
+                "the learning rate or the radius if the run diverged, or check the data)"
+            )
+        if loss is not None and not _finite_value(loss):
+            shown = float(loss.detach().float().flatten()[0]) if isinstance(loss, Tensor) else loss
+            return (
+                f"{name}: the loss at the current parameters is {shown}; {kept} (lower the "
+                "learning rate or the radius if the run diverged, or check the data)"
+            )
+        if what == "perturbation":
+            return (
+                f"{name}: a perturbed point theta + e is not finite ({self._radii()}: a "
+                f"radius too large for the parameters' dtype, or not finite); {kept}"
+            )
+        if what == "direction":
+            return (
+                f"{name}: the update direction is not finite (a gradient at a perturbed "
+                f"point overflowed; {self._radii()}); {kept}. Use a smaller radius"
+            )
+        lrs = sorted({g.get("lr") for g in self.param_groups if "lr" in g}, key=str)
+        shown = ", ".join(f"{lr:g}" if isinstance(lr, float) else str(lr) for lr in lrs)
+        return (
+            f"{name}: the base optimizer's update made the parameters non-finite "
+            f"(learning rate {shown or '?'}); {kept}. Lower the learning rate"
+        )
+
+    def _check_graph(self, grads: Sequence[Tensor | None]) -> None:
+        """On the first pass that asked for ``create_graph``: the gradients must carry a
+        graph, or every Hessian-vector product would silently be zero."""
+        if any(g is not None and g.requires_grad for g in grads):
+            self._graph_checked = True
+            return
+        name = type(self).__name__
+        raise RuntimeError(
+            f"{name} in exact mode takes Hessian-vector products through the gradients, but "
+            "the closure's backward built no graph (none of the gradients requires grad): "
+            "pass create_graph on to backward, loss.backward(create_graph=create_graph); "
+            "the parameters are unchanged. (A loss exactly linear in every parameter has "
+            "no curvature to follow: use the accelerated mode.)"
+        )
 
     def _scaling(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
@@ -397,15 +534,25 @@ class PerturbationOptimizer(Optimizer):
 
     @torch.no_grad()
     def _move(self, theta: Sequence[Tensor], *steps: Sequence[Tensor | None]) -> list[Tensor]:
-        """Set the parameters to theta + sum(steps) and return the new values (copies)."""
+        """Set the parameters to theta + sum(steps) and return the new values (copies).
+
+        Raises:
+            _NonFinitePoint: the new point is not finite (the parameters are not moved).
+                Not under DDP with per-rank perturbations, where every rank must run the
+                same passes: there the final direction, reduced over the ranks, is checked.
+        """
         out = []
-        for i, (p, t) in enumerate(zip(self._params, theta, strict=True)):
+        for i, t in enumerate(theta):
             value = t
             for s in steps:
                 if s[i] is not None:
                     value = value + s[i].to(t.dtype)
-            p.copy_(value)
             out.append(value if value is not t else t.clone())
+        comm = self._comm
+        if (comm is None or comm.synchronized) and not _all_finite(out):
+            raise _NonFinitePoint
+        for p, value in zip(self._params, out, strict=True):
+            p.copy_(value)
         return out
 
     def _hvp(self, result: _Pass, vector: Sequence[Tensor | None]) -> list[Tensor | None]:

@@ -229,6 +229,8 @@ def _report(command: str, args: argparse.Namespace | None, err: Exception) -> in
         return _fail(command, err, EXIT_USAGE, _DEBUG_HINT, text=theirs)
     if isinstance(err, FloatingPointError | DataChangedError):
         return _fail(command, err, EXIT_FAILURE, _DEBUG_HINT)
+    if isinstance(err, ImportError):  # an optional package the request needs is missing
+        return _fail(command, err, EXIT_USAGE)
     if isinstance(err, ValueError | TypeError):
         return _fail(command, err, EXIT_USAGE, _DEBUG_HINT)
     if isinstance(err, OSError):

@@ -222,7 +222,14 @@ class PerturbationOptimizer(Optimizer):
     # the base optimizer's (looked up through it): the copy would lack the base optimizer
     # itself. The whole instance dict is its state.
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        # A method replaced on the instance (a framework's hook around step) would, copied,
+        # still call the original optimizer: the copy gets the class's method back.
+        cls = type(self)
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not (callable(v) and callable(getattr(cls, k, None)))
+        }
         state["_comm"] = None  # a process group belongs to this process only
         return state
 

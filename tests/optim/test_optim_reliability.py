@@ -220,3 +220,22 @@ def test_14_another_optimizers_state_is_refused_both_ways():
     gam.load_state_dict(own)  # a state dict of its own kind, with or without the entry
     gam.load_state_dict(gam.state_dict())
     assert gam.state_dict()["optimizer"] == "GAM" and sam.state_dict()["optimizer"] == "SAM"
+
+
+def test_7_a_copy_drops_a_step_hooked_onto_the_original():
+    """A framework may wrap ``step`` on the instance (the Hugging Face adapter does); a copy
+    must not keep a wrapper that calls the original optimizer."""
+    model = tiny_mlp()
+    x, y = classification_data()
+    optimizer = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    calls = []
+    original = optimizer.step
+
+    def hooked(closure=None):
+        calls.append(1)
+        return original(closure)
+
+    optimizer.step = hooked
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    twin.step(make_closure(twin, twin_model, x, y))
+    assert calls == [] and not torch.equal(flat(twin_model), flat(model))

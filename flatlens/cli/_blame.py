@@ -3,7 +3,8 @@ reported as theirs (exit code 2, one line naming the spec, the exception type an
 was raised), whatever its class; only an error of flatlens itself shows a traceback.
 
 The specs ``--model``, ``--loss`` and ``--data`` of the form ``package.module:name`` name
-the user's modules; the traceback of the exception is searched for frames in their files.
+the user's modules (not flatlens's or torch's own); the traceback of the exception is
+searched for frames in their files.
 When several specs share a file, the frame the user's code was entered through decides: a
 method of a ``torch.nn.Module`` is the model's (unless that module is the loss), of a data
 set the data's, the loss callable's own code the loss's.
@@ -20,12 +21,17 @@ from typing import Any
 __all__ = ["blame_user_code"]
 
 _ROLES = (("model", "model"), ("loss", "loss"), ("data", "data"))
+# Specs naming these packages' functions (``torch.nn.functional:mse_loss``) are not the
+# user's code: their frames run under flatlens's own calls too.
+_NOT_THEIRS = {"flatlens", "torch"}
 
 
 def _spec_object(spec: str) -> tuple[str | None, Any]:
     """The file of the module ``spec`` (``module:name``) names and the named object, when
     that module has been imported."""
     module_name, _, attr = spec.partition(":")
+    if module_name.split(".")[0] in _NOT_THEIRS:
+        return None, None
     module = sys.modules.get(module_name)
     file = getattr(module, "__file__", None)
     if not file:

@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
 from matplotlib.text import Text
@@ -49,6 +49,7 @@ def _blocks(names):
     }
 
 
+@settings(max_examples=6)  # a figure each: the literal() property above covers the strings
 @given(names=st.lists(NAMES, min_size=1, max_size=3, unique=True))
 def test_block_spectra_with_any_names_draw(tmp_path_factory, names):
     path = tmp_path_factory.mktemp("fig") / "blocks.png"

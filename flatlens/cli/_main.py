@@ -128,7 +128,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
     dtype = torch.float32 if given == "float32" else torch.float64
     info = torch.finfo(dtype)
     name = str(dtype).removeprefix("torch.")
-    which = "the widest dtype (--dtype auto)" if given == "auto" else "the parameters' dtype"
+    which = "the widest dtype; --dtype auto" if given == "auto" else "the parameters' dtype"
     lr = getattr(args, "lr", None)
     if lr is not None and lr > info.max:
         raise UserError(

@@ -34,8 +34,6 @@ wrote it, so another optimizer's state is refused.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,6 +47,13 @@ from torch.optim import Optimizer
 from flatlens.core._checks import check_nonnegative
 from flatlens.core._errors import NonFiniteLossError
 from flatlens.distributed import all_reduce_mean
+from flatlens.optim._finite import (
+    _all_finite,
+    _NonFinitePoint,
+    check_closure,
+    check_graph,
+    non_finite_message,
+)
 from flatlens.optim._vectors import _dot
 
 __all__ = ["Closure", "PerturbationOptimizer", "Perturbations"]
@@ -56,35 +61,6 @@ __all__ = ["Closure", "PerturbationOptimizer", "Perturbations"]
 
 Closure = Callable[..., Any]
 Perturbations = Literal["per_rank", "synchronized"]
-
-_CLOSURE_EXAMPLE = """
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_fn(model(inputs), targets)
-        loss.backward()
-        return loss
-
-    loss = optimizer.step(closure)"""
-
-
-class _NonFinitePoint(Exception):
-    """A perturbed point of a pass is not finite (turned into a NonFiniteLossError by
-    :meth:`PerturbationOptimizer.step`, which knows the loss at theta)."""
-
-
-def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
-    """Whether every entry of every tensor is finite (one device synchronization)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
-def _finite_value(value: Any) -> bool:
-    """Whether a loss (a number or a tensor) is finite; True for anything else."""
-    if isinstance(value, Tensor):
-        return bool(torch.isfinite(value.detach()).all())
-    if isinstance(value, float | int):
-        return math.isfinite(value)
-    return True
 
 
 class _Overflow(Exception):
@@ -342,33 +318,8 @@ class PerturbationOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _check_closure(self, closure: Closure | None, *, create_graph: bool = False) -> Closure:
-        name = type(self).__name__
-        if closure is None:
-            raise ValueError(
-                f"{name}.step needs a closure that zeroes the gradients, runs the forward and "
-                f"backward pass and returns the loss; it is called several times per step:"
-                f"\n{_CLOSURE_EXAMPLE}"
-            )
-        if not callable(closure):
-            raise TypeError(f"{name}.step: closure must be callable, not {type(closure)}")
-        if create_graph:
-            try:
-                params = inspect.signature(closure).parameters.values()
-            except (TypeError, ValueError):  # builtins without a signature
-                params = []
-            if not any(
-                p.name == "create_graph" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params
-            ):
-                raise TypeError(
-                    f"{name} in exact mode needs Hessian-vector products: the closure must "
-                    "accept create_graph and pass it to backward, e.g.\n\n"
-                    "    def closure(create_graph=False):\n"
-                    "        optimizer.zero_grad()\n"
-                    "        loss = loss_fn(model(inputs), targets)\n"
-                    "        loss.backward(create_graph=create_graph)\n"
-                    "        return loss"
-                )
-        return closure
+        """See :func:`~flatlens.optim._finite.check_closure`."""
+        return check_closure(type(self).__name__, closure, create_graph=create_graph)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
@@ -463,60 +414,17 @@ class PerturbationOptimizer(Optimizer):
                     p.copy_(t)
             raise NonFiniteLossError(self._non_finite("update", None, method))
 
-    def _radii(self) -> str:
-        hyper = self.hyperparameters()
-        return ", ".join(
-            f"{k} = {hyper[k]:g}" for k in ("rho", "perturb_rho") if isinstance(hyper.get(k), float)
-        )
-
     def _non_finite(self, what: str, loss: Any, method: str = "step") -> str:
-        """The message of a step that would leave non-finite parameters: ``what`` is the
-        ``"gradient"`` at theta, the ``"perturbation"``, the ``"direction"`` or the base
-        optimizer's ``"update"``; ``loss`` the loss at theta when known."""
-        name = f"{type(self).__name__}.{method}"
-        kept = "the parameters are left as they were before the step"
-        if what == "gradient":
-            return (
-                f"{name}: the gradient at the current parameters is not finite; {kept} (lower "
-                "the learning rate or the radius if the run diverged, or check the data)"
-            )
-        if loss is not None and not _finite_value(loss):
-            shown = float(loss.detach().float().flatten()[0]) if isinstance(loss, Tensor) else loss
-            return (
-                f"{name}: the loss at the current parameters is {shown}; {kept} (lower the "
-                "learning rate or the radius if the run diverged, or check the data)"
-            )
-        if what == "perturbation":
-            return (
-                f"{name}: a perturbed point theta + e is not finite ({self._radii()}: a "
-                f"radius too large for the parameters' dtype, or not finite); {kept}"
-            )
-        if what == "direction":
-            return (
-                f"{name}: the update direction is not finite (a gradient at a perturbed "
-                f"point overflowed; {self._radii()}); {kept}. Use a smaller radius"
-            )
-        lrs = sorted({g.get("lr") for g in self.param_groups if "lr" in g}, key=str)
-        shown = ", ".join(f"{lr:g}" if isinstance(lr, float) else str(lr) for lr in lrs)
-        return (
-            f"{name}: the base optimizer's update made the parameters non-finite "
-            f"(learning rate {shown or '?'}); {kept}. Lower the learning rate"
+        """See :func:`~flatlens.optim._finite.non_finite_message`."""
+        lrs = [g["lr"] for g in self.param_groups if "lr" in g]
+        return non_finite_message(
+            f"{type(self).__name__}.{method}", what, loss, self.hyperparameters(), lrs
         )
 
     def _check_graph(self, grads: Sequence[Tensor | None]) -> None:
-        """On the first pass that asked for ``create_graph``: the gradients must carry a
-        graph, or every Hessian-vector product would silently be zero."""
-        if any(g is not None and g.requires_grad for g in grads):
-            self._graph_checked = True
-            return
-        name = type(self).__name__
-        raise RuntimeError(
-            f"{name} in exact mode takes Hessian-vector products through the gradients, but "
-            "the closure's backward built no graph (none of the gradients requires grad): "
-            "pass create_graph on to backward, loss.backward(create_graph=create_graph); "
-            "the parameters are unchanged. (A loss exactly linear in every parameter has "
-            "no curvature to follow: use the accelerated mode.)"
-        )
+        """See :func:`~flatlens.optim._finite.check_graph`; once it passed, not again."""
+        check_graph(type(self).__name__, grads)
+        self._graph_checked = True
 
     def _scaling(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()

@@ -19,12 +19,8 @@ from torch.optim import Optimizer
 
 from flatlens.core._checks import check_nonnegative
 from flatlens.core._errors import NonFiniteLossError
-from flatlens.optim._perturbation import (
-    PerturbationOptimizer,
-    Perturbations,
-    _all_finite,
-    _NonFinitePoint,
-)
+from flatlens.optim._finite import _all_finite, _NonFinitePoint
+from flatlens.optim._perturbation import PerturbationOptimizer, Perturbations
 from flatlens.optim._vectors import _ascent
 
 __all__ = ["SAM"]

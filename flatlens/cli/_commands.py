@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -141,12 +142,16 @@ def note(args: argparse.Namespace, text: str) -> None:
 
 def _check_stores(out: Path, names: list[str]) -> None:
     """Refuse, before any work, a landscape store in ``out`` that cannot be read."""
+    from flatlens.core._paths import not_a_file
     from flatlens.landscape._storage import read
 
     for name in names:
         path = out / name
-        if path.exists():
+        if os.path.lexists(path):
             try:
+                problem = not_a_file(path)  # a named pipe would block the reader forever
+                if problem:
+                    raise ValueError(f"{path} {problem}")
                 read(path)
             except (OSError, ValueError) as err:
                 raise UserError(
@@ -256,7 +261,7 @@ def cmd_bound(args: argparse.Namespace) -> None:
         progress=progress(args),
     )
     report.plot(out / "bound.png")
-    payload = {**report.to_dict(), "loss": args.loss, "notes": notes}
+    payload = {**report.to_dict(), "loss": args.loss, "notes": [*notes, *report.notes]}
     write_json(out / "bound.json", payload)
     payload["files"] = [str(out / "bound.json"), str(out / "bound.png")]
     verdict = "R0 <= R1 at every radius" if report.all_hold else "R0 > R1 somewhere: more --steps"

@@ -50,16 +50,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------- option types
-def _int_at_least(least: int) -> Callable[[str], int]:
-    """An option type: an integer >= ``least``."""
+_INT_MAX = 2**63 - 1  # the largest int64: torch's sizes, counts and seeds fit below it
+
+
+def _int_at_least(least: int, what: str = "an integer") -> Callable[[str], int]:
+    """An option type: an integer >= ``least`` and at most the largest int64."""
 
     def parse(text: str) -> int:
         try:
-            return check_positive_int("value", int(text), least)
+            value = check_positive_int("value", int(text), least)
         except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text!r}") from None
+        if value > _INT_MAX:
             raise argparse.ArgumentTypeError(
-                f"expected an integer >= {least}, got {text!r}"
-            ) from None
+                f"expected {what} from {least} to 2**63 - 1 = {_INT_MAX}, got {text!r}"
+            )
+        return value
 
     return parse
 
@@ -122,14 +128,15 @@ def _names(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    """An option type: distinct seeds >= 0 separated by commas."""
+    """An option type: distinct seeds in [0, 2**63 - 1] separated by commas."""
     try:
         seeds = [check_positive_int("seed", int(v), 0) for v in text.split(",") if v.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds or len(set(seeds)) != len(seeds) or max(seeds) > _INT_MAX:
         raise argparse.ArgumentTypeError(
-            f"expected distinct integers >= 0 separated by commas, like 0,1,2; got {text!r}"
+            f"expected distinct integers from 0 to 2**63 - 1 separated by commas, like 0,1,2; "
+            f"got {text!r}"
         )
     return seeds
 
@@ -214,7 +221,12 @@ def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--out", metavar="DIR", default=out, help="output folder")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice")
+    g.add_argument(
+        "--seed",
+        type=_int_at_least(0, "a seed"),
+        default=0,
+        help="seed of every random choice (0 to 2**63 - 1)",
+    )
     g.add_argument(
         "--threads",
         metavar="N",

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from flatlens.core._paths import is_empty, not_a_file
 from flatlens.core._renames import renamed
 from flatlens.core._results import to_jsonable
 
@@ -50,7 +51,8 @@ class CheckpointError(ValueError):
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
-    The temporary file is removed when the block raises.
+    The temporary file is removed when the block raises; an operating-system error (a full
+    disk, a quota) names ``path``, not the temporary file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +68,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, str(tmp_path)):
+            raise OSError(err.errno, err.strerror or str(err), os.fspath(target)) from err
         raise
 
 
@@ -156,6 +160,8 @@ def _is_safetensors(path: Path) -> bool:
     """A ``.safetensors`` suffix, or the format's header: a little-endian length then '{'."""
     if path.suffix == ".safetensors":
         return True
+    if not_a_file(path) is not None:  # never open a named pipe or a device to sniff it
+        return False
     try:
         with path.open("rb") as fh:
             head = fh.read(9)
@@ -210,7 +216,10 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
             truncated, corrupt or not a torch file, or it needs code to unpickle (refused).
     """
     path = Path(path)
-    if path.is_dir():
+    problem = not_a_file(path)  # before opening: a named pipe or a device never ends
+    if problem and not problem.startswith("is a folder"):
+        raise CheckpointError(f"checkpoint {path} {problem}")
+    if problem:
         hint = (
             f"; a Hugging Face folder is read with --model hf:{path}"
             if (path / "config.json").is_file()
@@ -220,8 +229,6 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
             f"checkpoint {path} is a folder, not a file; pass the .pt file inside it "
             f"(e.g. model.pt){hint}"
         )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
@@ -250,7 +257,7 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
     except PermissionError as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)})") from err
     except Exception as err:
-        if path.stat().st_size == 0:
+        if is_empty(path):  # not st_size: /proc files have size 0 and hold text
             raise CheckpointError(f"checkpoint {path} is an empty file") from err
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt, or not a file torch.save wrote "

@@ -507,6 +507,10 @@ def diagnose(
             "seed": seed,
         },
     )
+    sharp = report["sharpness"]  # a radius below the dtype's resolution: say so
+    for text in sharp["bound"].get("notes", ()):
+        if text not in report["notes"]:
+            report["notes"].append(text)
     report["landscape"] = _landscapes(objective, config, out, store, progress)
     report["reused_parts"] = list(store.reused)
     report["computed_parts"] = list(store.computed)

@@ -8,12 +8,13 @@ buffer, with the same bits either way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["AffinePoints", "as_rows"]
+__all__ = ["AffinePoints", "WriteBuffers", "as_rows"]
 
 
 @dataclass(frozen=True)
@@ -57,52 +58,81 @@ class AffinePoints:
             out = out + coef[:, j : j + 1] * d
         return out
 
-    def writer(self, scratch: tuple[Tensor, Tensor] | None = None) -> _AffineWriter:
+    def writer(self, buffers: WriteBuffers | None = None) -> _AffineWriter:
         """A callable ``write(k, out)`` that puts row k into the flat tensor ``out``.
 
         Args:
-            scratch: Two tensors like theta to work in (kept by a caller that writes many
-                chunks, so that no chunk allocates parameter-sized memory); new ones if None.
+            buffers: Work memory kept by a caller that writes many chunks (so that no chunk
+                allocates parameter-sized memory, and products are reused); new if None.
         """
-        return _AffineWriter(self, scratch)
+        return _AffineWriter(self, buffers or WriteBuffers(self.center))
+
+
+class WriteBuffers:
+    """Work memory for writing affine points, kept across chunks.
+
+    Two parameter-sized tensors, and the products c d_m of the last direction with each
+    coefficient c met, while they fit in ``product_bytes`` (a plane's columns repeat along
+    every row: with the product kept, a point costs one sum). Products are keyed by the bits
+    of c, so a reused product is the one :meth:`AffinePoints.materialize` computes.
+    """
+
+    def __init__(self, like: Tensor, product_bytes: int = 32 << 20) -> None:
+        self.tmp = torch.empty_like(like)
+        self.partial = torch.empty_like(like)
+        self.max_products = product_bytes // max(like.numel() * like.element_size(), 1)
+        self.products: dict[tuple[float, float], Tensor] = {}
+        self.direction: Tensor | None = None
+
+    def product(self, direction: Tensor, coef: Tensor, key: float) -> Tensor:
+        """``direction * coef`` (``key`` is ``float(coef)``), kept when there is room."""
+        if direction is not self.direction:
+            self.products.clear()
+            self.direction = direction
+        kept = self.products.get((key, math.copysign(1.0, key)))
+        if kept is not None:
+            return kept
+        if len(self.products) < self.max_products:
+            kept = self.products[(key, math.copysign(1.0, key))] = torch.mul(direction, coef)
+            return kept
+        return torch.mul(direction, coef, out=self.tmp)
 
 
 class _AffineWriter:
-    """Writes row k of :class:`AffinePoints` into a buffer with two vector operations.
+    """Writes row k of :class:`AffinePoints` into a buffer with one or two vector operations.
 
     The partial sum theta + c_k1 d_1 + ... + c_k(m-1) d_(m-1) is kept while the leading
-    coefficients repeat (along a plane's rows), so a point costs one product and one sum.
-    The coefficients are 0-dim CPU tensors of theta's dtype (cheaper to dispatch than Python
-    floats), used as scalars on any device: each product is rounded in theta's dtype, as in
-    :meth:`AffinePoints.materialize`.
+    coefficients repeat (along a plane's rows), so a point costs one product (or none, when
+    :class:`WriteBuffers` holds it) and one sum. The coefficients are 0-dim CPU tensors of
+    theta's dtype (cheaper to dispatch than Python floats), used as scalars on any device:
+    each product is rounded in theta's dtype, as in :meth:`AffinePoints.materialize`.
     """
 
-    def __init__(self, points: AffinePoints, scratch: tuple[Tensor, Tensor] | None) -> None:
+    def __init__(self, points: AffinePoints, buffers: WriteBuffers) -> None:
         self.center, self.directions = points.center, points.directions
         coef = points.coefficients.to(device="cpu", dtype=self.center.dtype)
         self.keys = coef.tolist()
         m = len(self.directions)
         flat = coef.reshape(-1).unbind(0)  # one call for all the 0-dim coefficients
         self.rows = [flat[k * m : (k + 1) * m] for k in range(len(self.keys))]
-        if scratch is None:
-            scratch = (torch.empty_like(self.center), torch.empty_like(self.center))
-        self.tmp, partial = scratch
-        single = len(self.directions) == 1
-        self.partial = self.center if single else partial
+        self.buffers = buffers
+        single = m == 1
+        self.partial = self.center if single else buffers.partial
         self.lead: list[float] | None = [] if single else None
 
     def __call__(self, k: int, out: Tensor) -> None:
         *lead, last = self.rows[k]
-        key = self.keys[k][:-1]
-        if key != self.lead:
-            torch.mul(self.directions[0], lead[0], out=self.tmp)
-            torch.add(self.center, self.tmp, out=self.partial)
+        key = self.keys[k]
+        tmp = self.buffers.tmp
+        if key[:-1] != self.lead:
+            torch.mul(self.directions[0], lead[0], out=tmp)
+            torch.add(self.center, tmp, out=self.partial)
             for c, d in zip(lead[1:], self.directions[1:-1], strict=True):
-                torch.mul(d, c, out=self.tmp)
-                self.partial.add_(self.tmp)
-            self.lead = key
-        torch.mul(self.directions[-1], last, out=self.tmp)
-        torch.add(self.partial, self.tmp, out=out)
+                torch.mul(d, c, out=tmp)
+                self.partial.add_(tmp)
+            self.lead = key[:-1]
+        product = self.buffers.product(self.directions[-1], last, key[-1])
+        torch.add(self.partial, product, out=out)
 
 
 def as_rows(points: Tensor | AffinePoints) -> Tensor:

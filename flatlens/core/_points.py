@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from flatlens.core._affine import AffinePoints, as_rows
+from flatlens.core._affine import AffinePoints, WriteBuffers, as_rows
 from flatlens.core._checks import check_positive_int
 from flatlens.core._data import call_args, is_classification
 from flatlens.core._metrics import (
@@ -198,7 +198,7 @@ class SerialEvaluator(_Evaluator):
         self._in_place = (
             self._work is not None and batches is not None and batches <= IN_PLACE_MAX_BATCHES
         )
-        self._scratch: tuple[Tensor, Tensor] | None = None
+        self._buffers: WriteBuffers | None = None
 
     @property
     def uses_copy(self) -> bool:
@@ -210,9 +210,9 @@ class SerialEvaluator(_Evaluator):
         flat parameters to pass to :meth:`Objective.forward` (None on the copy path)."""
         work = self._work
         if isinstance(points, AffinePoints) and self._in_place:
-            if self._scratch is None:
-                self._scratch = (torch.empty_like(work.buf), torch.empty_like(work.buf))
-            write, buf = points.writer(self._scratch), work.buf
+            if self._buffers is None:
+                self._buffers = WriteBuffers(work.buf)
+            write, buf = points.writer(self._buffers), work.buf
 
             def set_affine(k: int) -> None:
                 write(k, buf)

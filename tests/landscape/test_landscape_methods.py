@@ -20,7 +20,7 @@ from helpers import (
 )
 
 from flatlens import Objective
-from flatlens.core._affine import AffinePoints
+from flatlens.core._affine import AffinePoints, WriteBuffers
 from flatlens.core._metrics import resolve_metrics
 from flatlens.core._points import SerialEvaluator
 from flatlens.landscape import _evaluate as runner
@@ -44,15 +44,17 @@ def test_points_written_in_place_are_the_materialized_rows_bit_for_bit(dtype, nd
     points = AffinePoints(theta, dirs, torch.as_tensor(coef, dtype=dtype))
     rows = points.materialize()
     assert torch.equal(_bits(rows), _bits(grid_points(theta, list(dirs), coef)))
-    scratch = (torch.empty_like(theta), torch.empty_like(theta))
+    # Chunks share the work memory; with room for two products, the rest are computed.
+    buffers = WriteBuffers(theta, product_bytes=2 * n * theta.element_size())
     out = torch.empty_like(theta)
-    for start in range(0, len(points), 5):  # chunks share the scratch buffers
+    for start in range(0, len(points), 5):
         chunk = points[start : start + 5]
-        write = chunk.writer(scratch)
+        write = chunk.writer(buffers)
         assert torch.equal(_bits(chunk.materialize()), _bits(rows[start : start + 5]))
         for k in range(len(chunk)):
             write(k, out)
             assert torch.equal(_bits(out), _bits(rows[start + k])), (start, k)
+    assert len(buffers.products) == 2
     with pytest.raises(ValueError, match="coefficients"):
         AffinePoints(theta, dirs, torch.zeros(3, ndirs + 1, dtype=dtype))
 

@@ -58,6 +58,7 @@ import torch
 from _common import (
     Column,
     environment,
+    format_table,
     report,
     set_threads,
     synchronize,
@@ -534,6 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cases", nargs="+", default=["mlp"], choices=list(CASES))
+    parser.add_argument(
+        "--contenders", nargs="+", default=None, choices=CONTENDERS, help="(case defaults)"
+    )
+    parser.add_argument("--fine-rounds", type=int, default=None, help="(case defaults)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--out", default=None, help="folder for the JSON (default results/)")
     cli_args = list(sys.argv[1:] if argv is None else argv)
@@ -549,10 +554,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     threads=threads,
                     steps=args.steps or quick.get("steps"),
                     repeats=args.repeats or quick.get("repeats"),
-                    contenders=CONTENDERS if args.quick and name != "resnet18" else None,
-                    fine_rounds=quick.get("fine_rounds"),
+                    contenders=args.contenders
+                    or (CONTENDERS if args.quick and name != "resnet18" else None),
+                    fine_rounds=quick.get("fine_rounds", args.fine_rounds),
                 )
             )
+            # Each case as soon as it is measured (a long run may be cut short).
+            print(format_table(results[-1]["rows"], COLUMNS, markdown=args.markdown), flush=True)
+            print("\n".join(verdicts(results[-1:])) + "\n", flush=True)
     payload = {
         "command": " ".join(["benchmarks/bench_landscape.py", *cli_args]),
         "environment": environment(args.device),

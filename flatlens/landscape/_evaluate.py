@@ -1,11 +1,13 @@
 """The grid runner behind :func:`~flatlens.landscape.line` and :func:`~flatlens.landscape.plane`.
 
-The values at the grid points theta + a_k d1 (+ b_k d2) come from
-:meth:`Objective.evaluate_points`, one call (one data pass) per chunk of points, so the
-landscape computes L exactly as every measure does and never touches the model: the model's
-parameters, buffers and train/eval flags come back as they were, even on an interrupt. The
-centre a = b = 0 is on every grid and evaluated alone on the serial path, so its loss equals
-``objective.loss()`` bit for bit.
+The values at the grid points theta + a_k d1 (+ b_k d2) come from the engine of
+:meth:`Objective.evaluate_points` (a :class:`~flatlens.core._points.PointSession`, set up once
+per grid), one data pass per chunk of points, so the landscape computes L exactly as every
+measure does and never touches the model: the model's parameters, buffers and train/eval
+flags come back as they were, even on an interrupt. The points go in as
+:class:`~flatlens.core._affine.AffinePoints`, which the serial path writes one by one into its
+working copy. The centre a = b = 0 is on every grid and evaluated alone on the serial path,
+so its loss equals ``objective.loss()`` bit for bit.
 
 With ``store=path`` the grid is written to ``path`` (``.npz`` + ``.json``) as it fills. A
 run started again with the same arguments skips what the store holds and ends with the same

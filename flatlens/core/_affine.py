@@ -111,27 +111,29 @@ class _AffineWriter:
     def __init__(self, points: AffinePoints, buffers: WriteBuffers) -> None:
         self.center, self.directions = points.center, points.directions
         coef = points.coefficients.to(device="cpu", dtype=self.center.dtype)
-        self.keys = coef.tolist()
+        keys = coef.tolist()
         m = len(self.directions)
         flat = coef.reshape(-1).unbind(0)  # one call for all the 0-dim coefficients
-        self.rows = [flat[k * m : (k + 1) * m] for k in range(len(self.keys))]
+        self.rows = [flat[k * m : (k + 1) * m] for k in range(len(keys))]
+        # Per row, whether its leading coefficients differ from the previous row's (the
+        # partial sum is recomputed there; always at the first row of a chunk).
+        self.new_lead = [
+            m > 1 and (k == 0 or keys[k][:-1] != keys[k - 1][:-1]) for k in range(len(keys))
+        ]
+        self.keys = [key[-1] for key in keys]
         self.buffers = buffers
-        single = m == 1
-        self.partial = self.center if single else buffers.partial
-        self.lead: list[float] | None = [] if single else None
+        self.partial = self.center if m == 1 else buffers.partial
 
     def __call__(self, k: int, out: Tensor) -> None:
-        *lead, last = self.rows[k]
-        key = self.keys[k]
-        tmp = self.buffers.tmp
-        if key[:-1] != self.lead:
-            torch.mul(self.directions[0], lead[0], out=tmp)
+        row = self.rows[k]
+        if self.new_lead[k]:
+            tmp = self.buffers.tmp
+            torch.mul(self.directions[0], row[0], out=tmp)
             torch.add(self.center, tmp, out=self.partial)
-            for c, d in zip(lead[1:], self.directions[1:-1], strict=True):
+            for c, d in zip(row[1:-1], self.directions[1:-1], strict=True):
                 torch.mul(d, c, out=tmp)
                 self.partial.add_(tmp)
-            self.lead = key[:-1]
-        product = self.buffers.product(self.directions[-1], last, key[-1])
+        product = self.buffers.product(self.directions[-1], row[-1], self.keys[k])
         torch.add(self.partial, product, out=out)
 
 

@@ -64,8 +64,8 @@ SERIAL_CHUNK = 16
 """Default points per data pass of the serial evaluator."""
 IN_PLACE_MAX_BATCHES = 3
 """Up to this many in-memory batches the serial path writes each affine point into the
-working copy per batch (two vector operations) instead of materializing the chunk once (about
-four, plus one copy per batch)."""
+working copy per batch (one or two vector operations) instead of materializing the chunk
+once (about four, plus one copy per batch)."""
 
 
 # ---------------------------------------------------------------------------- evaluators

@@ -351,7 +351,9 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
         "what is evaluated besides the loss (names or callables)",
         ("Objective.evaluate_points", "line", "plane", "plot_line"),
     ),
-    ("metric", "the one metric drawn", ("plot_contour", "plot_surface")),
+    ("metric", "the one metric drawn", ("plot_contour", "plot_surface", "Landscape.to_vtk")),
+    ("zmax", "heights above it are clipped (ParaView surfaces)", ("Landscape.to_vtk",)),
+    ("vtk", "also write a ParaView .vtp surface", (CMD + "landscape",)),
     ("chunk_size", "grid points per data pass", ("Objective.evaluate_points", "line", "plane")),
     ("points", "a (P, n) stack of flat parameter vectors", ("Objective.evaluate_points",)),
     ("local", "evaluate on this rank's data only", ("Objective.evaluate_points",)),
@@ -367,7 +369,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "log",
         "log scale of the loss in plots",
-        ("plot_contour", "plot_line", "plot_surface", CMD + "landscape"),
+        ("plot_contour", "plot_line", "plot_surface", "Landscape.to_vtk", CMD + "landscape"),
     ),
     (
         "other",
@@ -633,6 +635,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
             "write_json",
             "write_text",
             "Landscape.save",
+            "Landscape.to_vtk",
             "load",
             "plot_contour",
             "plot_line",

@@ -298,6 +298,8 @@ def cmd_landscape(args: argparse.Namespace) -> None:
         fl.plot_contour(result, out / "plane.png", filled=True, log=args.log)
         fl.plot_surface(result, out / "plane.html", log=args.log)
         files = ["plane.npz", "plane.json", "plane.png", "plane.html"]
+    if args.vtk:
+        files.append(result.to_vtk(out / f"{stem}.vtp", log=args.log).name)
     loss = result.values["loss"]
     summary = {
         "dim": args.dim,

@@ -603,6 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _measure_args(p)
     p.add_argument("--log", action="store_true", help="log-scale loss in the plots")
+    p.add_argument(
+        "--vtk",
+        action="store_true",
+        help="also write the loss surface as line.vtp / plane.vtp for ParaView (log(z + 0.1) "
+        "heights with --log)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
     _common(p, "flatlens_landscape")
     p.set_defaults(func=commands.cmd_landscape)

@@ -88,12 +88,16 @@ def agree(
     return dict(views[0][1]), writes
 
 
-def data_rounds(grid: Grid, run: Run, chunk: int) -> Iterator[int]:
+def data_rounds(grid: Grid, run: Run, chunk: int | Callable[[], int]) -> Iterator[int]:
     """Evaluate the missing points chunk by chunk, every rank (if any) every point; yield the
-    number of points each chunk filled."""
+    number of points each chunk filled. ``chunk`` may be a callable asked before each chunk
+    (the runner grows it after timing the first; every rank must see the same sizes)."""
     others = grid.others()
-    for start in range(0, len(others), chunk):
-        idx = others[start : start + chunk]
+    start = 0
+    while start < len(others):
+        size = chunk() if callable(chunk) else chunk
+        idx = others[start : start + size]
+        start += size
         if grid.done[idx].all():
             continue
         grid.record(idx, run(idx))

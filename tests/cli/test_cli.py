@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -208,7 +209,7 @@ def test_landscape_slices(trained, tmp_path, dim):
     proc = run_cli(
         "landscape", "--model", "mlp", "--checkpoint", str(trained["model"]),
         "--dim", str(dim), "--num-points", "5", "--samples", "128", "--out", "l", "--json",
-        "--quiet", cwd=tmp_path,
+        "--quiet", "--vtk", cwd=tmp_path,
     )  # fmt: skip
     summary = ok_json(proc)
     assert summary["shape"] == [5] * dim
@@ -218,7 +219,9 @@ def test_landscape_slices(trained, tmp_path, dim):
     for path in summary["files"]:
         assert (tmp_path / path).is_file(), path
     stem = "line" if dim == 1 else "plane"
-    assert {Path(p).name for p in summary["files"]} >= {f"{stem}.npz", f"{stem}.png"}
+    assert {Path(p).name for p in summary["files"]} >= {f"{stem}.npz", f"{stem}.png", f"{stem}.vtp"}
+    piece = ElementTree.parse(tmp_path / "l" / f"{stem}.vtp").getroot().find("PolyData/Piece")
+    assert piece.get("NumberOfPoints") == str(5**dim)
 
 
 # ---------------------------------------------------------------------- checkpoint errors

@@ -101,7 +101,7 @@ def test_serial_and_vmap_planes_agree_and_leave_the_model_unchanged(name, dtype)
     snap = ModelSnapshot.take(model)
     obj = Objective(model, F.cross_entropy, batches)
     d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
-    kwargs = {"span": (-0.5, 0.5), "steps": (5, 4), "metrics": ["loss", "accuracy"]}
+    kwargs = {"span": (-0.5, 0.5), "num_points": (5, 4), "metrics": ["loss", "accuracy"]}
     serial = plane(obj, d1, d2, method="serial", **kwargs)
     with warnings.catch_warnings():  # timm's attention has no vmap batching rule on the CPU
         warnings.filterwarnings("ignore", message=".*batching rule.*")

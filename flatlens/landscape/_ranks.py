@@ -93,13 +93,12 @@ def data_rounds(grid: Grid, run: Run, chunk: int | Callable[[], int]) -> Iterato
     number of points each chunk filled. ``chunk`` may be a callable asked before each chunk
     (the runner grows it after timing the first; every rank must see the same sizes)."""
     others = grid.others()
+    todo = others[~grid.done[others]]  # a resumed grid evaluates only what is missing
     start = 0
-    while start < len(others):
+    while start < len(todo):
         size = chunk() if callable(chunk) else chunk
-        idx = others[start : start + size]
+        idx = todo[start : start + size]
         start += size
-        if grid.done[idx].all():
-            continue
         grid.record(idx, run(idx))
         yield len(idx)
 

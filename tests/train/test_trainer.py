@@ -338,7 +338,7 @@ def test_factory_errors_surface_when_the_model_is_built(spec, error, match):
     ("kwargs", "match"),
     [
         ({"optimizer": "lion"}, "optimizer"),
-        ({"model": "vit"}, r"unknown model 'vit'; use one of \['cnn', 'mlp', 'resnet18'\] or"),
+        ({"model": "vit"}, r"unknown model 'vit'; use one of \['cnn', 'mlp', 'resnet18'\], package.module:factory or timm/NAME"),
         ({"model": "helpers:"}, "must look like package.module:factory"),
         ({"model": ":tanh_classifier"}, "must look like package.module:factory"),
         ({"scheduler": "step"}, "scheduler"),

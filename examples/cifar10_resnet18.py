@@ -139,7 +139,7 @@ def train_and_diagnose(args: argparse.Namespace, folder: Path) -> int:
         lr=args.lr,
         momentum=0.9,
         weight_decay=5e-4,
-        rho=0.05,
+        sam_rho=0.05,
         epochs=epochs,
         batch_size=64 if args.fast else args.batch_size,
         seed=args.seed,

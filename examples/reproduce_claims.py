@@ -145,7 +145,7 @@ def head_to_head(data: Dataset, seeds: list[int], base: TrainConfig) -> dict[str
     """SGD, SAM, GAM and SGD-4x (equal compute) on one task, compared per seed."""
     optimizers = {
         "SGD": {"optimizer": "sgd"},
-        "SAM": {"optimizer": "sam", "rho": 0.05},
+        "SAM": {"optimizer": "sam", "sam_rho": 0.05},
         "GAM": {"optimizer": "gam"},
         "SGD-4x": {"optimizer": "sgd", "epochs": 4 * base.epochs},
     }
@@ -253,7 +253,7 @@ def ranking(
             for bs in batch_sizes:
                 cfg: dict[str, Any] = {"optimizer": opt, "lr": lr, "batch_size": bs}
                 if opt == "sam":
-                    cfg["rho"] = 0.05
+                    cfg["sam_rho"] = 0.05
                 grid[f"{opt} lr={lr:g} bs={bs}"] = cfg
     study = compare(data, grid, seeds=seeds, config=base)
     runs = [
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Feature noise 3 makes the four Gaussian classes overlap: test accuracy ~0.9 and gaps
     # that vary widely with the learning rate (digits' gaps are all small).
     synthetic = synthetic_classification(
-        n=200, dim=20, num_classes=4, test_n=1000, noise=3.0, seed=0
+        num_train=200, num_features=20, num_classes=4, num_test=1000, noise=3.0, seed=0
     )
     syn_base = TrainConfig(model="mlp", lr=0.05, epochs=3 if fast else 40, batch_size=32, **measure)
     print("claim 3: grid on the synthetic task", flush=True)

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     optimizers = {
         "SGD": {"optimizer": "sgd"},
-        "SAM": {"optimizer": "sam", "rho": 0.05},
+        "SAM": {"optimizer": "sam", "sam_rho": 0.05},
         # GAM's accelerated defaults: the released code's CIFAR-10 settings (rho = 0.2, ...).
         "GAM": {"optimizer": "gam"},
     }

@@ -38,6 +38,7 @@ __all__ = [
     "from_datasets",
     "load_cifar",
     "load_digits",
+    "model_inputs",
     "stream_cifar",
     "stream_datasets",
     "stream_imagefolder",
@@ -56,6 +57,11 @@ class Dataset:
         name: A short name for reports.
         mean, std: The per-channel constants the inputs were normalized with, (x − mean) /
             std, or None (not normalized); augmentation pads with their black, −mean/std.
+        input_names: ``None``: the model is called as ``model(x)``. Otherwise the inputs
+            are keyword inputs stacked along dimension 1 (tokenized text: ``x`` of shape
+            (examples, columns, tokens)) and the model is called as
+            ``model(**{name: x[:, i] for i, name in enumerate(input_names)})``
+            (see :func:`model_inputs`).
     """
 
     x_train: Tensor
@@ -66,6 +72,7 @@ class Dataset:
     name: str
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    input_names: tuple[str, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -79,6 +86,14 @@ class Dataset:
     def test(self) -> tuple[Tensor, Tensor]:
         """The test pair."""
         return self.x_test, self.y_test
+
+
+def model_inputs(x: Tensor, input_names: tuple[str, ...] | None) -> Any:
+    """What the model is called with for inputs ``x``: ``x`` itself, or for keyword inputs
+    stacked along dimension 1 the mapping ``{name: x[:, i]}`` (see :class:`Dataset`)."""
+    if input_names is None:
+        return x
+    return {name: x[:, i] for i, name in enumerate(input_names)}
 
 
 def load_digits(*, test_fraction: float = 0.25, image: bool = False, seed: int = 0) -> Dataset:
@@ -327,6 +342,8 @@ def digest(data: Dataset | Streams) -> str:
     if isinstance(data, Streams):
         return data.digest()
     h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
+    if data.input_names is not None:
+        h.update(f"|{','.join(data.input_names)}".encode())
     for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())

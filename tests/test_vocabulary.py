@@ -36,7 +36,18 @@ MODULES = [
     "flatlens.data",
     "flatlens.zoo",
     "flatlens.distributed",
+    "flatlens.integrations.lightning",
+    "flatlens.integrations.transformers",
 ]
+
+# Methods that implement another framework's hook keep that framework's parameter names.
+FRAMEWORK_HOOKS = {
+    "SharpnessAwareMixin.backward",
+    "SharpnessAwareMixin.on_train_batch_start",
+    "SharpnessAwareMixin.optimizer_step",
+    "SharpnessAwareTrainer",
+    "SharpnessAwareTrainerMixin.training_step",
+}
 
 # Dataclasses the library returns; their fields are outputs, their methods' parameters count.
 OUTPUTS = {
@@ -379,7 +390,9 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
         "what is evaluated besides the loss (names or callables)",
         ("Objective.evaluate_points", "line", "plane", "plot_line"),
     ),
-    ("metric", "the one metric drawn", ("plot_contour", "plot_surface")),
+    ("metric", "the one metric drawn", ("plot_contour", "plot_surface", "Landscape.to_vtk")),
+    ("zmax", "heights above it are clipped (ParaView surfaces)", ("Landscape.to_vtk",)),
+    ("vtk", "also write a ParaView .vtp surface", (CMD + "landscape",)),
     ("chunk_size", "grid points per data pass", ("Objective.evaluate_points", "line", "plane")),
     ("points", "a (P, n) stack of flat parameter vectors", ("Objective.evaluate_points",)),
     ("local", "evaluate on this rank's data only", ("Objective.evaluate_points",)),
@@ -395,7 +408,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "log",
         "log scale of the loss in plots",
-        ("plot_contour", "plot_line", "plot_surface", CMD + "landscape"),
+        ("plot_contour", "plot_line", "plot_surface", "Landscape.to_vtk", CMD + "landscape"),
     ),
     (
         "other",
@@ -599,7 +612,14 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "optimizer",
         "the optimizer (an instance, or its name in configs and on the command line)",
-        ("TrainConfig", "Trainer", "build_scheduler", "save_training_checkpoint", CMD + "train"),
+        (
+            "TrainConfig",
+            "Trainer",
+            "build_scheduler",
+            "save_training_checkpoint",
+            "unwrap_optimizer",
+            CMD + "train",
+        ),
     ),
     ("optimizers", "the optimizers a study compares", ("compare", CMD + "compare")),
     ("base", "the base optimizer of SAM/GAM by name: sgd or adamw", ("TrainConfig", *TRAINING)),
@@ -699,8 +719,21 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "x",
         "a batch of inputs (first dimension: examples)",
-        ("batches", "ResNet18.forward", "WideResNet.forward", "local_split", "Augmentation.batch"),
+        (
+            "batches",
+            "ResNet18.forward",
+            "WideResNet.forward",
+            "local_split",
+            "Augmentation.batch",
+            "model_inputs",
+        ),
     ),
+    (
+        "input_names",
+        "the model's keyword inputs stacked in x (tokenized data), or None",
+        ("Dataset", "model_inputs"),
+    ),
+    ("state_prefix", "the module prefix stripped from a checkpoint's keys", MEASURING),
     ("y", "the targets of x", ("batches", "local_split")),
     ("shuffle", "shuffle the examples", ("batches",)),
     ("drop_last", "drop a smaller last batch", ("batches",)),
@@ -798,6 +831,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
             "write_json",
             "write_text",
             "Landscape.save",
+            "Landscape.to_vtk",
             "load",
             "plot_contour",
             "plot_line",
@@ -926,6 +960,8 @@ def _public_parameters() -> dict[str, set[str]]:
     found: dict[str, set[str]] = collections.defaultdict(set)
 
     def add(owner: str, fn: object) -> None:
+        if owner in FRAMEWORK_HOOKS:
+            return
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):

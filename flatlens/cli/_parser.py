@@ -24,8 +24,13 @@ from flatlens.core._checks import (
 
 __all__ = ["build_parser"]
 
-_DATA_HELP = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR or package.module:factory"
-_MODEL_HELP = "mlp, cnn, resnet18, wrn16_8, wrn28_10 or package.module:factory"
+_DATA_HELP = (
+    "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, hf:DIR (tokenized, from "
+    "datasets' save_to_disk; for diagnose, bound, landscape) or package.module:factory"
+)
+_MODEL_HELP = (
+    "mlp, cnn, resnet18, wrn16_8, wrn28_10, package.module:factory, timm/NAME or torchvision/NAME"
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -48,16 +53,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------- option types
-def _int_at_least(least: int) -> Callable[[str], int]:
-    """An option type: an integer >= ``least``."""
+_INT_MAX = 2**63 - 1  # the largest int64: torch's sizes, counts and seeds fit below it
+
+
+def _int_at_least(least: int, what: str = "an integer") -> Callable[[str], int]:
+    """An option type: an integer >= ``least`` and at most the largest int64."""
 
     def parse(text: str) -> int:
         try:
-            return check_positive_int("value", int(text), least)
+            value = check_positive_int("value", int(text), least)
         except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text!r}") from None
+        if value > _INT_MAX:
             raise argparse.ArgumentTypeError(
-                f"expected an integer >= {least}, got {text!r}"
-            ) from None
+                f"expected {what} from {least} to 2**63 - 1 = {_INT_MAX}, got {text!r}"
+            )
+        return value
 
     return parse
 
@@ -120,14 +131,15 @@ def _names(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    """An option type: distinct seeds >= 0 separated by commas."""
+    """An option type: distinct seeds in [0, 2**63 - 1] separated by commas."""
     try:
         seeds = [check_positive_int("seed", int(v), 0) for v in text.split(",") if v.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds or len(set(seeds)) != len(seeds) or max(seeds) > _INT_MAX:
         raise argparse.ArgumentTypeError(
-            f"expected distinct integers >= 0 separated by commas, like 0,1,2; got {text!r}"
+            f"expected distinct integers from 0 to 2**63 - 1 separated by commas, like 0,1,2; "
+            f"got {text!r}"
         )
     return seeds
 
@@ -212,7 +224,12 @@ def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--out", metavar="DIR", default=out, help="output folder")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice")
+    g.add_argument(
+        "--seed",
+        type=_int_at_least(0, "a seed"),
+        default=0,
+        help="seed of every random choice (0 to 2**63 - 1)",
+    )
     g.add_argument(
         "--threads",
         metavar="N",
@@ -269,18 +286,38 @@ def _measure_args(p: argparse.ArgumentParser, batch_size: int = 512) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
+    from flatlens.cli._models import DEFAULT_LOSS
+
+    p.add_argument(
+        "--model",
+        required=True,
+        help="mlp, cnn, resnet18, wrn16_8, wrn28_10, package.module:factory, timm/NAME or "
+        "torchvision/NAME (an "
+        "architecture by name, class count from the checkpoint), or hf:DIR (a Hugging Face "
+        "save_pretrained folder: architecture from config.json, weights beside it, the loss "
+        "its task implies unless --loss is given)",
+    )
     p.add_argument(
         "--model-kwargs", metavar="JSON", default="{}", help="JSON object of factory arguments"
     )
     p.add_argument(
         "--checkpoint",
         metavar="PATH",
-        required=True,
-        help="state dict file (.pt): plain, or {'model': state_dict, ...}",
+        default=None,
+        help="the weights (required except for hf:DIR): .safetensors (read without pickle), "
+        "a torch.save file (.pt: a state dict, or {'model': state_dict, ...}) or a Lightning "
+        ".ckpt, all read with weights_only=True",
+    )
+    p.add_argument(
+        "--state-prefix",
+        metavar="PREFIX",
+        default=None,
+        help="prefix of the model's entries in the checkpoint, e.g. net. for a Lightning "
+        "module's attribute (default: found when exactly one fits)",
     )
     p.add_argument("--data", default="digits", help=_DATA_HELP)
     _loss_arg(p)
+    p.set_defaults(loss=DEFAULT_LOSS)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -478,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _measure_args(p)
     p.add_argument("--log", action="store_true", help="log-scale loss in the plots")
+    p.add_argument(
+        "--vtk",
+        action="store_true",
+        help="also write the loss surface as line.vtp / plane.vtp for ParaView (log(z + 0.1) "
+        "heights with --log)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
     _common(p, "flatlens_landscape")
     p.set_defaults(func=commands.cmd_landscape)

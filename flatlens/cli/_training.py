@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,7 +227,7 @@ def _check_resume(
 
     out = Path(args.out)
     last = out / "checkpoints" / CHECKPOINT_NAME
-    if not last.is_file():
+    if not os.path.lexists(last):  # present but odd (a pipe, a folder): the load says why
         found = [n for n in outputs_of(args) if (out / n).exists()]
         if found:
             raise UserError(
@@ -287,9 +288,9 @@ def run_train(args: argparse.Namespace) -> None:
     data = load_train_data(args, config)
     _note_recipe_data(args, config, data)
     model = _built(args, config, data)
+    out = claim_out(args)  # the folder's lock first: a run writing there is never read
     if args.resume:
         _check_resume(args, config, data, model)
-    out = claim_out(args)
     config.checkpoint_dir = str(out / "checkpoints")
     result = train(config, data, resume=args.resume, progress=progress(args), log_dir=out)
     save_torch(out / "model.pt", result.model.state_dict())

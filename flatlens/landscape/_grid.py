@@ -15,10 +15,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlens.core._affine import AffinePoints
 from flatlens.core._checks import check_positive_int
 from flatlens.core._renames import renamed
 
-__all__ = ["Grid", "Span", "check_trajectory", "grid_axes", "grid_axis", "grid_points"]
+__all__ = [
+    "Grid",
+    "Span",
+    "affine_points",
+    "check_trajectory",
+    "grid_axes",
+    "grid_axis",
+    "grid_points",
+]
 
 Span = tuple[float, float]
 
@@ -140,8 +149,11 @@ class Grid:
 def grid_points(theta: Tensor, directions: Sequence[Tensor], coef: np.ndarray) -> Tensor:
     """Rows theta + a_k d1 (+ b_k d2), elementwise (no GEMM), so each row's bits do not
     depend on which other points share its chunk."""
-    coef_t = torch.as_tensor(coef, dtype=theta.dtype).to(theta.device)
-    out = theta.expand(len(coef), -1)
-    for j, d in enumerate(directions):
-        out = out + coef_t[:, j : j + 1] * d
-    return out
+    return affine_points(theta, directions, coef).materialize()
+
+
+def affine_points(theta: Tensor, directions: Sequence[Tensor], coef: np.ndarray) -> AffinePoints:
+    """The points theta + a_k d1 (+ b_k d2) as :class:`~flatlens.core._affine.AffinePoints`
+    (the coefficients rounded to theta's dtype), to materialize or to write one by one."""
+    coef_t = torch.as_tensor(np.asarray(coef), dtype=theta.dtype)
+    return AffinePoints(theta, tuple(directions), coef_t)

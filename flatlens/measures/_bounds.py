@@ -32,6 +32,7 @@ from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import MeasureResult
+from flatlens.core._text import literal
 from flatlens.measures._ascent import center_point, count_difference
 from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
 from flatlens.measures._flatness import first_order_flatness
@@ -60,6 +61,8 @@ class BoundRow:
         holds: Whether R0 <= R1.
         grad_norm_at_center: ||grad L(theta)||.
         max_grad_norm: The largest ||grad L(theta + delta)|| found.
+        notes: Why the row may mean little (a radius below the resolution of the
+            parameters' dtype: :func:`~flatlens.measures._ascent.resolution_note`).
     """
 
     rho: float
@@ -73,6 +76,7 @@ class BoundRow:
     holds: bool
     grad_norm_at_center: float
     max_grad_norm: float
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class BoundReport(MeasureResult):
         steps, restarts, eigen_tol, adaptive, adaptive_eta: The settings used.
         num_losses, num_gradients, num_hvps: Evaluations spent in total.
         seconds: Wall-clock time.
+        notes: The rows' notes, each once.
     """
 
     rows: list[BoundRow]
@@ -105,6 +110,7 @@ class BoundReport(MeasureResult):
     seconds: float
     adaptive: bool = False
     adaptive_eta: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def table(self) -> str:
         """The rows as an aligned plain-text table."""
@@ -124,6 +130,7 @@ class BoundReport(MeasureResult):
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
         out = [f"lambda_max = {self.lambda_max:.6g}", fmt.format(*header)]
         out += [fmt.format(*c) for c in lines]
+        out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -182,7 +189,7 @@ def plot_bound_rows(
         ax.set_yscale("log")
     ax.set_xlabel("ρ (radius of the l2 ball)")
     ax.set_ylabel("value / ρ²")
-    ax.set_title(title or "R0 ≤ R1, and R1/ρ² → λ_max at a minimum")
+    ax.set_title(literal(title) if title else "R0 ≤ R1, and R1/ρ² → λ_max at a minimum")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return write_figure(fig, path)
@@ -212,6 +219,14 @@ def _check_rhos(rhos: object) -> list[float]:
     values = sorted({check_rho(r, "each rho") for r in rhos})
     if not values:
         raise ValueError("rhos is empty: pass at least one radius > 0")
+    tiny, top = torch.finfo(torch.float64).tiny, torch.finfo(torch.float64).max
+    for rho in values:  # R0 / rho^2 and rho^2 lambda_max need rho^2 as a normal number
+        if not tiny <= rho * rho <= top:
+            raise ValueError(
+                f"the square of the radius {rho:g} is not a normal float64 number (it "
+                f"{'underflows' if rho < 1 else 'overflows'}); use radii from "
+                f"{math.sqrt(tiny):.2g} to {math.sqrt(top):.2g}"
+            )
     return values
 
 
@@ -306,6 +321,7 @@ def check_bound(
                     holds=r0.value <= r1.value,
                     grad_norm_at_center=r1.grad_norm_at_center,
                     max_grad_norm=r1.max_grad_norm,
+                    notes=list(dict.fromkeys([*r0.notes, *r1.notes])),
                 )
             )
     counts = count_difference(before, objective.counts)
@@ -325,4 +341,5 @@ def check_bound(
         num_gradients=counts["gradient"],
         num_hvps=counts["hvp"],
         seconds=time.perf_counter() - start,
+        notes=list(dict.fromkeys(n for r in rows for n in r.notes)),
     )

@@ -83,7 +83,9 @@ class GAM(PerturbationOptimizer):
         h_loss = g, or grad L(theta + perturb_rho g / (||g|| + eps)) when perturb_rho > 0
         d = h_loss + flatness_weight * h_norm
 
-    Its closure must accept ``create_graph`` and pass it to ``backward``.
+    Its closure must accept ``create_graph`` and pass it to ``backward``; the first step
+    checks that the gradients carry a graph and raises otherwise (the products would
+    silently be zero).
 
     Args:
         params: Parameters (or param-group dicts) to optimize.
@@ -129,6 +131,7 @@ class GAM(PerturbationOptimizer):
         "adaptive",
         "eps",
     )
+    _KIND = "GAM"
 
     def __init__(
         self,

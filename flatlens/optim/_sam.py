@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatlens.core._checks import check_nonnegative
+from flatlens.core._errors import NonFiniteLossError
+from flatlens.optim._finite import _all_finite, _NonFinitePoint
 from flatlens.optim._perturbation import PerturbationOptimizer, Perturbations
 from flatlens.optim._vectors import _ascent
 
@@ -88,6 +90,7 @@ class SAM(PerturbationOptimizer):
     """
 
     _HYPERPARAMETERS = ("rho", "adaptive", "eps")
+    _KIND = "SAM"
 
     def __init__(
         self,
@@ -138,6 +141,8 @@ class SAM(PerturbationOptimizer):
         Raises:
             RuntimeError: ``first_step`` twice without ``second_step``, or a GradScaler in
                 use (the two-call form cannot unscale or skip a step: use ``step``).
+            NonFiniteLossError: the gradient or the perturbed point theta + e is not finite
+                (the parameters are not moved).
         """
         if self._ascended is not None:
             raise RuntimeError("SAM.first_step called twice: call second_step() in between")
@@ -150,8 +155,13 @@ class SAM(PerturbationOptimizer):
         theta = [p.detach().clone() for p in params]
         buffers = [] if self.model is None else [b.detach().clone() for b in self.model.buffers()]
         grads = [None if p.grad is None else p.grad.detach() for p in params]
+        if not _all_finite(grads):
+            raise NonFiniteLossError(self._non_finite("gradient", None, "first_step"))
         weights = theta if self.adaptive else None
-        self._move(theta, _ascent(grads, self.rho, self.eps, params[0].device, weights))
+        try:
+            self._move(theta, _ascent(grads, self.rho, self.eps, params[0].device, weights))
+        except _NonFinitePoint:
+            raise NonFiniteLossError(self._non_finite("perturbation", None, "first_step")) from None
         self._ascended = _Ascended(theta, buffers)
         if zero_grad:
             self.zero_grad()
@@ -165,6 +175,8 @@ class SAM(PerturbationOptimizer):
 
         Raises:
             RuntimeError: No :meth:`first_step` before it.
+            NonFiniteLossError: the gradient at theta + e, or the parameters after the base
+                step, are not finite (the parameters are back at theta).
         """
         if self._ascended is None:
             raise RuntimeError("SAM.second_step called without first_step")
@@ -174,7 +186,9 @@ class SAM(PerturbationOptimizer):
         if self.model is not None:
             for b, kept in zip(self.model.buffers(), saved.buffers, strict=True):
                 b.copy_(kept)
-        self.base_optimizer.step()
+        if not _all_finite([p.grad for p in self._params]):
+            raise NonFiniteLossError(self._non_finite("direction", None, "second_step"))
+        self._base_step(saved.theta, "second_step")
         if zero_grad:
             self.zero_grad()
 

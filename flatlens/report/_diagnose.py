@@ -30,7 +30,7 @@ from flatlens.core._checks import check_positive, check_positive_int, check_rho
 from flatlens.core._io import write_json
 from flatlens.core._objective import Objective
 from flatlens.core._results import to_jsonable
-from flatlens.data import Dataset, batches
+from flatlens.data import Dataset, batches, model_inputs
 from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 from flatlens.report._html import write_report
 from flatlens.report._pipeline import (
@@ -211,13 +211,26 @@ def _objective(
     y: Tensor,
     batch_size: int,
     memory_budget: float | None = None,
+    input_names: tuple[str, ...] | None = None,
 ) -> Objective:
     """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
-    rank's shard, reduced across the ranks (see the module docstring)."""
+    rank's shard, reduced across the ranks (see the module docstring).
+
+    Inputs stacked from keyword columns (``input_names``, tokenized text) reach the model as
+    keywords. A loss with a ``batch_weight`` attribute (a token-level loss: the number of
+    targets it averages over, :func:`flatlens.core.token_count`) weights each batch by it,
+    so L is the mean over every token, not over batches."""
     x, y, distributed = fd.local_split(x, y)
-    parts = batches(x, y, batch_size)
+    parts = [(model_inputs(xb, input_names), yb) for xb, yb in batches(x, y, batch_size)]
     data = parts[0] if len(parts) == 1 else parts
-    return Objective(model, loss_fn, data, distributed=distributed, memory_budget=memory_budget)
+    return Objective(
+        model,
+        loss_fn,
+        data,
+        distributed=distributed,
+        memory_budget=memory_budget,
+        batch_weight=getattr(loss_fn, "batch_weight", None),
+    )
 
 
 def measure_objective(
@@ -233,14 +246,16 @@ def measure_objective(
     if config.measure_samples is not None:
         x, y = x[: config.measure_samples], y[: config.measure_samples]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    return _objective(model, loss_fn, x, y, config.batch_size, config.memory_budget)
+    return _objective(
+        model, loss_fn, x, y, config.batch_size, config.memory_budget, data.input_names
+    )
 
 
 def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn) -> dict:
     """Loss and accuracy over the whole train and test sets (sharded under ``torchrun``)."""
     out = {}
     for split, (x, y) in (("train", data.train()), ("test", data.test())):
-        obj = _objective(model, loss_fn, x, y, config.batch_size)
+        obj = _objective(model, loss_fn, x, y, config.batch_size, input_names=data.input_names)
         for key, value in obj.evaluate().items():
             out[f"{split}_{key}"] = value
     out["gap_loss"] = out["test_loss"] - out["train_loss"]
@@ -492,6 +507,10 @@ def diagnose(
             "seed": seed,
         },
     )
+    sharp = report["sharpness"]  # a radius below the dtype's resolution: say so
+    for text in sharp["bound"].get("notes", ()):
+        if text not in report["notes"]:
+            report["notes"].append(text)
     report["landscape"] = _landscapes(objective, config, out, store, progress)
     report["reused_parts"] = list(store.reused)
     report["computed_parts"] = list(store.computed)

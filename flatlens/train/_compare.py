@@ -22,8 +22,9 @@ from flatlens.core._checks import check_positive_int
 from flatlens.core._io import write_figure
 from flatlens.core._renames import renamed
 from flatlens.core._results import Result
+from flatlens.core._text import literal
 from flatlens.data import Dataset
-from flatlens.train._config import TrainConfig, train
+from flatlens.train._config import TrainConfig, current_names, train
 from flatlens.train._measures import MEASURES, check_measures
 from flatlens.train._trainer import TrainResult
 
@@ -188,7 +189,7 @@ class StudyResult(Result):
                     if r["optimizer"] == name and r.get(m) is not None and r[gap] is not None
                 ]
                 if pts:
-                    ax.scatter(*zip(*pts, strict=True), label=name)
+                    ax.scatter(*zip(*pts, strict=True), label=literal(name))
             tau = self.kendall.get(m, {}).get(gap, {}).get("tau")
             ax.set_xlabel(m)
             ax.set_ylabel(gap)
@@ -212,7 +213,7 @@ def _configs(
             if isinstance(cfg, TrainConfig):
                 out[str(label)] = cfg
             elif isinstance(cfg, Mapping):
-                out[str(label)] = dataclasses.replace(base, **cfg)
+                out[str(label)] = dataclasses.replace(base, **current_names(cfg))
             else:
                 raise TypeError(
                     f"optimizers[{label!r}] must be a TrainConfig or a dict of its fields"

@@ -50,7 +50,8 @@ class TrainConfig:
 
     Attributes:
         model: A :mod:`flatlens.zoo` name (``mlp``, ``cnn``, ``resnet18``, ``wrn16_8``,
-            ``wrn28_10``) or ``package.module:factory``; only its form is checked here,
+            ``wrn28_10``), ``package.module:factory``, ``timm/NAME`` or ``torchvision/NAME``;
+            only its form is checked here,
             the factory is imported when the model is built (see :func:`flatlens.zoo.build`).
         model_kwargs: Extra arguments of the model builder.
         optimizer: ``sgd``, ``adamw``, ``sam``, ``gam`` (accelerated) or ``gam-exact``.
@@ -257,27 +258,38 @@ _GAM_SETTINGS = (
 _dataclass_init = TrainConfig.__init__
 
 
-@functools.wraps(_dataclass_init)
-def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
-    """The dataclass ``__init__``, accepting the names of flatlens 0.1 with a warning:
-    ``rho`` (SAM's radius, now ``sam_rho``), ``gam`` (a dict, now ``gam_*`` fields) and
-    ``trace_samples`` (now ``trace_probes``)."""
-    old_names = {"rho": "sam_rho", "trace_samples": "trace_probes"}
-    gam = kwargs.pop("gam", None) or {}
+def current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (TrainConfig fields by keyword) with the names of flatlens 0.1 replaced,
+    with a warning: ``rho`` (SAM's radius, now ``sam_rho``), ``gam`` (a dict, now
+    ``gam_*`` fields) and ``trace_samples`` (now ``trace_probes``).
+
+    Raises:
+        TypeError: a setting given under both its old and its new name, or an unknown key
+            in ``gam``.
+    """
+    settings = dict(settings)
+    gam = settings.pop("gam", None) or {}
     unknown = sorted(set(gam) - set(_GAM_SETTINGS))
     if unknown:
         raise TypeError(f"TrainConfig(gam=...) has unknown GAM settings {unknown}")
     if gam:
         warn_renamed("TrainConfig", "gam", "one field per setting: gam_rho, gam_perturb_rho, ...")
     moved = {f"gam_{name}": value for name, value in gam.items()}
-    for old, new in old_names.items():
-        if old in kwargs:
+    for old, new in (("rho", "sam_rho"), ("trace_samples", "trace_probes")):
+        if old in settings:
             warn_renamed("TrainConfig", old, new)
-            moved[new] = kwargs.pop(old)
-    both = sorted(set(moved) & set(kwargs))
+            moved[new] = settings.pop(old)
+    both = sorted(set(moved) & set(settings))
     if both:
         raise TypeError(f"TrainConfig() got {both} under both their old and their new names")
-    _dataclass_init(self, *args, **kwargs, **moved)
+    return {**settings, **moved}
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass ``__init__``, accepting the names of flatlens 0.1 (see
+    :func:`current_names`)."""
+    _dataclass_init(self, *args, **current_names(kwargs))
 
 
 TrainConfig.__init__ = _init  # type: ignore[method-assign]

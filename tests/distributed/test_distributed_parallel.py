@@ -73,7 +73,7 @@ def _stop_after(calls: int) -> Callable[[int, int], None]:
     return callback
 
 
-PLANE = {"steps": (5, 4), "method": "serial"}
+PLANE = {"num_points": (5, 4), "method": "serial"}
 
 
 def _directions(objective: Objective):
@@ -126,7 +126,9 @@ def _run_steps(name: str, model: nn.Module, x, y, steps: int, **kw) -> np.ndarra
     return _flat(inner)
 
 
-TRAIN_DATA = dict(n=96, dim=6, num_classes=3, test_n=48, seed=1, dtype=torch.float64)
+TRAIN_DATA = dict(
+    num_train=96, num_features=6, num_classes=3, num_test=48, seed=1, dtype=torch.float64
+)
 
 
 def _net() -> nn.Module:

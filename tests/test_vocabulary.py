@@ -47,6 +47,12 @@ FRAMEWORK_HOOKS = {
     "SharpnessAwareMixin.optimizer_step",
     "SharpnessAwareTrainer",
     "SharpnessAwareTrainerMixin.training_step",
+    "FlatnessMonitorHooks.on_train_batch_start",
+    "FlatnessMonitorHooks.on_train_batch_end",
+    "FlatnessMonitorHooks.on_train_epoch_end",
+    "FlatnessCallbackHooks.on_step_begin",
+    "FlatnessCallbackHooks.on_step_end",
+    "FlatnessCallbackHooks.on_epoch_end",
 }
 
 # Dataclasses the library returns; their fields are outputs, their methods' parameters count.
@@ -60,6 +66,9 @@ OUTPUTS = {
     "StudyResult",
     "TrainResult",
 }
+
+# The flatness callbacks of the frameworks share the trainer's measure settings.
+MONITORS = ("FlatnessMonitor", "FlatnessMonitorHooks", "FlatnessCallback", "FlatnessCallbackHooks")
 
 CMD = "flatlens "
 ALL_COMMANDS = tuple(
@@ -113,7 +122,15 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
         "measure_rho",
         "radius ρ (or radii) of the R0/R1 measures of a command or a training run, "
         "independent of the optimizers' radii",
-        ("TrainConfig", "Trainer", "FlatnessTracker", CMD + "diagnose", CMD + "bound", *TRAINING),
+        (
+            "TrainConfig",
+            "Trainer",
+            "FlatnessTracker",
+            CMD + "diagnose",
+            CMD + "bound",
+            *TRAINING,
+            *MONITORS,
+        ),
     ),
     ("sam_rho", "SAM's radius ρ when training by name", GAM_SETTING),
     ("sam_adaptive", "SAM's adaptive (ASAM) ascent when training by name", GAM_SETTING),
@@ -175,7 +192,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "measure_budget",
         "cap on each of a run's R0/R1 measures in HVP-equivalents",
-        ("TrainConfig", "Trainer", "FlatnessTracker", *TRAINING),
+        ("TrainConfig", "Trainer", "FlatnessTracker", *TRAINING, *MONITORS),
     ),
     (
         "warm_start",
@@ -333,7 +350,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "trace_probes",
         "random probes of the trace measure in a run or report",
-        ("TrainConfig", "Trainer", "FlatnessTracker", CMD + "diagnose", *TRAINING),
+        ("TrainConfig", "Trainer", "FlatnessTracker", CMD + "diagnose", *TRAINING, *MONITORS),
     ),
     ("num_runs", "independent Lanczos runs of the density", ("hessian_density",)),
     ("density_runs", "independent Lanczos runs of a report's density", (CMD + "diagnose",)),
@@ -478,7 +495,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "loss_fn",
         "the loss function loss_fn(outputs, targets) -> scalar",
-        ("Objective", "Trainer", "FlatnessTracker"),
+        ("Objective", "Trainer", "FlatnessTracker", *MONITORS),
     ),
     ("loss", "the loss function by name or spec", ("TrainConfig", *MEASURING, *TRAINING)),
     (
@@ -498,6 +515,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
             "with_normalization",
             *MEASURING,
             *TRAINING,
+            *MONITORS,
         ),
     ),
     (
@@ -524,7 +542,12 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
         ("Objective", "Trainer", "FlatnessTracker"),
     ),
     ("memory_budget", "bytes the cached graph may take", ("Objective", *MEASURING)),
-    ("batch_weight", "the weight of a batch (default its size)", ("Objective",)),
+    (
+        "batch_weight",
+        "the weight of a batch (default its size)",
+        ("Objective", "FlatnessTracker"),
+    ),
+    ("prefix", "prepended to every name a callback logs", MONITORS),
     ("targets_key", "the key of the targets in mapping batches", ("Objective",)),
     (
         "batch_size",
@@ -537,6 +560,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
             "batches",
             *MEASURING,
             *TRAINING,
+            *MONITORS,
         ),
     ),
     (
@@ -547,28 +571,32 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "measure_samples",
         "training examples of the fixed subset a run measures",
-        ("TrainConfig", "Trainer", "Streams.measure_subset", *TRAINING),
+        ("TrainConfig", "Trainer", "Streams.measure_subset", *TRAINING, *MONITORS),
     ),
     (
         "measure_steps",
         "ascent steps of a run's R0/R1 measures",
-        ("TrainConfig", "Trainer", "FlatnessTracker", *TRAINING),
+        ("TrainConfig", "Trainer", "FlatnessTracker", *TRAINING, *MONITORS),
     ),
-    ("measure_every", "epochs between a run's measures", ("TrainConfig", "Trainer", CMD + "train")),
+    (
+        "measure_every",
+        "epochs between a run's measures",
+        ("TrainConfig", "Trainer", CMD + "train", *MONITORS),
+    ),
     (
         "measure_every_steps",
         "optimizer steps between a run's measures",
-        ("TrainConfig", "Trainer", CMD + "train"),
+        ("TrainConfig", "Trainer", CMD + "train", *MONITORS),
     ),
     (
         "critical_every_steps",
         "optimizer steps between a run's critical-sharpness measures",
-        ("TrainConfig", "Trainer", CMD + "train"),
+        ("TrainConfig", "Trainer", CMD + "train", *MONITORS),
     ),
     (
         "measures",
         "which measures a run takes",
-        ("TrainConfig", "Trainer", "FlatnessTracker", "compare"),
+        ("TrainConfig", "Trainer", "FlatnessTracker", "compare", *MONITORS),
     ),
     ("ignore_index", "target value that is not counted", ("causal_lm_loss", "token_count")),
     ("shift", "targets are the next token", ("token_count",)),
@@ -606,7 +634,11 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "state_dict",
         "a saved state (of an optimizer, of a tracker's warm starts)",
-        ("PerturbationOptimizer.load_state_dict", "FlatnessTracker.load_state_dict"),
+        (
+            "PerturbationOptimizer.load_state_dict",
+            "FlatnessTracker.load_state_dict",
+            "FlatnessMonitorHooks.load_state_dict",
+        ),
     ),
     # ------------------------------------------------------------------ training
     (
@@ -930,6 +962,7 @@ TABLE: list[tuple[str, str, tuple[str, ...]]] = [
             "stream_datasets",
             "synthetic_classification",
             *ALL_COMMANDS,
+            *MONITORS,
         ),
     ),
     ("progress", "show a progress bar", PROGRESS),

@@ -34,13 +34,17 @@ Schedule the learning rate with a scheduler built on the SAM/GAM instance itself
 (A scheduler built on ``base`` is refused by Lightning: "Some schedulers are attached with an
 optimizer that wasn't returned from configure_optimizers".)
 
+:class:`FlatnessMonitor` (a Lightning ``Callback``) measures λ_max, tr(H), R0/R1 and the
+critical sharpness λ_c of the module on a fixed subset during training and logs them through
+the trainer's loggers.
+
 Lightning is imported lazily, through :mod:`flatlens._compat`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +57,12 @@ from flatlens.optim._perturbation import PerturbationOptimizer
 # ``transformers``) work also where the torchvision wheel does not match torch.
 prepare_torchvision()
 
-__all__ = ["SharpnessAwareMixin", "unwrap_optimizer"]
+__all__ = [  # noqa: F822 (FlatnessMonitor is built on first use)
+    "FlatnessMonitor",
+    "FlatnessMonitorHooks",
+    "SharpnessAwareMixin",
+    "unwrap_optimizer",
+]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -226,3 +235,167 @@ def _takes_batch_idx(step: Callable[..., Any]) -> bool:
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     return len(positional) >= 2
+
+
+class FlatnessMonitorHooks:
+    """The hooks of :class:`FlatnessMonitor`, a Lightning ``Callback`` built on this class.
+
+    Measures the ``LightningModule`` on a fixed subset of the training data and logs the
+    values through every logger of the trainer (``logger.log_metrics``, under the names
+    ``flatness/lambda_max``, ``flatness/trace``, ``flatness/r0``, ``flatness/r1`` and
+    ``flatness/lambda_c``, at the trainer's ``global_step``):
+
+    * λ_max, tr(H), R0 and R1 (``measures``) at the end of every ``measure_every``
+      epochs and after every ``measure_every_steps`` optimizer steps, with a
+      :class:`~flatlens.train.FlatnessTracker`: λ_max warm-starts from the previous
+      eigenvector, R0 and R1 run under ``measure_budget`` HVP-equivalents;
+    * λ_c = 2 / η_c along the optimizer's update Δ = (θ_before − θ_after) / lr of every
+      ``critical_every_steps`` steps (forward passes only).
+
+    Each measure costs its passes over the subset alone: never a pass over the rest of the
+    training data. The module's parameters, buffers and modes, the optimizer and the random
+    state of the run are as they were (a run with the monitor takes the same steps as one
+    without). Under DDP every rank measures its contiguous block of the subset and the
+    objective sums over the ranks, so the value is that of the whole subset, logged once
+    (by the loggers of global rank 0); the ranks measure with rank 0's buffers (DDP keeps
+    the parameters equal, not the BatchNorm statistics) and get their own back after. Every
+    measurement, with its costs (HVPs, gradients, losses, seconds), is also kept in
+    :attr:`history`; the warm-start state goes into the trainer's checkpoint.
+
+    Args:
+        data: The fixed subset: an ``(inputs, targets)`` pair of tensors or a map-style
+            data set of ``(input, target)`` examples; the first ``measure_samples`` are used.
+        loss_fn: ``loss_fn(module(inputs), targets)``, mean-reduced (default cross-entropy).
+        measures: Which of ``"lambda_max"``, ``"trace"``, ``"r0"``, ``"r1"``.
+        measure_every: Epochs between measurements (0: none at epoch ends).
+        measure_every_steps: Optimizer steps between measurements (0: none within epochs).
+        critical_every_steps: Steps between λ_c measurements (0: never).
+        measure_samples: Examples of ``data`` measured (None: all of them).
+        batch_size: Examples per batch of the measurement passes.
+        measure_rho: Radius of R0 and R1.
+        measure_steps: Ascent steps per start of R0 and R1.
+        measure_budget: Cap on each of R0 and R1 in HVP-equivalents (None: no cap).
+        trace_probes: Probes of the Hutch++ trace.
+        seed: Seeds the random starts (the same for every measurement).
+        prefix: Prepended to every logged name.
+
+    Example::
+
+        monitor = FlatnessMonitor((x_subset, y_subset), measures=["lambda_max", "r1"])
+        trainer = L.Trainer(max_epochs=10, callbacks=[monitor], logger=CSVLogger("logs"))
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        loss_fn: Callable[..., Tensor] | None = None,
+        *,
+        measures: Sequence[str] = ("lambda_max",),
+        measure_every: int = 1,
+        measure_every_steps: int = 0,
+        critical_every_steps: int = 0,
+        measure_samples: int | None = 256,
+        batch_size: int = 256,
+        measure_rho: float = 0.05,
+        measure_steps: int = 20,
+        measure_budget: float | None = 40.0,
+        trace_probes: int = 30,
+        seed: int = 0,
+        prefix: str = "flatness/",
+    ) -> None:
+        from flatlens.integrations._monitor import MonitorCore
+
+        super().__init__()
+        self.core = MonitorCore(
+            data,
+            loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss(),
+            measures=measures,
+            measure_every=measure_every,
+            measure_every_steps=measure_every_steps,
+            critical_every_steps=critical_every_steps,
+            measure_samples=measure_samples,
+            batch_size=batch_size,
+            tracker_options={
+                "measure_rho": measure_rho,
+                "measure_steps": measure_steps,
+                "measure_budget": measure_budget,
+                "trace_probes": trace_probes,
+                "seed": seed,
+            },
+        )
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+        self._measured_step = -1
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Copy θ when the coming step's λ_c is due."""
+        if self.core.critical_every_steps and trainer.optimizers:
+            optimizer = unwrap_optimizer(trainer.optimizers[0])
+            self.core.before_step(pl_module, optimizer, trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """λ_c of the step just taken, and the measures every ``measure_every_steps``."""
+        step = trainer.global_step
+        record = self.core.after_step(pl_module, step) or {}
+        if step != self._measured_step and self.core.step_due(step) and step > 0:
+            record = _merge(record, self.core.measure(pl_module))
+            self._measured_step = step
+        if record:
+            self._log(trainer, record)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """The measures every ``measure_every`` epochs (unless this step was just measured)."""
+        step = trainer.global_step
+        if self.core.epoch_due(trainer.current_epoch + 1) and step != self._measured_step:
+            self._log(trainer, self.core.measure(pl_module))
+            self._measured_step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-start state (Lightning stores it in the checkpoint)."""
+        return {"tracker": self.core.state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` from a checkpoint."""
+        self.core.load_state_dict(state_dict.get("tracker", {}))
+        self.history = list(state_dict.get("history", []))
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, trainer: Any, record: dict[str, Any]) -> None:
+        from flatlens.integrations._monitor import scalars
+
+        metrics = scalars(record, self.prefix)
+        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
+        self.history.append({**entry, "cost": record.get("cost", {})})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _merge(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    cost = {**first.get("cost", {}), **second.get("cost", {})}
+    return {**first, **second, "cost": cost}
+
+
+def __getattr__(name: str) -> Any:
+    """``FlatnessMonitor``: :class:`FlatnessMonitorHooks` on Lightning's ``Callback``."""
+    if name == "FlatnessMonitor":
+        from flatlens._compat import import_module
+
+        pl = import_module("lightning.pytorch", purpose="FlatnessMonitor")
+        cls = type(
+            "FlatnessMonitor",
+            (FlatnessMonitorHooks, pl.Callback),
+            {
+                "__module__": __name__,
+                "__doc__": "A Lightning ``Callback`` that measures and logs flatness during "
+                "training (see :class:`FlatnessMonitorHooks`).",
+            },
+        )
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,10 @@ the closure. With a gradient-accumulation window of micro-batches B_1..B_k:
 Trainer computed, not the passes SAM runs inside its step; use ``bf16``. GAM's exact mode is
 refused too: accelerate's ``backward`` cannot keep the graph of its Hessian-vector products.
 
+:class:`FlatnessCallback` (a ``TrainerCallback``) measures λ_max, tr(H), R0/R1 and λ_c on a
+fixed, token-weighted subset during training and appends them to
+``trainer.state.log_history``.
+
 transformers is imported lazily, through :mod:`flatlens._compat`::
 
     from flatlens.integrations.transformers import SharpnessAwareTrainer
@@ -37,6 +41,7 @@ transformers is imported lazily, through :mod:`flatlens._compat`::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,7 +54,12 @@ from flatlens.optim._perturbation import PerturbationOptimizer
 # ``transformers``) work also where the torchvision wheel does not match torch.
 prepare_torchvision()
 
-__all__ = ["SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]  # noqa: F822 (lazy)
+__all__ = [  # noqa: F822 (FlatnessCallback and SharpnessAwareTrainer are built on first use)
+    "FlatnessCallback",
+    "FlatnessCallbackHooks",
+    "SharpnessAwareTrainer",
+    "SharpnessAwareTrainerMixin",
+]
 
 
 def _inner(optimizer: Any) -> Any:
@@ -153,8 +163,169 @@ class SharpnessAwareTrainerMixin:
         return closure
 
 
+class _OnLogits(nn.Module):
+    """``loss(logits, labels)`` for a model that returns an output object with ``.logits``
+    (its ``batch_weight``, the token count of a language-model loss, kept)."""
+
+    def __init__(self, loss: Any) -> None:
+        super().__init__()
+        self.loss = loss
+        self.batch_weight = getattr(loss, "batch_weight", None)
+        self.reduction = getattr(loss, "reduction", "mean")
+
+    def forward(self, outputs: Any, labels: Tensor) -> Tensor:
+        """The wrapped loss of ``outputs.logits`` (or of ``outputs``, a tensor)."""
+        logits = outputs if isinstance(outputs, Tensor) else outputs["logits"]
+        return self.loss(logits, labels)
+
+
+def _task_loss(model: nn.Module) -> Any:
+    from flatlens.cli._hf import task_loss
+
+    return task_loss(type(model).__name__, getattr(model, "config", None))[1]
+
+
+class FlatnessCallbackHooks:
+    """The hooks of :class:`FlatnessCallback`, a ``transformers.TrainerCallback`` built on
+    this class.
+
+    Measures the Trainer's model on a fixed subset of examples and appends the values to
+    ``trainer.state.log_history`` as ``{"flatness/lambda_max": ..., "epoch": ..., "step":
+    ...}`` entries (``flatness/trace``, ``flatness/r0``, ``flatness/r1``,
+    ``flatness/lambda_c`` likewise), where ``trainer.state.save_to_json`` and every later
+    reader find them:
+
+    * λ_max, tr(H), R0 and R1 (``measures``) after every ``measure_every_steps``
+      optimizer steps and at the end of every ``measure_every`` epochs, with a
+      :class:`~flatlens.train.FlatnessTracker` (λ_max warm-started, R0/R1 under
+      ``measure_budget`` HVP-equivalents);
+    * λ_c = 2 / η_c along the update of every ``critical_every_steps`` steps (forward
+      passes only).
+
+    The objective is the loss the model's task implies, weighted by tokens: for a causal
+    language model the mean next-token cross-entropy over every non-padding token of the
+    subset (labels -100 do not count), however the batches split it (the loss of
+    :mod:`flatlens.cli._hf`; pass ``loss_fn`` for another). It runs in eval mode (no
+    dropout), in the parameters' dtype; the model, the optimizer and the run's random state
+    are left as they were. Each measurement's costs are kept in :attr:`history`.
+
+    Args:
+        data: The fixed subset: a mapping of tensors (``input_ids``, ``attention_mask``,
+            ..., and ``labels``), or a data set of such examples (the Trainer's
+            ``train_dataset``); the first ``measure_samples`` examples are used. The entries
+            other than ``labels`` are the model's keyword inputs.
+        loss_fn: ``loss_fn(logits, labels)``; default: the loss of the model's task.
+        measures, measure_every, measure_every_steps, critical_every_steps,
+        measure_samples, batch_size, measure_rho, measure_steps, measure_budget,
+        trace_probes, seed, prefix: As for
+            :class:`~flatlens.integrations.lightning.FlatnessMonitorHooks`.
+
+    Example::
+
+        callback = FlatnessCallback(train_dataset, measure_every_steps=100)
+        trainer = Trainer(model=model, args=args, train_dataset=train_dataset,
+                          callbacks=[callback])
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        loss_fn: Any = None,
+        *,
+        measures: Sequence[str] = ("lambda_max",),
+        measure_every: int = 1,
+        measure_every_steps: int = 0,
+        critical_every_steps: int = 0,
+        measure_samples: int | None = 64,
+        batch_size: int = 16,
+        measure_rho: float = 0.05,
+        measure_steps: int = 20,
+        measure_budget: float | None = 40.0,
+        trace_probes: int = 30,
+        seed: int = 0,
+        prefix: str = "flatness/",
+    ) -> None:
+        from flatlens.integrations._monitor import MonitorCore
+
+        super().__init__()
+        self.core = MonitorCore(
+            data,
+            None if loss_fn is None else _OnLogits(loss_fn),
+            loss_for=lambda model: _OnLogits(_task_loss(model)),
+            measures=measures,
+            measure_every=measure_every,
+            measure_every_steps=measure_every_steps,
+            critical_every_steps=critical_every_steps,
+            measure_samples=measure_samples,
+            batch_size=batch_size,
+            tracker_options={
+                "measure_rho": measure_rho,
+                "measure_steps": measure_steps,
+                "measure_budget": measure_budget,
+                "trace_probes": trace_probes,
+                "seed": seed,
+            },
+        )
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+        self._measured_step = -1
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Copy θ when the coming step's λ_c is due."""
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if self.core.critical_every_steps and model is not None and optimizer is not None:
+            self.core.before_step(model, _inner(optimizer), state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """λ_c of the step just taken, and the measures every ``measure_every_steps``."""
+        model, step = kwargs.get("model"), state.global_step
+        if model is None:
+            return
+        record = self.core.after_step(model, step) or {}
+        if step != self._measured_step and self.core.step_due(step):
+            measured = self.core.measure(model)
+            cost = {**record.get("cost", {}), **measured.get("cost", {})}
+            record = {**record, **measured, "cost": cost}
+            self._measured_step = step
+        if record:
+            self._log(state, record)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The measures every ``measure_every`` epochs (unless this step was just measured)."""
+        model, step = kwargs.get("model"), state.global_step
+        epochs = round(state.epoch or 0)
+        if model is not None and step != self._measured_step and self.core.epoch_due(epochs):
+            self._log(state, self.core.measure(model))
+            self._measured_step = step
+
+    def _log(self, state: Any, record: dict[str, Any]) -> None:
+        from flatlens.integrations._monitor import scalars
+
+        entry = {**scalars(record, self.prefix), "epoch": state.epoch, "step": state.global_step}
+        state.log_history.append(entry)
+        self.history.append({**entry, "cost": record.get("cost", {})})
+
+
 def __getattr__(name: str) -> Any:
-    """``SharpnessAwareTrainer``: the mixin on ``transformers.Trainer``, built on first use."""
+    """``SharpnessAwareTrainer`` (the mixin on ``transformers.Trainer``) and
+    ``FlatnessCallback`` (the hooks on ``TrainerCallback``), built on first use."""
+    if name == "FlatnessCallback":
+        from flatlens._compat import import_module
+
+        callbacks = import_module("transformers.trainer_callback", purpose="FlatnessCallback")
+        cls = type(
+            "FlatnessCallback",
+            (FlatnessCallbackHooks, callbacks.TrainerCallback),
+            {
+                "__module__": __name__,
+                "__doc__": "A ``TrainerCallback`` that measures flatness during training and "
+                "logs it into ``trainer.state.log_history`` (see "
+                ":class:`FlatnessCallbackHooks`).",
+            },
+        )
+        globals()[name] = cls
+        return cls
     if name == "SharpnessAwareTrainer":
         from flatlens._compat import import_module
 

@@ -111,10 +111,13 @@ class UpdateProbe:
     def __init__(self, optimizer: Optimizer, params: list[Tensor]) -> None:
         self.optimizer, self.params = optimizer, params
         self._before: list[Tensor] | None = None
+        self._lrs: dict[int, float] = {}
 
     def before(self) -> None:
-        """Copy the parameters before the step."""
+        """Copy the parameters and the learning rates before the step (a scheduler may
+        change the rates right after it, as the Hugging Face Trainer's does)."""
         self._before = [p.detach().clone() for p in self.params]
+        self._lrs = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
 
     def point(self) -> Tensor:
         """The flat parameters before the step."""
@@ -122,10 +125,10 @@ class UpdateProbe:
         return torch.cat([t.reshape(-1) for t in self._before])
 
     def direction(self) -> Tensor | None:
-        """Δ = (θ_before − θ_after) / lr, flat; None when the step did not move (a skipped
-        float16 step) or a learning rate is 0."""
+        """Δ = (θ_before − θ_after) / lr (the rates of :meth:`before`), flat; None when the
+        step did not move (a skipped float16 step) or a learning rate is 0."""
         assert self._before is not None
-        lrs = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        lrs = self._lrs
         parts = []
         for p, old in zip(self.params, self._before, strict=True):
             lr = float(lrs.get(id(p), 0.0))

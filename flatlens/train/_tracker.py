@@ -82,6 +82,9 @@ class FlatnessTracker:
         seed: Seeds every random start (the same for every measurement).
         batch_size: Examples per batch of the subset.
         distributed: Sum over the ranks of ``torch.distributed`` (each passes its shard).
+        batch_weight: How much each batch counts (:class:`~flatlens.Objective`'s; default
+            the loss's ``batch_weight`` attribute, e.g. the token count of a language-model
+            loss, else the batch size).
 
     Example::
 
@@ -108,6 +111,7 @@ class FlatnessTracker:
         seed: int = 0,
         batch_size: int = 512,
         distributed: bool = False,
+        batch_weight: Any = None,
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.measures = check_measures(measures)
@@ -123,6 +127,7 @@ class FlatnessTracker:
         self.seed = check_positive_int("seed", seed, 0)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.distributed = distributed
+        self.batch_weight = batch_weight or getattr(loss_fn, "batch_weight", None)
         self._data = self._batches(data)
         self._checked = False
         self.eigenvector: Tensor | None = None
@@ -147,6 +152,7 @@ class FlatnessTracker:
             eval_mode=True,
             distributed=self.distributed,
             check_determinism=not self._checked,
+            batch_weight=self.batch_weight,
         )
         self._checked = True
         return obj
@@ -263,6 +269,7 @@ class FlatnessTracker:
             eval_mode=False,
             distributed=self.distributed,
             check_determinism=False,
+            batch_weight=self.batch_weight,
         )
         start = self.eta if self.warm_start and self.eta else None
         began = time.perf_counter()

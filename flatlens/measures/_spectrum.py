@@ -23,9 +23,10 @@ from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._results import MeasureResult
 from flatlens.measures._basis import dot64, norm64, rows_dot64
 from flatlens.measures._certificate import ROUNDING_FACTOR, ROUNDING_SCALE
-from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import Which, lanczos_eigsh
 from flatlens.measures._operators import Operator, as_operator
+from flatlens.measures._power import power_iteration
 
 __all__ = [
     "DensityResult",

@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import symmetric_with_spectrum
 
-from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import lanczos_eigsh
+from flatlens.measures._power import power_iteration
 
 
 def wanted(lam: torch.Tensor, which: str, k: int) -> torch.Tensor:

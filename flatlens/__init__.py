@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "flatlens.core": (
         "DataChangedError",
+        "HVPCheckError",
         "NonFiniteLossError",
         "Objective",
         "ParamSpace",
@@ -57,6 +58,7 @@ __all__ = [
     "DensityResult",
     "EigenResult",
     "FlatnessResult",
+    "HVPCheckError",
     "NonFiniteLossError",
     "Objective",
     "ParamSpace",
@@ -95,6 +97,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from flatlens.core import (
         DataChangedError,
+        HVPCheckError,
         NonFiniteLossError,
         Objective,
         ParamSpace,

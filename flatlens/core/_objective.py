@@ -30,6 +30,7 @@ from flatlens.core._data import BatchWeight
 from flatlens.core._derivatives import DerivativesMixin, HVPMethod
 from flatlens.core._errors import DataChangedError, NonFiniteLossError
 from flatlens.core._params import ParamSpace, ParamSpec, eval_mode, select_parameters
+from flatlens.core._sharding import ShardLayout
 
 __all__ = ["DataChangedError", "Objective"]
 
@@ -92,6 +93,8 @@ class Objective(DerivativesMixin):
     Raises:
         NonFiniteLossError: (from any evaluation) the loss is NaN or infinite.
     """
+
+    layout: ShardLayout | None = None  # where the local entries sit, for a sharded model
 
     def __init__(
         self,
@@ -490,6 +493,21 @@ class Objective(DerivativesMixin):
         if "hvp_method" not in settings:
             child._inherit_products(self)
         return child
+
+    def _copy_in_dtype(self, dtype: torch.dtype) -> Objective:
+        """The same risk over a deep copy of the model in ``dtype`` (floating parameters
+        and buffers cast; data cast as it is prepared): for products in float64 that check
+        the float32 ones. The check of exact products is inherited."""
+        import copy
+
+        model = copy.deepcopy(self.model).to(dtype)
+        in_memory = isinstance(self._data, list)
+        data = [(x, y) for x, y, _ in self._data] if in_memory else self._data
+        kwargs = {**self._settings, "check_determinism": False, "check_hvp": False}
+        kwargs["targets_key"] = self.targets_key
+        if kwargs["hvp_method"] == "finite_difference":
+            kwargs["hvp_method"] = "auto"
+        return type(self)(model, self.loss_fn, data, params=list(self.space.names), **kwargs)
 
     def __repr__(self) -> str:
         return (

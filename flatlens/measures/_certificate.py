@@ -50,6 +50,9 @@ ROUNDING_FACTOR = 4.0
 """Safety factor on a measured spread between two roundings of one product."""
 ROUNDING_SCALE = 3.0
 """The scale s of a rounding check fl(A(s u))/s vs fl(A u): not a power of two."""
+NEIGHBOUR_FRACTION = 0.1
+"""A neighbouring Ritz value sets the Kato-Temple gap once its radius is at most this
+fraction of its distance (and within the tolerance)."""
 
 
 def error_bounds(
@@ -68,7 +71,9 @@ def error_bounds(
     the tolerance itself (radius at most ``limit`` of it and a tenth of the distance).
     Lanczos finds extreme eigenvalues from the outside in, so by then the ones in between
     have (with high probability) appeared; an unconverged neighbour can be a mixture far
-    from any eigenvalue near the value and would overstate the gap.
+    from any eigenvalue near the value and would overstate the gap. The stop rule of
+    Lanczos and the final certificate use this same bound, so a solve stops as soon as the
+    bound it will report meets the tolerance.
     """
     rad = res + delta
     pts = values if other is None else torch.cat([values, other])
@@ -82,7 +87,8 @@ def error_bounds(
         near = dist.gather(1, nearest[:, None]).squeeze(1)
         near_rad = prad[nearest]
         gap = near - near_rad - delta
-        ok = (gap > 0) & (near_rad <= 0.1 * near) & (near_rad <= limit(pts[nearest]))
+        ok = (gap > 0) & (near_rad <= NEIGHBOUR_FRACTION * near)
+        ok &= near_rad <= limit(pts[nearest])
         out[ok] = torch.minimum(rad[ok], rad[ok] ** 2 / gap[ok] + delta)
     return out
 
@@ -140,6 +146,19 @@ class Certificate:
         """The worst bound relative to its limit (below 1: all converged)."""
         return float((self.bounds / self.limit.clamp_min(1e-300)).max())
 
+    def reordered(self, idx: Tensor, signs: Tensor) -> Certificate:
+        """The pairs in the order ``idx``, each product multiplied by ``signs`` (the signs
+        the returned vectors were given)."""
+        return replace(
+            self,
+            values=self.values[idx],
+            residuals=self.residuals[idx],
+            bounds=self.bounds[idx],
+            converged=self.converged[idx],
+            limit=self.limit[idx],
+            products=self.products[idx] * signs.to(self.products.dtype)[:, None],
+        )
+
 
 def rayleigh(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Float64 Rayleigh quotients u.w / u.u and residual norms ||w - lambda u|| / ||u||."""
@@ -192,8 +211,8 @@ def bound(
     """The certificate of ``values`` with ``residuals`` for the allowance ``delta``; each
     neighbour's radius is widened by delta too."""
     scale = _scale(values, neighbours)
-    limit_fn = partial(tolerance_limit, tol=tol, scale=scale)
     radii = neighbours.radii + delta
+    limit_fn = partial(tolerance_limit, tol=tol, scale=scale)
     bounds = error_bounds(values, residuals, delta, limit_fn, neighbours.values, radii)
     limit = tolerance_limit(values, tol, scale)
     return Certificate(

@@ -43,9 +43,10 @@ Which = Literal["LA", "SA", "LM"]
 MatVec = Callable[[Tensor], Tensor]
 F64 = torch.float64
 
-STOP_MARGIN = 0.5
-"""Lanczos stops when the recurrence bounds are this fraction of tol, so the true residual
-plus the rounding allowance (not known before the checks) meets tol at the first check."""
+STOP_MARGIN = 0.9
+"""Lanczos stops when the bounds it will report, computed from the recurrence residuals and
+an estimate of the rounding allowance, are this fraction of tol: the true residuals equal
+the recurrence ones up to rounding, so the check then meets tol (else it refines)."""
 MAX_REFINEMENTS = 3
 """Restarts from the returned vectors when their true residual misses tol."""
 
@@ -58,7 +59,8 @@ class EigshOutput:
 
     ``rounding`` is the allowance delta for the operator's rounding in each bound,
     ``basis_vectors`` the most vectors of length n the basis held at once, ``certificate``
-    the final certificate (in the order of the solver, for re-bounding).
+    the final certificate (in the output's order, products signed like the vectors), for
+    re-bounding.
     """
 
     eigenvalues: Tensor
@@ -118,13 +120,18 @@ def _iterate(state: KrylovState, op: Operator, s: _Settings, stop_at: int, delta
         if state.processed >= s.k:
             pairs = state.ritz()
             scale = float(pairs.values.abs().max())
-            d = max(delta or 0.0, 2 * eps_b * scale)
+            # The allowance the check will measure, before it is known: about
+            # 4 sqrt(p) eps ||A|| (the distance of V T y from fresh products).
+            guess = ROUNDING_FACTOR * math.sqrt(state.processed) * eps_b * scale
+            d = max(delta or 0.0, guess)
             want = order(pairs.values, s.which)[: s.k]
             limit_fn = partial(tolerance_limit, tol=s.tol, scale=scale)
             bounds = error_bounds(pairs.values, pairs.residuals, d, limit_fn)
             limit = tolerance_limit(pairs.values[want], s.tol, scale)
             met = bool((bounds[want] <= STOP_MARGIN * limit).all())
-            met = met or bool((pairs.residuals[want] <= 0.5 * d).all())
+            met = met or bool(
+                (pairs.residuals[want] <= 0.5 * max(delta or 0.0, 2 * eps_b * scale)).all()
+            )
             if (met and (not state.broke or state.processed == s.m)) or state.exhausted:
                 return pairs
             if op.count >= stop_at:
@@ -323,12 +330,14 @@ def lanczos_eigsh(
     assert best is not None
     cert, u = best
     idx = order(cert.values, which)
+    signs = max_abs_sign(u[idx]).to(u.dtype)
+    cert = cert.reordered(idx, signs)
     return EigshOutput(
-        eigenvalues=cert.values[idx],
-        eigenvectors=fix_signs(u[idx]),
-        residuals=cert.residuals[idx],
-        error_bounds=cert.bounds[idx],
-        converged=cert.converged[idx],
+        eigenvalues=cert.values,
+        eigenvectors=u[idx] * signs[:, None],
+        residuals=cert.residuals,
+        error_bounds=cert.bounds,
+        converged=cert.converged,
         num_matvecs=op.count - start_count,
         num_restarts=restarts,
         rounding=cert.delta,

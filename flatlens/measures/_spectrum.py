@@ -27,6 +27,7 @@ from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import Which, lanczos_eigsh
 from flatlens.measures._operators import Operator, as_operator
 from flatlens.measures._power import power_iteration
+from flatlens.measures._reference import finish_certificate
 
 __all__ = [
     "DensityResult",
@@ -48,10 +49,10 @@ def _start_vector(
     if not use_gradient or op.objective is None:
         return r, "random"
     g = op.objective.gradient(at=op.point)
-    g_norm = torch.linalg.vector_norm(g)
-    if not bool(torch.isfinite(g_norm)) or g_norm == 0:
+    g_norm = norm64(g)
+    if not math.isfinite(g_norm) or g_norm == 0:
         return r, "random"
-    return r / torch.linalg.vector_norm(r) + g / g_norm, "gradient"
+    return r / norm64(r) + g / g_norm, "gradient"
 
 
 @dataclass
@@ -70,6 +71,10 @@ class EigenResult(MeasureResult):
         start: The Lanczos start vector used: ``"gradient"`` or ``"random"``.
         rounding: The allowance d for the rounding of one product (absolute).
         basis_vectors: Most vectors of length num_params the Lanczos basis held at once.
+        bound_kind: ``"certified"`` (the bounds cover the distance to the exact Hessian's
+            eigenvalues: float64 products, or pairs re-evaluated in float64) or
+            ``"estimate"`` (that distance is estimated; ``bound_note`` says why).
+        reference_hvps: Float64 products spent re-evaluating the pairs (not in ``num_hvps``).
     """
 
     eigenvalues: Tensor
@@ -88,6 +93,9 @@ class EigenResult(MeasureResult):
     start: str = "gradient"
     rounding: float = 0.0
     basis_vectors: int = 0
+    bound_kind: str = "certified"
+    reference_hvps: int = 0
+    bound_note: str = ""
 
 
 @tracks_peak_memory
@@ -108,6 +116,7 @@ def hessian_eigenvalues(
     basis_device: torch.device | str | None = None,
     basis_dtype: torch.dtype | None = None,
     rounding: float | None = None,
+    certify: bool | None = None,
 ) -> EigenResult:
     """The k extreme eigenvalues of H = grad^2 L(theta) (or of a symmetric operator).
 
@@ -154,6 +163,9 @@ def hessian_eigenvalues(
             certificate still holds.
         rounding: Known relative rounding u of one product (||fl(Hv) - Hv|| <= u ||H||),
             instead of measuring it (from the checked products, sometimes one more).
+        certify: Re-evaluate the k pairs of an Objective below float64 with float64
+            products on a float64 copy of the model (``flatlens.measures._reference``):
+            ``None`` when the copy fits in memory, ``True`` always, ``False`` never.
 
     Returns:
         An :class:`EigenResult`.
@@ -198,6 +210,13 @@ def hessian_eigenvalues(
             basis_dtype=basis_dtype,
             rounding=rounding,
         )
+        finished = finish_certificate(op, out, tol=tol, which=which, certify=certify)
+        out, kind, extra, note = (
+            finished.output,
+            finished.kind,
+            finished.reference_hvps,
+            finished.note,
+        )
     else:
         used = "random"
         out = power_iteration(
@@ -210,6 +229,8 @@ def hessian_eigenvalues(
             make_start=lambda: op.random(gen),
             progress=progress,
         )
+        exact = op.dtype == torch.float64 and not getattr(op.objective, "uses_differences", 0)
+        kind, extra, note = ("certified", 0, "") if exact else ("estimate", 0, "power, float32")
     return EigenResult(
         eigenvalues=out.eigenvalues,
         eigenvectors=out.eigenvectors,
@@ -227,6 +248,9 @@ def hessian_eigenvalues(
         start=used,
         rounding=out.rounding,
         basis_vectors=out.basis_vectors,
+        bound_kind=kind,
+        reference_hvps=extra,
+        bound_note=note,
     )
 
 

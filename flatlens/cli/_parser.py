@@ -162,6 +162,30 @@ def _measure_args(p: argparse.ArgumentParser, batch_size: int = 512) -> None:
     )
 
 
+def _curvature_args(p: argparse.ArgumentParser) -> None:
+    """How Hessian-vector products are made and where the Lanczos bases live."""
+    p.add_argument(
+        "--hvp-method",
+        choices=["auto", "double_backward", "forward_over_reverse", "finite_difference"],
+        default="auto",
+        help="Hessian-vector products: auto (double backward, falling back to gradient "
+        "differences when autograd cannot take or misses a second derivative), or one method",
+    )
+    p.add_argument(
+        "--basis-device",
+        metavar="DEVICE",
+        default=None,
+        help="keep the Lanczos bases there, e.g. cpu for a model on a GPU (default: the "
+        "model's device)",
+    )
+    p.add_argument(
+        "--basis-dtype",
+        metavar="DTYPE",
+        default=None,
+        help="store the Lanczos bases in this dtype, e.g. bfloat16 (default: the model's)",
+    )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
     p.add_argument(
@@ -268,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MLP, norm, head) or per tensor (params); off by default",
     )
     _measure_args(p)
+    _curvature_args(p)
     p.add_argument("--quick", action="store_true", help="small settings for a fast look")
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")
     p.add_argument("--title", default="", help="title of report.html (default: from the file)")
@@ -334,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", metavar="N", type=_samples, default=512, help="training examples, or 'all'"
     )
     _measure_args(p)
+    _curvature_args(p)
     _common(p, "flatlens_bound")
     p.set_defaults(func=commands.cmd_bound)
 

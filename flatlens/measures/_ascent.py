@@ -331,6 +331,7 @@ def worst_case_ascent(
             eigen=eigen,
             num_eigen=config.num_eigen,
             eigen_tol=config.eigen_tol,
+            basis={"basis_device": config.basis_device, "basis_dtype": config.basis_dtype},
             eigen_max_hvps=None
             if config.budget is None
             else max(2 * config.num_eigen + 1, int(0.3 * config.budget)),

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from flatlens.core._checks import check_nonnegative, check_rho
 from flatlens.core._errors import NonFiniteLossError
+from flatlens.core._sharding import random_vector
 
 __all__ = ["NORMS", "Ball", "Norm", "check_norm"]
 
@@ -134,7 +135,7 @@ class Ball:
         self, n: int, generator: torch.Generator, *, device=None, dtype=None
     ) -> Tensor:
         """A random point on the sphere: uniform for ``l2``, a random vertex for ``linf``."""
-        u = torch.randn(n, generator=generator, dtype=torch.float64).to(device, dtype)
+        u = random_vector(n, generator, device=device, dtype=dtype)
         return self.to_sphere(u)
 
     def project(self, z: Tensor) -> Tensor:

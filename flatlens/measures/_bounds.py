@@ -205,6 +205,8 @@ def check_bound(
     at: torch.Tensor | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> BoundReport:
     """Measure R0, R1 and lambda_max in the l2 ball for each radius and check R0 <= R1.
 
@@ -223,6 +225,9 @@ def check_bound(
         at: Flat parameter vector theta to measure around (default: the model's own).
         seed: Seed or generator.
         progress: Show tqdm bars.
+        basis_device: Where the lambda_max Lanczos basis lives (as for
+            :func:`~flatlens.measures.hessian_eigenvalues`).
+        basis_dtype: The dtype that basis is stored in.
 
     Returns:
         A :class:`BoundReport`; the model is left exactly as it was.
@@ -241,7 +246,14 @@ def check_bound(
     rows = []
     with preserved(objective.model):
         eig = hessian_eigenvalues(
-            objective, 1, tol=eigen_tol, seed=gen, progress=progress, at=theta
+            objective,
+            1,
+            tol=eigen_tol,
+            seed=gen,
+            progress=progress,
+            at=theta,
+            basis_device=basis_device,
+            basis_dtype=basis_dtype,
         )
         lam = float(eig.eigenvalues[0])
         loss = math.nan

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import TypedDict
 
+import torch
 from torch import Tensor
 
 from flatlens.core._checks import (
@@ -42,6 +43,9 @@ class AscentSettings(TypedDict, total=False):
     momentum: float
     num_eigen: int
     eigen_tol: float
+    budget: float | None
+    basis_device: str | None
+    basis_dtype: torch.dtype | None
 
 
 def _init_kinds(init: object) -> tuple[str, ...]:
@@ -55,6 +59,15 @@ def _init_kinds(init: object) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown init kind(s) {unknown}; choose from {INIT_KINDS}")
     return kinds
+
+
+def _check_basis_dtype(dtype: object) -> torch.dtype | None:
+    """``dtype`` unless it is neither ``None`` nor a floating torch dtype."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"basis_dtype must be a floating torch dtype or None, not {dtype!r}")
+    return dtype
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -94,6 +107,9 @@ class AscentConfig:
             ``steps``) so the ascent fits what is left, and starts are dropped from the last
             (random, then the ``-eigen`` side) while even one step per start does not fit.
             The result's ``config.steps`` is what ran.
+        basis_device: Where the ``"eigen"`` start's Lanczos basis lives (e.g. ``"cpu"``
+            for a model on a GPU; as in :func:`~flatlens.measures.hessian_eigenvalues`).
+        basis_dtype: The dtype the ``"eigen"`` start's Lanczos basis is stored in.
 
     Raises:
         TypeError, ValueError: A setting of the wrong type or out of range.
@@ -112,6 +128,8 @@ class AscentConfig:
     num_eigen: int = 1
     eigen_tol: float = 1e-3
     budget: float | None = None
+    basis_device: str | None = None
+    basis_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -127,6 +145,8 @@ class AscentConfig:
             "num_eigen": check_positive_int("num_eigen", self.num_eigen),
             "eigen_tol": check_positive("eigen_tol", self.eigen_tol),
             "budget": None if self.budget is None else check_positive("budget", self.budget),
+            "basis_device": None if self.basis_device is None else str(self.basis_device),
+            "basis_dtype": _check_basis_dtype(self.basis_dtype),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from flatlens import distributed as fd
@@ -101,6 +102,12 @@ class DiagnoseConfig:
             ``density_steps`` HVPs per block), drawn beside the eigenvalues.
         seed: Seed of every random choice.
         extra: Free-form values stored with the report.
+        hvp_method: How the Objective makes Hessian-vector products (``"auto"``,
+            ``"double_backward"``, ``"forward_over_reverse"``, ``"finite_difference"``).
+        basis_device: Where every Lanczos basis lives (spectrum, density, blocks, the
+            bound's λ_max, the ascents' eigen start); ``None``: the model's device.
+        basis_dtype: The dtype those bases are stored in, by name (``"float32"``,
+            ``"bfloat16"``, ...); ``None``: the model's.
     """
 
     rhos: tuple[float, ...] = (0.01, 0.02, 0.05)
@@ -120,6 +127,9 @@ class DiagnoseConfig:
     block_density: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    hvp_method: str = "auto"
+    basis_device: str | None = None
+    basis_dtype: str | None = None
 
     def __post_init__(self) -> None:
         rhos = tuple(self.rhos)
@@ -149,6 +159,16 @@ class DiagnoseConfig:
         self.blocks = _check_blocks(self.blocks)
         if not isinstance(self.block_density, bool):
             raise TypeError(f"block_density must be True or False, not {self.block_density!r}")
+        from flatlens.core._derivatives import HVP_METHODS
+
+        if self.hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, not {self.hvp_method!r}")
+        dtype_named(self.basis_dtype)  # checks the name
+
+    @property
+    def basis(self) -> dict[str, Any]:
+        """``basis_device`` and ``basis_dtype`` as the measures take them."""
+        return {"basis_device": self.basis_device, "basis_dtype": dtype_named(self.basis_dtype)}
 
     def quick(self) -> DiagnoseConfig:
         """Small settings for a fast first look."""
@@ -163,6 +183,18 @@ class DiagnoseConfig:
             landscape_1d=min(self.landscape_1d, 11),
             landscape_2d=min(self.landscape_2d, 7),
         )
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """The floating torch dtype called ``name`` (``"float32"``, ``"bfloat16"``), or None."""
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"basis_dtype must name a floating torch dtype (float32, bfloat16, ...), not {name!r}"
+        )
+    return dtype
 
 
 def _check_blocks(blocks: Any) -> str | dict[str, str | list[str]] | None:
@@ -208,13 +240,21 @@ def _objective(
     y: Tensor,
     batch_size: int,
     memory_budget: float | None = None,
+    hvp_method: str = "auto",
 ) -> Objective:
     """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
     rank's shard, reduced across the ranks (see the module docstring)."""
     x, y, distributed = fd.local_split(x, y)
     parts = batches(x, y, batch_size)
     data = parts[0] if len(parts) == 1 else parts
-    return Objective(model, loss_fn, data, distributed=distributed, memory_budget=memory_budget)
+    return Objective(
+        model,
+        loss_fn,
+        data,
+        distributed=distributed,
+        memory_budget=memory_budget,
+        hvp_method=hvp_method,
+    )
 
 
 def measure_objective(
@@ -230,7 +270,9 @@ def measure_objective(
     if config.measure_samples is not None:
         x, y = x[: config.measure_samples], y[: config.measure_samples]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    return _objective(model, loss_fn, x, y, config.batch_size, config.memory_budget)
+    return _objective(
+        model, loss_fn, x, y, config.batch_size, config.memory_budget, config.hvp_method
+    )
 
 
 def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_fn) -> dict:
@@ -252,10 +294,15 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
 
     rho = config.rhos[len(config.rhos) // 2]
     adaptive = zeroth_order_sharpness(
-        objective, rho, adaptive=True, steps=config.ascent_steps, seed=config.seed
+        objective, rho, adaptive=True, steps=config.ascent_steps, seed=config.seed, **config.basis
     )
     bound = check_bound(
-        objective, list(config.rhos), steps=config.ascent_steps, seed=config.seed, progress=progress
+        objective,
+        list(config.rhos),
+        steps=config.ascent_steps,
+        seed=config.seed,
+        progress=progress,
+        **config.basis,
     )
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
@@ -291,6 +338,7 @@ def _block_spectra(objective: Objective, config: DiagnoseConfig, progress: bool)
         seed=config.seed,
         progress=progress,
         density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.density_steps},
+        **config.basis,
     )
 
 
@@ -406,6 +454,8 @@ def diagnose(
     objective = measure_objective(model, data, config, loss_fn)
     seed = config.seed
     subset = {"measure_samples": config.measure_samples, "batch_size": config.batch_size}
+    if config.hvp_method != "auto":  # other products: other parts (default reports resume)
+        subset["hvp_method"] = config.hvp_method
     report: dict[str, Any] = {
         "title": title,
         "data": data.name,
@@ -427,7 +477,9 @@ def diagnose(
     )
     report["spectrum"] = store.run(
         "spectrum",
-        lambda: hessian_eigenvalues(objective, config.k, seed=seed, progress=progress),
+        lambda: hessian_eigenvalues(
+            objective, config.k, seed=seed, progress=progress, **config.basis
+        ),
         settings={**subset, "k": config.k, "seed": seed},
     )
     report["trace"] = store.run(
@@ -445,6 +497,7 @@ def diagnose(
             lanczos_steps=config.density_steps,
             seed=seed,
             progress=progress,
+            **config.basis,
         ),
         settings={
             **subset,

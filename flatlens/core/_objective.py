@@ -96,6 +96,15 @@ class Objective(DerivativesMixin):
 
     layout: ShardLayout | None = None  # where the local entries sit, for a sharded model
 
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Objective:
+        # A fully_shard-ed (FSDP2) model gets the sharded objective (core/_sharded.py).
+        if cls is Objective:
+            from flatlens.core._sharded import ShardedObjective, is_fully_sharded
+
+            if is_fully_sharded(model):
+                return super().__new__(ShardedObjective)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,

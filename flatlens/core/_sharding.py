@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,14 @@ from torch import Tensor
 __all__ = [
     "RANDOM_CHUNK",
     "ShardLayout",
+    "any_rank",
     "current_layout",
+    "global_size",
     "random_vector",
     "reduce_max",
     "reduce_sum",
     "sharded",
+    "vector_norm",
 ]
 
 RANDOM_CHUNK = 1 << 16
@@ -94,6 +98,13 @@ def sharded(layout: ShardLayout | None) -> Iterator[None]:
         _LAYOUT.reset(token)
 
 
+def global_size(n: int) -> int:
+    """The length of the global vector whose local pieces have ``n`` entries (n itself
+    without a sharded layout)."""
+    layout = current_layout()
+    return layout.global_size if layout is not None and layout.local_size == n else n
+
+
 def reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over the ranks of the current layout (in place), or ``t`` itself.
 
@@ -106,6 +117,31 @@ def reduce_max(t: Tensor) -> Tensor:
     """``t`` maximized over the ranks of the current layout (in place), or ``t`` itself."""
     layout = current_layout()
     return t if layout is None else layout.all_reduce(t, "max")
+
+
+def vector_norm(x: Tensor, ord: float = 2) -> Tensor:
+    """||x||_ord in float64 (a 0-d tensor on x's device) for ord 1, 2 or inf, over all
+    ranks' pieces under a sharded layout."""
+    x = x.detach().to(torch.float64)
+    layout = current_layout()
+    if layout is None:
+        return torch.linalg.vector_norm(x, ord=ord)
+    if ord == math.inf:
+        part = x.abs().max().reshape(1) if x.numel() else x.new_zeros(1)
+        return layout.all_reduce(part, "max")[0]
+    if ord == 1:
+        return layout.all_reduce(x.abs().sum().reshape(1))[0]
+    if ord != 2:
+        raise ValueError(f"ord must be 1, 2 or inf, not {ord!r}")
+    return layout.all_reduce((x @ x).reshape(1))[0].clamp_min(0).sqrt()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on some rank (the same answer on every rank)."""
+    layout = current_layout()
+    if layout is None:
+        return flag
+    return bool(layout.all_reduce(torch.tensor([float(flag)]), "max")[0] > 0)
 
 
 def _draw(m: int, generator: torch.Generator, kind: str, *, least: int = 0) -> Tensor:

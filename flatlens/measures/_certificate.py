@@ -27,6 +27,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from flatlens.core._sharding import global_size
 from flatlens.measures._basis import combo_norm64, dot64, norm64
 
 F64 = torch.float64
@@ -175,8 +176,8 @@ def spread(w: Tensor, other: Tensor, scale: float = 1.0) -> float:
 
 
 def sums_error(n: int, products: Tensor) -> float:
-    """The float64 sums' own error, sqrt(n) eps64 ||w||."""
-    return math.sqrt(n) * torch.finfo(F64).eps * max(norm64(row) for row in products)
+    """The float64 sums' own error, sqrt(n) eps64 ||w|| (n the global dimension)."""
+    return math.sqrt(global_size(n)) * torch.finfo(F64).eps * max(norm64(row) for row in products)
 
 
 def _scale(values: Tensor, neighbours: Neighbours) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flatlens.core._sharding import random_vector
+from flatlens.core._sharding import global_size, random_vector
 from flatlens.measures._basis import Basis, norm64
 
 __all__ = ["KrylovState", "RitzPairs", "Storage", "lanczos_tridiagonal"]
@@ -55,7 +55,7 @@ class KrylovState:
     """Basis rows V (the first ``p`` processed) and T = V^T A V[:, :p] in float64.
 
     Args:
-        n: Vector length.
+        n: Vector length (this rank's part on a sharded objective).
         capacity: Most rows the basis will hold.
         work: Device and dtype of the operator's vectors.
         basis: Device and dtype the basis rows are stored in.
@@ -66,6 +66,7 @@ class KrylovState:
         self, n: int, capacity: int, work: Storage, basis: Storage, generator: torch.Generator
     ) -> None:
         self.n, self.work, self.generator = n, work, generator
+        self.dim = global_size(n)  # the space's dimension (n on one process)
         self.basis = Basis(n, capacity, device=basis.device, dtype=basis.dtype)
         self.T = torch.zeros(capacity, capacity, dtype=F64)
         self.p, self.restarts, self.broke = 0, 0, False
@@ -111,7 +112,7 @@ class KrylovState:
     def absorb(self, w: Tensor, noise: float = 0.0) -> None:
         """Record w = A v_p (``w`` on the basis's device, modified in place): orthogonalize,
         fill column p of T, append the remainder as the next row."""
-        j, n = self.p, self.n
+        j, n = self.p, self.dim
         w, h = self.basis.orthogonalize(w)
         rows = self.basis.size
         self.T[:rows, j] = h
@@ -122,7 +123,7 @@ class KrylovState:
             return
         if beta <= max(1e-12 * scale * math.sqrt(n), noise):
             if self.exhausted:  # invariant subspace: go on from a fresh direction
-                fresh = random_vector(n, self.generator, device=self.basis.device)
+                fresh = random_vector(self.n, self.generator, device=self.basis.device)
                 fresh, _ = self.basis.orthogonalize(fresh.to(self.work.dtype))
                 self.basis.append(fresh / norm64(fresh))
                 self.broke = True
@@ -188,7 +189,7 @@ def lanczos_tridiagonal(
         invariant subspace.
     """
     n = v0.numel()
-    steps = min(steps, n)
+    steps = min(steps, global_size(n))
     dev, dt = v0.device, v0.dtype
     bdev = torch.device(basis_device) if basis_device else dev
     basis = Basis(n, steps, device=bdev, dtype=basis_dtype or dt)
@@ -202,7 +203,7 @@ def lanczos_tridiagonal(
         if j + 1 == steps:
             break
         b = norm64(w)
-        if b <= 1e-12 * max(abs(a) for a in alpha) * math.sqrt(n):
+        if b <= 1e-12 * max(abs(a) for a in alpha) * math.sqrt(global_size(n)):
             break
         beta.append(b)
         basis.append(w / b)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flatlens.core._sharding import global_size
 from flatlens.measures._basis import max_abs_sign
 from flatlens.measures._certificate import (
     ROUNDING_FACTOR,
@@ -265,7 +266,7 @@ def lanczos_eigsh(
         Wanted eigenvalues in ``which`` order, unit eigenvectors as rows, true residual
         norms, error bounds and convergence flags.
     """
-    n = v0.numel()
+    n = global_size(v0.numel())  # on a sharded objective the vectors hold a part of n
     if not 1 <= k < n:
         raise ValueError(f"k must be between 1 and num_params - 1 = {n - 1}, got {k}")
     m = min(n, basis_size or max(2 * k + 10, 24))
@@ -278,7 +279,7 @@ def lanczos_eigsh(
         op = matvec
     else:
         mm = None if matmat is None else (lambda x: matmat(x.T.contiguous()).T)
-        op = Operator(matvec, n, v0.dtype, v0.device, matmat=mm)
+        op = Operator(matvec, v0.numel(), v0.dtype, v0.device, matmat=mm)
     work = Storage(op.device, op.dtype)
     basis = Storage(
         torch.device(basis_device) if basis_device else op.device, basis_dtype or op.dtype
@@ -294,7 +295,7 @@ def lanczos_eigsh(
     bar = tqdm(desc="lanczos", unit="matvec", disable=not progress, leave=False)
     op.on_product, start_count = bar.update, op.count
     stop_at = start_count + budget
-    state = KrylovState(n, min(n, m + 1), work, basis, gen)
+    state = KrylovState(op.n, min(n, m + 1), work, basis, gen)
     state.start(v0.to(basis.device, work.dtype))
     delta: float | None = None
     peak, restarts, rounds, worst = 0, 0, 0, math.inf
@@ -321,7 +322,7 @@ def lanczos_eigsh(
             if rounds >= MAX_REFINEMENTS or room < k + 2 or now > 0.5 * worst:
                 break
             worst, rounds = now, rounds + 1
-            state = KrylovState(n, min(n, m + k), work, basis, gen)
+            state = KrylovState(op.n, min(n, m + k), work, basis, gen)
             if not state.load(u, cert.products, delta / ROUNDING_FACTOR):
                 break
     finally:

@@ -24,10 +24,10 @@ from flatlens.core._results import MeasureResult
 from flatlens.measures._basis import dot64, norm64, rows_dot64
 from flatlens.measures._certificate import ROUNDING_FACTOR, ROUNDING_SCALE
 from flatlens.measures._krylov import lanczos_tridiagonal
-from flatlens.measures._lanczos import Which, lanczos_eigsh
+from flatlens.measures._lanczos import Which
 from flatlens.measures._operators import Operator, as_operator
 from flatlens.measures._power import power_iteration
-from flatlens.measures._reference import finish_certificate
+from flatlens.measures._reference import certified_lanczos
 
 __all__ = [
     "DensityResult",
@@ -196,10 +196,11 @@ def hessian_eigenvalues(
     op = as_operator(objective, at)
     if method == "lanczos":
         v0, used = _start_vector(op, gen, use_gradient=start == "gradient" and which != "SA")
-        out = lanczos_eigsh(
+        done = certified_lanczos(
             op,
             v0,
             k,
+            certify=certify,
             which=which,
             tol=tol,
             max_matvecs=max_hvps,
@@ -210,13 +211,7 @@ def hessian_eigenvalues(
             basis_dtype=basis_dtype,
             rounding=rounding,
         )
-        finished = finish_certificate(op, out, tol=tol, which=which, certify=certify)
-        out, kind, extra, note = (
-            finished.output,
-            finished.kind,
-            finished.reference_hvps,
-            finished.note,
-        )
+        out, kind, extra, note = done.output, done.kind, done.reference_hvps, done.note
     else:
         used = "random"
         out = power_iteration(

@@ -180,7 +180,7 @@ def _curvature_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--basis-dtype",
-        metavar="DTYPE",
+        choices=["float64", "float32", "bfloat16", "float16"],
         default=None,
         help="store the Lanczos bases in this dtype, e.g. bfloat16 (default: the model's)",
     )

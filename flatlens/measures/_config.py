@@ -62,9 +62,12 @@ def _init_kinds(init: object) -> tuple[str, ...]:
 
 
 def _check_basis_dtype(dtype: object) -> torch.dtype | None:
-    """``dtype`` unless it is neither ``None`` nor a floating torch dtype."""
+    """``dtype`` (a floating torch dtype, or its name as JSON holds it: ``"torch.float32"``,
+    ``"bfloat16"``), unless it is neither that nor ``None``."""
     if dtype is None:
         return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"basis_dtype must be a floating torch dtype or None, not {dtype!r}")
     return dtype

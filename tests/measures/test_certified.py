@@ -71,3 +71,23 @@ def test_lanczos_stops_as_soon_as_the_bound_it_reports_meets_tol():
         assert abs(float(out.eigenvalues[0]) - 2.0) <= float(out.error_bounds[0])
         short = lanczos_eigsh(lambda v: a @ v, v0, 1, tol=tol, max_matvecs=out.num_matvecs - 1)
         assert not bool(short.converged.all())
+
+
+def test_the_eigen_start_of_the_ascents_takes_the_basis_options():
+    import json
+
+    from flatlens import AscentConfig, first_order_flatness
+
+    model = bn_cnn()
+    x, y = image_data(n=24)
+    obj = Objective(model, F.cross_entropy, (x, y))
+    plain = first_order_flatness(obj, 0.05, steps=3, seed=0)
+    low = first_order_flatness(
+        obj, 0.05, steps=3, seed=0, basis_device="cpu", basis_dtype=torch.float32
+    )
+    assert low.value == pytest.approx(plain.value, rel=1e-5)
+    out = json.loads(json.dumps(low.to_dict()))
+    assert out["config"]["basis_dtype"] == "torch.float32"
+    assert AscentConfig(**out["config"]) == low.config
+    with pytest.raises(ValueError, match="basis_dtype"):
+        AscentConfig(0.1, basis_dtype=torch.int8)

@@ -16,9 +16,9 @@ truncation. :func:`finish_certificate` decides what the bound covers:
   distance between the two operators). ``"certified"``;
 * difference products: the allowance grows by the Richardson estimate
   ||D_2h(u_1) - D_h(u_1)|| (two more gradients, once per point). ``"estimate"``;
-* otherwise (below float64 with ``certify=False``, or no room for the copy, or an
-  operator that is not an Objective): the bound covers the measured rounding only.
-  ``"estimate"``.
+* otherwise (below float64 with ``certify=False``, no room for the copy, a GPU whose
+  float64 runs at 1/32 of float32's rate, a sharded model, or an operator that is not an
+  Objective): the bound covers the measured rounding only. ``"estimate"``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,18 @@ def _room_for_copy(objective, k: int) -> bool:
     need += 2 * (objective.estimated_graph_bytes or 0)
     budget = objective.memory_budget or available_bytes(objective.device) / 2
     return need <= budget
+
+
+FAST_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+"""CUDA compute capabilities with float64 at half the float32 rate (P100, V100, A100, H100,
+B200); other GPUs run float64 at 1/32 or 1/64 of it."""
+
+
+def _fast_float64(device: torch.device) -> bool:
+    """Whether float64 products cost a small multiple of float32 ones on ``device``."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return tuple(torch.cuda.get_device_capability(device)) in FAST_FLOAT64
 
 
 def _float64_recheck(op: Operator, out: EigshOutput, tol: float, which: Which) -> Finished:
@@ -127,9 +139,10 @@ def finish_certificate(
         out: Its output (with the certificate).
         tol: The tolerance asked for.
         which: The order of the output.
-        certify: ``None``: re-evaluate in float64 when the objective is below float64 and
-            a float64 copy fits; ``True``: always (an error when impossible); ``False``:
-            never (the bound of a below-float64 objective is then an estimate).
+        certify: ``None``: re-evaluate in float64 when the objective is below float64, a
+            float64 copy fits and float64 is fast on the device (the CPU, datacenter GPUs);
+            ``True``: always (an error when impossible); ``False``: never (the bound of a
+            below-float64 objective is then an estimate).
     """
     objective = op.objective
     if out.certificate is None:
@@ -147,6 +160,8 @@ def finish_certificate(
         reason = "a sharded model is not copied to float64"
     elif certify is None and not _room_for_copy(objective, out.eigenvectors.shape[0]):
         reason = "no memory for a float64 copy of the model"
+    elif certify is None and not _fast_float64(op.device):
+        reason = f"float64 is slow on {op.device} (pass certify=True to re-evaluate anyway)"
     if reason:
         if certify:
             raise ValueError(f"certify=True: {reason}")

@@ -225,12 +225,9 @@ def cmd_bound(args: argparse.Namespace) -> None:
     model, data, loss_fn = _load(args, notes)
     objective = _objective(args, model, data, loss_fn)
     out = claim_out(args)
-    from flatlens.report._diagnose import dtype_named
+    from flatlens.core._checks import floating_dtype
 
-    try:
-        basis_dtype = dtype_named(getattr(args, "basis_dtype", None))
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    basis_dtype = floating_dtype(getattr(args, "basis_dtype", None))  # the parser's choices
     report = check_bound(
         objective,
         list(args.rho),

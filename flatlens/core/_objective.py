@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -29,13 +28,14 @@ from flatlens.core import _data
 from flatlens.core._data import BatchWeight
 from flatlens.core._derivatives import DerivativesMixin, HVPMethod
 from flatlens.core._errors import DataChangedError, NonFiniteLossError
+from flatlens.core._interop import InteropMixin
 from flatlens.core._params import ParamSpace, ParamSpec, eval_mode, select_parameters
 from flatlens.core._sharding import ShardLayout
 
 __all__ = ["DataChangedError", "Objective"]
 
 
-class Objective(DerivativesMixin):
+class Objective(InteropMixin, DerivativesMixin):
     """Empirical risk L(theta) of ``loss_fn(model(inputs), targets)`` over a fixed data set.
 
     Args:
@@ -407,25 +407,6 @@ class Objective(DerivativesMixin):
             result["accuracy"] = float(correct) / float(examples)
         return result
 
-    # ------------------------------------------------------------------ interop
-    def as_linear_operator(self, at: Tensor | None = None):
-        """The Hessian at ``theta`` (or ``at``) as a ``scipy.sparse.linalg.LinearOperator``.
-
-        Vectors are NumPy arrays in float64 on the CPU; each ``matvec`` runs one HVP on the
-        model's device.
-        """
-        from scipy.sparse.linalg import LinearOperator
-
-        point = self.point(at)
-        n = self.num_params
-
-        def matvec(x: np.ndarray) -> np.ndarray:
-            vec = torch.as_tensor(np.ascontiguousarray(x).reshape(-1), dtype=self.dtype)
-            hv = self.hvp(vec.to(self.device), at=point)
-            return hv.detach().to("cpu", torch.float64).numpy()
-
-        return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np.float64)
-
     def evaluate_points(
         self,
         points: Tensor,
@@ -502,21 +483,6 @@ class Objective(DerivativesMixin):
         if "hvp_method" not in settings:
             child._inherit_products(self)
         return child
-
-    def _copy_in_dtype(self, dtype: torch.dtype) -> Objective:
-        """The same risk over a deep copy of the model in ``dtype`` (floating parameters
-        and buffers cast; data cast as it is prepared): for products in float64 that check
-        the float32 ones. The check of exact products is inherited."""
-        import copy
-
-        model = copy.deepcopy(self.model).to(dtype)
-        in_memory = isinstance(self._data, list)
-        data = [(x, y) for x, y, _ in self._data] if in_memory else self._data
-        kwargs = {**self._settings, "check_determinism": False, "check_hvp": False}
-        kwargs["targets_key"] = self.targets_key
-        if kwargs["hvp_method"] == "finite_difference":
-            kwargs["hvp_method"] = "auto"
-        return type(self)(model, self.loss_fn, data, params=list(self.space.names), **kwargs)
 
     def __repr__(self) -> str:
         return (

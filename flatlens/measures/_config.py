@@ -15,6 +15,7 @@ from flatlens.core._checks import (
     check_positive,
     check_positive_int,
     check_rho,
+    floating_dtype,
 )
 from flatlens.measures._apgd import check_momentum
 from flatlens.measures._ball import Ball, Norm, check_norm
@@ -59,18 +60,6 @@ def _init_kinds(init: object) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown init kind(s) {unknown}; choose from {INIT_KINDS}")
     return kinds
-
-
-def _check_basis_dtype(dtype: object) -> torch.dtype | None:
-    """``dtype`` (a floating torch dtype, or its name as JSON holds it: ``"torch.float32"``,
-    ``"bfloat16"``), unless it is neither that nor ``None``."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"basis_dtype must be a floating torch dtype or None, not {dtype!r}")
-    return dtype
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -149,7 +138,7 @@ class AscentConfig:
             "eigen_tol": check_positive("eigen_tol", self.eigen_tol),
             "budget": None if self.budget is None else check_positive("budget", self.budget),
             "basis_device": None if self.basis_device is None else str(self.basis_device),
-            "basis_dtype": _check_basis_dtype(self.basis_dtype),
+            "basis_dtype": floating_dtype(self.basis_dtype, "basis_dtype"),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from flatlens import distributed as fd
-from flatlens.core._checks import check_positive, check_positive_int, check_rho
+from flatlens.core._checks import check_positive, check_positive_int, check_rho, floating_dtype
+from flatlens.core._derivatives import HVP_METHODS
 from flatlens.core._io import write_json
 from flatlens.core._objective import Objective
 from flatlens.core._results import to_jsonable
@@ -102,12 +102,9 @@ class DiagnoseConfig:
             ``density_steps`` HVPs per block), drawn beside the eigenvalues.
         seed: Seed of every random choice.
         extra: Free-form values stored with the report.
-        hvp_method: How the Objective makes Hessian-vector products (``"auto"``,
-            ``"double_backward"``, ``"forward_over_reverse"``, ``"finite_difference"``).
-        basis_device: Where every Lanczos basis lives (spectrum, density, blocks, the
-            bound's λ_max, the ascents' eigen start); ``None``: the model's device.
-        basis_dtype: The dtype those bases are stored in, by name (``"float32"``,
-            ``"bfloat16"``, ...); ``None``: the model's.
+        hvp_method: The Objective's ``hvp_method``.
+        basis_device, basis_dtype: Device and dtype (by name: ``"bfloat16"``) of every
+            Lanczos basis (spectrum, density, blocks, λ_max, the eigen start of R0/R1).
     """
 
     rhos: tuple[float, ...] = (0.01, 0.02, 0.05)
@@ -159,16 +156,15 @@ class DiagnoseConfig:
         self.blocks = _check_blocks(self.blocks)
         if not isinstance(self.block_density, bool):
             raise TypeError(f"block_density must be True or False, not {self.block_density!r}")
-        from flatlens.core._derivatives import HVP_METHODS
-
         if self.hvp_method not in HVP_METHODS:
             raise ValueError(f"hvp_method must be one of {HVP_METHODS}, not {self.hvp_method!r}")
-        dtype_named(self.basis_dtype)  # checks the name
+        floating_dtype(self.basis_dtype, "basis_dtype")  # checks the name
 
     @property
     def basis(self) -> dict[str, Any]:
         """``basis_device`` and ``basis_dtype`` as the measures take them."""
-        return {"basis_device": self.basis_device, "basis_dtype": dtype_named(self.basis_dtype)}
+        dtype = floating_dtype(self.basis_dtype, "basis_dtype")
+        return {"basis_device": self.basis_device, "basis_dtype": dtype}
 
     def quick(self) -> DiagnoseConfig:
         """Small settings for a fast first look."""
@@ -183,18 +179,6 @@ class DiagnoseConfig:
             landscape_1d=min(self.landscape_1d, 11),
             landscape_2d=min(self.landscape_2d, 7),
         )
-
-
-def dtype_named(name: str | None) -> torch.dtype | None:
-    """The floating torch dtype called ``name`` (``"float32"``, ``"bfloat16"``), or None."""
-    if name is None:
-        return None
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"basis_dtype must name a floating torch dtype (float32, bfloat16, ...), not {name!r}"
-        )
-    return dtype
 
 
 def _check_blocks(blocks: Any) -> str | dict[str, str | list[str]] | None:
@@ -247,14 +231,8 @@ def _objective(
     x, y, distributed = fd.local_split(x, y)
     parts = batches(x, y, batch_size)
     data = parts[0] if len(parts) == 1 else parts
-    return Objective(
-        model,
-        loss_fn,
-        data,
-        distributed=distributed,
-        memory_budget=memory_budget,
-        hvp_method=hvp_method,
-    )
+    kw = {"memory_budget": memory_budget, "hvp_method": hvp_method}
+    return Objective(model, loss_fn, data, distributed=distributed, **kw)
 
 
 def measure_objective(
@@ -293,17 +271,9 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
     from flatlens.measures._sharpness import zeroth_order_sharpness
 
     rho = config.rhos[len(config.rhos) // 2]
-    adaptive = zeroth_order_sharpness(
-        objective, rho, adaptive=True, steps=config.ascent_steps, seed=config.seed, **config.basis
-    )
-    bound = check_bound(
-        objective,
-        list(config.rhos),
-        steps=config.ascent_steps,
-        seed=config.seed,
-        progress=progress,
-        **config.basis,
-    )
+    common = {"steps": config.ascent_steps, "seed": config.seed, **config.basis}
+    adaptive = zeroth_order_sharpness(objective, rho, adaptive=True, **common)
+    bound = check_bound(objective, list(config.rhos), progress=progress, **common)
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
 

@@ -148,6 +148,12 @@ def finish_certificate(
     if out.certificate is None:
         return Finished(out, "estimate")
     if objective is not None and objective.uses_differences:
+        if certify:
+            raise ValueError(
+                "certify=True: difference products have no exact float64 counterpart here "
+                f"({objective.hvp_note or 'hvp_method=finite_difference'}); their bound is "
+                "an estimate"
+            )
         return _with_difference_error(op, out, tol, which)
     if op.dtype == F64:
         return Finished(out, "certified")

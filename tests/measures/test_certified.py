@@ -56,6 +56,8 @@ def test_float64_products_are_certified_as_they_are():
     fd = Objective(model, F.cross_entropy, (x, y), hvp_method="finite_difference")
     est = hessian_eigenvalues(fd, 1, tol=1e-6)
     assert est.bound_kind == "estimate" and "Richardson" in est.bound_note
+    with pytest.raises(ValueError, match="certify=True"):
+        hessian_eigenvalues(fd, 1, tol=1e-6, certify=True)
 
 
 def test_lanczos_stops_as_soon_as_the_bound_it_reports_meets_tol():

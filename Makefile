@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) --editable ".[test,docs,models]"
+	$(PIP) --editable ".[test,docs,models,lightning,transformers,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)

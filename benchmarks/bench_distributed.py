@@ -79,7 +79,7 @@ def _tasks(case: dict, mode: str, world: int, quick: bool) -> dict[str, Any]:
     d2 = fl.random_direction(objective, seed=1)
     tasks: dict[str, Any] = {
         "plane": lambda: fl.plane(
-            objective, d1, d2, steps=(steps, steps), method="serial", distribute=mode
+            objective, d1, d2, num_points=(steps, steps), method="serial", distribute=mode
         ).values["loss"],
     }
     if mode != "points":  # the spectrum is data parallel only

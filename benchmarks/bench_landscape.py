@@ -1,29 +1,43 @@
 """Benchmark: a 2-D loss landscape with flatlens vs loss-landscapes 3.0.6 vs the forward floor.
 
 Same model, weights, data and grid size N = S x S for every contender, float32, eval mode,
-all timed interleaved in one run (so load changes on a shared machine hit all alike):
+all timed interleaved in one run, the order rotated every round (so load changes on a shared
+machine hit all alike):
 
 * ``floor``: N plain ``loss_fn(model(x), y)`` calls under ``torch.no_grad`` -- the least
   work that yields N loss values (``floor (fwd)``: N bare ``model(x)`` calls, for scale).
 * ``flatlens``: :func:`flatlens.landscape.plane` with two filter-normalized random directions,
-  loss only (``+acc``: loss and accuracy; ``vmap``: ``method="vmap"``). Objective
-  construction, the directions and the determinism check at the centre are included.
+  loss only, as the peer computes (``+acc``: loss and accuracy, the default for a
+  classifier; ``vmap``: ``method="vmap"``). Objective construction, the directions, the
+  determinism check and the centre are included.
 * ``loss-landscapes``: ``loss_landscapes.random_plane`` (filter normalization) with its
   ``Loss`` metric on the same single in-memory batch (it evaluates one batch and nothing else).
 
-Cases: ``mlp`` = :func:`flatlens.zoo.mlp` over all 1797 digits in one batch; ``cnn`` =
-:func:`flatlens.zoo.cnn` (BatchNorm) over the first 256 digits images in one batch (the CPU
-forward of the CNN over all 1797 images takes ~0.1-0.2 s here, which would make a 41 x 41
-plane take minutes per contender). Both are trained for 300 SGD steps first.
+Cases (the issue-24 targets in brackets):
 
-Reported: the CPU seconds of this process per plane (one intra-op thread, so this is the work
-done, not the time spent waiting for cores that others' processes hold), milliseconds per grid
-point, the wall time, and the median over repeats of each repeat's ratio to the floor and to
-loss-landscapes. Targets on the CPU: flatlens (loss) within 10% of the floor and at least as
-fast as loss-landscapes. Run::
+* ``mlp``: :func:`flatlens.zoo.mlp` over all 1797 digits in one batch, 41 x 41
+  [at most 1.10x the floor and at least as fast as loss-landscapes, with one and two threads];
+* ``resnet18``: :func:`flatlens.zoo.resnet18` (CIFAR-shaped: 3 x 32 x 32, 10 classes) over 256
+  random images in one batch, 21 x 21, floor and flatlens only [at most 1.05x the floor].
+  Untrained: the time of a forward pass does not depend on the weights' values, and training
+  it on a CPU takes hours. (loss-landscapes 3.0.6 cannot normalize it: its filter
+  normalization scales the all-zero BatchNorm biases to zero, then divides by their zero
+  filter norms.) One plane is about 30 minutes per contender on one thread;
+* ``cnn``: :func:`flatlens.zoo.cnn` (BatchNorm) over the first 256 digits images, 41 x 41.
 
-    .venv/bin/python benchmarks/bench_landscape.py            # 41 x 41, several minutes
-    .venv/bin/python benchmarks/bench_landscape.py --quick    # 11 x 11, about a minute
+``mlp`` and ``cnn`` are trained for 300 SGD steps first. Every case runs once per ``--threads``
+value. Reported: per contender the median wall and CPU seconds of this process per plane,
+CPU milliseconds per grid point, and the median over rounds of each round's ratio to the
+floor and to loss-landscapes, on the wall clock and in CPU seconds. With one thread the CPU
+ratio is the steadier measure (it counts the work done, not the time spent waiting for a core
+that another process holds); with two threads the CPU time also counts OpenMP's spin-waiting,
+so the verdict lines use the wall-clock ratios there. A second, finely interleaved
+measurement alternates chunks of points through flatlens' serial evaluator (the grid path)
+with as many floor calls. Run::
+
+    .venv/bin/python benchmarks/bench_landscape.py --cases mlp --threads 1 2   # ~5 minutes
+    .venv/bin/python benchmarks/bench_landscape.py --cases resnet18            # ~1 hour
+    .venv/bin/python benchmarks/bench_landscape.py --quick                     # ~1 minute
 
 Results: tables on stdout and ``benchmarks/results/bench_landscape.json``.
 :func:`vmap_check` is the GPU check (vmap vs serial evaluation) for ``gpu_check.py``.
@@ -44,6 +58,7 @@ import torch
 from _common import (
     Column,
     environment,
+    format_table,
     report,
     set_threads,
     synchronize,
@@ -55,14 +70,46 @@ from flatlens import Objective, zoo
 from flatlens import landscape as fl
 from flatlens.data import load_digits
 
-__all__ = ["Case", "make_case", "measure_case", "vmap_check"]
+__all__ = ["CASES", "Case", "make_case", "measure_case", "vmap_check"]
 
 CNN_SAMPLES = 256
+RESNET_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class CaseSettings:
+    """A case's defaults: grid points per axis, rounds, contenders, the fine measurement."""
+
+    steps: int
+    repeats: int
+    contenders: tuple[str, ...]
+    fine_rounds: int
+    fine_chunk: int
+    floor_target: float
+    peer_target: bool  # the target includes "at least as fast as loss-landscapes"
+
+
+CONTENDERS = (
+    "floor",
+    "floor (fwd)",
+    "flatlens",
+    "flatlens +acc",
+    "flatlens vmap",
+    "loss-landscapes",
+)
+CASES = {
+    "mlp": CaseSettings(41, 7, CONTENDERS, 60, 16, 1.10, True),
+    # The CNN's vmap path is ~3x slower than serial on the CPU: timed only with --quick.
+    "cnn": CaseSettings(
+        41, 3, tuple(c for c in CONTENDERS if c != "flatlens vmap"), 20, 16, 1.10, True
+    ),
+    "resnet18": CaseSettings(21, 1, ("floor", "flatlens"), 6, 2, 1.05, False),
+}
 
 
 @dataclass
 class Case:
-    """A trained model and the single batch every contender evaluates it on."""
+    """A model and the single batch every contender evaluates it on."""
 
     name: str
     description: str
@@ -80,8 +127,18 @@ class Case:
 def make_case(
     name: str, device: torch.device | str = "cpu", *, num_samples: int | None = None
 ) -> Case:
-    """``mlp`` (all 1797 digits) or ``cnn`` (first ``CNN_SAMPLES`` images), trained briefly."""
+    """``mlp`` (all 1797 digits) or ``cnn`` (first ``CNN_SAMPLES`` images), trained briefly,
+    or ``resnet18`` (``RESNET_SAMPLES`` random CIFAR-shaped images, untrained)."""
     device = torch.device(device)
+    if name == "resnet18":
+        torch.manual_seed(0)
+        model = zoo.resnet18().to(device).eval()
+        gen = torch.Generator().manual_seed(0)
+        n = num_samples or RESNET_SAMPLES
+        x = torch.randn(n, 3, 32, 32, generator=gen).to(device)
+        y = torch.randint(0, 10, (n,), generator=gen).to(device)
+        what = f"zoo.resnet18 (CIFAR-shaped, untrained, eval mode), one batch of {n} images"
+        return Case(name, what, model, nn.CrossEntropyLoss(), x, y)
     image = name == "cnn"
     d = load_digits(image=image)
     x, y = torch.cat([d.x_train, d.x_test]).to(device), torch.cat([d.y_train, d.y_test]).to(device)
@@ -121,7 +178,7 @@ def _flatlens(
         obj = Objective(case.model, case.loss_fn, (case.x, case.y))
         d1, d2 = fl.random_direction(obj, seed=0), fl.random_direction(obj, seed=1)
         return fl.plane(
-            obj, d1, d2, span=(-1, 1), steps=(steps, steps), metrics=metrics, method=method
+            obj, d1, d2, span=(-1, 1), num_points=(steps, steps), metrics=metrics, method=method
         )
 
     return run
@@ -151,21 +208,18 @@ def _loss_landscapes(case: Case, steps: int) -> Callable[[], np.ndarray]:
     return run
 
 
-def _time_both(
+def _time_rounds(
     fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device
 ) -> dict[str, tuple[list[float], list[float], Any]]:
-    """Round-robin timing of each call: wall seconds, CPU seconds of this process, result.
-
-    With one intra-op thread the CPU time counts the work done, not the time spent waiting
-    for cores that other users' processes hold, so it is the steadier measure on a shared
-    machine (it does not count GPU time: use the wall time there).
-    """
-    out: dict[str, tuple[list[float], list[float], Any]] = {k: ([], [], None) for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    """Round-robin timing, the order rotated by one every round: wall seconds, CPU seconds
+    of this process, result, per contender (lists indexed by round)."""
+    keys = list(fns)
+    out: dict[str, tuple[list[float], list[float], Any]] = {k: ([], [], None) for k in keys}
+    for r in range(repeats):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
             synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
-            result = fn()
+            result = fns[key]()
             synchronize(device)
             walls, cpus, _ = out[key]
             walls.append(time.perf_counter() - wall)
@@ -178,31 +232,29 @@ def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-CONTENDERS = (
-    "floor",
-    "floor (fwd)",
-    "flatlens",
-    "flatlens +acc",
-    "flatlens vmap",
-    "loss-landscapes",
-)
-
-
 def measure_case(
     name: str,
     device: torch.device | str = "cpu",
     *,
-    steps: int = 41,
-    repeats: int = 3,
-    contenders: Sequence[str] = CONTENDERS,
-    fine_rounds: int = 40,
+    threads: int = 1,
+    steps: int | None = None,
+    repeats: int | None = None,
+    contenders: Sequence[str] | None = None,
+    fine_rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Time every contender on one case, interleaved; ratios are medians of per-repeat ratios.
+    """Time every contender on one case with ``threads`` intra-op threads, interleaved;
+    ratios are medians of per-round ratios. ``None`` takes the case's default.
 
     Returns:
-        JSON-ready ``{"case", "settings", "rows", "checks"}``.
+        JSON-ready ``{"case", "settings", "rows", "per_point", "checks"}``.
     """
     device = torch.device(device)
+    defaults = CASES[name]
+    steps = steps or defaults.steps
+    repeats = repeats or defaults.repeats
+    contenders = list(contenders or defaults.contenders)
+    fine_rounds = defaults.fine_rounds if fine_rounds is None else fine_rounds
+    threads = set_threads(threads)
     case = make_case(name, device)
     n = steps * steps
     makers: dict[str, Callable[[], Callable[[], Any]]] = {
@@ -215,21 +267,19 @@ def measure_case(
     }
     fns = {k: makers[k]() for k in contenders}
     # Warm up every code path on a tiny grid (allocator, kernels, vmap tracing).
-    warm = {
-        "flatlens": _flatlens(case, 3, metrics=["loss"]),
-        "floor": _floor(case, 3, case.loss_fn),
-    }
+    warm = [_flatlens(case, 3, metrics=["loss"]), _floor(case, 3, case.loss_fn)]
     if "flatlens vmap" in fns:
-        warm["vmap"] = _flatlens(case, 3, metrics=["loss"], method="vmap")
+        warm.append(_flatlens(case, 3, metrics=["loss"], method="vmap"))
     if "loss-landscapes" in fns:
-        warm["ll"] = _loss_landscapes(case, 3)
-    for fn in warm.values():
+        warm.append(_loss_landscapes(case, 3))
+    for fn in warm:
         fn()
-    timed = _time_both(fns, repeats, device)
+    timed = _time_rounds(fns, repeats, device)
     rows = []
     for key, (wall, cpu, _) in timed.items():
         row: dict[str, Any] = {
             "case": name,
+            "threads": threads,
             "contender": key,
             "seconds": statistics.median(wall),
             "cpu_seconds": statistics.median(cpu),
@@ -247,6 +297,7 @@ def measure_case(
     if "flatlens" in timed:
         ls = timed["flatlens"][2]
         checks["flatlens_method"] = ls.settings["method"]
+        checks["flatlens_chunk_size"] = ls.settings["chunk_size"]
         checks["center_equals_objective_loss"] = bool(
             ls.center["loss"] == Objective(case.model, case.loss_fn, (case.x, case.y)).loss()
         )
@@ -255,32 +306,81 @@ def measure_case(
             checks["vmap_vs_serial_max_rel_diff"] = float(
                 np.max(np.abs(other - ls.values["loss"]) / np.abs(ls.values["loss"]))
             )
+    per_point = (
+        per_point_overhead(
+            case,
+            rounds=fine_rounds,
+            chunk=defaults.fine_chunk,
+            device=device,
+            vmap="flatlens vmap" in fns,
+        )
+        if fine_rounds
+        else {}
+    )
     return {
         "case": {"name": name, "description": case.description, "num_params": case.num_params},
-        "settings": {"steps": steps, "grid_points": n, "repeats": repeats, "device": str(device)},
+        "settings": {
+            "steps": steps,
+            "grid_points": n,
+            "repeats": repeats,
+            "threads": threads,
+            "device": str(device),
+            "floor_target": defaults.floor_target,
+            "peer_target": defaults.peer_target,
+        },
         "rows": rows,
-        "per_point": per_point_overhead(case, rounds=fine_rounds, device=device),
+        "per_point": per_point,
         "checks": checks,
     }
 
 
+def _grid_chunk(obj: Objective, d1: Tensor, d2: Tensor, chunk: int) -> Callable[[], Any]:
+    """One chunk of ``chunk`` plane points as ``plane`` evaluates it (the points written in
+    place into the working copy), or, with a flatlens that predates that, as it did then
+    (the rows materialized, then ``evaluate_points``)."""
+    coef = torch.stack([torch.linspace(-1, 1, chunk), torch.linspace(1, -1, chunk)], dim=1).to(
+        obj.dtype
+    )
+    try:
+        from flatlens.core._affine import AffinePoints
+        from flatlens.core._points import PointSession
+    except ImportError:  # an older flatlens, for before/after runs
+        from flatlens.landscape._grid import grid_points
+
+        def old() -> Any:
+            pts = grid_points(obj.theta, [d1, d2], coef.double().numpy())
+            return obj.evaluate_points(pts, ["loss"], method="serial", chunk_size=chunk)
+
+        return old
+    session = PointSession(obj, ["loss"], "serial")
+    points = AffinePoints(obj.theta, (d1, d2), coef)
+    return lambda: session.evaluate(points)
+
+
 def per_point_overhead(
-    case: Case, *, rounds: int = 40, chunk: int = 16, device: torch.device | str = "cpu"
+    case: Case,
+    *,
+    rounds: int = 40,
+    chunk: int = 16,
+    device: torch.device | str = "cpu",
+    vmap: bool = True,
 ) -> dict[str, float]:
     """CPU time per point of flatlens' evaluators relative to the floor, finely interleaved.
 
-    Alternates one chunk of ``chunk`` points through the serial and the vmap evaluator with
-    ``chunk`` floor calls, ``rounds`` times, so that machine load hits all three alike; the
-    whole-plane timings above cannot be interleaved this finely. Sums of CPU seconds.
+    Alternates one chunk of ``chunk`` plane points through the serial grid path (and the
+    vmap evaluator) with ``chunk`` floor calls, ``rounds`` times, so that machine load hits
+    all alike; the whole-plane timings cannot be interleaved this finely. Sums of CPU seconds.
     """
     obj = Objective(case.model, case.loss_fn, (case.x, case.y))
-    d = fl.random_direction(obj, seed=0).vector
-    thetas = obj.theta + torch.linspace(-1, 1, chunk, device=obj.device)[:, None] * d
-    fns = {
+    d1 = fl.random_direction(obj, seed=0).vector
+    d2 = fl.random_direction(obj, seed=1).vector
+    fns: dict[str, Callable[[], Any]] = {
         "floor": _floor(case, chunk, case.loss_fn),
-        "serial": lambda: obj.evaluate_points(thetas, method="serial", chunk_size=chunk),
-        "vmap": lambda: obj.evaluate_points(thetas, method="vmap", chunk_size=chunk),
+        "serial": _grid_chunk(obj, d1, d2, chunk),
     }
+    if vmap:
+        thetas = obj.theta + torch.linspace(-1, 1, chunk, device=obj.device)[:, None] * d1
+        fns["vmap"] = lambda: obj.evaluate_points(thetas, method="vmap", chunk_size=chunk)
     totals = dict.fromkeys(fns, 0.0)
     for fn in fns.values():
         fn()
@@ -295,7 +395,7 @@ def per_point_overhead(
     return {
         "floor_ms_per_point": 1e3 * floor / (rounds * chunk),
         "serial_vs_floor": totals["serial"] / floor,
-        "vmap_vs_floor": totals["vmap"] / floor,
+        "vmap_vs_floor": totals["vmap"] / floor if vmap else None,
         "rounds": rounds,
         "chunk": chunk,
     }
@@ -303,42 +403,57 @@ def per_point_overhead(
 
 COLUMNS = [
     Column("case", "case"),
+    Column("threads", "threads"),
     Column("contender", "contender"),
-    Column("cpu_seconds", "CPU s", ".2f"),
-    Column("ms_per_point", "CPU ms / point", ".3f"),
-    Column("vs_floor", "vs floor", ".3f"),
-    Column("vs_loss_landscapes", "vs loss-landscapes", ".3f"),
     Column("seconds", "wall s", ".2f"),
     Column("vs_floor_wall", "vs floor (wall)", ".3f"),
+    Column("vs_loss_landscapes_wall", "vs loss-landscapes (wall)", ".3f"),
+    Column("cpu_seconds", "CPU s", ".2f"),
+    Column("ms_per_point", "CPU ms / point", ".3f"),
+    Column("vs_floor", "vs floor (CPU)", ".3f"),
+    Column("vs_loss_landscapes", "vs loss-landscapes (CPU)", ".3f"),
     Column("spread", "spread", ".2f"),
 ]
 
 
 FINE_COLUMNS = [
     Column("case", "case"),
+    Column("threads", "threads"),
     Column("floor_ms_per_point", "floor ms / point", ".3f"),
     Column("serial_vs_floor", "serial vs floor", ".3f"),
     Column("vmap_vs_floor", "vmap vs floor", ".3f"),
+    Column("chunk", "chunk"),
     Column("rounds", "rounds"),
 ]
 
 
-def verdicts(results: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per case on the CPU targets."""
+def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per case and thread count on the CPU targets (CPU-time ratios with one
+    thread, wall-clock ratios with more)."""
     lines = []
-    for name, res in results.items():
+    for res in results:
         row = next((r for r in res["rows"] if r["contender"] == "flatlens"), None)
         if row is None:
             continue
-        vs_floor = row.get("vs_floor", float("nan"))
-        vs_ll = row.get("vs_loss_landscapes", float("nan"))
-        floor_ok, ll_ok = vs_floor <= 1.10, vs_ll <= 1.0
-        lines.append(
-            f"{name}: flatlens/floor = {vs_floor:.3f} ({'OK' if floor_ok else 'MISSED'} <= 1.10), "
-            f"flatlens/loss-landscapes = {vs_ll:.3f} ({'OK' if ll_ok else 'MISSED'} <= 1); "
-            f"per point, finely interleaved: serial/floor = "
-            f"{res['per_point']['serial_vs_floor']:.3f}; checks {res['checks']}"
+        st = res["settings"]
+        suffix = "" if st["threads"] == 1 else "_wall"
+        clock = "CPU" if st["threads"] == 1 else "wall"
+        vs_floor = row.get("vs_floor" + suffix, float("nan"))
+        target = st["floor_target"]
+        text = (
+            f"{res['case']['name']}, {st['threads']} thread(s), {clock} clock: flatlens/floor = "
+            f"{vs_floor:.3f} ({'OK' if vs_floor <= target else 'MISSED'} <= {target:.2f})"
         )
+        if st["peer_target"] and "vs_loss_landscapes" in row:
+            speed = 1.0 / row["vs_loss_landscapes" + suffix]
+            text += (
+                f", speed vs loss-landscapes = {speed:.3f}x "
+                f"({'OK' if speed >= 1.0 else 'MISSED'} >= 1)"
+            )
+        if res["per_point"]:
+            fine = res["per_point"]["serial_vs_floor"]
+            text += f"; per point, finely interleaved: serial/floor = {fine:.3f}"
+        lines.append(text + f"; checks {res['checks']}")
     return lines
 
 
@@ -412,46 +527,57 @@ def vmap_check(device: torch.device | str = "cuda", *, quick: bool = False) -> d
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="11 x 11 grid, about a minute")
-    parser.add_argument("--steps", type=int, default=None, help="grid points per axis (41)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (3; cnn 2)")
+    parser.add_argument("--quick", action="store_true", help="11 x 11 grids, a few rounds")
+    parser.add_argument("--steps", type=int, default=None, help="grid points per axis")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch CPU threads (1 2)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--cases", nargs="+", default=["mlp"], choices=list(CASES))
+    parser.add_argument(
+        "--contenders", nargs="+", default=None, choices=CONTENDERS, help="(case defaults)"
+    )
+    parser.add_argument("--fine-rounds", type=int, default=None, help="(case defaults)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--out", default=None, help="folder for the JSON (default results/)")
     cli_args = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(cli_args)
-    threads = set_threads(args.threads)
-    steps = args.steps or (11 if args.quick else 41)
-    results = {}
+    results = []
     for name in args.cases:
-        # The CNN's vmap path is ~3x slower than serial on the CPU and its full plane takes
-        # minutes: time it only in quick runs.
-        contenders = [c for c in CONTENDERS if not (name == "cnn" and c == "flatlens vmap")]
-        if args.quick:
-            contenders = list(CONTENDERS)
-        repeats = args.repeats or (2 if name == "cnn" and not args.quick else 3)
-        results[name] = measure_case(
-            name,
-            args.device,
-            steps=steps,
-            repeats=repeats,
-            contenders=contenders,
-            fine_rounds=10 if args.quick else (20 if name == "cnn" else 60),
-        )
+        for threads in args.threads:
+            quick = {"steps": 11, "repeats": 3, "fine_rounds": 4} if args.quick else {}
+            results.append(
+                measure_case(
+                    name,
+                    args.device,
+                    threads=threads,
+                    steps=args.steps or quick.get("steps"),
+                    repeats=args.repeats or quick.get("repeats"),
+                    contenders=args.contenders
+                    or (CONTENDERS if args.quick and name != "resnet18" else None),
+                    fine_rounds=quick.get("fine_rounds", args.fine_rounds),
+                )
+            )
+            # Each case as soon as it is measured (a long run may be cut short).
+            print(format_table(results[-1]["rows"], COLUMNS, markdown=args.markdown), flush=True)
+            print("\n".join(verdicts(results[-1:])) + "\n", flush=True)
     payload = {
         "command": " ".join(["benchmarks/bench_landscape.py", *cli_args]),
         "environment": environment(args.device),
-        "cases": results,
+        "results": results,
     }
-    rows = [r for res in results.values() for r in res["rows"]]
+    rows = [r for res in results for r in res["rows"]]
     title = (
-        f"2-D landscape, {steps}x{steps} grid, {args.device}, threads={threads}, "
-        "default allocator (MALLOC_* settings recorded in the JSON)"
+        f"2-D landscape planes on {args.device}, medians of interleaved rounds "
+        "(ratios: median of per-round ratios; default allocator)"
     )
-    fine = [{"case": k, **v["per_point"]} for k, v in results.items()]
-    fine_title = "Per-point CPU time relative to the floor, chunks of 16 finely interleaved"
+    fine = [
+        {"case": res["case"]["name"], "threads": res["settings"]["threads"], **res["per_point"]}
+        for res in results
+        if res["per_point"]
+    ]
+    fine_title = "Per-point CPU time relative to the floor, chunks finely interleaved"
     report(
         "bench_landscape",
         {title: (rows, COLUMNS), fine_title: (fine, FINE_COLUMNS)},

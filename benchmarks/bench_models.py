@@ -641,8 +641,8 @@ def flatlens_eigen(case: Case, k: int, seed: int = 0, tol: float = TOL) -> dict[
 
 
 def flatlens_trace(case: Case, num_hvps: int, seed: int = 0) -> dict[str, Any]:
-    """flatlens ``hessian_trace(Objective(...), num_samples=num_hvps)`` (Hutch++)."""
-    res = hessian_trace(case.objective(), num_samples=num_hvps, seed=seed)
+    """flatlens ``hessian_trace(Objective(...), num_probes=num_hvps)`` (Hutch++)."""
+    res = hessian_trace(case.objective(), num_probes=num_hvps, seed=seed)
     stderr = res.stderr if math.isfinite(res.stderr) else None  # NaN from one sample
     return {"value": res.value, "stderr": stderr, "num_hvps": res.num_hvps}
 
@@ -854,7 +854,7 @@ def flatlens_measures(case: Case, sizes: Sizes, seed: int = 0) -> list[dict[str,
 
     def line(obj: Objective) -> tuple[str, Any]:
         d = fl.random_direction(obj, seed=seed)
-        ls = fl.line(obj, d, steps=sizes.line_points)
+        ls = fl.line(obj, d, num_points=sizes.line_points)
         loss = np.asarray(ls.values["loss"])
         return f"loss {loss.min():.4g}..{loss.max():.4g}", ls
 

@@ -162,7 +162,7 @@ def measure_study(*, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
         trace_samples=30,
     )
     start = time.perf_counter()
-    result = compare(data, study_configs(epochs), seeds=seeds, base=base, progress=False)
+    result = compare(data, study_configs(epochs), seeds=seeds, config=base, progress=False)
     # Kendall's tau once more without the control: SGD, SAM and GAM at equal epochs only.
     runs = [r for r in result.runs if r["optimizer"] != "SGD-4x"]
     equal_epochs = [

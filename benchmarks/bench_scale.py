@@ -148,7 +148,7 @@ def r1(
     for label, config in (R1_SETTINGS[name] for name in order):
 
         def call(config: AscentConfig = config) -> Any:
-            return first_order_flatness(case.objective(), config=config)
+            return first_order_flatness(case.objective(), config.rho, config=config)
 
         res, stats = measured(call, case.device)
         counts = {"hvp": res.num_hvps, "gradient": res.num_gradients, "loss": res.num_losses}

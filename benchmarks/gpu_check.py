@@ -21,7 +21,8 @@ switched off so float32 means float32 for both tools.
 Each check is one function ``check_<name>(device, *, quick) -> CheckOutput`` registered with
 :func:`check`; later issues add theirs (landscape vmap vs serial, ResNet-18 optimizer step
 throughput, the real-architecture checks of ``bench_models.py``: HVP vs gradient on ResNet-18,
-ViT and GPT-2, ResNet-18 top-5 on 512 images, ViT and GPT-2 top-1) the same way.
+ViT and GPT-2, ResNet-18 top-5 on 512 images, ViT and GPT-2 top-1, one epoch of the GAM
+recipe on synthetic CIFAR-shaped data) the same way.
 """
 
 from __future__ import annotations
@@ -276,6 +277,61 @@ def check_transformers_top1(device: torch.device, *, quick: bool = False) -> Che
             f"bound {r['relative_bound']:.1e}, converged {r['converged']}"
             for r in rows
         ],
+    )
+
+
+@check
+def check_gam_recipe_epoch(device: torch.device, *, quick: bool = False) -> CheckOutput:
+    """One epoch of the GAM recipe (ResNet-18, batch 128, crop-flip, 4 workers) on synthetic
+    CIFAR-shaped data: images/s with augmentation in the workers and on the device, and bf16."""
+    import numpy as np
+
+    from flatlens._readers import _Images
+    from flatlens._streams import Streams
+    from flatlens.train import TrainConfig, train
+
+    n = 512 if quick else 50_000
+    small = {"model_kwargs": {"width": 8}} if quick else {}  # a smoke run fits a CPU
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n).astype(np.int64)
+    mean, std = (0.49139968, 0.48215827, 0.44653124), (0.2023, 0.1994, 0.2010)
+    data = Streams(
+        _Images(pixels, labels, mean, std),
+        _Images(pixels[:1000], labels[:1000], mean, std),
+        num_classes=10,
+        name="synthetic-cifar10",
+        mean=mean,
+        std=std,
+    )
+    rows = []
+    for label, extra in (
+        ("recipe (workers, torchvision v2)", {}),
+        ("augment on the device", {"augment_on": "device"}),
+        ("recipe + bf16", {"amp": "bf16"}),
+    ):
+        config = TrainConfig.from_recipe(
+            "gam-cifar10-resnet18", epochs=1, device=str(device), log_every=0, **small, **extra
+        )
+        result = train(config, data)
+        costs = result.costs
+        rows.append(
+            {
+                "case": label,
+                "images_per_s": costs["images_per_second"],
+                "train_s": costs["train_seconds"],
+                "test_acc": result.final["test_acc"],
+            }
+        )
+    columns = [
+        Column("case", "case"),
+        Column("images_per_s", "images/s", ".0f"),
+        Column("train_s", "epoch s", ".1f"),
+    ]
+    return CheckOutput(
+        payload={"rows": rows, "images": n},
+        tables={f"GAM recipe, one epoch of {n} images on {device}": (rows, columns)},
+        lines=[f"{r['case']}: {r['images_per_s']:.0f} images/s" for r in rows],
     )
 
 

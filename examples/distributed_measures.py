@@ -63,13 +63,13 @@ def measures(objective: Objective, fast: bool) -> dict[str, float]:
     steps = 3 if fast else 20
     eig = hessian_eigenvalues(objective, 2, tol=1e-8)
     direction = fl.random_direction(objective, seed=0)
-    curve = fl.line(objective, direction, span=(-0.5, 0.5), steps=5, metrics=["loss"])
+    curve = fl.line(objective, direction, span=(-0.5, 0.5), num_points=5, metrics=["loss"])
     return {
         "loss": objective.loss(),
         "gradient norm": float(objective.gradient().norm()),
         "lambda_1": float(eig.eigenvalues[0]),
         "lambda_2": float(eig.eigenvalues[1]),
-        "trace (Hutch++)": hessian_trace(objective, num_samples=9 if fast else 30).value,
+        "trace (Hutch++)": hessian_trace(objective, num_probes=9 if fast else 30).value,
         "R0 (rho 0.05)": zeroth_order_sharpness(objective, 0.05, steps=steps).value,
         "R1 (rho 0.05)": first_order_flatness(objective, 0.05, steps=steps).value,
         "loss at a = 0.5 (line)": float(curve.values["loss"][-1]),

@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", default="sgd", help="sgd, adamw, sam, gam or gam-exact")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=31, help="grid points per axis")
+    parser.add_argument("--num-points", type=int, default=31, help="grid points per axis")
     parser.add_argument("--fast", action="store_true", help="smoke run (also FLATLENS_FAST=1)")
     parser.add_argument("--out", default="results/landscape_2d_pca", help="output folder")
     args = parser.parse_args(argv)
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     data = load_digits(image=True)
     epochs = 3 if args.fast else args.epochs
-    steps = 7 if args.fast else args.steps
+    num_points = 7 if args.fast else args.num_points
 
     config = TrainConfig(model="mlp", optimizer=args.optimizer, epochs=epochs, seed=0)
     model = build_model(config, data)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         objective,
         *pca.directions,
         span=pca.span(margin=0.2),
-        steps=(steps, steps),
+        num_points=(num_points, num_points),
         trajectory=pca.coordinates,
         store=out / "pca_plane",
     )
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     to_start = fl.interpolation_direction(objective, checkpoints[0])
-    curve = fl.line(objective, to_start, span=(-0.25, 1.0), steps=11 if args.fast else 51)
+    curve = fl.line(objective, to_start, span=(-0.25, 1.0), num_points=11 if args.fast else 51)
     fl.plot_line(
         curve,
         out / "interpolation.png",

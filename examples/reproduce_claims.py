@@ -145,11 +145,11 @@ def head_to_head(data: Dataset, seeds: list[int], base: TrainConfig) -> dict[str
     """SGD, SAM, GAM and SGD-4x (equal compute) on one task, compared per seed."""
     optimizers = {
         "SGD": {"optimizer": "sgd"},
-        "SAM": {"optimizer": "sam", "rho": 0.05},
+        "SAM": {"optimizer": "sam", "sam_rho": 0.05},
         "GAM": {"optimizer": "gam"},
         "SGD-4x": {"optimizer": "sgd", "epochs": 4 * base.epochs},
     }
-    study = compare(data, optimizers, seeds=seeds, base=base)
+    study = compare(data, optimizers, seeds=seeds, config=base)
     keys = ("train_loss", "test_loss", "test_acc", "gap_loss", "gap_acc", *MEASURES)
     summary = {
         label: {k: mean_std([r[k] for r in study.runs if r["optimizer"] == label]) for k in keys}
@@ -253,9 +253,9 @@ def ranking(
             for bs in batch_sizes:
                 cfg: dict[str, Any] = {"optimizer": opt, "lr": lr, "batch_size": bs}
                 if opt == "sam":
-                    cfg["rho"] = 0.05
+                    cfg["sam_rho"] = 0.05
                 grid[f"{opt} lr={lr:g} bs={bs}"] = cfg
-    study = compare(data, grid, seeds=seeds, base=base)
+    study = compare(data, grid, seeds=seeds, config=base)
     runs = [
         {**r, "opt": grid[r["optimizer"]]["optimizer"], **grid[r["optimizer"]]} for r in study.runs
     ]
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measure_samples": 64 if fast else 256,
         "measure_rho": 0.05,
         "measure_steps": 3 if fast else 20,
-        "trace_samples": 9 if fast else 30,
+        "trace_probes": 9 if fast else 30,
     }
     digits = load_digits(image=True)
     head_seeds = list(range(args.seeds or (2 if fast else 5)))
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Feature noise 3 makes the four Gaussian classes overlap: test accuracy ~0.9 and gaps
     # that vary widely with the learning rate (digits' gaps are all small).
     synthetic = synthetic_classification(
-        n=200, dim=20, num_classes=4, test_n=1000, noise=3.0, seed=0
+        num_train=200, num_features=20, num_classes=4, num_test=1000, noise=3.0, seed=0
     )
     syn_base = TrainConfig(model="mlp", lr=0.05, epochs=3 if fast else 40, batch_size=32, **measure)
     print("claim 3: grid on the synthetic task", flush=True)

@@ -54,11 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=0.05,
         measure_samples=64 if args.fast else 256,
         measure_steps=3 if args.fast else 20,
-        trace_samples=9 if args.fast else 30,
+        trace_probes=9 if args.fast else 30,
     )
     optimizers = {
         "SGD": {"optimizer": "sgd"},
-        "SAM": {"optimizer": "sam", "rho": 0.05},
+        "SAM": {"optimizer": "sam", "sam_rho": 0.05},
         # GAM's accelerated defaults: the released code's CIFAR-10 settings (rho = 0.2, ...).
         "GAM": {"optimizer": "gam"},
     }
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             models[label] = result.model
 
     print(f"training {len(optimizers)} optimizers x {len(seeds)} seeds, {base.epochs} epochs")
-    study = compare(data, optimizers, seeds=seeds, base=base, on_run=keep)
+    study = compare(data, optimizers, seeds=seeds, config=base, on_run=keep)
     print()
     print(study.table())
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         objective = Objective(model, nn.CrossEntropyLoss(), batches(x, y, 512))
         direction = fl.random_direction(objective, seed=0)
         slices[label] = fl.line(
-            objective, direction, span=(-1.0, 1.0), steps=11 if args.fast else 41
+            objective, direction, span=(-1.0, 1.0), num_points=11 if args.fast else 41
         )
     fl.plot_line(
         slices,

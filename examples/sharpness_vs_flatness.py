@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for rho in (0.01, 0.05) if args.fast else (0.005, 0.01, 0.02, 0.05, 0.1):
         r0 = zeroth_order_sharpness(objective, rho, steps=steps, eigen=eig)
         r1 = first_order_flatness(objective, rho, steps=steps, eigen=eig, starts=[r0.delta])
-        avg = average_sharpness(objective, rho, num_samples=16 if args.fast else 64)
+        avg = average_sharpness(objective, rho, num_probes=16 if args.fast else 64)
         rows.append({"rho": rho, "r0": r0.to_dict(), "r1": r1.to_dict(), "avg": avg.to_dict()})
         print(
             f"{rho:6.3f}  {r0.value:8.2e}  {r1.value:8.2e}  {r1.value / r0.value:6.2f}  "

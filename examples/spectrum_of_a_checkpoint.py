@@ -112,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"smallest eigenvalue: {float(bottom.eigenvalues[0]):.5f} ({bottom.num_hvps} HVPs)")
 
     budget = 15 if args.fast else 60
-    hpp = hessian_trace(objective, num_samples=budget, method="hutch++")
-    hutch = hessian_trace(objective, num_samples=budget, method="hutchinson")
+    hpp = hessian_trace(objective, num_probes=budget, method="hutch++")
+    hutch = hessian_trace(objective, num_probes=budget, method="hutchinson")
     print(
         f"\ntr(H) with {budget} HVPs: Hutch++ {hpp.value:.4f} ± {hpp.stderr:.2g}, "
         f"Hutchinson {hutch.value:.4f} ± {hutch.stderr:.2g}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _HOMES = {
     "flatlens.core": (
@@ -28,6 +28,7 @@ _HOMES = {
         "AverageSharpnessResult",
         "BlockSpectraResult",
         "BoundReport",
+        "CriticalSharpnessResult",
         "DensityResult",
         "EigenResult",
         "FlatnessResult",
@@ -37,6 +38,7 @@ _HOMES = {
         "average_sharpness",
         "block_spectra",
         "check_bound",
+        "critical_sharpness",
         "first_order_flatness",
         "hessian_density",
         "hessian_eigenvalues",
@@ -54,6 +56,7 @@ __all__ = [
     "AverageSharpnessResult",
     "BlockSpectraResult",
     "BoundReport",
+    "CriticalSharpnessResult",
     "DataChangedError",
     "DensityResult",
     "EigenResult",
@@ -70,6 +73,7 @@ __all__ = [
     "block_spectra",
     "causal_lm_loss",
     "check_bound",
+    "critical_sharpness",
     "first_order_flatness",
     "hessian_density",
     "hessian_eigenvalues",
@@ -111,6 +115,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         AverageSharpnessResult,
         BlockSpectraResult,
         BoundReport,
+        CriticalSharpnessResult,
         DensityResult,
         EigenResult,
         FlatnessResult,
@@ -120,6 +125,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         average_sharpness,
         block_spectra,
         check_bound,
+        critical_sharpness,
         first_order_flatness,
         hessian_density,
         hessian_eigenvalues,

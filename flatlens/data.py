@@ -1,16 +1,20 @@
 """Data sets: scikit-learn's bundled digits, CIFAR-10/100 from a local folder, your own
 ``torch.utils.data`` data sets, synthetic sets.
 
-Nothing is ever downloaded. Each loader returns in-memory tensors ``(x_train, y_train,
-x_test, y_test)`` and :func:`batches` cuts a tensor pair into a list of batches.
+Nothing is ever downloaded. Two forms: a :class:`Dataset` holds in-memory tensors
+``(x_train, y_train, x_test, y_test)`` (the fast path for small data; :func:`batches` cuts
+a tensor pair into batches), and :class:`Streams` reads ``torch.utils.data`` data sets
+every epoch (:func:`stream_cifar`, :func:`stream_imagefolder`, :func:`stream_datasets`), so
+augmentation (:class:`Augmentation`) is fresh each epoch and data of any size trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +23,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlens._augment import AUGMENTATIONS, Augmentation
+from flatlens._readers import stream_cifar, stream_datasets, stream_imagefolder
+from flatlens._streams import Streams
+from flatlens.core._renames import renamed
+
 __all__ = [
+    "AUGMENTATIONS",
+    "Augmentation",
     "Dataset",
+    "Streams",
     "batches",
     "digest",
     "from_datasets",
     "load_cifar",
     "load_digits",
+    "model_inputs",
+    "stream_cifar",
+    "stream_datasets",
+    "stream_imagefolder",
     "synthetic_classification",
+    "with_normalization",
 ]
 
 
@@ -38,6 +55,13 @@ class Dataset:
         x_train, y_train, x_test, y_test: Tensors (inputs float32, labels int64).
         num_classes: Number of classes.
         name: A short name for reports.
+        mean, std: The per-channel constants the inputs were normalized with, (x − mean) /
+            std, or None (not normalized); augmentation pads with their black, −mean/std.
+        input_names: ``None``: the model is called as ``model(x)``. Otherwise the inputs
+            are keyword inputs stacked along dimension 1 (tokenized text: ``x`` of shape
+            (examples, columns, tokens)) and the model is called as
+            ``model(**{name: x[:, i] for i, name in enumerate(input_names)})``
+            (see :func:`model_inputs`).
     """
 
     x_train: Tensor
@@ -46,6 +70,9 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     name: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_names: tuple[str, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -59,6 +86,14 @@ class Dataset:
     def test(self) -> tuple[Tensor, Tensor]:
         """The test pair."""
         return self.x_test, self.y_test
+
+
+def model_inputs(x: Tensor, input_names: tuple[str, ...] | None) -> Any:
+    """What the model is called with for inputs ``x``: ``x`` itself, or for keyword inputs
+    stacked along dimension 1 the mapping ``{name: x[:, i]}`` (see :class:`Dataset`)."""
+    if input_names is None:
+        return x
+    return {name: x[:, i] for i, name in enumerate(input_names)}
 
 
 def load_digits(*, test_fraction: float = 0.25, image: bool = False, seed: int = 0) -> Dataset:
@@ -133,17 +168,11 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
         )
 
 
-def load_cifar(root: str | Path, *, num_classes: int = 10) -> Dataset:
-    """CIFAR-10 or CIFAR-100 from a local folder in the original python format.
-
-    ``root`` is the extracted ``cifar-10-batches-py`` (``data_batch_1..5``, ``test_batch``)
-    or ``cifar-100-python`` (``train``, ``test``) folder, or a folder containing it. Inputs
-    are normalized per channel with the training set's mean and standard deviation.
-
-    Raises:
-        FileNotFoundError: if the folder or a batch file is missing (nothing is downloaded).
-        ValueError: if a file is malformed.
-    """
+def _cifar_arrays(
+    root: Path, num_classes: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The uint8 images ``(N, 3, 32, 32)`` and int64 labels of CIFAR's train and test
+    batch files in ``root`` (or its ``cifar-10-batches-py`` / ``cifar-100-python``)."""
     if num_classes not in (10, 100):
         raise ValueError(f"num_classes must be 10 or 100, got {num_classes}")
     root = Path(root).expanduser()
@@ -167,41 +196,106 @@ def load_cifar(root: str | Path, *, num_classes: int = 10) -> Dataset:
     xt, yt = _read_cifar_batch(test_files[0], key)
     for f, labels in zip([*train_files, *test_files], [*ys, yt], strict=True):
         _check_labels(labels, num_classes, f)
-    x_train = torch.from_numpy(np.concatenate(xs)).float() / 255
+    return (np.concatenate(xs), np.concatenate(ys)), (xt, yt)
+
+
+def load_cifar(root: str | Path, *, num_classes: int = 10) -> Dataset:
+    """CIFAR-10 or CIFAR-100 from a local folder in the original python format, in memory.
+
+    ``root`` is the extracted ``cifar-10-batches-py`` (``data_batch_1..5``, ``test_batch``)
+    or ``cifar-100-python`` (``train``, ``test``) folder, or a folder containing it. Inputs
+    are normalized per channel with the training set's mean and standard deviation (kept
+    in ``mean`` and ``std``). :func:`stream_cifar` reads the same files per example.
+
+    Raises:
+        FileNotFoundError: if the folder or a batch file is missing (nothing is downloaded).
+        ValueError: if a file is malformed.
+    """
+    (xs, ys), (xt, yt) = _cifar_arrays(Path(root), num_classes)
+    x_train = torch.from_numpy(xs).float() / 255
     x_test = torch.from_numpy(xt).float() / 255
     mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
     std = x_train.std(dim=(0, 2, 3), keepdim=True)
     return Dataset(
         (x_train - mean) / std,
-        torch.from_numpy(np.concatenate(ys)),
+        torch.from_numpy(ys),
         (x_test - mean) / std,
         torch.from_numpy(yt),
         num_classes,
         f"cifar{num_classes}",
+        tuple(mean.reshape(-1).tolist()),
+        tuple(std.reshape(-1).tolist()),
     )
 
 
+def with_normalization(
+    data: Dataset | Streams, mean: Sequence[float], std: Sequence[float]
+) -> Dataset | Streams:
+    """``data`` with its inputs normalized per channel as ``(x − mean) / std`` of the raw
+    inputs, instead of the normalization it carries (``data.mean``, ``data.std``).
+
+    A :class:`Dataset` is converted in memory (first undoing its own normalization, when
+    it has one); a :class:`Streams` read by :func:`stream_cifar` or
+    :func:`stream_imagefolder` normalizes each example with the new constants when read.
+
+    Raises:
+        ValueError: constants that do not fit the channels, or a :class:`Streams` over data
+            sets flatlens did not make (normalize those yourself).
+    """
+    mean = tuple(float(v) for v in mean)
+    std = tuple(float(v) for v in std)
+    if len(mean) != len(std) or min(std) <= 0:
+        raise ValueError("mean and std need one value per channel, std > 0")
+    if data.mean == mean and data.std == std:
+        return data
+    if isinstance(data, Streams):
+        return data.renormalized(mean, std)
+    channels = data.x_train.shape[1] if data.x_train.dim() > 1 else 0
+    if channels != len(mean):
+        raise ValueError(
+            f"{len(mean)} normalization constants for inputs of shape {data.input_shape}: "
+            "one per channel (dimension 1) is needed"
+        )
+    shape = (1, len(mean)) + (1,) * (data.x_train.dim() - 2)
+
+    def convert(x: Tensor) -> Tensor:
+        if data.mean is not None and data.std is not None:
+            x = x * torch.tensor(data.std).reshape(shape) + torch.tensor(data.mean).reshape(shape)
+        return ((x - torch.tensor(mean).reshape(shape)) / torch.tensor(std).reshape(shape)).to(
+            data.x_train.dtype
+        )
+
+    return dataclasses.replace(
+        data, x_train=convert(data.x_train), x_test=convert(data.x_test), mean=mean, std=std
+    )
+
+
+@renamed(n="num_train", dim="num_features", test_n="num_test")
 def synthetic_classification(
-    n: int = 256,
-    dim: int = 10,
+    num_train: int = 256,
+    num_features: int = 10,
     num_classes: int = 3,
     *,
-    test_n: int = 128,
+    num_test: int = 128,
     noise: float = 0.5,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
-    """Gaussian clusters around random class means: a small, fast classification task."""
+    """Gaussian clusters around random class means: a small, fast classification task.
+
+    x = mu_y + noise * N(0, I) with class means mu_c ~ 2 N(0, I) in ``num_features``
+    dimensions and labels y uniform over ``num_classes``.
+    """
     gen = torch.Generator().manual_seed(seed)
-    means = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) * 2
+    means = torch.randn(num_classes, num_features, generator=gen, dtype=torch.float64) * 2
 
     def draw(count: int) -> tuple[Tensor, Tensor]:
         y = torch.randint(0, num_classes, (count,), generator=gen)
-        x = means[y] + noise * torch.randn(count, dim, generator=gen, dtype=torch.float64)
+        x = means[y] + noise * torch.randn(count, num_features, generator=gen, dtype=torch.float64)
         return x.to(dtype), y
 
-    x_train, y_train = draw(n)
-    x_test, y_test = draw(test_n)
+    x_train, y_train = draw(num_train)
+    x_test, y_test = draw(num_test)
     return Dataset(x_train, y_train, x_test, y_test, num_classes, "synthetic")
 
 
@@ -238,13 +332,18 @@ def batches(
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, stop, batch_size)]
 
 
-def digest(data: Dataset) -> str:
-    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs.
+def digest(data: Dataset | Streams) -> str:
+    """A cheap fingerprint of a data set: its name, sizes, all labels and the first inputs
+    (for :class:`Streams`, :meth:`Streams.digest`).
 
     Two data sets with the same digest are, for every practical purpose, the same; it is
     what resumed training runs and diagnoses compare (16 hex digits).
     """
+    if isinstance(data, Streams):
+        return data.digest()
     h = hashlib.sha256(f"{data.name}|{data.num_classes}".encode())
+    if data.input_names is not None:
+        h.update(f"|{','.join(data.input_names)}".encode())
     for t in (data.y_train, data.y_test, data.x_train[:256], data.x_test[:256]):
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())

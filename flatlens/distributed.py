@@ -13,6 +13,7 @@ Every helper here also works without an initialized process group, as the one-pr
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -99,7 +100,7 @@ def init_from_env(device: str | torch.device = "cpu", *, timeout_s: float | None
     """Initialize the default process group from ``torchrun``'s environment.
 
     The backend is NCCL for a CUDA ``device`` (whose index is set as the current device) and
-    Gloo otherwise.
+    Gloo otherwise. A group created here is destroyed when the interpreter exits.
 
     Args:
         device: The device the model runs on.
@@ -119,7 +120,16 @@ def init_from_env(device: str | torch.device = "cpu", *, timeout_s: float | None
     if timeout_s is not None:
         kwargs["timeout"] = timedelta(seconds=timeout_s)
     _dist().init_process_group(backend, **kwargs)
+    # Destroyed before the interpreter tears down: Gloo's threads left to the C++ destructors
+    # at exit can abort a rank ("terminate called without an active exception").
+    atexit.register(_destroy_at_exit)
     return True
+
+
+def _destroy_at_exit() -> None:
+    dist = _dist()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, *, rank_id: int | None = None, world: int | None = None) -> slice:

@@ -1,8 +1,19 @@
 """Small reference models and the one rule that turns a model spec into a network.
 
-A model spec is a zoo name (``mlp``, ``cnn``, ``resnet18``) or ``package.module:factory``.
-The trainer, the studies and the ``flatlens`` command all build models through
-:func:`build`, so a spec means the same network everywhere.
+A model spec is one of
+
+* a zoo name: ``mlp``, ``cnn``, ``resnet18``, ``wrn16_8``, ``wrn28_10``;
+* ``package.module:factory``: a function (or class) that returns the network, e.g.
+  ``timm:create_model`` with ``--model-kwargs '{"model_name": "resnet18"}'``;
+* ``LIBRARY/NAME``, an architecture of a library by name, built with random weights (never
+  downloaded): ``timm/NAME`` (``timm.create_model(NAME, pretrained=False)``, e.g.
+  ``timm/vit_tiny_patch16_224``) or ``torchvision/NAME``
+  (``torchvision.models.get_model(NAME, weights=None)``, e.g. ``torchvision/resnet18``). A
+  slash, and no colon, tells it from ``package.module:factory``.
+
+(``hf:DIR``, a Hugging Face model folder, is read by the commands that load a checkpoint;
+see :mod:`flatlens.cli._hf`.) The trainer, the studies and the ``flatlens`` command all build
+models through :func:`build`, so a spec means the same network everywhere.
 """
 
 from __future__ import annotations
@@ -16,12 +27,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from flatlens._wide_resnet import WideResNet
+
 if TYPE_CHECKING:
     from flatlens.data import Dataset
 
 __all__ = [
+    "LIBRARIES",
     "MODELS",
     "ResNet18",
+    "WideResNet",
     "build",
     "check_spec",
     "cnn",
@@ -29,6 +44,8 @@ __all__ = [
     "import_object",
     "mlp",
     "resnet18",
+    "wrn16_8",
+    "wrn28_10",
 ]
 
 
@@ -101,11 +118,80 @@ class ResNet18(nn.Module):
 
 
 def resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
-    """CIFAR ResNet-18 (11M parameters at width 64)."""
+    """CIFAR ResNet-18 (11M parameters at width 64): the GAM code's ``resnet18_c``, module for
+    module in the same order, so the same seed gives the same initial weights."""
     return ResNet18(num_classes, width)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18}
+def wrn16_8(num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """WideResNet-16-8 (see :class:`WideResNet`; ``layout="davda54"`` for the SAM code's)."""
+    return WideResNet(16, 8, num_classes=num_classes, **kwargs)
+
+
+def wrn28_10(num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """WideResNet-28-10 (see :class:`WideResNet`)."""
+    return WideResNet(28, 10, num_classes=num_classes, **kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet18": resnet18,
+    "wrn16_8": wrn16_8,
+    "wrn28_10": wrn28_10,
+}
+
+LIBRARIES = ("timm", "torchvision")
+"""The libraries whose architectures a ``LIBRARY/NAME`` spec names."""
+
+
+def library_spec(spec: str) -> tuple[str, str] | None:
+    """``(library, name)`` for a ``LIBRARY/NAME`` spec (no colon, a slash), else None."""
+    if ":" in spec or "/" not in spec:
+        return None
+    library, _, name = spec.partition("/")
+    return library, name
+
+
+def _library_factory(spec: str, library: str, name: str) -> Callable[..., nn.Module]:
+    """The builder of ``LIBRARY/NAME``: the library's own constructor, random weights."""
+    from flatlens._compat import import_module
+
+    try:
+        module = import_module(library, purpose=f"--model {spec}")
+    except ImportError as err:
+        raise ValueError(str(err)) from err
+    if library == "timm":
+        if not module.is_model(name):
+            raise ValueError(
+                f"unknown timm model {name!r} in {spec!r}; timm.list_models('*vit*') lists "
+                "the names (a pretrained tag such as '.augreg_in21k' is not part of it)"
+            )
+
+        def build_timm(**kwargs: Any) -> nn.Module:
+            return module.create_model(name, pretrained=False, **kwargs)
+
+        return build_timm
+    models = import_module("torchvision.models", purpose=f"--model {spec}")
+    if name not in models.list_models():
+        raise ValueError(
+            f"unknown torchvision model {name!r} in {spec!r}; "
+            "torchvision.models.list_models() lists the names"
+        )
+
+    def build_torchvision(**kwargs: Any) -> nn.Module:
+        return models.get_model(name, weights=None, **kwargs)
+
+    return build_torchvision
+
+
+def _library_defaults(library: str, data: Dataset) -> dict[str, Any]:
+    """Shape arguments of a library model taken from the data."""
+    shape = data.input_shape
+    out: dict[str, Any] = {"num_classes": data.num_classes}
+    if library == "timm" and len(shape) == 3:
+        out["in_chans"] = shape[0]
+    return out
 
 
 def check_spec(spec: object) -> str:
@@ -120,13 +206,23 @@ def check_spec(spec: object) -> str:
     """
     if not isinstance(spec, str):
         raise TypeError(f"model must be a string, not {type(spec).__name__}")
+    lib = library_spec(spec)
+    if lib is not None:
+        if lib[0] not in LIBRARIES or not lib[1]:
+            raise ValueError(
+                f"model {spec!r}: LIBRARY/NAME names an architecture of "
+                f"{' or '.join(LIBRARIES)} (e.g. timm/vit_tiny_patch16_224); a factory is "
+                "package.module:factory"
+            )
+        return spec
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
             raise ValueError(f"model {spec!r} must look like package.module:factory")
     elif spec not in MODELS:
         raise ValueError(
-            f"unknown model {spec!r}; use one of {sorted(MODELS)} or package.module:factory"
+            f"unknown model {spec!r}; use one of {sorted(MODELS)}, package.module:factory or "
+            "timm/NAME, torchvision/NAME"
         )
     return spec
 
@@ -148,8 +244,13 @@ def import_object(spec: str, what: str = "model factory") -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"{what} {spec!r} must look like package.module:name")
+    from flatlens._compat import tolerant_imports
+
     try:
-        found: Any = importlib.import_module(module_name)
+        # The module may import torchvision, timm, transformers or lightning: the
+        # compatibility fix of flatlens._compat applies to that import too.
+        with tolerant_imports():
+            found: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name and module_name.startswith(err.name):
             raise ValueError(
@@ -188,8 +289,17 @@ def factory(spec: str) -> Callable[..., nn.Module]:
             (whatever its module raised), or one that is not callable.
     """
     check_spec(spec)
+    lib = library_spec(spec)
+    if lib is not None:
+        return _library_factory(spec, *lib)
     if ":" not in spec:
         return MODELS[spec]
+    if spec.startswith("hf:"):
+        raise ValueError(
+            f"model {spec!r} is a Hugging Face folder: the commands that read a checkpoint "
+            "(diagnose, bound, landscape) load it with its weights; to train it, pass a "
+            "package.module:factory that builds it"
+        )
     found = import_object(spec, "model factory")
     if not callable(found):
         raise ValueError(f"model factory {spec!r} is not callable")
@@ -200,10 +310,12 @@ def build(spec: str, /, data: Dataset | None = None, **kwargs: Any) -> nn.Module
     """Build the model a spec names, with shape arguments taken from ``data``.
 
     Args:
-        spec: ``mlp``, ``cnn``, ``resnet18`` or ``package.module:factory``.
+        spec: A zoo name (:data:`MODELS`), ``package.module:factory``, ``timm/NAME`` or
+            ``torchvision/NAME``.
         data: When given, ``num_classes``, ``in_features`` (the product of the input
             shape) and ``in_channels`` (the first axis of image inputs) are passed to the
-            factory where its signature takes them and ``kwargs`` does not set them.
+            factory where its signature takes them and ``kwargs`` does not set them; a
+            library model gets ``num_classes`` (and timm's ``in_chans``).
         **kwargs: Arguments of the factory.
 
     Raises:
@@ -212,7 +324,11 @@ def build(spec: str, /, data: Dataset | None = None, **kwargs: Any) -> nn.Module
             not take, or any exception the factory raised (its type and message kept).
     """
     make = factory(spec)
-    if data is not None:
+    lib = library_spec(spec)
+    if data is not None and lib is not None:
+        for key, value in _library_defaults(lib[0], data).items():
+            kwargs.setdefault(key, value)
+    elif data is not None:
         try:
             accepted = inspect.signature(make).parameters
         except (TypeError, ValueError):

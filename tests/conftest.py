@@ -26,8 +26,8 @@ settings.load_profile("flatlens")
 
 
 # End-to-end tests run a whole program: an example script, the demo, a torchrun launch, a
-# browser, the docs build. ``pytest -m "not e2e"`` leaves them out for a fast inner loop;
-# ``make test`` runs everything.
+# browser, the docs build, the code blocks of the docs pages. ``pytest -m "not e2e"`` leaves
+# them out for a fast inner loop; ``make test`` runs everything.
 E2E_FILES = {
     "test_examples.py",
     "test_browser.py",
@@ -39,13 +39,22 @@ E2E_FILES = {
     "test_distributed_parallel.py",
     "test_fsdp.py",
 }
-E2E_TESTS = {"test_mkdocs_builds_strict"}
+E2E_TESTS = {
+    "test_mkdocs_builds_strict",
+    "test_page_runs_and_prints_what_it_shows",
+    "test_page_prints_the_same_without_the_peer_libraries",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # torch.func registers decompositions through the deprecated torch.jit.script.
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+    )
+    # flatlens' own code and tests use the current names (tests of the old ones expect the
+    # warning with pytest.warns).
+    config.addinivalue_line(
+        "filterwarnings", "error:.*is deprecated and stops working in flatlens:FutureWarning"
     )
     config.addinivalue_line(
         "markers", "e2e: runs a whole program (example, demo, torchrun, browser, docs build)"

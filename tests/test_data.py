@@ -217,20 +217,20 @@ def test_from_datasets_errors(datasets, error, match):
 
 
 def test_digest_sees_labels_inputs_and_names():
-    data = synthetic_classification(n=20, test_n=10)
-    same = synthetic_classification(n=20, test_n=10)
+    data = synthetic_classification(num_train=20, num_test=10)
+    same = synthetic_classification(num_train=20, num_test=10)
     assert digest(data) == digest(same) and len(digest(data)) == 16
     same.y_train[0] = (same.y_train[0] + 1) % 3
     assert digest(data) != digest(same)
     data.name = "other"
-    assert digest(data) != digest(synthetic_classification(n=20, test_n=10))
+    assert digest(data) != digest(synthetic_classification(num_train=20, num_test=10))
 
 
 # ------------------------------------------------------------------ synthetic, batches
 def test_synthetic_is_seeded():
-    a = synthetic_classification(50, dim=4, num_classes=3, seed=5, dtype=torch.float64)
-    b = synthetic_classification(50, dim=4, num_classes=3, seed=5, dtype=torch.float64)
-    c = synthetic_classification(50, dim=4, num_classes=3, seed=6, dtype=torch.float64)
+    a = synthetic_classification(50, num_features=4, num_classes=3, seed=5, dtype=torch.float64)
+    b = synthetic_classification(50, num_features=4, num_classes=3, seed=5, dtype=torch.float64)
+    c = synthetic_classification(50, num_features=4, num_classes=3, seed=6, dtype=torch.float64)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert not torch.equal(a.x_train, c.x_train)
     assert a.x_train.dtype == torch.float64 and a.input_shape == (4,)
@@ -266,3 +266,39 @@ def test_batches_bad_arguments(kwargs, match):
         batches(torch.zeros(4, 1), torch.zeros(4), **kwargs)
     with pytest.raises(ValueError, match="samples"):
         batches(torch.zeros(4, 1), torch.zeros(3), 2)
+
+
+# ------------------------------------------------------------------ read every epoch
+def test_stream_cifar_reads_what_load_cifar_holds_one_example_at_a_time(tmp_path):
+    from flatlens.data import stream_cifar, with_normalization
+
+    _, parts, _ = fake_cifar10(tmp_path)
+    memory = load_cifar(tmp_path)
+    streams = stream_cifar(tmp_path)
+    assert (streams.size("train"), streams.size("test"), streams.num_classes) == (20, 3, 10)
+    assert streams.mean == pytest.approx(memory.mean, abs=1e-6)
+    assert streams.std == pytest.approx(memory.std, abs=1e-6)
+    for i in (0, 7, 19):
+        x, y = streams.train[i]
+        assert torch.allclose(x, memory.x_train[i], atol=1e-5) and y == memory.y_train[i]
+    constants = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    fixed = with_normalization(streams, *constants)
+    raw = torch.from_numpy(parts[0][0][1].reshape(3, 32, 32)).float() / 255
+    mean, std = (torch.tensor(c)[:, None, None] for c in constants)
+    assert torch.allclose(fixed.train[1][0], (raw - mean) / std, atol=1e-6)
+    in_memory = with_normalization(memory, *constants)
+    assert torch.allclose(in_memory.x_train[1], (raw - mean) / std, atol=1e-5)
+    assert in_memory.mean == constants[0] and fixed.std == constants[1]
+    assert streams.digest() == stream_cifar(tmp_path).digest() != fixed.digest()
+
+
+def test_streams_of_your_own_data_sets_need_flatlens_readers_to_renormalize():
+    from torch.utils.data import TensorDataset
+
+    from flatlens.data import Streams, with_normalization
+
+    x, y = torch.rand(6, 3, 4, 4), torch.arange(6) % 2
+    streams = Streams(TensorDataset(x, y), TensorDataset(x, y))
+    assert streams.num_classes == 2 and streams.input_shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="normalize it in your data set"):
+        with_normalization(streams, (0.5,) * 3, (0.2,) * 3)

@@ -42,7 +42,7 @@ def _measures(objective: Objective) -> dict:
     g = objective.gradient()
     v = torch.linspace(-1, 1, objective.num_params, dtype=torch.float64)
     eig = hessian_eigenvalues(objective, 3, tol=1e-10)
-    trace = hessian_trace(objective, num_samples=9)
+    trace = hessian_trace(objective, num_probes=9)
     density = hessian_density(objective, num_runs=1, lanczos_steps=10)
     out = {
         "loss": objective.loss(),
@@ -62,7 +62,7 @@ def _extra_measures(objective: Objective) -> dict:
     out["r0"] = zeroth_order_sharpness(objective, 0.05, steps=5).value
     out["r1"] = first_order_flatness(objective, 0.05, steps=5).value
     d1, d2 = random_direction(objective, seed=0), random_direction(objective, seed=1)
-    plane_ = plane(objective, d1, d2, span=(-0.5, 0.5), steps=(5, 4))
+    plane_ = plane(objective, d1, d2, span=(-0.5, 0.5), num_points=(5, 4))
     out["plane_loss"] = plane_.values["loss"].tolist()
     out["plane_accuracy"] = plane_.values["accuracy"].tolist()
     return out

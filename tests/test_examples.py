@@ -11,11 +11,26 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAST = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name != "cifar10_resnet18.py")
+
+
+def _missing(name: str) -> list[str]:
+    """The packages an example's ``# requires:`` line names that are not installed."""
+    import importlib.util
+    import re
+
+    found = re.search(r"^# requires: (.+)$", (EXAMPLES / name).read_text(), re.M)
+    wanted = [w.strip() for w in found.group(1).split(",")] if found else []
+    return [w for w in wanted if importlib.util.find_spec(w) is None]
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 
 @pytest.mark.parametrize("name", FAST)
 def test_example_runs_fast(name, tmp_path):
+    missing = _missing(name)
+    if missing:
+        pytest.skip(f"{name} needs {', '.join(missing)} (make test installs them)")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), "--fast"],
         cwd=tmp_path,

@@ -38,7 +38,7 @@ def test_resnet18_matches_the_cifar_resnet18():
 
 def test_build_by_name():
     assert isinstance(zoo.build("cnn", channels=4), nn.Sequential)
-    assert set(zoo.MODELS) == {"mlp", "cnn", "resnet18"}
+    assert set(zoo.MODELS) == {"mlp", "cnn", "resnet18", "wrn16_8", "wrn28_10"}
     with pytest.raises(ValueError, match="unknown model"):
         zoo.build("vgg")
 
@@ -46,7 +46,7 @@ def test_build_by_name():
 def test_build_takes_a_name_or_a_factory_spec_and_sizes_from_the_data():
     from flatlens.data import synthetic_classification
 
-    data = synthetic_classification(n=16, dim=12, num_classes=5, test_n=4)
+    data = synthetic_classification(num_train=16, num_features=12, num_classes=5, num_test=4)
     torch.manual_seed(0)
     by_name = zoo.build("mlp", data, hidden=7)
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def test_build_takes_a_name_or_a_factory_spec_and_sizes_from_the_data():
     ("spec", "error", "match"),
     [
         (3, TypeError, "model must be a string"),
-        ("vgg", ValueError, r"unknown model 'vgg'; use one of \['cnn', 'mlp', 'resnet18'\]"),
+        ("vgg", ValueError, r"unknown model 'vgg'; use one of \['cnn', 'mlp', 'resnet18', 'wrn"),
         ("pkg:", ValueError, "must look like package.module:factory"),
         (":mlp", ValueError, "must look like package.module:factory"),
     ],

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,16 +91,28 @@ def check_fit(
 def _load(args: argparse.Namespace, notes: list[str]) -> tuple[nn.Module, Dataset, Any]:
     """The model with the checkpoint's weights on ``--device``, the data in its dtype and
     the loss, all checked to fit together."""
-    from flatlens.cli._resolve import build_model, load_weights, match_dtype
+    from flatlens.cli._models import resolve_model
+    from flatlens.cli._resolve import match_dtype
 
     kwargs = model_kwargs(args)
     data = load_data(args)
     loss_fn = load_loss(args)
     try:
-        model = build_model(args.model, data, **kwargs)
+        # --model hf:DIR, timm/NAME, torchvision/NAME, zoo names and factories; .safetensors,
+        # torch.save and Lightning .ckpt checkpoints (flatlens.cli._models).
+        model, task_loss, args.loss = resolve_model(
+            args.model,
+            args.checkpoint,
+            data,
+            kwargs,
+            loss_spec=args.loss,
+            dtype=args.dtype,
+            state_prefix=getattr(args, "state_prefix", None),
+            notes=notes,
+        )
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
-    load_weights(model, args.checkpoint, dtype=args.dtype, notes=notes)
+    loss_fn = task_loss if task_loss is not None else loss_fn
     model.to(args.device)
     data = match_dtype(data, model)
     check_fit(args, model, data, loss_fn)
@@ -128,12 +142,16 @@ def note(args: argparse.Namespace, text: str) -> None:
 
 def _check_stores(out: Path, names: list[str]) -> None:
     """Refuse, before any work, a landscape store in ``out`` that cannot be read."""
+    from flatlens.core._paths import not_a_file
     from flatlens.landscape._storage import read
 
     for name in names:
         path = out / name
-        if path.exists():
+        if os.path.lexists(path):
             try:
+                problem = not_a_file(path)  # a named pipe would block the reader forever
+                if problem:
+                    raise ValueError(f"{path} {problem}")
                 read(path)
             except (OSError, ValueError) as err:
                 raise UserError(
@@ -143,13 +161,31 @@ def _check_stores(out: Path, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------- diagnose
+DIAGNOSE_SETTINGS = {
+    "steps": "steps",
+    "restarts": "restarts",
+    "trace_probes": "trace_probes",
+    "density_runs": "density_runs",
+    "lanczos_steps": "lanczos_steps",
+    "landscape_1d": "line_points",
+    "landscape_2d": "plane_points",
+    "landscape_span": "span",
+}
+"""``DiagnoseConfig`` field -> the ``diagnose`` option that sets it (None: the default)."""
+
+
 def cmd_diagnose(args: argparse.Namespace) -> None:
     """Measure a checkpoint; write report.json, figures and report.html."""
     from flatlens.report._diagnose import DiagnoseConfig, diagnose
 
+    given = {
+        field: getattr(args, flag)
+        for field, flag in DIAGNOSE_SETTINGS.items()
+        if getattr(args, flag) is not None
+    }
     try:
         config = DiagnoseConfig(
-            rhos=args.rho,
+            rhos=args.measure_rho,
             k=args.k,
             measure_samples=args.samples,
             batch_size=args.batch_size,
@@ -158,16 +194,18 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
             seed=args.seed,
             **_curvature_settings(args),
         )
+        if args.quick:
+            config = config.quick()
+        config = replace(config, **given)
     except ValueError as err:
         raise UserError(str(err)) from err
-    if args.quick:
-        config = config.quick()
     notes: list[str] = []
     model, data, loss_fn = _load(args, notes)
     out = claim_out(args)
     if args.resume:
         _check_stores(out, ["landscape_1d.npz", "landscape_2d.npz"])
-    title = args.title or f"flatlens diagnosis: {Path(args.checkpoint).name} ({args.model})"
+    source = Path(args.checkpoint or args.model.removeprefix("hf:")).name
+    title = args.title or f"flatlens diagnosis: {source} ({args.model})"
     report = diagnose(
         model,
         data,
@@ -230,7 +268,7 @@ def cmd_bound(args: argparse.Namespace) -> None:
     basis_dtype = floating_dtype(getattr(args, "basis_dtype", None))  # the parser's choices
     report = check_bound(
         objective,
-        list(args.rho),
+        list(args.measure_rho),
         steps=args.steps,
         restarts=args.restarts,
         seed=args.seed,
@@ -239,7 +277,7 @@ def cmd_bound(args: argparse.Namespace) -> None:
         basis_dtype=basis_dtype,
     )
     report.plot(out / "bound.png")
-    payload = {**report.to_dict(), "loss": args.loss, "notes": notes}
+    payload = {**report.to_dict(), "loss": args.loss, "notes": [*notes, *report.notes]}
     write_json(out / "bound.json", payload)
     payload["files"] = [str(out / "bound.json"), str(out / "bound.png")]
     verdict = "R0 <= R1 at every radius" if report.all_hold else "R0 > R1 somewhere: more --steps"
@@ -266,15 +304,18 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     span = (-args.span, args.span)
     common = {"span": span, "store": store, "progress": progress(args)}
     if args.dim == 1:
-        result = fl.line(objective, d1, steps=args.steps, **common)
+        result = fl.line(objective, d1, num_points=args.num_points, **common)
         fl.plot_line(result, out / "line.png", log=args.log)
         files = ["line.npz", "line.json", "line.png"]
     else:
         d2 = fl.random_direction(objective, seed=args.seed + 1)
-        result = fl.plane(objective, d1, d2, steps=(args.steps, args.steps), **common)
+        points = (args.num_points, args.num_points)
+        result = fl.plane(objective, d1, d2, num_points=points, **common)
         fl.plot_contour(result, out / "plane.png", filled=True, log=args.log)
         fl.plot_surface(result, out / "plane.html", log=args.log)
         files = ["plane.npz", "plane.json", "plane.png", "plane.html"]
+    if args.vtk:
+        files.append(result.to_vtk(out / f"{stem}.vtp", log=args.log).name)
     loss = result.values["loss"]
     summary = {
         "dim": args.dim,

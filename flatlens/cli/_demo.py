@@ -58,7 +58,7 @@ def run_demo(
     base = TrainConfig(model="mlp", epochs=3 if quick else 20, lr=0.05, seed=seed, device=device)
     if quick:
         base.measure_steps = 5
-        base.trace_samples = 9
+        base.trace_probes = 9
     config = DiagnoseConfig(seed=seed)
     if quick:
         config = config.quick()
@@ -69,7 +69,7 @@ def run_demo(
         if run_seed == seed:
             models[label] = result.model
 
-    study = compare(data, OPTIMIZERS, seeds=seeds, base=base, progress=progress, on_run=keep)
+    study = compare(data, OPTIMIZERS, seeds=seeds, config=base, progress=progress, on_run=keep)
     write_json(out / "study.json", study)
 
     rows = []

@@ -14,11 +14,23 @@ from typing import NoReturn
 
 from flatlens.cli import _commands as commands
 from flatlens.cli._errors import EXIT_USAGE
-from flatlens.core._checks import check_positive, check_positive_int, check_rho
+from flatlens.core._checks import (
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_rho,
+)
 
 __all__ = ["build_parser"]
 
-_DATA_HELP = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR or package.module:factory"
+_DATA_HELP = (
+    "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, hf:DIR (tokenized, from "
+    "datasets' save_to_disk; for diagnose, bound, landscape) or package.module:factory"
+)
+_MODEL_HELP = (
+    "mlp, cnn, resnet18, wrn16_8, wrn28_10, package.module:factory, timm/NAME or torchvision/NAME"
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -41,16 +53,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------- option types
-def _int_at_least(least: int) -> Callable[[str], int]:
-    """An option type: an integer >= ``least``."""
+_INT_MAX = 2**63 - 1  # the largest int64: torch's sizes, counts and seeds fit below it
+
+
+def _int_at_least(least: int, what: str = "an integer") -> Callable[[str], int]:
+    """An option type: an integer >= ``least`` and at most the largest int64."""
 
     def parse(text: str) -> int:
         try:
-            return check_positive_int("value", int(text), least)
+            value = check_positive_int("value", int(text), least)
         except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text!r}") from None
+        if value > _INT_MAX:
             raise argparse.ArgumentTypeError(
-                f"expected an integer >= {least}, got {text!r}"
-            ) from None
+                f"expected {what} from {least} to 2**63 - 1 = {_INT_MAX}, got {text!r}"
+            )
+        return value
 
     return parse
 
@@ -61,6 +79,30 @@ def _positive_float(text: str) -> float:
         return check_positive("value", float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+
+
+def _nonnegative_float(text: str) -> float:
+    """An option type: a finite number >= 0."""
+    try:
+        return check_nonnegative("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    """An option type: a number in [0, 1]."""
+    try:
+        return check_fraction("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+
+
+def _grid_points(text: str) -> int:
+    """An option type: 0 (skip) or an integer >= 2."""
+    value = _int_at_least(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected 0 (skip) or at least 2 grid points, got 1")
+    return value
 
 
 def _rhos(text: str) -> tuple[float, ...]:
@@ -89,16 +131,92 @@ def _names(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    """An option type: distinct seeds >= 0 separated by commas."""
+    """An option type: distinct seeds in [0, 2**63 - 1] separated by commas."""
     try:
         seeds = [check_positive_int("seed", int(v), 0) for v in text.split(",") if v.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds or len(set(seeds)) != len(seeds) or max(seeds) > _INT_MAX:
         raise argparse.ArgumentTypeError(
-            f"expected distinct integers >= 0 separated by commas, like 0,1,2; got {text!r}"
+            f"expected distinct integers from 0 to 2**63 - 1 separated by commas, like 0,1,2; "
+            f"got {text!r}"
         )
     return seeds
+
+
+class _Deprecated(argparse.Action):
+    """An old flag that still works for one release: it stores its value under the new
+    flag's destination and prints one line naming the new flag."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: object) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        import sys
+
+        from flatlens.core._renames import REMOVED_IN
+
+        print(
+            f"{parser.prog}: {option_string} is deprecated and stops working in flatlens "
+            f"{REMOVED_IN}: use {self.new}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+        namespace._deprecated = [*getattr(namespace, "_deprecated", []), option_string]
+
+
+class _Given(argparse.Action):
+    """Store the value and note that the flag was given (``namespace._given``), for flags
+    whose default an older, broader flag may replace."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace._given = [*getattr(namespace, "_given", []), self.dest]
+
+
+def _measure_rho_arg(p: argparse.ArgumentParser, default: str, help_text: str) -> None:
+    """``--measure-rho RHOS`` (radii of R0, R1 and the bound), and its old name ``--rho``."""
+    p.add_argument("--measure-rho", metavar="RHOS", type=_rhos, default=default, help=help_text)
+    p.add_argument(
+        "--rho",
+        dest="measure_rho",
+        metavar="RHOS",
+        type=_rhos,
+        action=_Deprecated,
+        new="--measure-rho",
+        help=argparse.SUPPRESS,
+    )
+
+
+def _ascent_args(p: argparse.ArgumentParser, steps: int | None, restarts: int | None) -> None:
+    """``--steps`` and ``--restarts`` of the projected ascent behind R0 and R1."""
+    p.add_argument(
+        "--steps",
+        type=_int_at_least(1),
+        default=steps,
+        help="projected-ascent steps of R0 and R1 per start"
+        + ("" if steps is not None else " (default: 10; --quick: 4)"),
+    )
+    p.add_argument(
+        "--restarts",
+        type=_int_at_least(0),
+        default=restarts,
+        help="random starts of R0 and R1 besides the gradient and eigenvector ones"
+        + ("" if restarts is not None else " (default: 1)"),
+    )
 
 
 # ---------------------------------------------------------------------- shared options
@@ -106,7 +224,12 @@ def _common(p: argparse.ArgumentParser, out: str, threads: int = 0) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--out", metavar="DIR", default=out, help="output folder")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice")
+    g.add_argument(
+        "--seed",
+        type=_int_at_least(0, "a seed"),
+        default=0,
+        help="seed of every random choice (0 to 2**63 - 1)",
+    )
     g.add_argument(
         "--threads",
         metavar="N",
@@ -187,18 +310,38 @@ def _curvature_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="mlp, cnn, resnet18 or package.module:factory")
+    from flatlens.cli._models import DEFAULT_LOSS
+
+    p.add_argument(
+        "--model",
+        required=True,
+        help="mlp, cnn, resnet18, wrn16_8, wrn28_10, package.module:factory, timm/NAME or "
+        "torchvision/NAME (an "
+        "architecture by name, class count from the checkpoint), or hf:DIR (a Hugging Face "
+        "save_pretrained folder: architecture from config.json, weights beside it, the loss "
+        "its task implies unless --loss is given)",
+    )
     p.add_argument(
         "--model-kwargs", metavar="JSON", default="{}", help="JSON object of factory arguments"
     )
     p.add_argument(
         "--checkpoint",
         metavar="PATH",
-        required=True,
-        help="state dict file (.pt): plain, or {'model': state_dict, ...}",
+        default=None,
+        help="the weights (required except for hf:DIR): .safetensors (read without pickle), "
+        "a torch.save file (.pt: a state dict, or {'model': state_dict, ...}) or a Lightning "
+        ".ckpt, all read with weights_only=True",
+    )
+    p.add_argument(
+        "--state-prefix",
+        metavar="PREFIX",
+        default=None,
+        help="prefix of the model's entries in the checkpoint, e.g. net. for a Lightning "
+        "module's attribute (default: found when exactly one fits)",
     )
     p.add_argument("--data", default="digits", help=_DATA_HELP)
     _loss_arg(p)
+    p.set_defaults(loss=DEFAULT_LOSS)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -212,42 +355,15 @@ def _loss_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss",
         default="cross_entropy",
-        help="cross_entropy, mse (one-hot targets for class labels) or package.module:callable",
-    )
-
-
-def _train_args(p: argparse.ArgumentParser, model_help: str) -> None:
-    p.add_argument("--model", default="mlp", help=model_help)
-    p.add_argument(
-        "--model-kwargs", metavar="JSON", default="{}", help="JSON object of model arguments"
-    )
-    p.add_argument("--data", default="digits", help=_DATA_HELP)
-    _loss_arg(p)
-    p.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs of training")
-    p.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate")
-    p.add_argument("--rho", type=_positive_float, default=0.05, help="SAM/GAM radius")
-    p.add_argument("--base", default="sgd", choices=["sgd", "adamw"], help="SAM/GAM base")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="training batch size")
-    p.add_argument(
-        "--scheduler", default="cosine", choices=["cosine", "none"], help="learning-rate schedule"
-    )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype"
-    )
-    p.add_argument(
-        "--measure-samples",
-        type=_int_at_least(1),
-        default=256,
-        help="training examples of the flatness measures",
-    )
-    p.add_argument(
-        "--measure-steps", type=_int_at_least(1), default=20, help="ascent steps of R0 and R1"
+        help="cross_entropy, smooth_cross_entropy (the GAM/SAM code's smoothed loss), mse "
+        "(one-hot targets for class labels) or package.module:callable",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flatlens`` command."""
     from flatlens import __version__
+    from flatlens.cli._train_args import record_given, train_args, train_only_args
 
     fmt = _Help
     parser = _Parser(
@@ -268,12 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--blocks, the spectrum of each diagonal Hessian block.",
     )
     _model_args(p)
-    p.add_argument(
-        "--rho",
-        metavar="RHOS",
-        type=_rhos,
-        default="0.01,0.02,0.05",
-        help="radii of R0, R1 and the bound check; the middle one is the summary's",
+    _measure_rho_arg(
+        p,
+        "0.01,0.02,0.05",
+        "radii of R0, R1 and the bound check; the middle one is the summary's",
     )
     p.add_argument("--k", type=_int_at_least(1), default=5, help="top Hessian eigenvalues")
     p.add_argument(
@@ -293,7 +407,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _measure_args(p)
     _curvature_args(p)
-    p.add_argument("--quick", action="store_true", help="small settings for a fast look")
+    g = p.add_argument_group(
+        "measure settings (smaller than the library's defaults, so a report takes minutes)"
+    )
+    _ascent_args(g, None, None)
+    g.add_argument(
+        "--trace-probes",
+        type=_int_at_least(3),
+        default=None,
+        help="random probes (HVPs) of the Hutch++ trace (default: 30; --quick: 9; "
+        "hessian_trace's own default is 99)",
+    )
+    g.add_argument(
+        "--density-runs",
+        type=_int_at_least(1),
+        default=None,
+        help="Lanczos runs of the spectral density (default: 2; --quick: 1; "
+        "hessian_density's own default is 4)",
+    )
+    g.add_argument(
+        "--lanczos-steps",
+        type=_int_at_least(2),
+        default=None,
+        help="Lanczos steps per density run (default: 40; --quick: 20; library: 64)",
+    )
+    g.add_argument(
+        "--line-points",
+        type=_grid_points,
+        default=None,
+        help="grid points of the 1-D slice, 0 to skip it (default: 41; --quick: 11)",
+    )
+    g.add_argument(
+        "--plane-points",
+        type=_grid_points,
+        default=None,
+        help="grid points per axis of the 2-D plane, 0 to skip it (default: 21; --quick: 7)",
+    )
+    g.add_argument(
+        "--span",
+        type=_positive_float,
+        default=None,
+        help="the slices cover [-span, span] along each direction (default: 1.0)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small settings for a fast look (k <= 3, 256 examples, and the --quick values "
+        "above for the settings not given)",
+    )
     p.add_argument("--resume", action="store_true", help="reuse finished parts in --out")
     p.add_argument("--title", default="", help="title of report.html (default: from the file)")
     _common(p, "flatlens_diagnosis")
@@ -306,22 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one network; --out gets model.pt (the final state dict), "
         "metrics.json (the per-epoch history) and checkpoints/ (for --resume).",
     )
-    _train_args(p, "mlp, cnn, resnet18 or package.module:factory")
+    train_args(p, _MODEL_HELP)
     p.add_argument(
         "--optimizer",
         default="sgd",
         choices=["sgd", "adamw", "sam", "gam", "gam-exact"],
         help="gam: GAM's accelerated mode; gam-exact: its exact Hessian-vector mode",
     )
-    p.add_argument(
-        "--measure-every",
-        metavar="EPOCHS",
-        type=_int_at_least(0),
-        default=0,
-        help="epochs between flatness measures (0: never)",
-    )
+    train_only_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _common(p, "flatlens_train")
+    record_given(p)
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser(
@@ -331,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every optimizer with every seed, measure λ_max, tr(H), R0 and R1 "
         "of each final network and report Kendall's τ against the generalization gap.",
     )
-    _train_args(p, "mlp, cnn, resnet18 or package.module:factory")
+    train_args(p, _MODEL_HELP)
     p.add_argument(
         "--optimizers",
         metavar="NAMES",
@@ -341,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated seeds")
     _common(p, "flatlens_compare")
+    record_given(p)
     p.set_defaults(func=commands.cmd_compare)
 
     p = sub.add_parser(
@@ -350,11 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="R0, R1 and ρ²λ_max in the l2 ball for each radius; bound.json, bound.png.",
     )
     _model_args(p)
-    p.add_argument(
-        "--rho", metavar="RHOS", type=_rhos, default="0.005,0.01,0.02,0.05", help="radii"
-    )
-    p.add_argument("--steps", type=_int_at_least(1), default=20, help="projected-ascent steps")
-    p.add_argument("--restarts", type=_int_at_least(0), default=1, help="random restarts")
+    _measure_rho_arg(p, "0.005,0.01,0.02,0.05", "radii of R0, R1 and ρ²λ_max")
+    _ascent_args(p, 20, 1)
     p.add_argument(
         "--samples", metavar="N", type=_samples, default=512, help="training examples, or 'all'"
     )
@@ -372,13 +526,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     p.add_argument("--dim", type=int, choices=[1, 2], default=2, help="a line or a plane")
-    p.add_argument("--steps", type=_int_at_least(2), default=41, help="grid points per axis")
+    p.add_argument("--num-points", type=_int_at_least(2), default=51, help="grid points per axis")
+    p.add_argument(
+        "--steps",
+        dest="num_points",
+        type=_int_at_least(2),
+        action=_Deprecated,
+        new="--num-points",
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--span", type=_positive_float, default=1.0, help="grid covers [-span, span]")
     p.add_argument(
         "--samples", metavar="N", type=_samples, default="all", help="training examples, or 'all'"
     )
     _measure_args(p)
     p.add_argument("--log", action="store_true", help="log-scale loss in the plots")
+    p.add_argument(
+        "--vtk",
+        action="store_true",
+        help="also write the loss surface as line.vtp / plane.vtp for ParaView (log(z + 0.1) "
+        "heights with --log)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
     _common(p, "flatlens_landscape")
     p.set_defaults(func=commands.cmd_landscape)

@@ -1,14 +1,17 @@
 """Turn command-line style names into models, data sets, losses and loaded weights.
 
-* a model is a zoo name (``mlp``, ``cnn``, ``resnet18``) or ``package.module:factory``,
-  built by :func:`flatlens.zoo.build` (re-exported here as ``build_model``), which fills
-  in ``in_features``, ``in_channels`` and ``num_classes`` from the data set unless given;
+* a model is a zoo name (``mlp``, ``cnn``, ``resnet18``), ``package.module:factory`` or
+  ``timm/NAME``, ``torchvision/NAME``, built by :func:`flatlens.zoo.build` (re-exported here
+  as ``build_model``), which fills in ``in_features``, ``in_channels`` and ``num_classes``
+  from the data set unless given; ``hf:DIR`` is a Hugging Face folder
+  (:mod:`flatlens.cli._hf`, resolved by :mod:`flatlens.cli._models`);
 * a data set is ``digits``, ``cifar10:DIR``, ``cifar100:DIR``, ``imagefolder:DIR`` (through
-  torchvision) or ``package.module:factory`` returning ``torch.utils.data`` data sets;
+  torchvision), ``hf:DIR`` (tokenized, from ``save_to_disk``) or ``package.module:factory``
+  returning ``torch.utils.data`` data sets;
 * a loss is ``cross_entropy``, ``mse`` or ``package.module:callable``
   (:func:`flatlens.train._losses.build_loss`);
-* weights come from a checkpoint loaded with ``torch.load(weights_only=True)``, which never
-  runs code from the file.
+* weights come from a checkpoint read without running code from it: ``.safetensors`` with
+  the safetensors package, anything else with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._io import CheckpointError, load_checkpoint
-from flatlens.data import Dataset, from_datasets, load_cifar, load_digits
+from flatlens.data import Dataset, from_datasets, load_cifar, load_digits, model_inputs
 from flatlens.train._losses import build_loss, check_loss_value
 from flatlens.zoo import build as build_model
 from flatlens.zoo import import_object
@@ -42,7 +45,6 @@ __all__ = [
 ]
 
 _SHOWN = 8
-_NAMED = ("digits", "cifar10", "cifar100", "imagefolder")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -53,7 +55,8 @@ def load_data(spec: str) -> Dataset:
     ``DIR/CLASS/``, or ``DIR/train/CLASS/`` and ``DIR/test/CLASS/``; needs torchvision);
     ``package.module:factory``, a function without arguments returning a
     ``torch.utils.data.Dataset`` of ``(input, target)`` examples or a ``(train, test)``
-    tuple of them (see :func:`flatlens.data.from_datasets`).
+    tuple of them (see :func:`flatlens.data.from_datasets`); ``hf:DIR``, a tokenized data set
+    written by ``datasets``' ``save_to_disk`` (see :func:`flatlens.cli._hf.load_hf_data`).
 
     Raises:
         ValueError: an unknown name, a name without its folder, a factory that cannot be
@@ -64,7 +67,19 @@ def load_data(spec: str) -> Dataset:
     if name == "digits":
         if rest:
             raise ValueError(f"--data digits takes no folder (it ships with scikit-learn): {spec}")
-        return load_digits(image=True)
+        try:
+            return load_digits(image=True)
+        except ImportError as err:
+            raise ValueError(
+                "--data digits (the default) ships with scikit-learn, which is not installed: "
+                "pip install 'flatlens[digits]', or pass your data with --data"
+            ) from err
+    if name == "hf":
+        if not rest:
+            raise ValueError("--data hf needs a folder: hf:/path/to/saved_dataset")
+        from flatlens.cli._hf import load_hf_data
+
+        return load_hf_data(rest)
     if name in ("cifar10", "cifar100", "imagefolder"):
         if not rest:
             raise ValueError(f"--data {name} needs a folder: {name}:/path/to/folder")
@@ -74,8 +89,8 @@ def load_data(spec: str) -> Dataset:
     if rest and name:
         return _factory_data(spec)
     raise ValueError(
-        f"unknown data set {spec!r}; use digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR "
-        "or package.module:factory"
+        f"unknown data set {spec!r}; use digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, "
+        "hf:DIR or package.module:factory"
     )
 
 
@@ -228,10 +243,17 @@ def load_weights(
     *,
     dtype: str | torch.dtype = "auto",
     notes: list[str] | None = None,
+    state_prefix: str | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Load a checkpoint into ``model`` with ``weights_only=True``; returns ``model``.
+    """Load a checkpoint into ``model`` without running code from it; returns ``model``.
 
-    Accepts a plain state dict or ``{"model": state_dict, ...}``. The model is converted
+    Reads a ``.safetensors`` file with the safetensors package and anything else with
+    ``torch.load(weights_only=True)``: a plain state dict or ``{"model": state_dict, ...}``
+    (also ``"state_dict"``, as in a Lightning ``.ckpt``). The model's entries may sit under a
+    prefix (``net.``, ``module.``): it is found when exactly one fits, or named by
+    ``state_prefix``; tied weights the file leaves out are restored
+    (:func:`~flatlens.cli._checkpoints.fit_state`). The model is converted
     to ``dtype``; ``"auto"`` keeps a float32 or float64 checkpoint's precision, so a
     network is measured in the precision it was saved in, and measures any other precision
     (float16, bfloat16, a mix) in the model's dtype (float32 when that is a half precision
@@ -242,18 +264,24 @@ def load_weights(
         path: The checkpoint file.
         dtype: ``"auto"``, ``"float32"``, ``"float64"`` or a ``torch.dtype``.
         notes: When given, a sentence is appended when the weights were converted from the
-            precision they were stored in.
+            precision they were stored in, read under a prefix, or tied.
+        state_prefix: The prefix of the model's entries in the checkpoint (``--state-prefix``).
+        state: The checkpoint's tensors when already read (``path`` then names them).
 
     Raises:
         CheckpointError: missing/corrupt/untrusted file, or keys, shapes or dtypes that do
             not fit the model (the message lists the problems); the model is left as it was.
         NonFiniteLossError: the checkpoint holds NaN or infinite weights.
     """
-    with warnings.catch_warnings():
-        # A legacy (non-zip) pickle makes torch warn about its protocol before refusing or
-        # loading it; the outcome is reported either way, so keep stderr to one line.
-        warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-        state = load_checkpoint(path)
+    from flatlens.cli._checkpoints import fit_state
+
+    if state is None:
+        with warnings.catch_warnings():
+            # A legacy (non-zip) pickle makes torch warn about its protocol before refusing or
+            # loading it; the outcome is reported either way, so keep stderr to one line.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            state = load_checkpoint(path)
+    state = fit_state(model, state, path, prefix=state_prefix, notes=notes)
     check_state_dict(model, state, path)
     _check_finite(state, path)
     target = _target_dtype(state, model, dtype)
@@ -285,13 +313,14 @@ def preflight(
             f"model {model_spec!r} has no trainable parameters (every parameter has "
             "requires_grad=False); training would change nothing"
         )
-    x, y = data.x_train[:2], data.y_train[:2]
+    x, y = data.first(2) if hasattr(data, "first") else (data.x_train[:2], data.y_train[:2])
     x = x.to(params[0].device)
     if x.is_floating_point():
         x = x.to(params[0].dtype)
     if y.is_floating_point():
         y = y.to(params[0].dtype)
     y = y.to(params[0].device)
+    inputs = model_inputs(x, getattr(data, "input_names", None))  # Streams: model(x)
     shapes = (
         f"inputs {tuple(x.shape[1:])}, targets "
         f"{tuple(y.shape[1:]) or str(y.dtype).removeprefix('torch.')}"
@@ -311,7 +340,7 @@ def preflight(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            outputs = model(x)
+            outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
         except Exception as err:  # the user's model and data do not fit together
             raise failed(f"model {model_spec!r}", err) from err
         finally:

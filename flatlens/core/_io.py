@@ -1,5 +1,9 @@
 """Atomic file writes and safe checkpoint loading.
 
+Checkpoints are read without running code from the file: ``.safetensors`` files with the
+safetensors package (a header and raw tensor bytes, no pickle), everything else (``.pt``,
+``.pth``, ``.bin``, Lightning's ``.ckpt``) with ``torch.load(weights_only=True)``.
+
 Every file flatlens writes goes to a temporary file in the same folder first and is then
 renamed over the target with :func:`os.replace`, so a reader never sees a half-written file
 and an interrupted run leaves the previous version intact.
@@ -21,12 +25,15 @@ from typing import Any
 
 import torch
 
+from flatlens.core._paths import is_empty, not_a_file
+from flatlens.core._renames import renamed
 from flatlens.core._results import to_jsonable
 
 __all__ = [
     "CheckpointError",
     "atomic_path",
     "load_checkpoint",
+    "load_safetensors",
     "load_trusted_tensors",
     "save_torch",
     "write_bytes",
@@ -44,7 +51,8 @@ class CheckpointError(ValueError):
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
-    The temporary file is removed when the block raises.
+    The temporary file is removed when the block raises; an operating-system error (a full
+    disk, a quota) names ``path``, not the temporary file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -60,16 +68,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, str(tmp_path)):
+            raise OSError(err.errno, err.strerror or str(err), os.fspath(target)) from err
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+@renamed(data="content")
+def write_bytes(path: str | os.PathLike, content: bytes) -> None:
+    """Write ``content`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -129,6 +140,70 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[: cut + 1] if cut > 0 else text}"
 
 
+def _is_lightning(path: Path) -> bool:
+    return path.suffix == ".ckpt"
+
+
+def _resave_advice(path: Path) -> str:
+    """How to turn a refused file into one that loads."""
+    if _is_lightning(path):
+        return (
+            "Export the weights from a Python session that trusts the file: "
+            f"torch.save(torch.load({str(path)!r}, weights_only=False)['state_dict'], "
+            "'weights.pt') (or torch.save(YourModule.load_from_checkpoint(path).state_dict(), "
+            "'weights.pt')) and pass weights.pt"
+        )
+    return "Re-save it as a plain state dict: torch.save(model.state_dict(), path)"
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` suffix, or the format's header: a little-endian length then '{'."""
+    if path.suffix == ".safetensors":
+        return True
+    if not_a_file(path) is not None:  # never open a named pipe or a device to sniff it
+        return False
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size < 100_000_000 and size + 8 <= path.stat().st_size
+
+
+def load_safetensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """The tensors of a ``.safetensors`` file, read with the safetensors package (no pickle).
+
+    Raises:
+        CheckpointError: the path is missing or a folder, the safetensors package is not
+            installed, or the file is truncated or corrupt.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise CheckpointError(
+            f"checkpoint {path} is a .safetensors file, which needs the safetensors package: "
+            "pip install 'flatlens[models]' (or pip install safetensors)"
+        ) from err
+    device = map_location if isinstance(map_location, str | torch.device) else "cpu"
+    try:
+        return load_file(path, device=str(device))
+    except Exception as err:  # the reader's errors: truncated header, bad offsets, ...
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is an empty file") from err
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt, or not a .safetensors file "
+            f"({_first_line(err)})"
+        ) from err
+
+
 def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with every failure explained in one line.
 
@@ -141,13 +216,19 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
             truncated, corrupt or not a torch file, or it needs code to unpickle (refused).
     """
     path = Path(path)
-    if path.is_dir():
+    problem = not_a_file(path)  # before opening: a named pipe or a device never ends
+    if problem and not problem.startswith("is a folder"):
+        raise CheckpointError(f"checkpoint {path} {problem}")
+    if problem:
+        hint = (
+            f"; a Hugging Face folder is read with --model hf:{path}"
+            if (path / "config.json").is_file()
+            else ""
+        )
         raise CheckpointError(
             f"checkpoint {path} is a folder, not a file; pass the .pt file inside it "
-            "(e.g. model.pt)"
+            f"(e.g. model.pt){hint}"
         )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
@@ -158,23 +239,25 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
             raise CheckpointError(
                 f"checkpoint {path} is not a file torch.save wrote: the safe reader stopped at "
                 f"pickle opcode {opcode.group(1)}, so it is corrupt, or a plain pickle, which is "
-                "refused because unpickling it could run arbitrary code. Re-save it as a plain "
-                "state dict: torch.save(model.state_dict(), path)"
+                f"refused because unpickling it could run arbitrary code. {_resave_advice(path)}"
             ) from err
         if "GLOBAL" not in str(err) and "WeightsUnpickler" not in str(err):
             raise CheckpointError(
                 f"checkpoint {path} is truncated or corrupt, or not a file torch.save wrote "
                 f"({_first_line(err)})"
             ) from err
+        what, how = "checkpoint", ""
+        if _is_lightning(path):
+            what, how = "Lightning checkpoint", "; it is read with torch.load(weights_only=True)"
         raise CheckpointError(
-            f"checkpoint {path} was refused: unpickling it needs code beyond tensors and plain "
-            f"containers, which could run arbitrary code ({_unpickler_reason(err)}). Re-save "
-            "it as a plain state dict: torch.save(model.state_dict(), path)"
+            f"{what} {path} was refused: unpickling it needs code beyond tensors and plain "
+            f"containers, which could run arbitrary code ({_unpickler_reason(err)}){how}. "
+            f"{_resave_advice(path)}"
         ) from err
     except PermissionError as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)})") from err
     except Exception as err:
-        if path.stat().st_size == 0:
+        if is_empty(path):  # not st_size: /proc files have size 0 and hold text
             raise CheckpointError(f"checkpoint {path} is an empty file") from err
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt, or not a file torch.save wrote "
@@ -183,15 +266,19 @@ def load_trusted_tensors(path: str | os.PathLike, *, map_location: Any = "cpu") 
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a state dict with ``torch.load(weights_only=True)`` and explain every failure.
+    """Load a state dict without running code from the file, and explain every failure.
 
-    Accepts a plain state dict or a dict holding one under ``"model"``, ``"state_dict"`` or
+    A ``.safetensors`` file (by suffix or header) is read with the safetensors package; any
+    other file with ``torch.load(weights_only=True)``, which accepts a plain state dict or a
+    dict holding one under ``"model"``, ``"state_dict"`` (Lightning's ``.ckpt``) or
     ``"model_state_dict"``.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, needs code to unpickle
             (refused: it could run arbitrary code), or holds no state dict.
     """
+    if _is_safetensors(Path(path)):
+        return load_safetensors(path, map_location=map_location)
     obj = load_trusted_tensors(path, map_location=map_location)
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):

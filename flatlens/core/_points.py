@@ -1,19 +1,21 @@
-"""The risk and other metrics at many parameter points: the engine of ``Objective.evaluate_points``.
+"""The risk and other metrics at many parameter points: the engine of ``Objective.evaluate_points``
+and of the landscape's grids.
 
-For points theta_k and batches B_b of sizes n_b (N = sum_b n_b), one data pass per chunk of
-points gives L(theta_k) = (1/N) sum_b n_b loss(B_b; theta_k) (sum_b loss(B_b; theta_k) for a
-summed loss), the accuracy (1/N) sum_b #{i in B_b : argmax f(x_i; theta_k) = y_i}, and for a
-callable metric m the mean (1/N) sum_b n_b m(B_b; theta_k), or sum_b m(B_b; theta_k) when
-``m.reduction == "sum"``. The terms are formed in the model's dtype and summed in float64 in
-batch order, as :meth:`Objective.loss` does (bit for bit on the serial path).
+Points come as a ``(C, n)`` tensor or as :class:`AffinePoints`, the family
+theta + sum_j c_kj d_j of a line's or plane's grid, which the serial path generates one point
+at a time in place (no ``(C, n)`` matrix). The metrics are combined over batches as
+:mod:`flatlens.core._metrics` describes, in float64 and in batch order, as
+:meth:`Objective.loss` does (bit for bit on the serial path).
 
 * :class:`VmapEvaluator`: per batch, one :func:`torch.func.vmap` over the chunk of
   :meth:`Objective.forward`.
 * :class:`SerialEvaluator`: per batch, one plain forward per point through a private deep
-  copy of the model whose selected parameters view one flat buffer: the next point is one
-  ``copy_`` away and the forward pays no ``functional_call`` overhead. :meth:`Objective.forward`
-  is used instead when the model cannot be deep-copied, a subclass overrides ``forward``,
-  or in train mode.
+  copy of the model whose selected parameters view one flat buffer: the next point is
+  written into that buffer and the forward pays no ``functional_call`` overhead.
+  :meth:`Objective.forward` is used instead when the model cannot be deep-copied, a subclass
+  overrides ``forward``, or in train mode.
+* :class:`PointSession`: the set-up of a run of chunks (metrics, method, evaluator, the
+  working copy's refresh) done once, so a landscape pays it once per grid, not per chunk.
 """
 
 from __future__ import annotations
@@ -21,22 +23,34 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from flatlens.core._affine import AffinePoints, WriteBuffers, as_rows
 from flatlens.core._checks import check_positive_int
 from flatlens.core._data import call_args, is_classification
+from flatlens.core._metrics import (
+    BUILTIN_METRICS,
+    MetricsArg,
+    MetricSet,
+    Sums,
+    finish,
+    resolve_metrics,
+    stack_weighted,
+    weighted,
+)
 from flatlens.core._objective import Objective
 from flatlens.core._params import eval_mode
 
 __all__ = [
     "BUILTIN_METRICS",
+    "AffinePoints",
     "MetricSet",
+    "MetricsArg",
     "PointEvaluation",
+    "PointSession",
     "SerialEvaluator",
     "VmapEvaluator",
     "chunk_size_for",
@@ -45,140 +59,34 @@ __all__ = [
     "resolve_metrics",
 ]
 
-BUILTIN_METRICS = ("loss", "accuracy")
-MetricFn = Callable[[Any, Any], Tensor]
-MetricsArg = str | MetricFn | Sequence[str | MetricFn] | Mapping[str, MetricFn] | None
 Method = Literal["auto", "serial", "vmap"]
 SERIAL_CHUNK = 16
 """Default points per data pass of the serial evaluator."""
-
-
-# ---------------------------------------------------------------------------- metrics
-@dataclass(frozen=True)
-class Metric:
-    """A callable metric: ``fn(outputs, targets)`` is a scalar per batch."""
-
-    name: str
-    fn: MetricFn
-    mean: bool  # combined as (1/N) sum_b n_b m_b; else as sum_b m_b
-
-
-@dataclass(frozen=True)
-class MetricSet:
-    """The metrics of one evaluation besides the loss, which is always computed.
-
-    Attributes:
-        accuracy: ``"yes"`` (requested: an error unless the task is classification),
-            ``"no"`` or ``"auto"`` (included when every batch is classification).
-        custom: The callable metrics, in the order given.
-    """
-
-    accuracy: Literal["yes", "no", "auto"] = "no"
-    custom: tuple[Metric, ...] = ()
-
-    def names(self, classify: bool) -> list[str]:
-        """Result keys: ``"loss"``, then ``"accuracy"`` when held, then the callables'."""
-        keep = self.accuracy == "yes" or (self.accuracy == "auto" and classify)
-        return ["loss", *(["accuracy"] if keep else []), *(m.name for m in self.custom)]
-
-
-def _metric(name: Any, fn: Any) -> Metric:
-    if name in (None, "<lambda>"):
-        raise ValueError(
-            f"cannot name the metric {fn!r}; pass metrics={{'name': fn}} for a lambda, "
-            "a functools.partial or a module instance"
-        )
-    if not isinstance(name, str) or not name or name in BUILTIN_METRICS:
-        raise ValueError(
-            f"a callable metric needs a non-empty name other than the built-ins "
-            f"{list(BUILTIN_METRICS)}, got {name!r}; rename it with metrics={{'name': fn}}"
-        )
-    if not callable(fn):
-        raise TypeError(f"metric {name!r} must be callable as fn(outputs, targets)")
-    reduction = getattr(fn, "reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"metric {name!r} has reduction={reduction!r}; it must return a scalar per "
-            "batch, reduced by 'mean' or 'sum'"
-        )
-    return Metric(name, fn, reduction == "mean")
-
-
-def resolve_metrics(metrics: MetricsArg) -> MetricSet:
-    """Parse ``metrics=``: ``None``, a name, a callable, a sequence of those, or a mapping.
-
-    ``None`` means the loss plus accuracy when the task is classification (as
-    :meth:`Objective.evaluate`). Strings name built-ins (``"loss"``, ``"accuracy"``); a
-    callable is stored under its ``__name__``; a mapping gives ``{name: callable}``.
-
-    Raises:
-        ValueError: an unknown name, a nameless callable (a lambda, a ``functools.partial``,
-            a module instance: pass a mapping), a name used twice or a built-in's name.
-        TypeError: a mapping value that is not callable.
-    """
-    if metrics is None:
-        return MetricSet("auto")
-    if isinstance(metrics, Mapping):
-        builtins, named = [], list(metrics.items())
-    else:
-        given = [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics)
-        builtins = [m for m in given if isinstance(m, str)]
-        named = [(getattr(m, "__name__", None), m) for m in given if not isinstance(m, str)]
-    unknown = [b for b in builtins if b not in BUILTIN_METRICS]
-    if unknown:
-        raise ValueError(
-            f"unknown metrics {unknown}; choose from {list(BUILTIN_METRICS)} or pass callables"
-        )
-    custom = tuple(_metric(name, fn) for name, fn in named)
-    names = [m.name for m in custom]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two metrics share a name in {names}; pass a mapping to rename them")
-    return MetricSet("yes" if "accuracy" in builtins else "no", custom)
-
-
-def _weighted(value: Any, n: int, mean: bool, what: str) -> Tensor:
-    """``w_b * value`` with w_b = n_b for a mean, 1 for a sum (as the Objective weights)."""
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError(f"{what} must return a scalar tensor per batch; use a reduced one")
-    value = value.reshape(())
-    return value * n if mean else value
-
-
-def _stack_weighted(values: list[Any], n: int, mean: bool, what: str) -> Tensor:
-    """``stack(values) * n_b`` (mean) or ``stack(values)`` (sum): element by element the
-    same products as :func:`_weighted`."""
-    if not all(isinstance(v, Tensor) and v.numel() == 1 for v in values):
-        raise ValueError(f"{what} must return a scalar tensor per batch; use a reduced one")
-    if any(v.dim() for v in values):
-        values = [v.reshape(()) for v in values]
-    stacked = torch.stack(values)
-    return stacked * n if mean else stacked
-
-
-class _Sums:
-    """Per-point float64 sums (rows: loss, hits, callable metrics), the sample count and
-    whether every batch so far was classification."""
-
-    def __init__(self, metrics: MetricSet, num_points: int, device: torch.device) -> None:
-        rows = 2 + len(metrics.custom)
-        self.totals = torch.zeros(rows, num_points, device=device, dtype=torch.float64)
-        self.count = 0
-        self.classify = metrics.accuracy != "no"
+IN_PLACE_MAX_BATCHES = 3
+"""Up to this many in-memory batches the serial path writes each affine point into the
+working copy per batch (one or two vector operations) instead of materializing the chunk
+once (about four, plus one copy per batch)."""
 
 
 # ---------------------------------------------------------------------------- evaluators
 class _Evaluator:
-    """Calling one with a ``(C, n)`` chunk of points returns their :class:`_Sums`."""
+    """Calling one with a chunk of C points returns their :class:`Sums`."""
+
+    needs_eval_mode = True  # evaluates through the caller's model, not a private copy
 
     def __init__(self, objective: Objective, metrics: MetricSet) -> None:
         self.objective = objective
         self.metrics = metrics
 
-    def __call__(self, thetas: Tensor) -> _Sums:
-        with torch.no_grad(), eval_mode(self.objective.model, self.objective.eval_mode):
-            return self._run(thetas)
+    def __call__(self, points: Tensor | AffinePoints) -> Sums:
+        obj = self.objective
+        with torch.no_grad():
+            if not self.needs_eval_mode:
+                return self._run(points)
+            with eval_mode(obj.model, obj.eval_mode):
+                return self._run(points)
 
-    def _run(self, thetas: Tensor) -> _Sums:
+    def _run(self, points: Tensor | AffinePoints) -> Sums:
         raise NotImplementedError
 
 
@@ -187,10 +95,11 @@ class VmapEvaluator(_Evaluator):
 
     name = "vmap"
 
-    def _run(self, thetas: Tensor) -> _Sums:
+    def _run(self, points: Tensor | AffinePoints) -> Sums:
         obj, custom = self.objective, self.metrics.custom
+        thetas = as_rows(points)
         mean = obj.reduction == "mean"
-        sums = _Sums(self.metrics, len(thetas), obj.device)
+        sums = Sums(self.metrics, len(thetas), obj.device)
         for x, y, n in obj.batches():
             state = {"classify": sums.classify}
 
@@ -203,9 +112,9 @@ class VmapEvaluator(_Evaluator):
                     else torch.zeros((), device=obj.device)
                 )
                 return (
-                    _weighted(obj.loss_fn(out, y), n, mean, "loss_fn"),
+                    weighted(obj.loss_fn(out, y), n, mean, "loss_fn"),
                     hits,
-                    *(_weighted(m.fn(out, y), n, m.mean, f"metric {m.name!r}") for m in custom),
+                    *(weighted(m.fn(out, y), n, m.mean, f"metric {m.name!r}") for m in custom),
                 )
 
             values = torch.func.vmap(point, randomness="error")(thetas)
@@ -267,50 +176,98 @@ def _working_copy(objective: Objective) -> _WorkingCopy | None:
     return work
 
 
+def _in_memory_batches(objective: Objective) -> int | None:
+    data = objective._data
+    return len(data) if isinstance(data, list) else None
+
+
 class SerialEvaluator(_Evaluator):
-    """Sums at a chunk of points, one forward per point (the reference and CPU path)."""
+    """Sums at a chunk of points, one forward per point (the reference and CPU path).
+
+    The working copy is refreshed from the model once, when the evaluator is made: one
+    evaluator serves the chunks of one call (or of one landscape grid).
+    """
 
     name = "serial"
 
     def __init__(self, objective: Objective, metrics: MetricSet, *, use_copy: bool = True):
         super().__init__(objective, metrics)
         self._work = _working_copy(objective) if use_copy else None
+        self.needs_eval_mode = self._work is None
+        batches = _in_memory_batches(objective)
+        self._in_place = (
+            self._work is not None and batches is not None and batches <= IN_PLACE_MAX_BATCHES
+        )
+        self._buffers: WriteBuffers | None = None
 
     @property
     def uses_copy(self) -> bool:
         """Whether the private-copy path is in use."""
         return self._work is not None
 
-    def _run(self, thetas: Tensor) -> _Sums:
+    def _setters(self, points: Tensor | AffinePoints):
+        """``(count, set_point)``: ``set_point(k)`` makes point k current and returns the
+        flat parameters to pass to :meth:`Objective.forward` (None on the copy path)."""
+        work = self._work
+        if isinstance(points, AffinePoints) and self._in_place:
+            if self._buffers is None:
+                self._buffers = WriteBuffers(work.buf)
+            write, buf = points.writer(self._buffers), work.buf
+
+            def set_affine(k: int) -> None:
+                write(k, buf)
+
+            return len(points), set_affine
+        rows = as_rows(points).unbind(0)
+        if work is None:
+            return len(rows), rows.__getitem__
+        buf = work.buf
+
+        def set_row(k: int) -> None:
+            buf.copy_(rows[k])
+
+        return len(rows), set_row
+
+    def _run(self, points: Tensor | AffinePoints) -> Sums:
         # The per-point loop is kept lean (a small model's forward takes well under a
         # millisecond): no per-point checks or reshapes, one stack per batch and metric.
+        # The private copy runs under inference mode (no version counters or view tracking:
+        # the same arithmetic with less bookkeeping per operation); the sums stay normal
+        # tensors, added to outside it.
         obj, custom = self.objective, self.metrics.custom
         module = None if self._work is None else self._work.module
-        buf = None if self._work is None else self._work.buf
-        points = thetas.unbind(0)
-        sums = _Sums(self.metrics, len(points), obj.device)
+        mode = torch.no_grad if module is None else torch.inference_mode
+        count, set_point = self._setters(points)
+        loss_fn, forward, mean = obj.loss_fn, obj.forward, obj.reduction == "mean"
+        sums = Sums(self.metrics, count, obj.device)
         for x, y, n in obj.batches():
             losses, hits, extra = [], [], [[] for _ in custom]
-            for k, theta in enumerate(points):
-                if module is None:
-                    out = obj.forward(theta, x)
-                else:
-                    buf.copy_(theta)
-                    args, kwargs = call_args(x)
-                    out = module(*args, **kwargs)
-                losses.append(obj.loss_fn(out, y))
-                if k == 0:
-                    sums.classify = sums.classify and is_classification(out, y)
-                if sums.classify:
-                    hits.append((out.argmax(dim=-1) == y).sum())
-                for values, m in zip(extra, custom, strict=True):
-                    values.append(m.fn(out, y))
-            sums.totals[0] += _stack_weighted(losses, n, obj.reduction == "mean", "loss_fn")
+            with mode():
+                args, kwargs = call_args(x)
+                for k in range(count):
+                    theta = set_point(k)
+                    out = forward(theta, x) if module is None else module(*args, **kwargs)
+                    losses.append(loss_fn(out, y))
+                    if k == 0:
+                        sums.classify = sums.classify and is_classification(out, y)
+                    if sums.classify:
+                        hits.append((out.argmax(dim=-1) == y).sum())
+                    for values, m in zip(extra, custom, strict=True):
+                        values.append(m.fn(out, y))
+                terms = [stack_weighted(losses, n, mean, "loss_fn")]
+                if sums.classify and hits:
+                    terms.append(torch.stack(hits).to(obj.device))
+                terms += [
+                    stack_weighted(values, n, m.mean, f"metric {m.name!r}") if values else None
+                    for values, m in zip(extra, custom, strict=True)
+                ]
+            totals = sums.totals
+            totals[0].add_(terms[0])
             if sums.classify and hits:
-                sums.totals[1] += torch.stack(hits).to(obj.device)
-            for row, (values, m) in enumerate(zip(extra, custom, strict=True), start=2):
-                if values:
-                    sums.totals[row] += _stack_weighted(values, n, m.mean, f"metric {m.name!r}")
+                totals[1].add_(terms[1])
+            for row, term in enumerate(terms[-len(custom) :] if custom else [], start=2):
+                if term is not None:
+                    totals[row].add_(term)
             sums.count += n
         return sums
 
@@ -362,6 +319,80 @@ def chunk_size_for(objective: Objective, theta: Tensor, num_points: int) -> int:
     return int(max(1, min(cap, num_points, budget // per_point)))
 
 
+# ---------------------------------------------------------------------------- sessions
+class PointSession:
+    """Evaluates chunk after chunk of points with one set-up (what one call of
+    :meth:`Objective.evaluate_points` does per chunk, and a landscape per grid).
+
+    Args:
+        objective: The risk.
+        metrics: As ``evaluate_points``' ``metrics``, or a resolved :class:`MetricSet`.
+        method: ``"serial"`` or ``"vmap"`` (already resolved from ``"auto"``).
+        fall_back: Should vmap fail on the first chunk, warn and evaluate serially from
+            then on (``method="auto"`` that resolved to vmap).
+        local: Evaluate this rank's data alone (no collective).
+        count: Add each point to ``objective.counts["loss"]`` and run the objective's
+            determinism check before the first chunk (a caller that does both itself, as
+            ``evaluate_points`` does, passes False).
+        stacklevel: Of the fall-back warning, counted from :meth:`evaluate`'s caller.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        metrics: MetricsArg | MetricSet,
+        method: str,
+        *,
+        fall_back: bool = False,
+        local: bool = False,
+        count: bool = True,
+        stacklevel: int = 1,
+    ) -> None:
+        if method not in ("vmap", "serial"):
+            raise ValueError(f"method must be 'vmap' or 'serial', not {method!r}")
+        self.objective = objective
+        self.metrics = metrics if isinstance(metrics, MetricSet) else resolve_metrics(metrics)
+        self.method = method
+        self.fall_back = fall_back and method == "vmap"
+        self.reduce = objective.distributed and not local
+        self.count = count
+        self.stacklevel = stacklevel
+        self.vmap_error: str | None = None
+        self._evaluator: _Evaluator | None = None
+
+    def _make(self, method: str) -> _Evaluator:
+        if method == "vmap":
+            return VmapEvaluator(self.objective, self.metrics)
+        return SerialEvaluator(self.objective, self.metrics)
+
+    def evaluate(self, points: Tensor | AffinePoints) -> dict[str, Tensor]:
+        """``{name: float64 tensor (C,)}`` at the points of one chunk (one data pass)."""
+        obj = self.objective
+        if self.count:
+            obj._ensure_checked()
+        if self._evaluator is None:
+            self._evaluator = self._make(self.method)
+        try:
+            sums = self._evaluator(points)
+        except Exception as err:
+            if not self.fall_back:
+                raise
+            warnings.warn(
+                f"vmap evaluation failed ({type(err).__name__}: {err}); "
+                "falling back to the serial loop",
+                RuntimeWarning,
+                stacklevel=self.stacklevel + 1,
+            )
+            self.vmap_error = f"{type(err).__name__}: {err}"
+            self.method, self._evaluator = "serial", self._make("serial")
+            sums = self._evaluator(points)
+        self.fall_back = False
+        values = finish(obj, self.metrics, sums, reduce=self.reduce)
+        if self.count:
+            obj.counts["loss"] += len(points)
+        return values
+
+
 # ---------------------------------------------------------------------------- one call
 class PointEvaluation:
     """One call of :meth:`Objective.evaluate_points`: checked arguments, then :meth:`run`.
@@ -397,6 +428,7 @@ class PointEvaluation:
         self.metrics = resolve_metrics(metrics)
         self.method = method
         self.chunk_size = chunk_size
+        self.local = local
         self.reduce = objective.distributed and not local
 
     @property
@@ -422,61 +454,17 @@ class PointEvaluation:
                 agreed = torch.tensor([chunk], device=obj.device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
                 chunk = int(agreed.item())
-        evaluator = self._evaluator(method)
-        parts = []
-        with torch.no_grad(), eval_mode(obj.model, obj.eval_mode):
-            for start in range(0, self.num_points, chunk):
-                thetas = self.points[start : start + chunk]
-                try:
-                    sums = evaluator(thetas)
-                except Exception as err:
-                    if not (self.method == "auto" and method == "vmap" and start == 0):
-                        raise
-                    warnings.warn(
-                        f"vmap evaluation failed ({type(err).__name__}: {err}); "
-                        "falling back to the serial loop",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    method, evaluator = "serial", self._evaluator("serial")
-                    sums = evaluator(thetas)
-                parts.append(_finish(obj, self.metrics, sums, reduce=self.reduce))
-        return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
-
-    def _evaluator(self, method: str) -> _Evaluator:
-        if method == "vmap":
-            return VmapEvaluator(self.objective, self.metrics)
-        return SerialEvaluator(self.objective, self.metrics)
-
-
-def _finish(objective: Objective, metrics: MetricSet, sums: _Sums, *, reduce: bool):
-    """Sum over ranks (``reduce``) and divide by N: the metric values of a chunk.
-
-    The mean scale is applied as ``S * (1.0 / N)`` and accuracy as ``hits / N``, the
-    operations :meth:`Objective.loss` and :meth:`Objective.evaluate` perform.
-
-    Raises:
-        ValueError: the data held no samples (on any rank), or accuracy was requested for
-            a task that is not classification.
-    """
-    totals, count, classify = sums.totals, sums.count, sums.classify
-    if reduce:  # one collective per chunk: the sums, the sample count, a classification vote
-        extra = [float(count), float(not classify)]
-        packed = torch.cat([totals.reshape(-1), totals.new_tensor(extra)])
-        torch.distributed.all_reduce(packed)
-        totals = packed[:-2].view_as(totals)
-        count, classify = int(packed[-2].item()), bool(packed[-1].item() == 0)
-    if count == 0:
-        raise ValueError("data is empty: it yielded no samples")
-    if metrics.accuracy == "yes" and not classify:
-        raise ValueError(
-            "metric 'accuracy' needs a classification task (2-D outputs and integer targets)"
+        session = PointSession(
+            obj,
+            self.metrics,
+            method,
+            fall_back=self.method == "auto",
+            local=self.local,
+            count=False,
+            stacklevel=3,  # the caller of Objective.evaluate_points
         )
-    scale = 1.0 / count
-    mean = objective.reduction == "mean"
-    out = {"loss": totals[0] * scale if mean else totals[0].clone()}
-    if "accuracy" in metrics.names(classify):
-        out["accuracy"] = totals[1] / torch.tensor(float(count), device=totals.device)
-    for row, m in enumerate(metrics.custom, start=2):
-        out[m.name] = totals[row] * scale if m.mean else totals[row].clone()
-    return out
+        parts = [
+            session.evaluate(self.points[start : start + chunk])
+            for start in range(0, self.num_points, chunk)
+        ]
+        return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}

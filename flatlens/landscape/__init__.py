@@ -8,7 +8,7 @@ Typical use::
     obj = Objective(model, loss_fn, data)
     d1 = fl.random_direction(obj, seed=0)
     d2 = fl.random_direction(obj, seed=1)
-    ls = fl.plane(obj, d1, d2, span=(-1, 1), steps=(41, 41), store="plane.npz")
+    ls = fl.plane(obj, d1, d2, span=(-1, 1), num_points=(41, 41), store="plane.npz")
     fl.plot_contour(ls, "plane.png", filled=True)
     fl.plot_surface(ls, "plane.html")
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from flatlens.core._checks import check_positive
 from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
+from flatlens.core._renames import renamed
 from flatlens.landscape._directions import Direction, as_direction, cosine
 from flatlens.landscape._grid import Grid, Span, grid_axes, grid_points
 from flatlens.landscape._storage import Landscape
@@ -26,6 +27,7 @@ from flatlens.measures._spectrum import hessian_eigenvalues
 __all__ = ["curvature_map"]
 
 
+@renamed(steps="num_points", max_iter="max_hvps")
 @tracks_peak_memory
 def curvature_map(
     objective: Objective,
@@ -33,9 +35,9 @@ def curvature_map(
     d2: Direction | Tensor | None = None,
     *,
     span: Span | tuple[Span, Span] = (-1.0, 1.0),
-    steps: int | tuple[int, int] = 9,
-    tol: float = 1e-3,
-    max_iter: int | None = None,
+    num_points: int | tuple[int, int] = 9,
+    tol: float = 1e-4,
+    max_hvps: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Landscape:
@@ -46,9 +48,9 @@ def curvature_map(
         d1: First direction.
         d2: Second direction for a plane; ``None`` for a line.
         span: As in :func:`flatlens.landscape.line` / :func:`~flatlens.landscape.plane`.
-        steps: Points per axis (keep it small: each point costs two Lanczos runs).
+        num_points: Points per axis (keep it small: each point costs two Lanczos runs).
         tol: Relative accuracy of each eigenvalue (certified by the Lanczos bound).
-        max_iter: HVP budget per Lanczos run.
+        max_hvps: HVP budget per Lanczos run.
         seed: Start-vector seed (the same at every point).
         progress: Show a tqdm bar.
 
@@ -59,7 +61,7 @@ def curvature_map(
     start = time.perf_counter()
     tol = check_positive("tol", tol)
     dirs = [as_direction(objective, d1)] + ([] if d2 is None else [as_direction(objective, d2)])
-    coords, axes = grid_axes(span, steps, ndim=len(dirs))  # type: ignore[arg-type]
+    coords, axes = grid_axes(span, num_points, ndim=len(dirs))  # type: ignore[arg-type]
     kind = "curvature_line" if len(dirs) == 1 else "curvature_plane"
     settings: dict[str, Any] = {"kind": kind, "span": axes["span"]}
     grid = Grid(coords, ["lambda_max", "lambda_min"])
@@ -71,7 +73,7 @@ def curvature_map(
         point = grid_points(theta, vectors, grid.coef[k : k + 1])[0]
         extreme = {
             which: hessian_eigenvalues(
-                objective, 1, which=which, tol=tol, max_iter=max_iter, seed=seed, at=point
+                objective, 1, which=which, tol=tol, max_hvps=max_hvps, seed=seed, at=point
             )
             for which in ("LA", "SA")
         }
@@ -84,9 +86,9 @@ def curvature_map(
     values, center_index = grid.shaped(), grid.center_index
     settings.update(
         {
-            "steps": list(grid.shape),
+            "num_points": list(grid.shape),
             "tol": tol,
-            "max_iter": max_iter,
+            "max_hvps": max_hvps,
             "seed": seed,
             "num_hvps": objective.counts["hvp"] - start_hvps,
             "all_converged": converged,

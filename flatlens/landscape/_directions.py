@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from flatlens.core._checks import make_generator
 from flatlens.core._objective import Objective
+from flatlens.core._renames import renamed
 from flatlens.core._results import Result
 from flatlens.measures._spectrum import hessian_eigenvalues
 
@@ -336,12 +337,13 @@ def pca_directions(
     )
 
 
+@renamed(max_iter="max_hvps")
 def eigen_directions(
     objective: Objective,
     k: int = 2,
     *,
     tol: float = 1e-4,
-    max_iter: int | None = None,
+    max_hvps: int | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
 ) -> list[Direction]:
@@ -351,7 +353,7 @@ def eigen_directions(
     each direction's settings hold its eigenvalue and certified error bound.
     """
     res = hessian_eigenvalues(
-        objective, k, which="LA", tol=tol, max_iter=max_iter, seed=seed, progress=progress
+        objective, k, which="LA", tol=tol, max_hvps=max_hvps, seed=seed, progress=progress
     )
     return [
         Direction(

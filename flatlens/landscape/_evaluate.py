@@ -1,11 +1,13 @@
 """The grid runner behind :func:`~flatlens.landscape.line` and :func:`~flatlens.landscape.plane`.
 
-The values at the grid points theta + a_k d1 (+ b_k d2) come from
-:meth:`Objective.evaluate_points`, one call (one data pass) per chunk of points, so the
-landscape computes L exactly as every measure does and never touches the model: the model's
-parameters, buffers and train/eval flags come back as they were, even on an interrupt. The
-centre a = b = 0 is on every grid and evaluated alone on the serial path, so its loss equals
-``objective.loss()`` bit for bit.
+The values at the grid points theta + a_k d1 (+ b_k d2) come from the engine of
+:meth:`Objective.evaluate_points` (a :class:`~flatlens.core._points.PointSession`, set up once
+per grid), one data pass per chunk of points, so the landscape computes L exactly as every
+measure does and never touches the model: the model's parameters, buffers and train/eval
+flags come back as they were, even on an interrupt. The points go in as
+:class:`~flatlens.core._affine.AffinePoints`, which the serial path writes one by one into its
+working copy. The centre a = b = 0 is on every grid and evaluated alone on the serial path,
+so its loss equals ``objective.loss()`` bit for bit.
 
 With ``store=path`` the grid is written to ``path`` (``.npz`` + ``.json``) as it fills. A
 run started again with the same arguments skips what the store holds and ends with the same
@@ -21,21 +23,28 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from flatlens import distributed as fd
+from flatlens.core._affine import AffinePoints
 from flatlens.core._checks import check_nonnegative, check_positive_int
 from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._memory import PeakMemory
 from flatlens.core._objective import Objective
-from flatlens.core._points import SERIAL_CHUNK, MetricsArg, chunk_size_for, preferred_method
+from flatlens.core._points import (
+    SERIAL_CHUNK,
+    MetricsArg,
+    PointSession,
+    chunk_size_for,
+    preferred_method,
+)
 from flatlens.landscape._directions import Direction, as_direction, cosine
-from flatlens.landscape._grid import Grid, grid_points
+from flatlens.landscape._grid import Grid, affine_points
 from flatlens.landscape._ranks import agree, data_rounds, distribution, point_rounds
 from flatlens.landscape._resume import components, fingerprint, load_store, restore
 from flatlens.landscape._storage import Landscape, save
@@ -43,6 +52,9 @@ from flatlens.landscape._storage import Landscape, save
 __all__ = ["Distribute", "Method", "evaluate_grid"]
 
 Method = Literal["auto", "vmap", "serial"]
+CHUNK_SECONDS = 0.2
+"""Target duration of one serial chunk when the chunk size is left to the runner."""
+MAX_SERIAL_CHUNK = 256
 Distribute = Literal["auto", "data", "points"]
 
 
@@ -96,6 +108,7 @@ class _GridRun:
         self.writes = store is not None
         self.evaluated = 0
         self.may_fall_back = False
+        self.adapt_chunk = False
 
     @property
     def collective(self) -> bool:
@@ -139,8 +152,19 @@ class _GridRun:
         self.grid.record(np.array([self.grid.center_flat]), {m: center[m] for m in names})
         self.unsaved = stored is None
         self._settle_execution()
-        # Later chunks ask for exactly the centre's metrics (``None`` resolved there).
-        self.point_metrics = self.metrics if self.metrics is not None else names
+        # Later chunks ask for exactly the centre's metrics (``None`` resolved there), all
+        # through one session: the evaluator and its working copy are set up once per grid.
+        # The points' coefficients in the model's dtype, converted once (as affine_points).
+        self.vectors = tuple(d.vector for d in self.dirs)
+        self.coef = affine_points(self.theta, self.vectors, self.grid.coef).coefficients
+        self.session = PointSession(
+            obj,
+            self.metrics if self.metrics is not None else names,
+            self.settings["method"],
+            fall_back=self.may_fall_back,
+            local=self.mode == "points",
+            stacklevel=6,  # the caller of line() or plane()
+        )
 
     def _center(self) -> dict[str, float]:
         """Metric values at theta, on the serial path (bit for bit ``objective.loss()``)."""
@@ -170,44 +194,42 @@ class _GridRun:
             if self.collective:  # memory estimates may differ between ranks; chunks must not
                 chunk = min(fd.all_gather_object(chunk))
             settings["chunk_size"] = chunk
+            # One process, serial: grow the chunk once the first one is timed (the values
+            # do not depend on the chunking on this path).
+            self.adapt_chunk = settings["method"] == "serial" and not self.collective
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Metric values at the grid points ``idx`` (one data pass)."""
-        thetas = grid_points(self.theta, [d.vector for d in self.dirs], self.grid.coef[idx])
-        try:
-            values = self._evaluate_points(thetas, self.settings["method"])
-        except Exception as err:
-            if not self.may_fall_back:
-                raise
-            warnings.warn(
-                f"vmap evaluation failed ({type(err).__name__}: {err}); "
-                "falling back to the serial loop",
-                RuntimeWarning,
-                stacklevel=6,  # the caller of line() or plane()
-            )
-            self.settings["method"] = "serial"
-            self.settings["vmap_error"] = f"{type(err).__name__}: {err}"
-            values = self._evaluate_points(thetas, "serial")
-        self.may_fall_back = False
+        points = AffinePoints(self.theta, self.vectors, self.coef[torch.from_numpy(idx)])
+        start, cpu = time.perf_counter(), time.process_time()
+        values = self.session.evaluate(points)
+        if self.adapt_chunk:
+            # The smaller of the wall and this process's CPU time: on a loaded machine the
+            # wall clock also counts the waits for a core, which chunking cannot amortize.
+            spent = min(time.perf_counter() - start, time.process_time() - cpu)
+            self._adapt_chunk(spent / len(idx))
+        if self.session.vmap_error is not None and "vmap_error" not in self.settings:
+            self.settings["method"] = self.session.method
+            self.settings["vmap_error"] = self.session.vmap_error
         return {m: v.cpu().numpy() for m, v in values.items()}
 
-    def _evaluate_points(self, thetas, method: str):
-        return self.objective.evaluate_points(
-            thetas,
-            self.point_metrics,
-            method=method,
-            chunk_size=len(thetas),
-            local=self.mode == "points",
-        )
+    def _adapt_chunk(self, seconds_per_point: float) -> None:
+        """After the first serial chunk: as many points per chunk as take about
+        ``CHUNK_SECONDS`` (between ``SERIAL_CHUNK`` and ``MAX_SERIAL_CHUNK``), so that the
+        fixed cost of a chunk (a data pass's set-up, the sums, the bookkeeping) stays small
+        against cheap points while progress, callbacks and saves stay frequent."""
+        self.adapt_chunk = False
+        wanted = CHUNK_SECONDS / max(seconds_per_point, 1e-9)
+        self.settings["chunk_size"] = int(min(MAX_SERIAL_CHUNK, max(SERIAL_CHUNK, wanted)))
 
     def loop(self) -> None:
         """Fill the missing points round by round: progress bar, store saves, callbacks."""
-        grid, chunk = self.grid, self.settings["chunk_size"]
+        grid, settings = self.grid, self.settings
         rounds = (
-            point_rounds(grid, self.evaluate, chunk)
+            point_rounds(grid, self.evaluate, settings["chunk_size"])
             if self.mode == "points"
-            else data_rounds(grid, self.evaluate, chunk)
+            else data_rounds(grid, self.evaluate, lambda: settings["chunk_size"])
         )
         last_save = time.perf_counter()
         bar = tqdm(

@@ -15,22 +15,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlens.core._affine import AffinePoints
 from flatlens.core._checks import check_positive_int
+from flatlens.core._renames import renamed
 
-__all__ = ["Grid", "Span", "check_trajectory", "grid_axes", "grid_axis", "grid_points"]
+__all__ = [
+    "Grid",
+    "Span",
+    "affine_points",
+    "check_trajectory",
+    "grid_axes",
+    "grid_axis",
+    "grid_points",
+]
 
 Span = tuple[float, float]
 
 
-def grid_axis(span: Span, steps: int) -> np.ndarray:
-    """``steps`` evenly spaced coordinates over ``span`` that hold 0 exactly.
+@renamed(steps="num_points")
+def grid_axis(span: Span, num_points: int) -> np.ndarray:
+    """``num_points`` evenly spaced coordinates over ``span`` that hold 0 exactly.
 
-    The point of ``np.linspace(lo, hi, steps)`` nearest 0 is set to 0 when it is within
-    1e-9 of the span's width (odd ``steps`` over a symmetric span); otherwise 0 is inserted,
-    giving ``steps + 1`` points.
+    The point of ``np.linspace(lo, hi, num_points)`` nearest 0 is set to 0 when it is within
+    1e-9 of the span's width (odd ``num_points`` over a symmetric span); otherwise 0 is inserted,
+    giving ``num_points + 1`` points.
 
     Raises:
-        ValueError: unless lo < hi are finite, lo <= 0 <= hi and steps is an integer >= 2.
+        ValueError: unless lo < hi are finite, lo <= 0 <= hi and num_points is an integer >= 2.
     """
     try:
         lo, hi = (float(v) for v in span)
@@ -43,8 +54,8 @@ def grid_axis(span: Span, steps: int) -> np.ndarray:
             f"span {span!r} must contain 0, the model's own parameters, so the centre is on "
             "the grid; shift the span or move the centre with the direction"
         )
-    steps = check_positive_int("steps", steps, minimum=2)
-    axis = np.linspace(lo, hi, steps)
+    num_points = check_positive_int("num_points", num_points, minimum=2)
+    axis = np.linspace(lo, hi, num_points)
     near = int(np.argmin(np.abs(axis)))
     if abs(axis[near]) <= 1e-9 * (hi - lo):
         axis[near] = 0.0
@@ -63,25 +74,25 @@ def _pair(value: Any, nested: bool) -> tuple[Any, Any]:
 
 
 def grid_axes(
-    span: Span | tuple[Span, Span], steps: int | tuple[int, int], ndim: int
+    span: Span | tuple[Span, Span], num_points: int | tuple[int, int], ndim: int
 ) -> tuple[list[np.ndarray], dict[str, list]]:
     """The axes of a line (``ndim=1``) or plane (``ndim=2``) grid and their settings.
 
     Args:
         span: ``(lo, hi)``; for a plane also ``((lo1, hi1), (lo2, hi2))``.
-        steps: Points per axis; for a plane also a pair.
+        num_points: Points per axis; for a plane also a pair.
         ndim: 1 or 2.
 
     Returns:
         The coordinate arrays (see :func:`grid_axis`) and ``{"span": [[lo, hi], ...],
-        "steps": [...]}`` as given, for a landscape's settings.
+        "num_points": [...]}`` as given, for a landscape's settings.
     """
     if ndim == 1:
-        spans, step_list = [span], [steps]
+        spans, step_list = [span], [num_points]
     else:
-        spans, step_list = list(_pair(span, nested=True)), list(_pair(steps, nested=False))
+        spans, step_list = list(_pair(span, nested=True)), list(_pair(num_points, nested=False))
     coords = [grid_axis(s, n) for s, n in zip(spans, step_list, strict=True)]
-    return coords, {"span": [[float(v) for v in s] for s in spans], "steps": step_list}
+    return coords, {"span": [[float(v) for v in s] for s in spans], "num_points": step_list}
 
 
 def check_trajectory(trajectory: Any, ndim: int) -> np.ndarray | None:
@@ -138,8 +149,11 @@ class Grid:
 def grid_points(theta: Tensor, directions: Sequence[Tensor], coef: np.ndarray) -> Tensor:
     """Rows theta + a_k d1 (+ b_k d2), elementwise (no GEMM), so each row's bits do not
     depend on which other points share its chunk."""
-    coef_t = torch.as_tensor(coef, dtype=theta.dtype).to(theta.device)
-    out = theta.expand(len(coef), -1)
-    for j, d in enumerate(directions):
-        out = out + coef_t[:, j : j + 1] * d
-    return out
+    return affine_points(theta, directions, coef).materialize()
+
+
+def affine_points(theta: Tensor, directions: Sequence[Tensor], coef: np.ndarray) -> AffinePoints:
+    """The points theta + a_k d1 (+ b_k d2) as :class:`~flatlens.core._affine.AffinePoints`
+    (the coefficients rounded to theta's dtype), to materialize or to write one by one."""
+    coef_t = torch.as_tensor(np.asarray(coef), dtype=theta.dtype)
+    return AffinePoints(theta, tuple(directions), coef_t)

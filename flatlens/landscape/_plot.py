@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from flatlens.core._io import write_figure, write_text
+from flatlens.core._text import literal
 from flatlens.landscape._storage import Landscape
 
 __all__ = ["plot_contour", "plot_line", "plot_surface"]
@@ -29,7 +30,8 @@ _LABELS = {
 
 
 def _label(metric: str, log: bool) -> str:
-    name = _LABELS.get(metric, metric)
+    """The axis label of ``metric``, drawn literally (a metric's name is the user's)."""
+    name = _LABELS.get(metric, literal(metric))
     return f"log10 {name}" if log else name
 
 
@@ -92,14 +94,14 @@ def plot_line(
                 ls.values[metric] if metric in ls.values else np.full(ls.shape, np.nan),
                 color=colors[i % 10],
                 linestyle="-" if j == 0 else "--",
-                label=f"{label} {metric}".strip() if label or j else metric,
+                label=literal(f"{label} {metric}".strip() if label or j else metric),
             )
     ax.set_xlabel("a (step along d)")
-    ax.set_ylabel(_LABELS.get(wanted[0], wanted[0]))
+    ax.set_ylabel(_LABELS.get(wanted[0], literal(wanted[0])))
     if log:
         ax.set_yscale("log")
     if right is not None:
-        right.set_ylabel(_LABELS.get(wanted[1], wanted[1]) + " (dashed)")
+        right.set_ylabel(_LABELS.get(wanted[1], literal(wanted[1])) + " (dashed)")
     ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
     handles, names = ax.get_legend_handles_labels()
     if right is not None:
@@ -108,7 +110,7 @@ def plot_line(
     if len(handles) > 1:
         ax.legend(handles, names, fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    ax.set_title(title or "1-D loss landscape")
+    ax.set_title(literal(title) if title else "1-D loss landscape")
     if path is not None:
         write_figure(fig, path)
     return fig
@@ -174,7 +176,7 @@ def plot_contour(
     ax.set_xlabel("a (along d1)")
     ax.set_ylabel("b (along d2)")
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title or f"2-D {_LABELS.get(metric, metric)} landscape")
+    ax.set_title(literal(title) if title else f"2-D {_label(metric, False)} landscape")
     if path is not None:
         write_figure(fig, path)
     return fig

@@ -71,7 +71,7 @@ def agree(
         raise ValueError(
             "the ranks disagree on the weights, the directions or the grid (fingerprints "
             f"{[v[0] for v in views]}); give every rank the same model, directions (same "
-            "seeds), span and steps"
+            "seeds), span and num_points"
         )
     if mode == "points":
         ref = views[0][1]
@@ -88,14 +88,17 @@ def agree(
     return dict(views[0][1]), writes
 
 
-def data_rounds(grid: Grid, run: Run, chunk: int) -> Iterator[int]:
+def data_rounds(grid: Grid, run: Run, chunk: int | Callable[[], int]) -> Iterator[int]:
     """Evaluate the missing points chunk by chunk, every rank (if any) every point; yield the
-    number of points each chunk filled."""
+    number of points each chunk filled. ``chunk`` may be a callable asked before each chunk
+    (the runner grows it after timing the first; every rank must see the same sizes)."""
     others = grid.others()
-    for start in range(0, len(others), chunk):
-        idx = others[start : start + chunk]
-        if grid.done[idx].all():
-            continue
+    todo = others[~grid.done[others]]  # a resumed grid evaluates only what is missing
+    start = 0
+    while start < len(todo):
+        size = chunk() if callable(chunk) else chunk
+        idx = todo[start : start + size]
+        start += size
         grid.record(idx, run(idx))
         yield len(idx)
 

@@ -38,7 +38,7 @@ class Landscape(MeasureResult):
         directions: Each direction's metadata (source, settings, norm); vectors not kept.
         cosine: cos(d1, d2) for a plane, else None.
         trajectory: Optional ``(T, ndim)`` coordinates of points to overlay (e.g. PCA).
-        settings: How the grid was evaluated (span, steps, method, chunk size, dtype, ...).
+        settings: How the grid was evaluated (span, num_points, method, chunk size, dtype, ...).
         fingerprint: Hash of everything that determines the values (theta, directions,
             grid, metrics, loss settings), used to refuse resuming a different run.
         num_evaluated: Grid points evaluated by the call that returned this object
@@ -90,6 +90,37 @@ class Landscape(MeasureResult):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<stem>.npz`` and ``<stem>.json`` atomically; returns the ``.npz`` path."""
         return save(self, path)
+
+    def to_vtk(
+        self,
+        path: str | os.PathLike,
+        *,
+        metric: str = "loss",
+        log: bool = False,
+        zmax: float | None = None,
+    ) -> Path:
+        """Write the surface z = ``values[metric]`` as a ParaView-ready ``.vtp`` file.
+
+        A VTK XML PolyData file laid out as loss-landscape's ``h52vtp.py`` writes it: the
+        grid points (a_i, b_j, z_ij) joined by quadrilaterals (a polyline for a line), with
+        the height, every metric and a ``finite`` mask as point fields and each cell's mean
+        height as cell data. Written atomically, with the standard library only.
+
+        Args:
+            path: The ``.vtp`` file (the suffix is added when missing).
+            metric: The metric that gives the heights (``"loss"``, ``"accuracy"``, ...).
+            log: Heights log(z + 0.1) (as ``h52vtp.py --log``), for losses spanning decades.
+            zmax: Cap the metric at this value first (as ``h52vtp.py --zmax``).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: an unknown metric, no finite value, or ``log`` with values <= -0.1.
+        """
+        from flatlens.landscape._vtk import to_vtk
+
+        return to_vtk(self, path, metric=metric, log=log, zmax=zmax)
 
     def equals(self, other: Landscape, *, timing: bool = False) -> bool:
         """Exact equality of grid, values (NaN equal to NaN) and metadata.

@@ -3,7 +3,8 @@
 Each is a plain function ``measure(objective, ...) -> Result`` that leaves the model exactly
 as it was; the spectrum measures also take any symmetric operator (a
 :class:`SymmetricOperator`, a SciPy ``LinearOperator``, a curvlinops operator), and the
-eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product.
+eigensolvers (:func:`lanczos_eigsh`, :func:`power_iteration`) a matrix-vector product. The
+critical sharpness λ_c (:func:`critical_sharpness`) needs forward passes only.
 """
 
 from flatlens.measures._ascent import WorstCaseResult
@@ -16,6 +17,7 @@ from flatlens.measures._blocks import (
 )
 from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
 from flatlens.measures._config import AscentConfig
+from flatlens.measures._critical import CriticalSharpnessResult, critical_sharpness
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
 from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import EigshOutput, lanczos_eigsh
@@ -44,6 +46,7 @@ __all__ = [
     "BlockSpectrum",
     "BoundReport",
     "BoundRow",
+    "CriticalSharpnessResult",
     "DensityResult",
     "EigenResult",
     "EigshOutput",
@@ -55,6 +58,7 @@ __all__ = [
     "average_sharpness",
     "block_spectra",
     "check_bound",
+    "critical_sharpness",
     "first_order_flatness",
     "hessian_density",
     "hessian_eigenvalues",

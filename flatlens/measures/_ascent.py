@@ -48,6 +48,7 @@ __all__ = [
     "center_point",
     "combine_batches",
     "count_difference",
+    "resolution_note",
     "run_measure",
     "worst_case_ascent",
 ]
@@ -155,6 +156,8 @@ class WorstCaseResult(MeasureResult):
             with ``per_batch``; HVPs include the Lanczos run of the ``"eigen"`` start).
         seconds: Wall-clock time.
         batch_values: Per-batch values with ``per_batch``, else ``None``.
+        notes: Why the value may mean little, e.g. a radius below the resolution of the
+            parameters' dtype (see :func:`resolution_note`); empty when none applies.
         delta: The best perturbation (not in ``to_dict``; ``None`` with ``per_batch``).
     """
 
@@ -180,6 +183,7 @@ class WorstCaseResult(MeasureResult):
     seconds: float
     config: AscentConfig
     batch_values: list[float] | None = None
+    notes: list[str] = field(default_factory=list)
     delta: Tensor | None = field(default=None, metadata={"json": False})
 
 
@@ -205,6 +209,7 @@ class WorstCase:
         seconds: Wall-clock time.
         per_batch: Whether each batch was solved on its own.
         seed: The integer seed (``None`` when a generator was given).
+        notes: See :attr:`WorstCaseResult.notes`.
     """
 
     config: AscentConfig
@@ -215,6 +220,7 @@ class WorstCase:
     seconds: float
     per_batch: bool
     seed: int | None
+    notes: list[str] = field(default_factory=list)
 
     def combine(self, values: Sequence[float]) -> float:
         """Per-solution values combined like the risk combines batches
@@ -250,8 +256,45 @@ class WorstCase:
             "seconds": self.seconds,
             "config": cfg,
             "batch_values": batch_values if self.per_batch else None,
+            "notes": list(self.notes),
             "delta": None if single is None else single.delta,
         }
+
+
+def resolution_note(theta: Tensor, config: AscentConfig) -> str | None:
+    """A note when the radius is below the resolution of the parameters' dtype at theta.
+
+    A perturbation in the ball changes a typical coordinate by the relative amount
+    r = rho / ||theta|| (l2 ball), rho sqrt(n) / ||theta|| (linf), rho / sqrt(n) (adaptive
+    l2, where the ball is measured relative to |theta|) or rho (adaptive linf). When r is
+    below the dtype's machine epsilon, theta + delta rounds to theta in most coordinates:
+    R0 then comes out 0 (or rounding noise) and R1 is rho ||grad L(theta)||, whatever the
+    curvature, so the bound check R0 <= R1 holds vacuously.
+
+    Returns:
+        The note, or None when the radius is resolved.
+    """
+    if not theta.is_floating_point() or theta.numel() == 0:
+        return None
+    eps = torch.finfo(theta.dtype).eps
+    n = theta.numel()
+    if config.adaptive:
+        relative = config.rho / n**0.5 if config.norm == "l2" else config.rho
+    else:
+        size = float(torch.linalg.vector_norm(theta.detach().double()))
+        if not size > 0:
+            return None
+        relative = config.rho * (1.0 if config.norm == "l2" else n**0.5) / size
+    if relative >= eps:
+        return None
+    dtype = str(theta.dtype).removeprefix("torch.")
+    return (
+        f"rho = {config.rho:g} is below the resolution of {dtype} at theta: a perturbation "
+        f"of that size changes a typical parameter by about {relative:.1g} of its size, under "
+        f"{dtype}'s machine epsilon {eps:.1g}, so theta + delta rounds to theta and R0 and R1 "
+        "at this radius mean little (R0 <= R1 holds vacuously); use a larger radius or "
+        "float64"
+    )
 
 
 def hvp_equivalents(counts: dict[str, int]) -> float:
@@ -315,6 +358,7 @@ def worst_case_ascent(
     generator = make_generator(seed)
     theta = center_point(objective, at)
     ball = config.ball(theta)
+    note = resolution_note(theta, config)
 
     used = {"steps": config.steps}
 
@@ -366,4 +410,5 @@ def worst_case_ascent(
         seconds=seconds,
         per_batch=per_batch,
         seed=seed if isinstance(seed, int) else None,
+        notes=[] if note is None else [note],
     )

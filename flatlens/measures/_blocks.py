@@ -276,7 +276,7 @@ def block_spectra(
     *,
     k: int = 1,
     density: bool = False,
-    tol: float = 1e-3,
+    tol: float = 1e-4,
     seed: int | torch.Generator = 0,
     progress: bool = False,
     density_kwargs: Mapping[str, Any] | None = None,

@@ -14,6 +14,7 @@ holds them as JSON and draws R0/rho^2, R1/rho^2 and lambda_max against rho.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -21,20 +22,26 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flatlens.core._checks import check_positive, check_positive_int, check_rho, make_generator
+from flatlens.core._checks import check_positive, check_rho, make_generator
 from flatlens.core._io import write_figure
 from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import MeasureResult
+from flatlens.core._text import literal
 from flatlens.measures._ascent import center_point, count_difference
+from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
 from flatlens.measures._flatness import first_order_flatness
+from flatlens.measures._operators import SymmetricOperator
 from flatlens.measures._sharpness import zeroth_order_sharpness
 from flatlens.measures._spectrum import hessian_eigenvalues
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["BoundReport", "BoundRow", "check_bound", "plot_bound_rows"]
 
@@ -54,6 +61,8 @@ class BoundRow:
         holds: Whether R0 <= R1.
         grad_norm_at_center: ||grad L(theta)||.
         max_grad_norm: The largest ||grad L(theta + delta)|| found.
+        notes: Why the row may mean little (a radius below the resolution of the
+            parameters' dtype: :func:`~flatlens.measures._ascent.resolution_note`).
     """
 
     rho: float
@@ -67,6 +76,7 @@ class BoundRow:
     holds: bool
     grad_norm_at_center: float
     max_grad_norm: float
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -75,12 +85,14 @@ class BoundReport(MeasureResult):
 
     Attributes:
         rows: One :class:`BoundRow` per radius, ascending.
-        lambda_max: Top Hessian eigenvalue (Lanczos).
+        lambda_max: Top Hessian eigenvalue (Lanczos); of S H S in the adaptive ball.
         lambda_error_bound: Its certified error bound.
         all_hold: Whether R0 <= R1 in every row.
         loss: L(theta).
+        steps, restarts, eigen_tol, adaptive, adaptive_eta: The settings used.
         num_losses, num_gradients, num_hvps: Evaluations spent in total.
         seconds: Wall-clock time.
+        notes: The rows' notes, each once.
     """
 
     rows: list[BoundRow]
@@ -96,6 +108,9 @@ class BoundReport(MeasureResult):
     num_gradients: int
     num_hvps: int
     seconds: float
+    adaptive: bool = False
+    adaptive_eta: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def table(self) -> str:
         """The rows as an aligned plain-text table."""
@@ -115,6 +130,7 @@ class BoundReport(MeasureResult):
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
         out = [f"lambda_max = {self.lambda_max:.6g}", fmt.format(*header)]
         out += [fmt.format(*c) for c in lines]
+        out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -173,7 +189,7 @@ def plot_bound_rows(
         ax.set_yscale("log")
     ax.set_xlabel("ρ (radius of the l2 ball)")
     ax.set_ylabel("value / ρ²")
-    ax.set_title(title or "R0 ≤ R1, and R1/ρ² → λ_max at a minimum")
+    ax.set_title(literal(title) if title else "R0 ≤ R1, and R1/ρ² → λ_max at a minimum")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return write_figure(fig, path)
@@ -181,6 +197,18 @@ def plot_bound_rows(
 
 def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
+
+
+def _scaled_hessian(objective: Objective, theta: torch.Tensor, scale: torch.Tensor):
+    """S H S at theta as an operator (S = diag(scale)): the curvature of the adaptive ball
+    in its own coordinates u = delta / s."""
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return scale * objective.hvp(scale * v, at=theta)
+
+    return SymmetricOperator(
+        matvec, objective.num_params, dtype=objective.dtype, device=objective.device
+    )
 
 
 def _check_rhos(rhos: object) -> list[float]:
@@ -191,6 +219,14 @@ def _check_rhos(rhos: object) -> list[float]:
     values = sorted({check_rho(r, "each rho") for r in rhos})
     if not values:
         raise ValueError("rhos is empty: pass at least one radius > 0")
+    tiny, top = torch.finfo(torch.float64).tiny, torch.finfo(torch.float64).max
+    for rho in values:  # R0 / rho^2 and rho^2 lambda_max need rho^2 as a normal number
+        if not tiny <= rho * rho <= top:
+            raise ValueError(
+                f"the square of the radius {rho:g} is not a normal float64 number (it "
+                f"{'underflows' if rho < 1 else 'overflows'}); use radii from "
+                f"{math.sqrt(tiny):.2g} to {math.sqrt(top):.2g}"
+            )
     return values
 
 
@@ -199,14 +235,12 @@ def check_bound(
     objective: Objective,
     rhos: Sequence[float] | float,
     *,
-    steps: int = 20,
-    restarts: int = 1,
+    config: AscentConfig | None = None,
     eigen_tol: float = 1e-4,
     at: torch.Tensor | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
-    basis_device: torch.device | str | None = None,
-    basis_dtype: torch.dtype | None = None,
+    **settings: Unpack[AscentSettings],
 ) -> BoundReport:
     """Measure R0, R1 and lambda_max in the l2 ball for each radius and check R0 <= R1.
 
@@ -216,28 +250,40 @@ def check_bound(
     maxima are found by ascent (lower bounds on the true maxima), a row with R0 > R1 means
     R1's ascent needs more ``steps`` or ``restarts``, not that the theorem fails.
 
+    In the adaptive ball ||delta / s|| <= rho (s = |theta| + adaptive_eta) the same holds
+    with lambda_max the top eigenvalue of S H S, S = diag(s): R1 -> rho^2 lambda_max(S H S).
+
     Args:
         objective: The empirical risk L.
         rhos: Radii (> 0); sorted and deduplicated.
-        steps: Ascent steps per start for both measures.
-        restarts: Random starts for both measures.
+        config: The ascent settings of both measures at once (:class:`AscentConfig`; its
+            ``rho`` is replaced by each radius), instead of keyword settings.
         eigen_tol: Relative tolerance of lambda_max.
         at: Flat parameter vector theta to measure around (default: the model's own).
         seed: Seed or generator.
         progress: Show tqdm bars.
-        basis_device: Where the lambda_max Lanczos basis lives (as for
-            :func:`~flatlens.measures.hessian_eigenvalues`).
-        basis_dtype: The dtype that basis is stored in.
+        **settings: Fields of :class:`AscentConfig` for both ascents: ``steps`` (default
+            20), ``restarts`` (default 1), ``adaptive``, ``adaptive_eta``, ``init``,
+            ``budget``, ``basis_device`` and ``basis_dtype`` (also those of the lambda_max
+            Lanczos basis, as for :func:`~flatlens.measures.hessian_eigenvalues`) and the
+            rest. ``norm`` must be ``"l2"``: lambda_max is the curvature of the l2 ball.
 
     Returns:
         A :class:`BoundReport`; the model is left exactly as it was.
 
     Raises:
+        ValueError: ``norm="linf"``, or a setting out of range.
         NonFiniteLossError: theta or the loss at theta or in a ball is NaN or infinite.
     """
     radii = _check_rhos(rhos)
-    steps = check_positive_int("steps", steps)
-    restarts = check_positive_int("restarts", restarts, minimum=0)
+    base = resolve_config(radii[0], config, settings, default_init=(), measure="check_bound")
+    if base.norm != "l2":
+        raise ValueError(
+            f"check_bound compares R1 / rho^2 with lambda_max, the curvature of the l2 ball; "
+            f"norm={base.norm!r} has no such limit: measure zeroth_order_sharpness and "
+            "first_order_flatness in that norm directly"
+        )
+    given_init = config.init if config is not None else settings.get("init")
     eigen_tol = check_positive("eigen_tol", eigen_tol)
     gen = make_generator(seed)
     theta = center_point(objective, at)
@@ -245,20 +291,22 @@ def check_bound(
     before = dict(objective.counts)
     rows = []
     with preserved(objective.model):
-        eig = hessian_eigenvalues(
-            objective,
-            1,
-            tol=eigen_tol,
-            seed=gen,
-            progress=progress,
-            at=theta,
-            basis_device=basis_device,
-            basis_dtype=basis_dtype,
-        )
-        lam = float(eig.eigenvalues[0])
+        scale = base.ball(theta).scale
+        basis = {"basis_device": base.basis_device, "basis_dtype": base.basis_dtype}
+        if scale is None:
+            eig = hessian_eigenvalues(
+                objective, 1, tol=eigen_tol, seed=gen, progress=progress, at=theta, **basis
+            )
+        else:
+            scaled = _scaled_hessian(objective, theta, scale)
+            eig = hessian_eigenvalues(
+                scaled, 1, tol=eigen_tol, seed=gen, progress=progress, **basis
+            )
+        lam = eig.value
         loss = math.nan
         for rho in radii:
-            common = {"steps": steps, "restarts": restarts, "eigen": eig, "seed": gen, "at": theta}
+            cfg = dataclasses.replace(base, rho=rho, init=given_init)
+            common = {"config": cfg, "eigen": eig, "seed": gen, "at": theta}
             r0 = zeroth_order_sharpness(objective, rho, **common, progress=progress)
             extra = [r0.delta] if r0.delta is not None and bool((r0.delta != 0).any()) else None
             r1 = first_order_flatness(objective, rho, **common, starts=extra, progress=progress)
@@ -277,6 +325,7 @@ def check_bound(
                     holds=r0.value <= r1.value,
                     grad_norm_at_center=r1.grad_norm_at_center,
                     max_grad_norm=r1.max_grad_norm,
+                    notes=list(dict.fromkeys([*r0.notes, *r1.notes])),
                 )
             )
     counts = count_difference(before, objective.counts)
@@ -286,12 +335,15 @@ def check_bound(
         lambda_error_bound=float(eig.error_bounds[0]),
         all_hold=all(r.holds for r in rows),
         loss=loss,
-        steps=steps,
-        restarts=restarts,
+        steps=base.steps,
+        restarts=base.restarts,
         eigen_tol=eigen_tol,
+        adaptive=base.adaptive,
+        adaptive_eta=base.adaptive_eta,
         seed=seed if isinstance(seed, int) else None,
         num_losses=counts["loss"],
         num_gradients=counts["gradient"],
         num_hvps=counts["hvp"],
         seconds=time.perf_counter() - start,
+        notes=list(dict.fromkeys(n for r in rows for n in r.notes)),
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ from flatlens.core._checks import (
     check_rho,
     floating_dtype,
 )
+from flatlens.core._renames import REMOVED_IN
 from flatlens.measures._apgd import check_momentum
 from flatlens.measures._ball import Ball, Norm, check_norm
 
@@ -26,7 +29,10 @@ __all__ = [
     "AscentSettings",
     "check_init",
     "resolve_config",
+    "rho_from_config",
 ]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 INIT_KINDS: tuple[str, ...] = ("gradient", "eigen")
 
@@ -92,7 +98,8 @@ class AscentConfig:
         step_size: eta_0 / rho, > 0 (Auto-PGD: 2).
         momentum: Momentum weight in [0, 1) (Auto-PGD: 0.25).
         num_eigen: Top eigenvectors used by the ``"eigen"`` start, >= 1.
-        eigen_tol: Relative tolerance of the Lanczos run behind ``"eigen"``, > 0.
+        eigen_tol: Relative tolerance of the Lanczos run behind ``"eigen"``, > 0 (1e-4,
+            the tolerance of every eigen solve in flatlens).
         budget: Cap on the measure's cost in HVP-equivalents (an HVP counts 1, a gradient
             1/2, a loss 1/4), or ``None``. The ``"eigen"`` start's Lanczos run gets at most
             30% of it; then the steps per start shrink (never below one, never above
@@ -118,7 +125,7 @@ class AscentConfig:
     step_size: float = 2.0
     momentum: float = 0.25
     num_eigen: int = 1
-    eigen_tol: float = 1e-3
+    eigen_tol: float = 1e-4
     budget: float | None = None
     basis_device: str | None = None
     basis_dtype: torch.dtype | None = None
@@ -154,19 +161,20 @@ SETTINGS: tuple[str, ...] = tuple(
 
 
 def resolve_config(
-    rho: float | None,
+    rho: float,
     config: AscentConfig | None,
     settings: Mapping[str, object],
     *,
     default_init: tuple[str, ...],
     measure: str,
 ) -> AscentConfig:
-    """The :class:`AscentConfig` of one measure call, from ``rho`` and keyword settings or
-    from ``config`` (not both), with ``init=None`` replaced by ``default_init``.
+    """The :class:`AscentConfig` of one measure call: ``config`` (or the defaults) with its
+    radius set to ``rho`` and the keyword ``settings`` applied, ``init=None`` replaced by
+    ``default_init``.
 
     Raises:
-        TypeError: Neither or both forms given, an unknown setting, or a ``config`` that is
-            not an :class:`AscentConfig`.
+        TypeError: An unknown setting, both ``config`` and keyword settings, or a
+            ``config`` that is not an :class:`AscentConfig`.
     """
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -175,20 +183,45 @@ def resolve_config(
             f"are {', '.join(SETTINGS)}"
         )
     if config is None:
-        if rho is None:
-            raise TypeError(f"{measure}() needs rho (the ball's radius) or config=AscentConfig")
         config = AscentConfig(rho, **settings)  # type: ignore[arg-type]
     elif not isinstance(config, AscentConfig):
         raise TypeError(f"config must be an AscentConfig, not {type(config).__name__}")
-    elif rho is not None or settings:
-        given = ["rho"] * (rho is not None) + sorted(settings)
+    elif settings:
         raise TypeError(
-            f"{measure}() got both config and {given}: pass either rho and keyword settings "
-            "or one config (use dataclasses.replace(config, ...) to change a setting)"
+            f"{measure}() got both config and {sorted(settings)}: pass either keyword "
+            "settings or one config (dataclasses.replace(config, ...) changes a setting)"
         )
+    else:
+        config = dataclasses.replace(config, rho=rho)
     if config.init is None:
         config = dataclasses.replace(config, init=default_init)
     return config
+
+
+def rho_from_config(measure: F) -> F:
+    """Let calls written before ``rho`` became required, ``measure(objective,
+    config=AscentConfig(rho, ...))``, keep working for one release (with a warning)."""
+    name = measure.__name__
+
+    @functools.wraps(measure)
+    def wrapper(objective: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and "rho" not in kwargs:
+            config = kwargs.get("config")
+            if not isinstance(config, AscentConfig):
+                raise TypeError(
+                    f"{name}() needs rho, the radius of the ball: {name}(objective, rho, ...)"
+                )
+            warnings.warn(
+                f"{name}(objective, config=...) without rho is deprecated and stops working "
+                f"in flatlens {REMOVED_IN}: pass the radius first, {name}(objective, "
+                f"{config.rho!r}, config=...)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            kwargs["rho"] = config.rho
+        return measure(objective, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_init(config: AscentConfig, starts: object) -> None:

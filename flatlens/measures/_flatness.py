@@ -30,7 +30,12 @@ from flatlens.core._objective import Objective
 from flatlens.measures._apgd import AscentFn
 from flatlens.measures._ascent import WorstCaseResult, worst_case_ascent
 from flatlens.measures._ball import Ball
-from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
+from flatlens.measures._config import (
+    AscentConfig,
+    AscentSettings,
+    resolve_config,
+    rho_from_config,
+)
 from flatlens.measures._spectrum import EigenResult
 
 if TYPE_CHECKING:
@@ -82,10 +87,11 @@ def _gradient_norm_at_center(
     return ball.dual_norm(gradient), gradient
 
 
+@rho_from_config
 @tracks_peak_memory
 def first_order_flatness(
     objective: Objective,
-    rho: float | None = None,
+    rho: float,
     *,
     config: AscentConfig | None = None,
     at: Tensor | None = None,
@@ -106,9 +112,10 @@ def first_order_flatness(
 
     Args:
         objective: The empirical risk L.
-        rho: Radius of the ball, > 0; or pass ``config`` instead.
-        config: All ascent settings at once (see :class:`AscentConfig`), instead of ``rho``
-            and keyword settings.
+        rho: Radius of the ball, > 0.
+        config: The other ascent settings at once (see :class:`AscentConfig`), instead of
+            keyword settings; its ``rho`` is replaced by ``rho``, so one config serves every
+            radius.
         at: Flat parameter vector theta to measure around (default: the model's own).
         starts: Extra start perturbations (flat tensors, projected onto the ball), e.g. the
             maximizer of R0.
@@ -126,7 +133,7 @@ def first_order_flatness(
         A :class:`FlatnessResult`. The model is left exactly as it was.
 
     Raises:
-        TypeError, ValueError: Bad settings, or both ``config`` and ``rho``/settings.
+        TypeError, ValueError: Bad settings, or both ``config`` and keyword settings.
         NonFiniteLossError: The loss or its gradient norm is NaN or infinite in the ball.
     """
     cfg = resolve_config(

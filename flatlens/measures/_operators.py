@@ -63,11 +63,11 @@ class SymmetricOperator:
         """``(n, n)``."""
         return (self.n, self.n)
 
-    def matvec(self, v: Tensor) -> Tensor:
+    def matvec(self, v: Tensor, /) -> Tensor:
         """A v for a flat vector v."""
         return self._matvec(v)
 
-    def matmat(self, x: Tensor) -> Tensor:
+    def matmat(self, x: Tensor, /) -> Tensor:
         """A X for an (n, b) tensor X."""
         if self._matmat is not None:
             return self._matmat(x)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -27,11 +26,17 @@ from flatlens.core._checks import check_positive_int, make_generator
 from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
+from flatlens.core._renames import renamed, renamed_attribute
 from flatlens.core._results import MeasureResult
 from flatlens.measures._apgd import AscentFn
 from flatlens.measures._ascent import WorstCaseResult, center_point, worst_case_ascent
 from flatlens.measures._ball import Ball, Norm
-from flatlens.measures._config import AscentConfig, AscentSettings, resolve_config
+from flatlens.measures._config import (
+    AscentConfig,
+    AscentSettings,
+    resolve_config,
+    rho_from_config,
+)
 from flatlens.measures._spectrum import EigenResult
 
 if TYPE_CHECKING:
@@ -77,10 +82,11 @@ def _loss_function(objective: Objective, ball: Ball, theta: Tensor) -> AscentFn:
     return fn
 
 
+@rho_from_config
 @tracks_peak_memory
 def zeroth_order_sharpness(
     objective: Objective,
-    rho: float | None = None,
+    rho: float,
     *,
     config: AscentConfig | None = None,
     at: Tensor | None = None,
@@ -100,9 +106,10 @@ def zeroth_order_sharpness(
 
     Args:
         objective: The empirical risk L.
-        rho: Radius of the ball, > 0; or pass ``config`` instead.
-        config: All ascent settings at once (see :class:`AscentConfig`), instead of ``rho``
-            and keyword settings.
+        rho: Radius of the ball, > 0.
+        config: The other ascent settings at once (see :class:`AscentConfig`), instead of
+            keyword settings; its ``rho`` is replaced by ``rho``, so one config serves every
+            radius.
         at: Flat parameter vector theta to measure around (default: the model's own).
         starts: Extra start perturbations (flat tensors, projected onto the ball).
         eigen: Precomputed eigenvectors for the ``"eigen"`` start (an :class:`EigenResult`
@@ -121,7 +128,7 @@ def zeroth_order_sharpness(
         A :class:`SharpnessResult`. The model is left exactly as it was.
 
     Raises:
-        TypeError, ValueError: Bad settings, or both ``config`` and ``rho``/settings.
+        TypeError, ValueError: Bad settings, or both ``config`` and keyword settings.
         NonFiniteLossError: The loss is NaN or infinite somewhere in the ball.
     """
     cfg = resolve_config(
@@ -156,9 +163,10 @@ class AverageSharpnessResult(MeasureResult):
 
     Attributes:
         value: The sample mean of L(theta + delta_i) - L(theta).
-        stderr: Its standard error, std / sqrt(num_samples).
+        stderr: Its standard error, std / sqrt(num_probes).
         loss: L(theta).
-        num_losses: Loss evaluations spent (num_samples + 1).
+        num_probes: The number of random perturbations drawn.
+        num_losses: Loss evaluations spent (num_probes + 1).
     """
 
     value: float
@@ -168,7 +176,7 @@ class AverageSharpnessResult(MeasureResult):
     norm: str
     adaptive: bool
     adaptive_eta: float
-    num_samples: int
+    num_probes: int
     distribution: str
     seed: int | None
     num_losses: int
@@ -176,21 +184,24 @@ class AverageSharpnessResult(MeasureResult):
     num_hvps: int
     seconds: float
 
+    num_samples = renamed_attribute("AverageSharpnessResult", "num_samples", "num_probes")
 
+
+@renamed(num_samples="num_probes", samples="num_probes")
 @tracks_peak_memory
 def average_sharpness(
     objective: Objective,
     rho: float,
     *,
-    norm: Norm = "l2",
-    adaptive: bool = False,
-    num_samples: int = 64,
+    config: AscentConfig | None = None,
+    norm: Norm | None = None,
+    adaptive: bool | None = None,
+    adaptive_eta: float | None = None,
+    num_probes: int = 64,
     distribution: Literal["sphere", "gaussian"] = "sphere",
-    adaptive_eta: float = 0.0,
     at: Tensor | None = None,
     seed: int | torch.Generator = 0,
     progress: bool = False,
-    samples: int | None = None,
 ) -> AverageSharpnessResult:
     """Average sharpness (1/m) sum_i [L(theta + delta_i) - L(theta)] and its standard error.
 
@@ -207,29 +218,29 @@ def average_sharpness(
     Args:
         objective: The empirical risk L.
         rho: Radius (sphere) or standard deviation (Gaussian), > 0.
-        norm: ``"l2"`` or ``"linf"``.
-        adaptive: Scale by s = |theta| + adaptive_eta elementwise.
-        num_samples: Number of random perturbations, >= 2 (the name
-            :func:`~flatlens.measures.hessian_trace` uses for its samples too).
+        config: The ball's geometry as an :class:`AscentConfig` (its ``norm``,
+            ``adaptive`` and ``adaptive_eta``; the ascent settings do not apply), instead
+            of the three keywords; its ``rho`` is replaced by ``rho``.
+        norm: ``"l2"`` (default) or ``"linf"``.
+        adaptive: Scale by s = |theta| + adaptive_eta elementwise (default False).
+        adaptive_eta: eta >= 0 in the adaptive scale (default 0).
+        num_probes: Number of random perturbations, >= 2.
         distribution: ``"sphere"`` or ``"gaussian"``.
-        adaptive_eta: eta >= 0 in the adaptive scale.
         at: Flat parameter vector theta to measure around (default: the model's own).
         seed: Seed or generator.
         progress: Show a tqdm bar.
-        samples: Deprecated name of ``num_samples``.
 
     Raises:
+        TypeError: Both ``config`` and one of ``norm``, ``adaptive``, ``adaptive_eta``.
         NonFiniteLossError: theta or the loss at theta or a sample is NaN or infinite.
     """
-    cfg = AscentConfig(rho, norm=norm, adaptive=adaptive, adaptive_eta=adaptive_eta)
-    if samples is not None:
-        warnings.warn(
-            "average_sharpness(samples=) is deprecated: use num_samples=",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        num_samples = samples
-    samples = check_positive_int("num_samples", num_samples, minimum=2)
+    geometry = {
+        k: v
+        for k, v in (("norm", norm), ("adaptive", adaptive), ("adaptive_eta", adaptive_eta))
+        if v is not None
+    }
+    cfg = resolve_config(rho, config, geometry, default_init=(), measure="average_sharpness")
+    num_probes = check_positive_int("num_probes", num_probes, minimum=2)
     if distribution not in ("sphere", "gaussian"):
         raise ValueError(f"distribution must be 'sphere' or 'gaussian', not {distribution!r}")
     if distribution == "gaussian" and cfg.norm != "l2":
@@ -242,7 +253,9 @@ def average_sharpness(
         ball = cfg.ball(theta)
         loss0 = objective.loss(theta)
         rises = []
-        for _ in tqdm(range(samples), desc="average sharpness", disable=not progress, leave=False):
+        for _ in tqdm(
+            range(num_probes), desc="average sharpness", disable=not progress, leave=False
+        ):
             if distribution == "sphere":
                 delta = ball.random_sphere(
                     objective.num_params, gen, device=objective.device, dtype=objective.dtype
@@ -262,7 +275,7 @@ def average_sharpness(
         norm=cfg.norm,
         adaptive=cfg.adaptive,
         adaptive_eta=cfg.adaptive_eta,
-        num_samples=samples,
+        num_probes=num_probes,
         distribution=distribution,
         seed=seed if isinstance(seed, int) else None,
         num_losses=objective.counts["loss"] - before["loss"],

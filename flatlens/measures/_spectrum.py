@@ -8,7 +8,7 @@ any symmetric operator instead of an Objective (:class:`SymmetricOperator`, a Sc
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from flatlens.core._checks import check_positive_int, make_generator
 from flatlens.core._memory import tracks_peak_memory
+from flatlens.core._renames import renamed, renamed_attribute
 from flatlens.core._results import MeasureResult
 from flatlens.measures._basis import dot64, norm64, rows_dot64
 from flatlens.measures._certificate import ROUNDING_FACTOR, ROUNDING_SCALE
@@ -55,6 +56,27 @@ def _start_vector(
     return r / norm64(r) + g / g_norm, "gradient"
 
 
+def _starts(first: Tensor | None, draw: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """Start vectors for power iteration: ``first`` (a warm start) once, then ``draw()``."""
+    pending = [] if first is None else [first]
+    return lambda: pending.pop() if pending else draw()
+
+
+def _given_start(op: Operator, start: Tensor, method: str) -> Tensor:
+    """A warm start vector checked against the operator: flat, of its size, finite, nonzero,
+    moved to its device and dtype."""
+    if start.dim() != 1 or start.numel() != op.n:
+        raise ValueError(
+            f"a start vector must be a flat tensor of num_params = {op.n} entries, got shape "
+            f"{tuple(start.shape)}"
+        )
+    v0 = start.detach().to(op.device, op.dtype)
+    nrm = torch.linalg.vector_norm(v0)
+    if not bool(torch.isfinite(nrm)) or nrm == 0:
+        raise ValueError("the start vector must be finite and nonzero")
+    return v0
+
+
 @dataclass
 class EigenResult(MeasureResult):
     """Extreme eigenpairs of the Hessian (or of the operator given).
@@ -68,13 +90,17 @@ class EigenResult(MeasureResult):
             with d = ``rounding`` (see :func:`~flatlens.measures.lanczos_eigsh`).
         converged: Whether each bound is within ``tol`` relative.
         num_hvps: Products spent, the final checks included (at most ``max_hvps``).
-        start: The Lanczos start vector used: ``"gradient"`` or ``"random"``.
+        start: The Lanczos start vector used: ``"gradient"``, ``"random"`` or ``"given"``
+            (a warm start passed as a tensor).
         rounding: The allowance d for the rounding of one product (absolute).
         basis_vectors: Most vectors of length num_params the Lanczos basis held at once.
         bound_kind: ``"certified"`` (the bounds cover the distance to the exact Hessian's
             eigenvalues: float64 products, or pairs re-evaluated in float64) or
             ``"estimate"`` (that distance is estimated; ``bound_note`` says why).
         reference_hvps: Float64 products spent re-evaluating the pairs (not in ``num_hvps``).
+
+    ``result.value`` is the first eigenvalue as a Python float (lambda_max for ``"LA"``),
+    the number most users read.
     """
 
     eigenvalues: Tensor
@@ -97,7 +123,13 @@ class EigenResult(MeasureResult):
     reference_hvps: int = 0
     bound_note: str = ""
 
+    @property
+    def value(self) -> float:
+        """The first eigenvalue as a float: lambda_max for ``which="LA"``."""
+        return float(self.eigenvalues[0])
 
+
+@renamed(max_iter="max_hvps")
 @tracks_peak_memory
 def hessian_eigenvalues(
     objective: Any,
@@ -111,8 +143,7 @@ def hessian_eigenvalues(
     seed: int | torch.Generator = 0,
     progress: bool = False,
     at: Tensor | None = None,
-    start: Literal["gradient", "random"] = "gradient",
-    max_iter: int | None = None,
+    start: Literal["gradient", "random"] | Tensor = "gradient",
     basis_device: torch.device | str | None = None,
     basis_dtype: torch.dtype | None = None,
     rounding: float | None = None,
@@ -155,7 +186,9 @@ def hessian_eigenvalues(
             objective caches its graph, one more pass over the data otherwise (not counted
             in ``num_hvps``). ``"random"`` is r alone (always used for ``"SA"``, for power
             iteration, for operators, and when g is zero); the result's ``start`` says which.
-        max_iter: Deprecated name of ``max_hvps``.
+            A flat tensor of num_params is a warm start (``"given"``): Lanczos starts from
+            it, e.g. the previous top eigenvector during training, which converges in a few
+            products when the Hessian has moved little; the certificate is the same.
         basis_device: Keep the Lanczos basis there, e.g. ``"cpu"`` when the parameters are
             many: device memory for two transfers of num_params per step.
         basis_dtype: Store the basis in a lower precision (e.g. bfloat16): half the memory,
@@ -179,23 +212,18 @@ def hessian_eigenvalues(
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', not {which!r}")
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', not {method!r}")
-    if max_iter is not None:
-        if max_hvps is not None:
-            raise TypeError("pass max_hvps only (max_iter is its deprecated name)")
-        warnings.warn(
-            "hessian_eigenvalues(max_iter=) is deprecated: it is an HVP budget, use max_hvps=",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        max_hvps = max_iter
     if max_hvps is not None:
         max_hvps = check_positive_int("max_hvps", max_hvps)
-    if start not in ("gradient", "random"):
-        raise ValueError(f"start must be 'gradient' or 'random', not {start!r}")
+    given = isinstance(start, Tensor)
+    if not given and start not in ("gradient", "random"):
+        raise ValueError(f"start must be 'gradient', 'random' or a flat tensor, not {start!r}")
     gen = make_generator(seed)
     op = as_operator(objective, at)
-    if method == "lanczos":
+    if given:
+        v0, used = _given_start(op, start, method), "given"
+    elif method == "lanczos":
         v0, used = _start_vector(op, gen, use_gradient=start == "gradient" and which != "SA")
+    if method == "lanczos":
         done = certified_lanczos(
             op,
             v0,
@@ -213,7 +241,7 @@ def hessian_eigenvalues(
         )
         out, kind, extra, note = done.output, done.kind, done.reference_hvps, done.note
     else:
-        used = "random"
+        used = "given" if given else "random"
         out = power_iteration(
             op.matvec,
             n,
@@ -221,7 +249,7 @@ def hessian_eigenvalues(
             which=which,
             tol=tol,
             max_matvecs=max_hvps,
-            make_start=lambda: op.random(gen),
+            make_start=_starts(v0 if given else None, lambda: op.random(gen)),
             progress=progress,
         )
         exact = op.dtype == torch.float64 and not getattr(op.objective, "uses_differences", 0)
@@ -266,9 +294,10 @@ class TraceResult(MeasureResult):
         stderr: Its standard error s / sqrt(m) over the m stochastic samples. For Hutch++
             this is the whole statistical error: given the sketch Q the estimate is
             unbiased and tr(Q^T H Q) is exact. NaN when a single stochastic sample is left
-            (Hutch++ with ``num_samples=3``, Hutchinson with 1): one sample has no spread,
+            (Hutch++ with ``num_probes=3``, Hutchinson with 1): one sample has no spread,
             so its error is unknown, not zero.
-        num_hvps: Products spent (``num_samples``).
+        num_hvps: Products spent (``num_probes``).
+        num_probes: The product budget m asked for.
         rounding: Allowance for the operator's rounding in the exact part tr(Q^T H Q) of
             Hutch++ (r d, d measured as in the eigenvalue certificate; 0 for Hutchinson,
             whose rounding is part of the sample spread).
@@ -277,10 +306,12 @@ class TraceResult(MeasureResult):
     value: float
     stderr: float
     num_hvps: int
-    num_samples: int
+    num_probes: int
     method: str
     seed: int | None
     rounding: float = 0.0
+
+    num_samples = renamed_attribute("TraceResult", "num_samples", "num_probes")
 
 
 def _orthonormal_rows(y: Tensor) -> Tensor:
@@ -299,17 +330,18 @@ def _orthonormal_rows(y: Tensor) -> Tensor:
     return y[:r]
 
 
+@renamed(num_samples="num_probes")
 @tracks_peak_memory
 def hessian_trace(
     objective: Any,
     *,
-    num_samples: int = 99,
+    num_probes: int = 99,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     seed: int | torch.Generator = 0,
     progress: bool = False,
     at: Tensor | None = None,
 ) -> TraceResult:
-    """Estimate tr(H) with ``num_samples`` products (all sums in float64).
+    """Estimate tr(H) with ``num_probes`` products (all sums in float64).
 
     * Hutchinson: tr(H) ~ (1/m) sum_i z_i^T H z_i with Rademacher z_i.
     * Hutch++ (Meyer et al., 2021): with s = m/3 products sketch Q = orth(H S), add the
@@ -321,26 +353,27 @@ def hessian_trace(
     Args:
         objective: The empirical risk, or a symmetric operator (see
             :func:`hessian_eigenvalues`).
-        num_samples: Product budget m (>= 2 for Hutchinson, >= 3 for Hutch++).
+        num_probes: Product budget m, one random probe vector each (>= 2 for Hutchinson,
+            >= 3 for Hutch++).
         method: ``"hutch++"`` or ``"hutchinson"``.
         seed: Seed or generator.
-        progress: Show a tqdm bar of products done (of ``num_samples``).
+        progress: Show a tqdm bar of products done (of ``num_probes``).
         at: Flat parameter vector where the Hessian is taken (default: the model's).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', not {method!r}")
     least = 3 if method == "hutch++" else 2
-    if not isinstance(num_samples, int) or num_samples < least:
-        raise ValueError(f"num_samples must be an integer >= {least} for {method}")
+    if not isinstance(num_probes, int) or num_probes < least:
+        raise ValueError(f"num_probes must be an integer >= {least} for {method}")
     gen = make_generator(seed)
     op = as_operator(objective, at)
-    bar = tqdm(total=num_samples, desc="trace", unit="matvec", disable=not progress, leave=False)
+    bar = tqdm(total=num_probes, desc="trace", unit="matvec", disable=not progress, leave=False)
     op.on_product = bar.update
     exact, rounding, spread, q = 0.0, 0.0, 0.0, None
-    n_stoch = num_samples
+    n_stoch = num_probes
     try:
         if method == "hutch++":
-            s = min(num_samples // 3, op.n)
+            s = min(num_probes // 3, op.n)
             y = torch.empty(s, op.n, device=op.device, dtype=op.dtype)
             for i in range(s):
                 y[i] = op.matvec(op.random(gen, "rademacher"))
@@ -350,14 +383,14 @@ def hessian_trace(
                 hq = op.matvec(q[i])
                 exact += dot64(q[i], hq)
                 products.append(norm64(hq))
-                if i == 0 and num_samples - 2 * s >= 3:
+                if i == 0 and num_probes - 2 * s >= 3:
                     spread = norm64(op.matvec(ROUNDING_SCALE * q[0]) / ROUNDING_SCALE - hq)
                 del hq
             eps = torch.finfo(op.dtype).eps
             floor = 2 * eps * max(products, default=0.0)
-            d = max(ROUNDING_FACTOR * spread, floor) if num_samples - 2 * s >= 3 else floor
+            d = max(ROUNDING_FACTOR * spread, floor) if num_probes - 2 * s >= 3 else floor
             rounding = q.shape[0] * d
-            n_stoch = num_samples - op.count
+            n_stoch = num_probes - op.count
         samples = []
         for _ in range(n_stoch):
             z = op.random(gen, "rademacher")
@@ -373,7 +406,7 @@ def hessian_trace(
         value=exact + (float(arr.mean()) if arr.size else 0.0),
         stderr=stderr,
         num_hvps=op.count,
-        num_samples=num_samples,
+        num_probes=num_probes,
         method=method,
         seed=seed if isinstance(seed, int) else None,
         rounding=rounding,

@@ -87,9 +87,11 @@ class GAM(PerturbationOptimizer):
         h_loss = g, or grad L(theta + perturb_rho g / (||g|| + eps)) when perturb_rho > 0
         d = h_loss + flatness_weight * h_norm
 
-    Its closure must accept ``create_graph`` and pass it to ``backward`` (not with
-    ``hvp_method="finite_difference"``: H v ~ (g(theta + h v) - g(theta - h v)) / (2 h) for a
-    unit v, h = sqrt(eps) max(||theta||, 1), eps that of the parameters' dtype).
+    Its closure must accept ``create_graph`` and pass it to ``backward``; the first step
+    checks that the gradients carry a graph and raises otherwise (the products would
+    silently be zero). With ``hvp_method="finite_difference"`` no graph is needed:
+    H v ~ (g(theta + h v) - g(theta - h v)) / (2 h) for a unit v, h = sqrt(eps)
+    max(||theta||, 1), eps that of the parameters' dtype.
 
     Args:
         params: Parameters (or param-group dicts) to optimize.
@@ -137,6 +139,7 @@ class GAM(PerturbationOptimizer):
         "adaptive",
         "eps",
     )
+    _KIND = "GAM"
 
     def __init__(
         self,

@@ -22,12 +22,19 @@ over ranks of one flat buffer:
 * ``perturbations="synchronized"``: every pass's gradient (and every HVP) is averaged over
   the ranks before it is used, so with equal shards a step equals the one-process step on
   the union of the ranks' batches. One all-reduce per pass.
+
+A step never leaves non-finite parameters behind silently: a perturbed point, the final
+direction or the base optimizer's update that is not finite raises
+:class:`~flatlens.core.NonFiniteLossError` with the parameters as they were before the step
+(with a GradScaler, non-finite gradients skip the step instead, as the scaler does). The
+optimizers copy (``copy.deepcopy``) and pickle, and a state dict records which optimizer
+wrote it, so another optimizer's state is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,7 +46,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from flatlens.core._checks import check_nonnegative
+from flatlens.core._errors import NonFiniteLossError
 from flatlens.distributed import all_reduce_mean
+from flatlens.optim._finite import (
+    _all_finite,
+    _NonFinitePoint,
+    check_closure,
+    check_graph,
+    non_finite_message,
+)
 from flatlens.optim._vectors import _dot
 
 __all__ = ["Closure", "PerturbationOptimizer", "Perturbations"]
@@ -47,15 +62,6 @@ __all__ = ["Closure", "PerturbationOptimizer", "Perturbations"]
 
 Closure = Callable[..., Any]
 Perturbations = Literal["per_rank", "synchronized"]
-
-_CLOSURE_EXAMPLE = """
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_fn(model(inputs), targets)
-        loss.backward()
-        return loss
-
-    loss = optimizer.step(closure)"""
 
 
 class _Overflow(Exception):
@@ -83,6 +89,62 @@ class _Pass:
     loss: Any
     grads: list[Tensor | None]
     graph: list[Tensor | None] | None = None
+
+
+def _lightning_closure(closure: Any) -> tuple[Any, Any] | None:
+    """``(LightningModule, inner closure)`` when ``closure`` is the one Lightning's automatic
+    optimization hands ``optimizer.step`` (its precision plugin's ``partial(_wrap_closure,
+    module, optimizer, closure)``); None for any other closure. Lightning is not imported."""
+    if not isinstance(closure, functools.partial) or len(closure.args) < 3:
+        return None
+    module = closure.args[0]
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+    if not names & {
+        "lightning.pytorch.core.module.LightningModule",
+        "pytorch_lightning.core.module.LightningModule",
+    }:
+        return None
+    return module, closure.args[2]
+
+
+def _check_lightning(name: str, closure: Any, create_graph: bool) -> Any:
+    """Refuse, with what to do, what Lightning's closure cannot give SAM/GAM: the whole window
+    of micro-batches in every pass, and ``create_graph``. Returns the closure to call: for
+    the closure of :class:`flatlens.integrations.lightning.SharpnessAwareMixin`, one that
+    takes ``create_graph`` past Lightning's wrapper (which passes no arguments)."""
+    found = _lightning_closure(closure)
+    if found is None:
+        return closure
+    module, inner = found
+    if getattr(inner, "replays_window", False):
+
+        def adapted(create_graph: bool = False) -> Any:
+            inner.create_graph = create_graph  # read by the mixin's closure
+            try:
+                return closure()
+            finally:
+                inner.create_graph = False
+
+        return adapted
+    trainer = getattr(module, "_trainer", None)
+    k = getattr(trainer, "accumulate_grad_batches", 1)
+    mixin = (
+        "mix flatlens.integrations.lightning.SharpnessAwareMixin into the LightningModule "
+        "(class Model(SharpnessAwareMixin, LightningModule))"
+    )
+    if isinstance(k, int) and k > 1:
+        raise RuntimeError(
+            f"{name} under Lightning with accumulate_grad_batches={k}: Lightning's closure "
+            f"reruns only the last of the {k} micro-batches, so every pass after the first "
+            f"would see 1/{k} of the window; {mixin}, which replays the window in every pass, "
+            "or set accumulate_grad_batches=1"
+        )
+    if create_graph:
+        raise TypeError(
+            f"{name} in exact mode needs backward(create_graph=True), which Lightning's "
+            f"closure cannot pass; {mixin}, or use mode='accelerated'"
+        )
+    return closure
 
 
 # ------------------------------------------------------------------------ vector helpers
@@ -130,6 +192,7 @@ class PerturbationOptimizer(Optimizer):
     """
 
     _HYPERPARAMETERS: tuple[str, ...] = ()
+    _KIND = "PerturbationOptimizer"  # recorded in state dicts; each optimizer sets its own
 
     def __init__(
         self,
@@ -185,6 +248,27 @@ class PerturbationOptimizer(Optimizer):
         self.base_optimizer = base
         self.model = model
         self.grad_scaler = grad_scaler
+        self._graph_checked = False
+
+    # ------------------------------------------------------------------ copy and pickle
+    # torch.optim.Optimizer pickles only defaults, state and param_groups, which here are
+    # the base optimizer's (looked up through it): the copy would lack the base optimizer
+    # itself. The whole instance dict is its state.
+    def __getstate__(self) -> dict[str, Any]:
+        # A method replaced on the instance (a framework's hook around step) would, copied,
+        # still call the original optimizer: the copy gets the class's method back.
+        cls = type(self)
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not (callable(v) and callable(getattr(cls, k, None)))
+        }
+        state["_comm"] = None  # a process group belongs to this process only
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_graph_checked", False)
 
     # ------------------------------------------------------------------ torch.optim API
     # param_groups, state and defaults are the base optimizer's, looked up on every access:
@@ -228,28 +312,46 @@ class PerturbationOptimizer(Optimizer):
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"base_optimizer": base.state_dict(), "hyperparameters": {...}}``.
+        """``{"optimizer": "SAM" or "GAM", "base_optimizer": base.state_dict(),
+        "hyperparameters": {...}}``.
 
         Holds only tensors and plain Python values, so it loads with
         ``torch.load(..., weights_only=True)``.
         """
         return {
+            "optimizer": self._KIND,
             "base_optimizer": self.base_optimizer.state_dict(),
             "hyperparameters": self.hyperparameters(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict`, or a plain base-optimizer state dict."""
+        """Load a dict from :meth:`state_dict`, or a plain base-optimizer state dict.
+
+        Raises:
+            ValueError: The dict was saved from another optimizer (SAM's into GAM or the
+                reverse): its ``"optimizer"`` entry names another, or (a dict from before
+                that entry) its settings are not exactly this optimizer's.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, not {type(state_dict).__name__}")
         if "base_optimizer" in state_dict:
             hyper = state_dict.get("hyperparameters") or {}
-            unknown = set(hyper) - set(self._HYPERPARAMETERS)
-            if unknown:
+            name = type(self).__name__
+            kind = state_dict.get("optimizer")
+            if kind is not None and kind != self._KIND:
                 raise ValueError(
-                    f"state_dict holds settings {sorted(unknown)} that {type(self).__name__} "
-                    "does not have: it was saved from another optimizer"
+                    f"state_dict was saved from {kind}, not {self._KIND}: it is another "
+                    f"optimizer's state, which {name} cannot continue"
                 )
+            unknown = set(hyper) - set(self._HYPERPARAMETERS)
+            missing = set(self._HYPERPARAMETERS) - set(hyper) if kind is None and hyper else ()
+            if unknown or missing:
+                what = (
+                    f"settings {sorted(unknown)} that {name} does not have"
+                    if unknown
+                    else f"none of {name}'s settings {sorted(missing)}"
+                )
+                raise ValueError(f"state_dict holds {what}: it was saved from another optimizer")
             self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
             if hyper:
                 self._set_hyperparameters({**self.hyperparameters(), **hyper})
@@ -273,33 +375,12 @@ class PerturbationOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _check_closure(self, closure: Closure | None, *, create_graph: bool = False) -> Closure:
+        """See :func:`~flatlens.optim._finite.check_closure`; Lightning's closure is checked
+        (and, under the mixin, adapted) first."""
         name = type(self).__name__
-        if closure is None:
-            raise ValueError(
-                f"{name}.step needs a closure that zeroes the gradients, runs the forward and "
-                f"backward pass and returns the loss; it is called several times per step:"
-                f"\n{_CLOSURE_EXAMPLE}"
-            )
-        if not callable(closure):
-            raise TypeError(f"{name}.step: closure must be callable, not {type(closure)}")
-        if create_graph:
-            try:
-                params = inspect.signature(closure).parameters.values()
-            except (TypeError, ValueError):  # builtins without a signature
-                params = []
-            if not any(
-                p.name == "create_graph" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params
-            ):
-                raise TypeError(
-                    f"{name} in exact mode needs Hessian-vector products: the closure must "
-                    "accept create_graph and pass it to backward, e.g.\n\n"
-                    "    def closure(create_graph=False):\n"
-                    "        optimizer.zero_grad()\n"
-                    "        loss = loss_fn(model(inputs), targets)\n"
-                    "        loss.backward(create_graph=create_graph)\n"
-                    "        return loss"
-                )
-        return closure
+        if closure is not None and callable(closure):
+            closure = _check_lightning(name, closure, create_graph)
+        return check_closure(name, closure, create_graph=create_graph)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
@@ -337,6 +418,8 @@ class PerturbationOptimizer(Optimizer):
             raw = [p.grad for p in params]
             for p in params:  # take the gradients over: the next pass starts from None
                 p.grad = None
+            if create_graph and not self._graph_checked:
+                self._check_graph(raw)
             graph = raw if create_graph else None
             grads = [None if g is None else g.detach() for g in raw]
             if scale is not None:
@@ -354,6 +437,10 @@ class PerturbationOptimizer(Optimizer):
                 direction = self._direction(run, theta, device)
         except _Overflow as err:  # let the scaler see the non-finite values and skip the step
             direction = err.grads
+        except _NonFinitePoint:
+            raise NonFiniteLossError(
+                self._non_finite("perturbation", first[0] if first else None)
+            ) from None
         finally:
             self._comm = None
             for p, t in zip(params, theta, strict=True):
@@ -365,14 +452,40 @@ class PerturbationOptimizer(Optimizer):
             # overflowed sends non-finite values, so every rank's scaler skips the step.
             direction = all_reduce_mean(direction, like=params, group=comm.group)
 
+        scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        if not scaling and not _all_finite(direction):
+            raise NonFiniteLossError(self._non_finite("direction", first[0]))
         for p, d in zip(params, direction, strict=True):
             if d is not None:
                 p.grad = d * scale if scale is not None else d
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+        if scaling:
             self.grad_scaler.step(self.base_optimizer)
         else:
-            self.base_optimizer.step()
+            self._base_step(theta)
         return first[0]
+
+    def _base_step(self, theta: Sequence[Tensor], method: str = "step") -> None:
+        """The base optimizer's step; parameters it makes non-finite are restored to
+        ``theta`` (their values before the step) and the step raises."""
+        self.base_optimizer.step()
+        params = self._params
+        if not _all_finite(params):
+            with torch.no_grad():
+                for p, t in zip(params, theta, strict=True):
+                    p.copy_(t)
+            raise NonFiniteLossError(self._non_finite("update", None, method))
+
+    def _non_finite(self, what: str, loss: Any, method: str = "step") -> str:
+        """See :func:`~flatlens.optim._finite.non_finite_message`."""
+        lrs = [g["lr"] for g in self.param_groups if "lr" in g]
+        return non_finite_message(
+            f"{type(self).__name__}.{method}", what, loss, self.hyperparameters(), lrs
+        )
+
+    def _check_graph(self, grads: Sequence[Tensor | None]) -> None:
+        """See :func:`~flatlens.optim._finite.check_graph`; once it passed, not again."""
+        check_graph(type(self).__name__, grads)
+        self._graph_checked = True
 
     def _scaling(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
@@ -397,15 +510,25 @@ class PerturbationOptimizer(Optimizer):
 
     @torch.no_grad()
     def _move(self, theta: Sequence[Tensor], *steps: Sequence[Tensor | None]) -> list[Tensor]:
-        """Set the parameters to theta + sum(steps) and return the new values (copies)."""
+        """Set the parameters to theta + sum(steps) and return the new values (copies).
+
+        Raises:
+            _NonFinitePoint: the new point is not finite (the parameters are not moved).
+                Not under DDP with per-rank perturbations, where every rank must run the
+                same passes: there the final direction, reduced over the ranks, is checked.
+        """
         out = []
-        for i, (p, t) in enumerate(zip(self._params, theta, strict=True)):
+        for i, t in enumerate(theta):
             value = t
             for s in steps:
                 if s[i] is not None:
                     value = value + s[i].to(t.dtype)
-            p.copy_(value)
             out.append(value if value is not t else t.clone())
+        comm = self._comm
+        if (comm is None or comm.synchronized) and not _all_finite(out):
+            raise _NonFinitePoint
+        for p, value in zip(self._params, out, strict=True):
+            p.copy_(value)
         return out
 
     def _hvp(self, result: _Pass, vector: Sequence[Tensor | None]) -> list[Tensor | None]:

@@ -10,6 +10,7 @@ With g = grad L(theta)::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,10 +18,20 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatlens.core._checks import check_nonnegative
+from flatlens.core._errors import NonFiniteLossError
+from flatlens.optim._finite import _all_finite, _NonFinitePoint
 from flatlens.optim._perturbation import PerturbationOptimizer, Perturbations
 from flatlens.optim._vectors import _ascent
 
 __all__ = ["SAM"]
+
+
+@dataclass
+class _Ascended:
+    """What :meth:`SAM.first_step` keeps for :meth:`SAM.second_step`."""
+
+    theta: list[Tensor]
+    buffers: list[Tensor]
 
 
 # ------------------------------------------------------------------------ SAM
@@ -68,9 +79,18 @@ class SAM(PerturbationOptimizer):
             return loss
 
         loss = optimizer.step(closure)
+
+    Code written for davda54/sam's two-call form runs unchanged, with the same result as
+    ``step(closure)`` (see :meth:`first_step`)::
+
+        loss_fn(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
     """
 
     _HYPERPARAMETERS = ("rho", "adaptive", "eps")
+    _KIND = "SAM"
 
     def __init__(
         self,
@@ -99,11 +119,78 @@ class SAM(PerturbationOptimizer):
         )
         self.rho = rho
         self.adaptive = adaptive
+        self._ascended: _Ascended | None = None
 
     def _set_hyperparameters(self, values: dict[str, Any]) -> None:
         self.rho = check_nonnegative("rho", values["rho"])
         self.adaptive = bool(values["adaptive"])
         self.eps = check_nonnegative("eps", values["eps"])
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to theta + e using the gradients the caller's backward left (davda54/sam).
+
+        e = rho g / (||g|| + eps) (adaptive: rho w^2 g / (||w g|| + eps)) with g the current
+        ``.grad`` of the parameters, the same ascent :meth:`step` takes. theta, and with
+        ``model=`` the buffers after this first pass (BatchNorm statistics), are kept until
+        :meth:`second_step` restores them.
+
+        Args:
+            zero_grad: Drop the gradients afterwards, ready for the second backward pass.
+
+        Raises:
+            RuntimeError: ``first_step`` twice without ``second_step``, or a GradScaler in
+                use (the two-call form cannot unscale or skip a step: use ``step``).
+            NonFiniteLossError: the gradient or the perturbed point theta + e is not finite
+                (the parameters are not moved).
+        """
+        if self._ascended is not None:
+            raise RuntimeError("SAM.first_step called twice: call second_step() in between")
+        if self._scaling():
+            raise RuntimeError(
+                "SAM.first_step/second_step cannot unscale gradients or skip an overflowing "
+                "step; with a GradScaler use step(closure)"
+            )
+        params = self._params
+        theta = [p.detach().clone() for p in params]
+        buffers = [] if self.model is None else [b.detach().clone() for b in self.model.buffers()]
+        grads = [None if p.grad is None else p.grad.detach() for p in params]
+        if not _all_finite(grads):
+            raise NonFiniteLossError(self._non_finite("gradient", None, "first_step"))
+        weights = theta if self.adaptive else None
+        try:
+            self._move(theta, _ascent(grads, self.rho, self.eps, params[0].device, weights))
+        except _NonFinitePoint:
+            raise NonFiniteLossError(self._non_finite("perturbation", None, "first_step")) from None
+        self._ascended = _Ascended(theta, buffers)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to theta and take the base step with the gradient at theta + e (davda54/sam).
+
+        Args:
+            zero_grad: Drop the gradients after the step.
+
+        Raises:
+            RuntimeError: No :meth:`first_step` before it.
+            NonFiniteLossError: the gradient at theta + e, or the parameters after the base
+                step, are not finite (the parameters are back at theta).
+        """
+        if self._ascended is None:
+            raise RuntimeError("SAM.second_step called without first_step")
+        saved, self._ascended = self._ascended, None
+        for p, t in zip(self._params, saved.theta, strict=True):
+            p.copy_(t)
+        if self.model is not None:
+            for b, kept in zip(self.model.buffers(), saved.buffers, strict=True):
+                b.copy_(kept)
+        if not _all_finite([p.grad for p in self._params]):
+            raise NonFiniteLossError(self._non_finite("direction", None, "second_step"))
+        self._base_step(saved.theta, "second_step")
+        if zero_grad:
+            self.zero_grad()
 
     def _direction(self, run, theta, device):
         start = run()

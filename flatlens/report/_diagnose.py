@@ -31,7 +31,7 @@ from flatlens.core._derivatives import HVP_METHODS
 from flatlens.core._io import write_json
 from flatlens.core._objective import Objective
 from flatlens.core._results import to_jsonable
-from flatlens.data import Dataset, batches
+from flatlens.data import Dataset, batches, model_inputs
 from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
 from flatlens.report._html import write_report
 from flatlens.report._pipeline import (
@@ -87,9 +87,10 @@ class DiagnoseConfig:
         memory_budget: Bytes the curvature measures' cached graph may take (``None``: half
             the free memory; see :class:`~flatlens.Objective`); over it, HVPs stream batch
             by batch and the peak is one batch's graph.
-        trace_samples: HVPs for the Hutch++ trace (at least 3).
-        density_runs, density_steps: Stochastic Lanczos quadrature settings.
-        ascent_steps: Projected-ascent steps for R0 and R1.
+        trace_probes: HVPs for the Hutch++ trace (at least 3).
+        density_runs, lanczos_steps: Stochastic Lanczos quadrature settings.
+        steps: Projected-ascent steps for R0 and R1 (per start).
+        restarts: Random starts of R0 and R1.
         landscape_1d, landscape_2d: Grid points per axis of the loss slices (0 skips one).
         landscape_span: The slices cover ``[-span, span]`` along each direction.
         blocks: Per-block Hessian spectra (:func:`flatlens.measures.block_spectra`), off
@@ -99,7 +100,7 @@ class DiagnoseConfig:
             name: parameter name or module prefix, or a list of them}``.
         block_k: Top eigenvalues of each block (the first is the table's λ_max).
         block_density: Also each block's SLQ density (``density_runs`` x
-            ``density_steps`` HVPs per block), drawn beside the eigenvalues.
+            ``lanczos_steps`` HVPs per block), drawn beside the eigenvalues.
         seed: Seed of every random choice.
         extra: Free-form values stored with the report.
         hvp_method: The Objective's ``hvp_method``.
@@ -112,10 +113,11 @@ class DiagnoseConfig:
     measure_samples: int | None = 512
     batch_size: int = 512
     memory_budget: float | None = None
-    trace_samples: int = 30
+    trace_probes: int = 30
     density_runs: int = 2
-    density_steps: int = 40
-    ascent_steps: int = 10
+    lanczos_steps: int = 40
+    steps: int = 10
+    restarts: int = 1
     landscape_1d: int = 41
     landscape_2d: int = 21
     landscape_span: float = 1.0
@@ -136,10 +138,11 @@ class DiagnoseConfig:
         for name, least in (
             ("k", 1),
             ("batch_size", 1),
-            ("trace_samples", 3),
+            ("trace_probes", 3),
             ("density_runs", 1),
-            ("density_steps", 2),
-            ("ascent_steps", 1),
+            ("lanczos_steps", 2),
+            ("steps", 1),
+            ("restarts", 0),
             ("landscape_1d", 0),
             ("landscape_2d", 0),
             ("block_k", 1),
@@ -172,10 +175,10 @@ class DiagnoseConfig:
             self,
             k=min(self.k, 3),
             measure_samples=min(self.measure_samples or 256, 256),
-            trace_samples=9,
+            trace_probes=9,
             density_runs=1,
-            density_steps=20,
-            ascent_steps=4,
+            lanczos_steps=20,
+            steps=4,
             landscape_1d=min(self.landscape_1d, 11),
             landscape_2d=min(self.landscape_2d, 7),
         )
@@ -225,14 +228,27 @@ def _objective(
     batch_size: int,
     memory_budget: float | None = None,
     hvp_method: str = "auto",
+    input_names: tuple[str, ...] | None = None,
 ) -> Objective:
     """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
-    rank's shard, reduced across the ranks (see the module docstring)."""
+    rank's shard, reduced across the ranks (see the module docstring).
+
+    Inputs stacked from keyword columns (``input_names``, tokenized text) reach the model as
+    keywords. A loss with a ``batch_weight`` attribute (a token-level loss: the number of
+    targets it averages over, :func:`flatlens.core.token_count`) weights each batch by it,
+    so L is the mean over every token, not over batches."""
     x, y, distributed = fd.local_split(x, y)
-    parts = batches(x, y, batch_size)
+    parts = [(model_inputs(xb, input_names), yb) for xb, yb in batches(x, y, batch_size)]
     data = parts[0] if len(parts) == 1 else parts
-    kw = {"memory_budget": memory_budget, "hvp_method": hvp_method}
-    return Objective(model, loss_fn, data, distributed=distributed, **kw)
+    return Objective(
+        model,
+        loss_fn,
+        data,
+        distributed=distributed,
+        memory_budget=memory_budget,
+        hvp_method=hvp_method,
+        batch_weight=getattr(loss_fn, "batch_weight", None),
+    )
 
 
 def measure_objective(
@@ -249,7 +265,14 @@ def measure_objective(
         x, y = x[: config.measure_samples], y[: config.measure_samples]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     return _objective(
-        model, loss_fn, x, y, config.batch_size, config.memory_budget, config.hvp_method
+        model,
+        loss_fn,
+        x,
+        y,
+        config.batch_size,
+        config.memory_budget,
+        config.hvp_method,
+        data.input_names,
     )
 
 
@@ -257,7 +280,7 @@ def _performance(model: nn.Module, data: Dataset, config: DiagnoseConfig, loss_f
     """Loss and accuracy over the whole train and test sets (sharded under ``torchrun``)."""
     out = {}
     for split, (x, y) in (("train", data.train()), ("test", data.test())):
-        obj = _objective(model, loss_fn, x, y, config.batch_size)
+        obj = _objective(model, loss_fn, x, y, config.batch_size, input_names=data.input_names)
         for key, value in obj.evaluate().items():
             out[f"{split}_{key}"] = value
     out["gap_loss"] = out["test_loss"] - out["train_loss"]
@@ -271,7 +294,8 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
     from flatlens.measures._sharpness import zeroth_order_sharpness
 
     rho = config.rhos[len(config.rhos) // 2]
-    common = {"steps": config.ascent_steps, "seed": config.seed, **config.basis}
+    common = {"steps": config.steps, "restarts": config.restarts, "seed": config.seed}
+    common.update(config.basis)
     adaptive = zeroth_order_sharpness(objective, rho, adaptive=True, **common)
     bound = check_bound(objective, list(config.rhos), progress=progress, **common)
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
@@ -291,7 +315,7 @@ def _block_settings(config: DiagnoseConfig) -> dict[str, Any]:
     }
     if config.block_density:
         settings["density_runs"] = config.density_runs
-        settings["density_steps"] = config.density_steps
+        settings["lanczos_steps"] = config.lanczos_steps
     return settings
 
 
@@ -307,7 +331,7 @@ def _block_spectra(objective: Objective, config: DiagnoseConfig, progress: bool)
         tol=BLOCK_TOL,
         seed=config.seed,
         progress=progress,
-        density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.density_steps},
+        density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.lanczos_steps},
         **config.basis,
     )
 
@@ -333,20 +357,25 @@ def _landscapes(
             store,
             "landscape_1d",
             lambda path: fl.line(
-                objective, d1, span=span, steps=config.landscape_1d, store=path, progress=progress
+                objective,
+                d1,
+                span=span,
+                num_points=config.landscape_1d,
+                store=path,
+                progress=progress,
             ),
-            {**common, "steps": config.landscape_1d},
+            {**common, "num_points": config.landscape_1d},
             out,
         )
     if config.landscape_2d:
-        steps = (config.landscape_2d, config.landscape_2d)
+        points = (config.landscape_2d, config.landscape_2d)
         info["landscape_2d"] = landscape_part(
             store,
             "landscape_2d",
             lambda path: fl.plane(
-                objective, d1, d2, span=span, steps=steps, store=path, progress=progress
+                objective, d1, d2, span=span, num_points=points, store=path, progress=progress
             ),
-            {**common, "steps": config.landscape_2d},
+            {**common, "num_points": config.landscape_2d},
             out,
         )
     return info
@@ -455,16 +484,16 @@ def diagnose(
     report["trace"] = store.run(
         "trace",
         lambda: hessian_trace(
-            objective, num_samples=config.trace_samples, seed=seed, progress=progress
+            objective, num_probes=config.trace_probes, seed=seed, progress=progress
         ),
-        settings={**subset, "trace_samples": config.trace_samples, "seed": seed},
+        settings={**subset, "trace_probes": config.trace_probes, "seed": seed},
     )
     report["density"] = store.run(
         "density",
         lambda: hessian_density(
             objective,
             num_runs=config.density_runs,
-            lanczos_steps=config.density_steps,
+            lanczos_steps=config.lanczos_steps,
             seed=seed,
             progress=progress,
             **config.basis,
@@ -472,7 +501,7 @@ def diagnose(
         settings={
             **subset,
             "density_runs": config.density_runs,
-            "density_steps": config.density_steps,
+            "lanczos_steps": config.lanczos_steps,
             "seed": seed,
         },
     )
@@ -489,8 +518,18 @@ def diagnose(
     report["sharpness"] = store.run(
         "sharpness",
         lambda: _sharpness_parts(objective, config, progress),
-        settings={**subset, "rhos": config.rhos, "steps": config.ascent_steps, "seed": seed},
+        settings={
+            **subset,
+            "rhos": config.rhos,
+            "steps": config.steps,
+            "restarts": config.restarts,
+            "seed": seed,
+        },
     )
+    sharp = report["sharpness"]  # a radius below the dtype's resolution: say so
+    for text in sharp["bound"].get("notes", ()):
+        if text not in report["notes"]:
+            report["notes"].append(text)
     report["landscape"] = _landscapes(objective, config, out, store, progress)
     report["reused_parts"] = list(store.reused)
     report["computed_parts"] = list(store.computed)

@@ -1,7 +1,9 @@
 """Matplotlib figures for Hessian spectra and densities, saved atomically.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot), so they never
-touch the user's interactive backend and work headless.
+touch the user's interactive backend and work headless. Names and titles are drawn as text,
+never as mathtext (:func:`flatlens.core._text.literal`): a module named ``$x^$`` is drawn as
+it reads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from flatlens.core._io import write_figure
+from flatlens.core._text import literal
 
 __all__ = ["plot_block_spectra", "plot_density", "plot_eigenvalues"]
 
@@ -30,7 +33,7 @@ def plot_density(density, path: str | os.PathLike, *, log: bool = True, title: s
         ax.set_ylim(max(dens.max() * 1e-8, 1e-12), dens.max() * 3)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(title or "Hessian spectral density (SLQ)")
+    ax.set_title(literal(title) if title else "Hessian spectral density (SLQ)")
     ax.grid(alpha=0.3)
     write_figure(fig, path)
 
@@ -44,12 +47,12 @@ def plot_eigenvalues(
     width = 0.8 / max(len(values), 1)
     for i, (label, vals) in enumerate(values.items()):
         x = np.arange(len(vals)) + i * width
-        ax.bar(x, vals, width=width, label=label)
+        ax.bar(x, vals, width=width, label=literal(label))
     ax.set_xticks(np.arange(max(len(v) for v in values.values())) + 0.4 - width / 2)
     ax.set_xticklabels([str(i + 1) for i in range(max(len(v) for v in values.values()))])
     ax.set_xlabel("index i")
     ax.set_ylabel("λ_i")
-    ax.set_title(title or "Top Hessian eigenvalues")
+    ax.set_title(literal(title) if title else "Top Hessian eigenvalues")
     if len(values) > 1:
         ax.legend()
     ax.grid(alpha=0.3, axis="y")
@@ -71,7 +74,7 @@ def _block_rows(result: Any) -> list[tuple[str, np.ndarray, Any]]:
                 curve = (np.asarray(dens["grid"], float), np.asarray(dens["density"], float))
             else:
                 curve = (np.asarray(dens.grid, float), np.asarray(dens.density, float))
-        rows.append((str(get("name")), vals, curve))
+        rows.append((literal(get("name")), vals, curve))
     return rows
 
 
@@ -117,7 +120,7 @@ def plot_block_spectra(result: Any, path: str | os.PathLike, *, title: str = "")
         [name for name, _, _ in rows], rotation=45 if turn else 0, ha="right" if turn else "center"
     )
     ax.set_ylabel("top eigenvalues of H_bb")
-    ax.set_title(title or "Per-block Hessian spectra")
+    ax.set_title(literal(title) if title else "Per-block Hessian spectra")
     ax.grid(alpha=0.3, axis="y")
     if curves:
         dax = axes[1]

@@ -208,7 +208,7 @@ def landscape_part(
         values = result.values["loss"]
         return {
             "path": path.name,
-            "steps": settings["steps"],
+            "num_points": settings["num_points"],
             "span": settings["span"],
             "loss_center": result.center.get("loss"),
             "loss_min": float(values.min()),

@@ -137,6 +137,7 @@ def diagnose_sections(report: dict, out: Path) -> list[Section]:
                     "R0 = max L(θ+δ) − L(θ) and R1 = ρ·max ‖∇L(θ+δ)‖ over the ρ-ball; the "
                     "bound says R0 ≤ R1 and R1/ρ² → λ_max at a minimum. Adaptive R0 at "
                     f"ρ = {sharp['rho']:.4g}: {sharp['adaptive_r0']['value']:.4g}."
+                    + "".join(f" Note: {n}." for n in sharp["bound"].get("notes", ()))
                 ),
                 table=[
                     {

@@ -26,6 +26,9 @@ _RUN_COLUMNS = (
     "trace",
     "r0",
     "r1",
+    "seconds",
+    "measure_seconds",
+    "overhead",
 )
 
 
@@ -85,6 +88,10 @@ def study_sections(study: Any, out: str | os.PathLike) -> list[Section]:
         ),
         Section(
             "Runs",
+            text=(
+                "seconds: the run's wall time; measure_seconds: its flatness measures; "
+                "overhead: measure seconds over training seconds."
+            ),
             table=[{k: r.get(k) for k in _RUN_COLUMNS if k in r} for r in study.runs],
         ),
     ]

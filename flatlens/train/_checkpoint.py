@@ -1,7 +1,8 @@
 """Training checkpoints: one ``.pt`` file of state dicts plus a ``.json`` file of metadata.
 
 The ``.pt`` file holds only tensors and plain Python values (the model's, optimizer's and
-scheduler's state dicts, the RNG states as byte tensors, the epoch and the history), so it
+scheduler's state dicts, the RNG states as byte tensors, the epoch, the history and the
+trainer's own state: step count, the measures' warm-start vector, the GradScaler), so it
 loads with ``torch.load(path, weights_only=True)``, which never runs code from the file. The
 ``.json`` file beside it repeats the epoch, history and configuration for people and tools.
 Both are written atomically (temporary file, then :func:`os.replace`): an interrupted save
@@ -35,6 +36,7 @@ def save_training_checkpoint(
     history: list[dict[str, Any]],
     rng: dict[str, torch.Tensor],
     config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``path`` (torch) and ``path`` with suffix ``.json`` (metadata), atomically.
 
@@ -47,6 +49,8 @@ def save_training_checkpoint(
         history: One dict of plain values per completed epoch.
         rng: Named RNG states (byte tensors).
         config: Plain settings of the run.
+        extra: More state of the trainer (tensors and plain values: the step count, the
+            measures' warm-start state, the GradScaler's state, ...), or None.
 
     Returns:
         The ``.pt`` path.
@@ -61,6 +65,7 @@ def save_training_checkpoint(
         "rng": {k: v.detach().cpu() for k, v in rng.items()},
         "history": history,
         "config": config,
+        "extra": extra,
     }
     save_torch(path, payload)
     write_json(

@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from flatlens.core._checks import check_positive_int
 from flatlens.core._io import write_figure
+from flatlens.core._renames import renamed
 from flatlens.core._results import Result
+from flatlens.core._text import literal
 from flatlens.data import Dataset
-from flatlens.train._config import TrainConfig, train
+from flatlens.train._config import TrainConfig, current_names, train
 from flatlens.train._measures import MEASURES, check_measures
 from flatlens.train._trainer import TrainResult
 
@@ -187,7 +189,7 @@ class StudyResult(Result):
                     if r["optimizer"] == name and r.get(m) is not None and r[gap] is not None
                 ]
                 if pts:
-                    ax.scatter(*zip(*pts, strict=True), label=name)
+                    ax.scatter(*zip(*pts, strict=True), label=literal(name))
             tau = self.kendall.get(m, {}).get(gap, {}).get("tau")
             ax.set_xlabel(m)
             ax.set_ylabel(gap)
@@ -211,7 +213,7 @@ def _configs(
             if isinstance(cfg, TrainConfig):
                 out[str(label)] = cfg
             elif isinstance(cfg, Mapping):
-                out[str(label)] = dataclasses.replace(base, **cfg)
+                out[str(label)] = dataclasses.replace(base, **current_names(cfg))
             else:
                 raise TypeError(
                     f"optimizers[{label!r}] must be a TrainConfig or a dict of its fields"
@@ -220,6 +222,7 @@ def _configs(
     return {name: dataclasses.replace(base, optimizer=name) for name in optimizers}
 
 
+@renamed(base="config")
 def compare(
     data: Dataset,
     optimizers: Sequence[str] | Mapping[str, TrainConfig | Mapping[str, Any]] = (
@@ -229,7 +232,7 @@ def compare(
     ),
     *,
     seeds: Sequence[int] = (0, 1, 2),
-    base: TrainConfig | None = None,
+    config: TrainConfig | None = None,
     measures: Sequence[str] = MEASURES,
     progress: bool = False,
     on_run: Callable[[str, int, TrainResult], None] | None = None,
@@ -242,11 +245,12 @@ def compare(
 
     Args:
         data: The task.
-        optimizers: Optimizer names (``TrainConfig.optimizer`` values) applied to ``base``,
-            or ``{label: TrainConfig or dict of TrainConfig fields overriding base}``.
+        optimizers: Optimizer names (``TrainConfig.optimizer`` values) applied to
+            ``config``, or ``{label: TrainConfig or dict of TrainConfig fields overriding
+            config}``.
         seeds: One run per seed and optimizer.
-        base: Shared settings (model, epochs, lr, measure radius, ...). Default
-            ``TrainConfig()``.
+        config: The settings every run shares (model, epochs, lr, measure radius, ...).
+            Default ``TrainConfig()``.
         measures: Subset of ``("lambda_max", "trace", "r0", "r1")``.
         progress: A tqdm bar over the runs.
         on_run: Called as ``on_run(label, seed, result)`` after each run, e.g. to keep or
@@ -255,8 +259,8 @@ def compare(
     Returns:
         A :class:`StudyResult` with ``table()`` and ``plot()``.
     """
-    base = base or TrainConfig()
-    configs = _configs(optimizers, base)
+    config = config or TrainConfig()
+    configs = _configs(optimizers, config)
     if not configs:
         raise ValueError("optimizers is empty")
     seeds = [check_positive_int("seed", seed, 0) for seed in seeds]
@@ -282,6 +286,8 @@ def compare(
             row = {"optimizer": label, "seed": seed}
             row.update({k: final.get(k) for k in _RUN_KEYS})
             row["seconds"] = sum(r["seconds"] for r in result.history)
+            row["measure_seconds"] = result.costs.get("measure_seconds")
+            row["overhead"] = result.costs.get("overhead")
             runs.append(row)
             bar.update(1)
     bar.close()
@@ -301,7 +307,7 @@ def compare(
         for m in measures
     }
     settings = {
-        "base": base.to_dict(),
+        "config": config.to_dict(),
         "optimizers": {k: v.to_dict() for k, v in configs.items()},
         "seeds": seeds,
         "measures": list(measures),

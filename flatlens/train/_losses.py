@@ -1,4 +1,5 @@
-"""Loss functions by name: ``cross_entropy``, ``mse`` or ``package.module:callable``.
+"""Loss functions by name: ``cross_entropy``, ``smooth_cross_entropy``, ``mse`` or
+``package.module:callable``.
 
 The command line, :class:`~flatlens.train.TrainConfig` and the measures name a loss with a
 plain string, so that a run can be stored and repeated; :func:`build_loss` turns the name
@@ -16,7 +17,14 @@ from torch import Tensor, nn
 
 from flatlens.zoo import import_object
 
-__all__ = ["LOSSES", "MSELoss", "build_loss", "check_loss_spec", "check_loss_value"]
+__all__ = [
+    "LOSSES",
+    "MSELoss",
+    "SmoothCrossEntropy",
+    "build_loss",
+    "check_loss_spec",
+    "check_loss_value",
+]
 
 
 class MSELoss(nn.Module):
@@ -39,10 +47,45 @@ class MSELoss(nn.Module):
         return nn.functional.mse_loss(outputs, targets.to(outputs.dtype))
 
 
+class SmoothCrossEntropy(nn.Module):
+    """The label-smoothed loss of the GAM and SAM reference code (``smooth_crossentropy``).
+
+    With n classes and smoothing ε the target of example i puts 1 − ε on its class and
+    ε / (n − 1) on each other class (torch's ``label_smoothing`` puts ε / n on every class,
+    the true one included), and the loss is the Kullback-Leibler divergence to the softmax,
+    ``L = mean_i sum_c t_ic (log t_ic − log p_ic)``: the cross-entropy minus the targets'
+    entropy, so the gradient is the smoothed cross-entropy's and L = 0 at a perfect fit.
+    xxgege/GAM ``gam/smooth_cross_entropy.py`` and davda54/sam
+    ``example/model/smooth_cross_entropy.py`` (both lines 6-13) compute it this way.
+    """
+
+    reduction = "mean"
+
+    def __init__(self, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+        self.smoothing = float(label_smoothing)
+
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The mean over the batch of KL(t_i || softmax(outputs_i))."""
+        n = outputs.shape[1]
+        target = torch.full_like(outputs, self.smoothing / max(n - 1, 1))
+        target.scatter_(1, targets.long().unsqueeze(1), 1.0 - self.smoothing)
+        log_prob = nn.functional.log_softmax(outputs, dim=1)
+        return nn.functional.kl_div(log_prob, target, reduction="none").sum(-1).mean()
+
+    def extra_repr(self) -> str:
+        return f"smoothing={self.smoothing}"
+
+
 LOSSES: dict[str, Callable[[], Callable[..., Tensor]]] = {
     "cross_entropy": nn.CrossEntropyLoss,
+    "smooth_cross_entropy": SmoothCrossEntropy,
     "mse": MSELoss,
 }
+SMOOTHED = ("cross_entropy", "smooth_cross_entropy")
+"""The losses ``label_smoothing`` applies to."""
 
 
 def check_loss_spec(spec: object) -> str:
@@ -62,19 +105,35 @@ def check_loss_spec(spec: object) -> str:
     return spec
 
 
-def build_loss(spec: str) -> Callable[..., Tensor]:
+def build_loss(spec: str, label_smoothing: float = 0.0) -> Callable[..., Tensor]:
     """The loss a spec names.
 
-    ``cross_entropy`` is :class:`torch.nn.CrossEntropyLoss`; ``mse`` is :class:`MSELoss`
-    (one-hot targets for class labels); ``package.module:callable`` is imported: a
-    ``torch.nn.Module`` subclass is instantiated without arguments, any other callable is
-    used as ``loss(outputs, targets)`` and must return the mean loss over the batch.
+    ``cross_entropy`` is :class:`torch.nn.CrossEntropyLoss` (with ``label_smoothing`` ε in
+    torch's form: ε / n on every class); ``smooth_cross_entropy`` is
+    :class:`SmoothCrossEntropy` (the GAM and SAM code's form: ε / (n − 1) on the wrong
+    classes); ``mse`` is :class:`MSELoss` (one-hot targets for class labels);
+    ``package.module:callable`` is imported: a ``torch.nn.Module`` subclass is instantiated
+    without arguments, any other callable is used as ``loss(outputs, targets)`` and must
+    return the mean loss over the batch.
 
     Raises:
         ValueError: an unknown name, a module that cannot be imported, something that is
-            not callable, or a loss class that cannot be built without arguments.
+            not callable, a loss class that cannot be built without arguments, or
+            ``label_smoothing`` for a loss that does not smooth labels.
     """
     check_loss_spec(spec)
+    if label_smoothing:
+        if spec not in SMOOTHED:
+            raise ValueError(
+                f"label_smoothing applies to {' and '.join(SMOOTHED)}, not to loss {spec!r}"
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+        if spec == "cross_entropy":
+            return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        return SmoothCrossEntropy(label_smoothing)
+    if spec == "smooth_cross_entropy":
+        return SmoothCrossEntropy(0.0)
     if spec in LOSSES:
         return LOSSES[spec]()
     found: Any = import_object(spec, "loss")

@@ -46,7 +46,7 @@ def take_measures(
     *,
     rho: float,
     steps: int,
-    trace_samples: int,
+    trace_probes: int,
     seed: int,
 ) -> dict[str, float]:
     """λ_max, tr(H), R0 and R1 (those in ``measures``) of ``objective``.
@@ -65,7 +65,7 @@ def take_measures(
     if "trace" in measures:
         from flatlens.measures._spectrum import hessian_trace
 
-        out["trace"] = float(hessian_trace(objective, num_samples=trace_samples, seed=seed).value)
+        out["trace"] = float(hessian_trace(objective, num_probes=trace_probes, seed=seed).value)
     ascents: list[tuple[str, Callable[..., Any]]] = []
     if "r0" in measures:
         from flatlens.measures._sharpness import zeroth_order_sharpness

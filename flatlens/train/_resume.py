@@ -19,8 +19,9 @@ from flatlens.data import Dataset
 
 __all__ = ["FREE", "check_resume", "describe_conflicts", "resume_conflicts", "resume_message"]
 
-FREE = ("device", "checkpoint_dir", "epochs")
-"""Fields of :class:`~flatlens.train.TrainConfig` not compared (epochs has its own rule)."""
+FREE = ("device", "checkpoint_dir", "epochs", "log_every", "tensorboard", "recipe", "num_workers")
+"""Fields of :class:`~flatlens.train.TrainConfig` not compared (epochs has its own rule; the
+loader's workers matter only where they augment, and are compared there)."""
 
 
 def _stored_config(payload: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -68,6 +69,10 @@ def resume_conflicts(
         before = stored.get(f.name, default)
         if _plain(before) != _plain(now[f.name]):
             conflicts.append((f.name, before, now[f.name]))
+    if now.get("augment_on") == "workers" and now.get("augment", "none") != "none":
+        before = stored.get("num_workers", 0)
+        if before != now["num_workers"]:  # the examples' random streams follow the workers
+            conflicts.append(("num_workers", before, now["num_workers"]))
     settings = payload["config"]
     if settings.get("data") not in (None, data.name):
         conflicts.append(("data", settings["data"], data.name))

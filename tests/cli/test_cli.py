@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ def test_compare_two_optimizers_two_seeds(tmp_path):
 def test_bound_two_radii(trained, tmp_path):
     proc = run_cli(
         "bound", "--model", "mlp", "--checkpoint", str(trained["model"]),
-        "--rho", "0.05,0.01", "--steps", "3", "--samples", "128", "--out", "b", "--json",
+        "--measure-rho", "0.05,0.01", "--steps", "3", "--samples", "128", "--out", "b", "--json",
         "--quiet", cwd=tmp_path,
     )  # fmt: skip
     report = ok_json(proc)
@@ -183,7 +184,7 @@ def test_bound_under_a_memory_budget_streams_to_the_same_answer(trained, tmp_pat
     for name, extra in (("cached", []), ("streamed", ["--memory-budget", "1K"])):
         proc = run_cli(
             "bound", "--model", "mlp", "--checkpoint", str(trained["model"]),
-            "--rho", "0.05", "--steps", "2", "--samples", "128", "--batch-size", "64",
+            "--measure-rho", "0.05", "--steps", "2", "--samples", "128", "--batch-size", "64",
             "--out", name, "--json", "--quiet", *extra, cwd=tmp_path,
         )  # fmt: skip
         reports[name] = ok_json(proc)
@@ -207,8 +208,8 @@ def test_sizes_in_bytes():
 def test_landscape_slices(trained, tmp_path, dim):
     proc = run_cli(
         "landscape", "--model", "mlp", "--checkpoint", str(trained["model"]),
-        "--dim", str(dim), "--steps", "5", "--samples", "128", "--out", "l", "--json",
-        "--quiet", cwd=tmp_path,
+        "--dim", str(dim), "--num-points", "5", "--samples", "128", "--out", "l", "--json",
+        "--quiet", "--vtk", cwd=tmp_path,
     )  # fmt: skip
     summary = ok_json(proc)
     assert summary["shape"] == [5] * dim
@@ -218,7 +219,9 @@ def test_landscape_slices(trained, tmp_path, dim):
     for path in summary["files"]:
         assert (tmp_path / path).is_file(), path
     stem = "line" if dim == 1 else "plane"
-    assert {Path(p).name for p in summary["files"]} >= {f"{stem}.npz", f"{stem}.png"}
+    assert {Path(p).name for p in summary["files"]} >= {f"{stem}.npz", f"{stem}.png", f"{stem}.vtp"}
+    piece = ElementTree.parse(tmp_path / "l" / f"{stem}.vtp").getroot().find("PolyData/Piece")
+    assert piece.get("NumberOfPoints") == str(5**dim)
 
 
 # ---------------------------------------------------------------------- checkpoint errors
@@ -289,9 +292,9 @@ def test_architecture_mismatch_lists_missing_and_unexpected_keys(trained, tmp_pa
         (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
         (["--model-kwargs", '{"hiddn": 3}'], "unexpected keyword argument 'hiddn'"),
-        (["--rho", "abc"], "argument --rho"),
-        (["--rho=-0.1"], "argument --rho"),
-        (["--rho", "0.1,0"], "argument --rho"),
+        (["--measure-rho", "abc"], "argument --measure-rho"),
+        (["--measure-rho=-0.1"], "argument --measure-rho"),
+        (["--measure-rho", "0.1,0"], "argument --measure-rho"),
         (["--k", "0"], "argument --k"),
         (["--samples", "-3"], "argument --samples"),
         (["--batch-size", "0"], "argument --batch-size"),
@@ -442,8 +445,9 @@ def test_interrupt_exits_130_and_threads_are_restored(trained, monkeypatch, caps
 
     monkeypatch.setattr(flatlens.cli._commands, "cmd_diagnose", interrupted)
     before = torch.get_num_threads()
-    argv = ["diagnose", "--model", "mlp", "--checkpoint", str(trained["model"]), "--threads", "3"]
-    code, out, err = call(argv, capsys)
-    assert (code, out, seen) == (130, "", [3])
+    want = min(3, len(os.sched_getaffinity(0)))  # more than the CPUs is capped, with a note
+    argv = ["diagnose", "--model", "mlp", "--checkpoint", str(trained["model"])]
+    code, out, err = call([*argv, "--threads", str(want)], capsys)
+    assert (code, out, seen) == (130, "", [want])
     assert err.strip() == "flatlens diagnose: interrupted; rerun with --resume to continue"
     assert torch.get_num_threads() == before

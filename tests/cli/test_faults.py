@@ -1,10 +1,17 @@
 """Fault injection: every subcommand that reads a checkpoint or a landscape store answers a
 bad file (random bytes, a truncated file, text, an empty file, a zip torch did not write, a
-valid file of the wrong kind) with exit code 2 and one line on stderr, never a traceback."""
+valid file of the wrong kind) with exit code 2 and one line on stderr, never a traceback.
+
+So do odd paths in those places (a named pipe, a device, a ``/proc`` file, a folder, a
+broken or looping link, a name too long), numbers no dtype or torch can hold in any option
+(exit 2 at parse time), and names with markup (``$...$``, backslashes) in every bad path and
+spec: each case ends in exit code 1 or 2 with one line, never a traceback or a hang.
+"""
 
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 import zipfile
 from pathlib import Path
@@ -63,7 +70,7 @@ def good(tmp_path_factory) -> dict[str, Path]:
     code, _, err = run(["train", "--epochs", "1", "--out", str(root / "run"), "--quiet"])
     assert code == 0, err
     argv = ["landscape", "--model", "mlp", "--checkpoint", str(root / "model.pt"), "--dim", "1"]
-    code, _, err = run([*argv, "--steps", "3", "--samples", "16", "--out", str(root / "l")])
+    code, _, err = run([*argv, "--num-points", "3", "--samples", "16", "--out", str(root / "l")])
     assert code == 0, err
     return {
         "weights": root / "model.pt",
@@ -112,7 +119,18 @@ def _argv(command: str, role: str, bad: Path, out: Path, good: dict[str, Path]) 
         return ["diagnose", *model, "--quick", *resume, *common]
     if command == "bound":
         return ["bound", *model, "--steps", "1", "--samples", "16", *common]
-    return ["landscape", *model, "--dim", "1", "--steps", "3", "--samples", "16", *resume, *common]
+    return [
+        "landscape",
+        *model,
+        "--dim",
+        "1",
+        "--num-points",
+        "3",
+        "--samples",
+        "16",
+        *resume,
+        *common,
+    ]
 
 
 @pytest.mark.parametrize(("command", "role", "source"), CONSUMERS)
@@ -164,3 +182,130 @@ def test_the_store_reader_turns_every_failure_into_one_value_error(good, bad):
         with pytest.raises(ValueError, match=r"line\.npz") as info:
             read(path)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------- odd paths
+ODD_PATHS = [
+    "fifo",
+    "/dev/zero",
+    "/dev/null",
+    "/proc/self/status",
+    "folder",
+    "dangling",
+    "loop",
+    "too long",
+]
+
+
+def _odd(kind: str, where: Path) -> Path:
+    """Make ``where`` the odd path ``kind`` (a link to a system file), or return the odd
+    path itself where it cannot be made at ``where`` (a name too long)."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(where)
+    elif kind == "folder":
+        where.mkdir()
+    elif kind == "dangling":
+        os.symlink(where.parent / "nowhere.pt", where)
+    elif kind == "loop":
+        os.symlink(where, where)
+    elif kind == "too long":
+        return where.parent / ("x" * 300 + ".pt")
+    else:
+        os.symlink(kind, where)
+    return where
+
+
+@pytest.mark.parametrize(("command", "role", "source"), CONSUMERS)
+@given(kind=st.sampled_from(ODD_PATHS))
+def test_an_odd_path_is_exit_2_and_one_line(good, command, role, source, kind):
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = Path(tmp), Path(tmp) / "out"
+        if role == "checkpoint":
+            argv = _argv(command, role, _odd(kind, root / "odd.pt"), out, good)
+        else:
+            if kind == "too long":
+                return  # the file's name is fixed: checkpoint.pt or line.npz
+            name = {"train": "checkpoints/checkpoint.pt", "landscape": "line.npz"}.get(
+                command, "landscape_1d.npz"
+            )
+            placeholder = root / "placeholder"
+            placeholder.write_bytes(b"")
+            argv = _argv(command, role, placeholder, out, good)  # moves it into place
+            (out / name).unlink()
+            _odd(kind, out / name)
+        code, stdout, err = run(argv)
+    assert (code, stdout) == (2, ""), (kind, err)
+    line = one_error_line(err, command)
+    if kind in ("fifo", "/dev/zero", "/dev/null", "folder", "dangling"):
+        assert "does not exist" not in line and "empty file" not in line, line
+
+
+# ---------------------------------------------------------------------- huge numbers
+_TOO_BIG_INT = st.integers(2**63, 10**40).map(str)
+_FLOAT32_RADIUS = st.one_of(st.floats(1e-300, 1e-20), st.floats(1.9e19, 1e300)).map(repr)
+_FLOAT64_RADIUS = st.one_of(st.floats(1e-320, 1e-155), st.floats(1.4e154, 1e308)).map(repr)
+_INT_OPTIONS = {
+    "train": ["--seed", "--epochs", "--batch-size", "--measure-samples", "--measure-every"],
+    "compare": ["--seed", "--epochs", "--trace-probes", "--measure-steps"],
+    "diagnose": ["--seed", "--k", "--samples", "--steps", "--restarts", "--line-points"],
+    "bound": ["--seed", "--steps", "--restarts", "--samples", "--batch-size"],
+    "landscape": ["--seed", "--num-points", "--samples", "--threads"],
+    "demo": ["--seed", "--threads"],
+}
+HUGE = st.one_of(
+    st.sampled_from(list(_INT_OPTIONS)).flatmap(
+        lambda c: st.tuples(st.just(c), st.sampled_from(_INT_OPTIONS[c]), _TOO_BIG_INT)
+    ),
+    st.tuples(st.just("compare"), st.just("--seeds"), _TOO_BIG_INT.map(lambda v: f"0,{v}")),
+    st.tuples(
+        st.sampled_from(["train", "compare"]),
+        st.sampled_from(["--sam-rho", "--gam-rho", "--gam-perturb-rho", "--measure-rho"]),
+        _FLOAT32_RADIUS,
+    ),
+    st.tuples(
+        st.sampled_from(["train", "compare"]), st.just("--lr"), st.floats(3.5e38, 1e308).map(repr)
+    ),
+    st.tuples(st.sampled_from(["diagnose", "bound"]), st.just("--measure-rho"), _FLOAT64_RADIUS),
+    st.just(("train", "--lr", "1e999")),
+)
+
+
+@given(case=HUGE)
+def test_a_number_no_dtype_or_torch_holds_is_refused_at_parse_time(good, case):
+    command, option, value = case
+    model = ["--model", "mlp", "--checkpoint", str(good["weights"])]
+    argv = [command, *(model if command in ("diagnose", "bound", "landscape") else [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        code, stdout, err = run([*argv, option, value, "--out", str(Path(tmp) / "o")])
+        assert not (Path(tmp) / "o").exists()  # refused before anything was written
+    assert (code, stdout) == (2, ""), (case, err)
+    line = one_error_line(err, command)
+    assert f"argument {option}" in line, line
+
+
+# ---------------------------------------------------------------------- names with markup
+MARKUP = st.text(alphabet="$\\^{}_%#&<>x", min_size=1, max_size=16)
+
+
+@given(name=MARKUP, bad=BAD_FILES, command=st.sampled_from(["bound", "landscape", "diagnose"]))
+def test_a_bad_file_with_a_markup_name_is_exit_2_and_one_line(good, name, bad, command):
+    kind, value = bad
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.pt"
+        path.write_bytes(_content(kind, value, good["weights"]))
+        argv = _argv(command, "checkpoint", path, Path(tmp) / f"out {name}", good)
+        if command == "diagnose":
+            argv += ["--title", name]
+        code, stdout, err = run(argv)
+    assert (code, stdout) == (2, ""), (kind, err)
+    assert str(path) in one_error_line(err, command)
+
+
+@given(name=MARKUP, role=st.sampled_from(["--model", "--data", "--loss"]))
+def test_a_spec_with_a_markup_name_is_exit_2_and_one_line(name, role):
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["train", "--epochs", "1", role, f"no_such_{abs(hash(name))}:{name}"]
+        code, stdout, err = run([*argv, "--out", str(Path(tmp) / "o"), "--quiet"])
+    assert (code, stdout) == (2, ""), err
+    one_error_line(err, "train")

@@ -122,7 +122,7 @@ def test_mse_and_a_callable_loss_are_what_diagnose_measures(mine, tmp_path):
         code, out, err = run(["bound", *argv, "--steps", "1", "--out", str(tmp_path / name)])
         assert code == 0, err
         assert json.loads(out)["loss"] == loss
-        landscape = ["landscape", *argv, "--dim", "1", "--steps", "3"]
+        landscape = ["landscape", *argv, "--dim", "1", "--num-points", "3"]
         code, out, err = run([*landscape, "--out", str(tmp_path / f"l-{name}")])
         assert code == 0, err
         assert json.loads(out)["loss_center"] == pytest.approx(expected, rel=1e-5), loss
@@ -156,7 +156,7 @@ def test_every_command_that_takes_data_takes_a_factory(mine, tmp_path, command):
         "compare": ["--epochs", "1", *study, "--measure-samples", "16"],
         "diagnose": [*weights, "--quick"],
         "bound": [*weights, "--steps", "1"],
-        "landscape": [*weights, "--dim", "1", "--steps", "3"],
+        "landscape": [*weights, "--dim", "1", "--num-points", "3"],
     }[command]
     code, _, err = run([command, *argv, "--data", "mydata:single", "--out", "o", "--quiet"])
     assert code == 0, err

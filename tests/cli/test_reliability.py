@@ -115,7 +115,7 @@ def test_the_pickle_refusal_names_the_global_and_not_torchs_advice(tmp_path):
 
 
 def test_a_truncated_plane_store_with_resume_is_exit_2(weights, tmp_path):
-    argv = ["landscape", "--model", "mlp", "--checkpoint", str(weights), "--steps", "3"]
+    argv = ["landscape", "--model", "mlp", "--checkpoint", str(weights), "--num-points", "3"]
     argv += ["--samples", "16", "--out", str(tmp_path), "--quiet"]
     assert run(argv)[0] == 0
     store = tmp_path / "plane.npz"

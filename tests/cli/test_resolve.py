@@ -45,7 +45,7 @@ def test_load_data_errors(spec, error, message):
 
 
 def test_zoo_models_are_sized_from_the_data():
-    data = synthetic_classification(n=16, dim=12, num_classes=5, test_n=4)
+    data = synthetic_classification(num_train=16, num_features=12, num_classes=5, num_test=4)
     model = build_model("mlp", data)
     layers = _linears(model)
     assert layers[0].in_features == 12 and layers[-1].out_features == 5
@@ -58,7 +58,7 @@ def test_zoo_models_are_sized_from_the_data():
 
 
 def test_resnet_gets_only_the_arguments_it_takes():
-    data = synthetic_classification(n=8, dim=4, num_classes=7, test_n=4)
+    data = synthetic_classification(num_train=8, num_features=4, num_classes=7, num_test=4)
     model = build_model("resnet18", data, width=4)
     assert _linears(model)[-1].out_features == 7
 
@@ -100,7 +100,7 @@ def test_load_weights_takes_the_checkpoint_precision(tmp_path):
     target = load_weights(zoo.mlp(in_features=6, hidden=5, num_classes=3), tmp_path / "f64.pt")
     assert all(p.dtype == torch.float64 for p in target.parameters())
     assert torch.equal(target[1].weight, source[1].weight)
-    data = synthetic_classification(n=8, dim=6, num_classes=3, test_n=4)
+    data = synthetic_classification(num_train=8, num_features=6, num_classes=3, num_test=4)
     cast = match_dtype(data, target)
     assert cast.x_train.dtype == cast.x_test.dtype == torch.float64
     assert torch.equal(cast.x_train, data.x_train.double())

@@ -56,6 +56,16 @@ def sgd_run(tmp_path_factory) -> Path:
         (["--loss", "mse"], "--loss 'cross_entropy' (checkpoint) != 'mse' (now)"),
         (["--model-kwargs", '{"depth": 2}'], "--model-kwargs {} (checkpoint) != {'depth': 2}"),
         (["--measure-every", "1"], "--measure-every 0 (checkpoint) != 1 (now)"),
+        (["--augment", "crop-flip"], "--augment 'none' (checkpoint) != 'crop-flip' (now)"),
+        (["--amp", "bf16"], "--amp 'none' (checkpoint) != 'bf16' (now)"),
+        (["--label-smoothing", "0.1"], "--label-smoothing 0.0 (checkpoint) != 0.1 (now)"),
+        (["--momentum", "0.5"], "--momentum 0.9 (checkpoint) != 0.5 (now)"),
+        (["--weight-decay", "0"], "--weight-decay 0.0005 (checkpoint) != 0.0 (now)"),
+        (["--nesterov"], "--nesterov False (checkpoint) != True (now)"),
+        (["--warmup-epochs", "1"], "--warmup-epochs 0 (checkpoint) != 1 (now)"),
+        (["--measure-budget", "none"], "--measure-budget 40.0 (checkpoint) != None (now)"),
+        (["--critical-every-steps", "2"], "--critical-every-steps 0 (checkpoint) != 2 (now)"),
+        (["--data-mean", "0.5", "--data-std", "0.2"], "--data-mean None (checkpoint) != [0.5]"),
         (["--epochs", "4"], "--epochs 2 (checkpoint) != 4 (now); a cosine schedule spans"),
         (["--epochs", "1"], "--epochs '2 completed' (checkpoint) != 1 (now)"),
     ],
@@ -71,12 +81,14 @@ def test_a_changed_setting_is_refused_and_named(sgd_run, change, named):
 
 
 def test_several_changes_are_all_named(sgd_run):
-    code, err = _train(sgd_run, "--resume", "--lr", "0.1", "--rho", "0.2", "--optimizer", "sam")
+    code, err = _train(
+        sgd_run, "--resume", "--lr", "0.1", "--sam-rho", "0.2", "--measure-rho", "0.1",
+        "--optimizer", "sam",
+    )  # fmt: skip
     line = one_error_line(err, "train")
     assert code == 2
-    for option in ("--optimizer", "--lr", "--rho"):
+    for option in ("--optimizer", "--lr", "--sam-rho", "--measure-rho"):
         assert f"{option} " in line
-    assert line.count("--rho ") == 1  # rho, GAM's rho and the measures' rho are one option
 
 
 def test_other_data_are_refused(sgd_run, tmp_path, monkeypatch):

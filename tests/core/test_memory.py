@@ -45,9 +45,9 @@ def test_measures_report_their_peak_memory():
         zeroth_order_sharpness(obj, 0.05, steps=2),
         first_order_flatness(obj, 0.05, steps=2),
         hessian_eigenvalues(obj, 1, tol=1e-2),
-        hessian_trace(obj, num_samples=3),
-        fl.line(obj, direction, steps=5),
-        fl.plane(obj, direction, fl.random_direction(obj, seed=1), steps=3),
+        hessian_trace(obj, num_probes=3),
+        fl.line(obj, direction, num_points=5),
+        fl.plane(obj, direction, fl.random_direction(obj, seed=1), num_points=3),
     ):
         assert res.peak_memory_bytes > 0 and res.peak_memory_kind
         assert res.to_dict()["peak_memory_bytes"] == res.peak_memory_bytes
@@ -55,7 +55,7 @@ def test_measures_report_their_peak_memory():
 
 def test_a_stored_landscape_keeps_its_peak_memory(tmp_path):
     obj = Objective(tiny_mlp(), F.cross_entropy, classification_data())
-    res = fl.line(obj, fl.random_direction(obj, seed=0), steps=5, store=tmp_path / "line")
+    res = fl.line(obj, fl.random_direction(obj, seed=0), num_points=5, store=tmp_path / "line")
     loaded = fl.load(tmp_path / "line")
     assert 0 < loaded.peak_memory_bytes <= res.peak_memory_bytes  # saved just before return
     assert loaded.peak_memory_kind == res.peak_memory_kind != ""

@@ -31,7 +31,9 @@ TINY = DiagnoseConfig(measure_samples=1, batch_size=16)  # fewer examples than r
 
 
 def _data():
-    return synthetic_classification(n=97, dim=5, num_classes=3, test_n=49, dtype=torch.float64)
+    return synthetic_classification(
+        num_train=97, num_features=5, num_classes=3, num_test=49, dtype=torch.float64
+    )
 
 
 def _model() -> nn.Module:

@@ -75,12 +75,12 @@ def test_landscape_distribute_options_are_checked():
     objective = _objective()
     d1, d2 = random_direction(objective, seed=0), random_direction(objective, seed=1)
     with pytest.raises(ValueError, match="distribute must be"):
-        plane(objective, d1, d2, steps=3, distribute="ranks")
+        plane(objective, d1, d2, num_points=3, distribute="ranks")
     with pytest.raises(ValueError, match="distributed=True"):
-        plane(objective, d1, d2, steps=3, distribute="data")
+        plane(objective, d1, d2, num_points=3, distribute="data")
     with pytest.raises(ValueError, match="no process group is initialized"):
-        plane(objective, d1, d2, steps=3, distribute="points")
-    alone = plane(objective, d1, d2, steps=3)  # "auto": this process alone
+        plane(objective, d1, d2, num_points=3, distribute="points")
+    alone = plane(objective, d1, d2, num_points=3)  # "auto": this process alone
     assert "distribute" not in alone.settings
 
 
@@ -90,7 +90,7 @@ def test_perturbations_and_distributed_training_options_are_checked():
         with pytest.raises(ValueError, match="perturbations must be"):
             cls(model.parameters(), torch.optim.SGD, lr=0.1, perturbations="global")
         assert cls(model.parameters(), torch.optim.SGD, lr=0.1).perturbations == "per_rank"
-    data = synthetic_classification(20, dim=3, num_classes=2, test_n=8, seed=0)
+    data = synthetic_classification(20, num_features=3, num_classes=2, num_test=8, seed=0)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
         Trainer(model, base, data, distributed=True)

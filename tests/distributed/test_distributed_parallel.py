@@ -73,7 +73,7 @@ def _stop_after(calls: int) -> Callable[[int, int], None]:
     return callback
 
 
-PLANE = {"steps": (5, 4), "method": "serial"}
+PLANE = {"num_points": (5, 4), "method": "serial"}
 
 
 def _directions(objective: Objective):
@@ -126,7 +126,9 @@ def _run_steps(name: str, model: nn.Module, x, y, steps: int, **kw) -> np.ndarra
     return _flat(inner)
 
 
-TRAIN_DATA = dict(n=96, dim=6, num_classes=3, test_n=48, seed=1, dtype=torch.float64)
+TRAIN_DATA = dict(
+    num_train=96, num_features=6, num_classes=3, num_test=48, seed=1, dtype=torch.float64
+)
 
 
 def _net() -> nn.Module:
@@ -156,7 +158,7 @@ def _trainer(name: str, model: nn.Module, data, **kw) -> Trainer:
         measure_every=2,
         measure_samples=40,
         measure_steps=3,
-        trace_samples=3,
+        trace_probes=3,
         eval_batch_size=16,
         **kw,
     )
@@ -187,7 +189,9 @@ def _landscape_checks(rank: int, tmp: Path) -> dict:
         d1, d2 = _directions(full)
         out: dict = {}
         for method in ("serial", "vmap"):
-            ls = plane(full, d1, d2, steps=(5, 4), method=method, chunk_size=3, distribute="points")
+            ls = plane(
+                full, d1, d2, num_points=(5, 4), method=method, chunk_size=3, distribute="points"
+            )
             out[f"points_{method}"] = {m: v.copy() for m, v in ls.values.items()}
         out["points_settings"] = {
             k: ls.settings[k] for k in ("distribute", "world_size", "method", "chunk_size")
@@ -209,7 +213,7 @@ def _landscape_checks(rank: int, tmp: Path) -> dict:
                 "stored_equal": rank != 0 or load(store).equals(resumed),
             }
         try:
-            plane(sharded, d1, d2, steps=(3, 3), distribute="points")
+            plane(sharded, d1, d2, num_points=(3, 3), distribute="points")
             out["points_guard"] = None
         except ValueError as err:
             out["points_guard"] = str(err)
@@ -233,7 +237,7 @@ def _optimizer_checks(rank: int) -> dict:
 
 
 def _trainer_checks(rank: int, tmp: Path) -> dict:
-    import flatlens.train._trainer as tr
+    import flatlens.train._persist as tr  # where the trainer writes its checkpoints
 
     writes = []
     real = tr.save_training_checkpoint
@@ -321,7 +325,7 @@ def test_points_split_across_ranks_give_the_one_process_plane(ranks):
     single = Objective(model, nn.CrossEntropyLoss(), _batches(x, y))
     d1, d2 = _directions(single)
     for method in ("serial", "vmap"):
-        ref = plane(single, d1, d2, steps=(5, 4), method=method, chunk_size=3)
+        ref = plane(single, d1, d2, num_points=(5, 4), method=method, chunk_size=3)
         for r in range(WORLD):
             got = ranks[r]["landscape"][f"points_{method}"]
             for metric, values in ref.values.items():

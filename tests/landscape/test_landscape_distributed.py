@@ -46,14 +46,14 @@ def _landscapes(objective: Objective, full: Objective, distribute: str = "auto")
     d1, d2 = random_direction(objective, seed=0), random_direction(objective, seed=1)
     out = {}
     for method in ("serial", "vmap"):
-        ls = plane(objective, d1, d2, steps=(5, 4), method=method, chunk_size=6)
+        ls = plane(objective, d1, d2, num_points=(5, 4), method=method, chunk_size=6)
         out[f"plane_{method}_loss"] = ls.values["loss"]
         out[f"plane_{method}_accuracy"] = ls.values["accuracy"]
         by_points = plane(
             full,
             d1,
             d2,
-            steps=(5, 4),
+            num_points=(5, 4),
             metrics=[margin],
             method=method,
             chunk_size=3,
@@ -61,8 +61,8 @@ def _landscapes(objective: Objective, full: Objective, distribute: str = "auto")
         )
         out[f"points_{method}_loss"] = by_points.values["loss"]
         out[f"points_{method}_margin"] = by_points.values["margin"]
-    out["line_loss"] = line(objective, d1, steps=7).values["loss"]
-    out["line_margin"] = line(objective, d1, steps=7, metrics=[margin]).values["margin"]
+    out["line_loss"] = line(objective, d1, num_points=7).values["loss"]
+    out["line_margin"] = line(objective, d1, num_points=7, metrics=[margin]).values["margin"]
     return out
 
 

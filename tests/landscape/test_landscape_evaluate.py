@@ -84,7 +84,7 @@ def test_line_along_interpolation_equals_brute_force(method):
     snap = ModelSnapshot.take(model)
     obj = Objective(model, F.cross_entropy, batches)
     d = interpolation_direction(obj, other)
-    ls = line(obj, d, span=(-0.5, 1.5), steps=9, method=method, chunk_size=3)
+    ls = line(obj, d, span=(-0.5, 1.5), num_points=9, method=method, chunk_size=3)
     snap.assert_unchanged(model)
     start, end = flat(model), flat(other)
     ref = brute_force(model, x, y, [start + a * (end - start) for a in ls.x])
@@ -102,7 +102,7 @@ def test_center_equals_objective_loss_exactly(method):
     for model, _, _, batches in (mlp_setup(dtype=torch.float32), cnn_setup()):
         obj = Objective(model, F.cross_entropy, batches)
         d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
-        ls = plane(obj, d1, d2, span=(-0.4, 1.0), steps=(6, 5), method=method)
+        ls = plane(obj, d1, d2, span=(-0.4, 1.0), num_points=(6, 5), method=method)
         i, j = ls.center_index
         assert ls.x[i] == 0.0 and ls.y[j] == 0.0
         assert ls.values["loss"][i, j] == obj.loss()
@@ -118,7 +118,8 @@ def test_plane_equals_brute_force_and_vmap_agrees_with_serial(setup):
     obj = Objective(model, F.cross_entropy, batches)
     d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
     out = {
-        m: plane(obj, d1, d2, span=(-1, 1), steps=(5, 7), method=m, chunk_size=4) for m in METHODS
+        m: plane(obj, d1, d2, span=(-1, 1), num_points=(5, 7), method=m, chunk_size=4)
+        for m in METHODS
     }
     snap.assert_unchanged(model)
     theta = obj.theta
@@ -141,8 +142,8 @@ def test_float32_vmap_and_serial_agree():
     model, _, _, batches = cnn_setup(dtype=torch.float32)
     obj = Objective(model, F.cross_entropy, batches)
     d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
-    a = plane(obj, d1, d2, steps=(4, 5), method="serial")
-    b = plane(obj, d1, d2, steps=(4, 5), method="vmap")
+    a = plane(obj, d1, d2, num_points=(4, 5), method="serial")
+    b = plane(obj, d1, d2, num_points=(4, 5), method="vmap")
     np.testing.assert_allclose(a.values["loss"], b.values["loss"], rtol=2e-6)
 
 
@@ -151,7 +152,7 @@ def test_directions_are_used_as_given_not_orthogonalized():
     obj = Objective(model, F.cross_entropy, batches)
     d1 = random_direction(obj, seed=0)
     d2 = d1.vector + 0.1 * random_direction(obj, seed=1).vector  # nearly parallel
-    ls = plane(obj, d1, d2, steps=(3, 3))
+    ls = plane(obj, d1, d2, num_points=(3, 3))
     assert ls.cosine > 0.9
     theta = obj.theta
     ref = brute_force(model, x, y, [theta + d1.vector + d2])
@@ -167,23 +168,23 @@ def test_sum_reduction_and_regression_task():
     obj = Objective(model, loss, uneven_batches(x, y, [9, 8]))
     d = random_direction(obj, seed=2)
     for method in METHODS:
-        ls = line(obj, d, steps=5, method=method)
+        ls = line(obj, d, num_points=5, method=method)
         assert ls.metrics == ["loss"]
         ref = brute_force(model, x, y, [obj.theta + a * d.vector for a in ls.x], loss=loss)
         np.testing.assert_allclose(ls.values["loss"], ref[:, 0], rtol=1e-10)
     with pytest.raises(ValueError, match="classification"):
-        line(obj, d, steps=3, metrics=["loss", "accuracy"])
+        line(obj, d, num_points=3, metrics=["loss", "accuracy"])
 
 
 def test_metrics_selection_and_counts():
     model, _, _, batches = mlp_setup()
     obj = Objective(model, F.cross_entropy, batches)
     d = random_direction(obj, seed=0)
-    ls = line(obj, d, steps=7, metrics=["loss"])
+    ls = line(obj, d, num_points=7, metrics=["loss"])
     assert ls.metrics == ["loss"]
     assert obj.counts["loss"] == 7  # the centre via Objective.evaluate, six more points
     with pytest.raises(ValueError, match="unknown metrics"):
-        line(obj, d, steps=3, metrics=["top5"])
+        line(obj, d, num_points=3, metrics=["top5"])
 
 
 def test_auto_is_serial_on_cpu_and_falls_back_from_vmap(monkeypatch):
@@ -196,20 +197,20 @@ def test_auto_is_serial_on_cpu_and_falls_back_from_vmap(monkeypatch):
 
     obj = Objective(model, loss_with_item, batches)
     d = random_direction(obj, seed=0)
-    assert line(obj, d, steps=5).settings["method"] == "serial"
+    assert line(obj, d, num_points=5).settings["method"] == "serial"
     with pytest.raises(RuntimeError):
-        line(obj, d, steps=5, method="vmap")  # asked for explicitly: no silent fallback
+        line(obj, d, num_points=5, method="vmap")  # asked for explicitly: no silent fallback
     monkeypatch.setattr(runner, "preferred_method", lambda objective: "vmap")
     with pytest.warns(RuntimeWarning, match="falling back"):
-        ls = line(obj, d, steps=5)
+        ls = line(obj, d, num_points=5)
     assert ls.settings["method"] == "serial" and "vmap_error" in ls.settings
-    ref = line(Objective(model, loss_with_item, batches), d, steps=5, method="serial")
+    ref = line(Objective(model, loss_with_item, batches), d, num_points=5, method="serial")
     np.testing.assert_array_equal(ls.values["loss"], ref.values["loss"])
     # A vmappable loss runs batched under "auto" when vmap is preferred.
     obj2 = Objective(model, F.cross_entropy, batches)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert line(obj2, d, steps=5).settings["method"] == "vmap"
+        assert line(obj2, d, num_points=5).settings["method"] == "vmap"
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
@@ -229,7 +230,7 @@ def test_model_unchanged_when_interrupted(exc, method):
     obj = Objective(model, flaky, batches)
     d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
     with pytest.raises(exc):
-        plane(obj, d1, d2, steps=(4, 4), method=method, chunk_size=2)
+        plane(obj, d1, d2, num_points=(4, 4), method=method, chunk_size=2)
     snap.assert_unchanged(model)
 
 
@@ -239,7 +240,7 @@ def test_eval_mode_false_uses_batch_statistics_serially():
     snap = ModelSnapshot.take(model)
     obj = Objective(model, F.cross_entropy, (x, y), eval_mode=False)
     d = random_direction(obj, seed=0)
-    ls = line(obj, d, steps=5)
+    ls = line(obj, d, num_points=5)
     snap.assert_unchanged(model)
     for a, value in zip(ls.x, ls.values["loss"], strict=True):
         assert math.isclose(value, obj.loss(at=obj.theta + a * d.vector), rel_tol=1e-12)
@@ -258,7 +259,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         plane(obj, d, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="trajectory"):
-        plane(obj, d, d, steps=(3, 3), trajectory=np.zeros((4, 1)))
+        plane(obj, d, d, num_points=(3, 3), trajectory=np.zeros((4, 1)))
     with pytest.raises(TypeError, match="Objective"):
         line(model, d)
 
@@ -268,10 +269,10 @@ def test_progress_bar_and_callback(capsys):
     obj = Objective(model, F.cross_entropy, batches)
     d = random_direction(obj, seed=0)
     seen = []
-    ls = line(obj, d, steps=9, chunk_size=3, progress=True, callback=lambda *a: seen.append(a))
+    ls = line(obj, d, num_points=9, chunk_size=3, progress=True, callback=lambda *a: seen.append(a))
     assert "landscape" in capsys.readouterr().err  # the tqdm bar
     assert seen == [(4, 9), (7, 9), (9, 9)]
-    np.testing.assert_array_equal(ls.values["loss"], line(obj, d, steps=9).values["loss"])
+    np.testing.assert_array_equal(ls.values["loss"], line(obj, d, num_points=9).values["loss"])
 
 
 def top2(outputs, targets):
@@ -284,7 +285,7 @@ def test_custom_metric_equals_brute_force(method):
     model, x, y, batches = mlp_setup()
     obj = Objective(model, F.cross_entropy, batches)
     d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
-    ls = plane(obj, d1, d2, steps=(4, 3), metrics=[top2], method=method, chunk_size=5)
+    ls = plane(obj, d1, d2, num_points=(4, 3), metrics=[top2], method=method, chunk_size=5)
     assert ls.metrics == ["loss", "top2"] and ls.settings["metrics"] == ["loss", "top2"]
     theta = obj.theta
     pts = [theta + a * d1.vector + b * d2.vector for a in ls.x for b in ls.y]
@@ -293,7 +294,7 @@ def test_custom_metric_equals_brute_force(method):
     np.testing.assert_allclose(ls.values["top2"], ref[..., 0], rtol=1e-12, atol=1e-14)
     losses = brute_force(model, x, y, pts)[:, 0].reshape(ls.shape)
     np.testing.assert_allclose(ls.values["loss"], losses, rtol=1e-10, atol=1e-12)
-    named = line(obj, d1, steps=5, metrics={"ce": F.cross_entropy, "acc2": top2})
+    named = line(obj, d1, num_points=5, metrics={"ce": F.cross_entropy, "acc2": top2})
     assert named.metrics == ["loss", "ce", "acc2"]
     np.testing.assert_array_equal(named.values["ce"], named.values["loss"])
 
@@ -302,14 +303,14 @@ def test_far_points_keep_non_finite_values_and_a_non_finite_centre_raises():
     model, _, _, batches = mlp_setup(dtype=torch.float32)
     obj = Objective(model, F.cross_entropy, batches)
     d = random_direction(obj, seed=0, normalization=None)
-    ls = line(obj, d, span=(-1e38, 1e38), steps=5)
+    ls = line(obj, d, span=(-1e38, 1e38), num_points=5)
     loss = ls.values["loss"]
     assert np.isfinite(loss[ls.center_index]) and not np.isfinite(loss).all()
     with torch.no_grad():
         model[0].bias[0] = math.nan
     broken = Objective(model, F.cross_entropy, batches, check_determinism=False)
     with pytest.raises(NonFiniteLossError, match="centre"):
-        line(broken, d, steps=3)
+        line(broken, d, num_points=3)
 
 
 def test_the_objective_is_only_read(monkeypatch):
@@ -319,6 +320,6 @@ def test_the_objective_is_only_read(monkeypatch):
     obj.loss()  # past the first-use check
     state = {k: v for k, v in vars(obj).items() if k != "counts"}
     for method in METHODS:
-        line(obj, d, steps=5, method=method)
+        line(obj, d, num_points=5, method=method)
     assert {k: v for k, v in vars(obj).items() if k != "counts"}.keys() == state.keys()
     assert all(vars(obj)[k] is v for k, v in state.items())

@@ -47,12 +47,14 @@ def landscapes():
     obj = Objective(tiny_mlp(), F.cross_entropy, uneven_batches(x, y, [10, 13]))
     flats = [obj.theta + 0.2 * k * random_direction(obj, seed=k).vector for k in range(3, 0, -1)]
     pca = pca_directions([*flats, obj.theta], k=2)
-    two = plane(obj, *pca.directions, span=pca.span(), steps=(9, 7), trajectory=pca.coordinates)
-    one = line(obj, random_direction(obj, seed=0), steps=11)
+    two = plane(
+        obj, *pca.directions, span=pca.span(), num_points=(9, 7), trajectory=pca.coordinates
+    )
+    one = line(obj, random_direction(obj, seed=0), num_points=11)
     other = line(
         Objective(tiny_mlp(seed=3), F.cross_entropy, (x, y)),
         random_direction(obj, seed=0),
-        steps=11,
+        num_points=11,
     )
     return one, other, two
 

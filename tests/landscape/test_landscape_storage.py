@@ -24,7 +24,7 @@ def test_plane_round_trip_with_trajectory_is_exact(tmp_path):
     flats = [obj.theta + 0.1 * k * random_direction(obj, seed=k).vector for k in range(4)]
     flats.append(obj.theta)
     pca = pca_directions(flats, k=2)
-    ls = plane(obj, *pca.directions, span=pca.span(), steps=(5, 4), trajectory=pca.coordinates)
+    ls = plane(obj, *pca.directions, span=pca.span(), num_points=(5, 4), trajectory=pca.coordinates)
     path = ls.save(tmp_path / "sub" / "pca")
     assert path == tmp_path / "sub" / "pca.npz"
     back = load(tmp_path / "sub" / "pca.npz")
@@ -50,7 +50,7 @@ def test_plane_round_trip_with_trajectory_is_exact(tmp_path):
 
 def test_line_round_trip_and_nan_values(tmp_path):
     obj = objective()
-    ls = line(obj, random_direction(obj, seed=1), steps=7)
+    ls = line(obj, random_direction(obj, seed=1), num_points=7)
     ls.values["loss"][0] = np.nan  # e.g. a diverged point
     ls.save(tmp_path / "l.npz")
     back, done = read(tmp_path / "l")
@@ -75,7 +75,7 @@ def test_store_paths_and_bad_files(tmp_path):
 
 def test_to_dict_is_json_ready():
     obj = objective()
-    ls = line(obj, random_direction(obj, seed=1), steps=5)
+    ls = line(obj, random_direction(obj, seed=1), num_points=5)
     d = ls.to_dict()
     assert d["kind"] == "Landscape"
     text = json.dumps(d, allow_nan=False)

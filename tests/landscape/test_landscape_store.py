@@ -50,7 +50,7 @@ def no_temp_files(folder):
 def test_resume_after_a_callback_interrupt_gives_identical_arrays(tmp_path, method):
     obj = cnn_objective()
     d1, d2 = random_direction(obj, seed=0), random_direction(obj, seed=1)
-    kwargs = dict(span=(-1, 1), steps=(7, 5), method=method, chunk_size=5)
+    kwargs = dict(span=(-1, 1), num_points=(7, 5), method=method, chunk_size=5)
     full = plane(obj, d1, d2, **kwargs)
 
     store = tmp_path / "plane"
@@ -89,7 +89,7 @@ def test_resume_after_a_callback_interrupt_gives_identical_arrays(tmp_path, meth
 def test_resume_after_a_keyboard_interrupt_inside_the_loss(tmp_path, method):
     ref_obj = mlp_objective()
     d = random_direction(ref_obj, seed=3)
-    full = line(ref_obj, d, steps=21, method=method, chunk_size=4)
+    full = line(ref_obj, d, num_points=21, method=method, chunk_size=4)
     model = tiny_mlp(seed=0)
     snap = ModelSnapshot.take(model)
     # Interrupt in the third chunk (after the centre's three passes over two batches).
@@ -100,11 +100,11 @@ def test_resume_after_a_keyboard_interrupt_inside_the_loss(tmp_path, method):
     store = tmp_path / "line.npz"
     with pytest.raises(KeyboardInterrupt):
         # The default save interval (1 s) never fires here: the save on the way out must.
-        line(obj, d, steps=21, method=method, chunk_size=4, store=store)
+        line(obj, d, num_points=21, method=method, chunk_size=4, store=store)
     snap.assert_unchanged(model)
     _, done = read(store)
     assert done.sum() == 1 + 2 * 4
-    resumed = line(mlp_objective(), d, steps=21, method=method, chunk_size=4, store=store)
+    resumed = line(mlp_objective(), d, num_points=21, method=method, chunk_size=4, store=store)
     np.testing.assert_array_equal(resumed.values["loss"], full.values["loss"])
     np.testing.assert_array_equal(resumed.values["accuracy"], full.values["accuracy"])
 
@@ -112,9 +112,9 @@ def test_resume_after_a_keyboard_interrupt_inside_the_loss(tmp_path, method):
 def test_a_finished_store_is_returned_without_evaluating(tmp_path):
     obj = mlp_objective()
     d = random_direction(obj, seed=0)
-    first = line(obj, d, steps=9, store=tmp_path / "s")
+    first = line(obj, d, num_points=9, store=tmp_path / "s")
     loss_fn, calls = counting(F.cross_entropy)
-    again = line(mlp_objective(loss_fn), d, steps=9, store=tmp_path / "s")
+    again = line(mlp_objective(loss_fn), d, num_points=9, store=tmp_path / "s")
     assert again.num_evaluated == 0
     assert calls["n"] == 2 * 3  # only the centre: determinism check and the value check
     assert again.equals(first)
@@ -124,17 +124,17 @@ def test_refuses_to_resume_with_different_arguments(tmp_path):
     obj = mlp_objective()
     d = random_direction(obj, seed=0)
     store = tmp_path / "s.npz"
-    line(obj, d, steps=9, store=store, method="serial", chunk_size=3)
+    line(obj, d, num_points=9, store=store, method="serial", chunk_size=3)
     cases = {
-        "grid": lambda: line(obj, d, steps=11, store=store),
-        "directions": lambda: line(obj, random_direction(obj, seed=1), steps=9, store=store),
-        "theta": lambda: line(mlp_objective(model_seed=5), d, steps=9, store=store),
-        "centre": lambda: line(mlp_objective(seed=9), d, steps=9, store=store),
-        "metrics": lambda: line(obj, d, steps=9, store=store, metrics=["loss"]),
+        "grid": lambda: line(obj, d, num_points=11, store=store),
+        "directions": lambda: line(obj, random_direction(obj, seed=1), num_points=9, store=store),
+        "theta": lambda: line(mlp_objective(model_seed=5), d, num_points=9, store=store),
+        "centre": lambda: line(mlp_objective(seed=9), d, num_points=9, store=store),
+        "metrics": lambda: line(obj, d, num_points=9, store=store, metrics=["loss"]),
         "values at the centre": lambda: line(
             Objective(obj.model, torch.nn.MultiMarginLoss(), [(x, y) for x, y, _ in obj.batches()]),
             d,
-            steps=9,
+            num_points=9,
             store=store,
         ),
     }
@@ -142,11 +142,11 @@ def test_refuses_to_resume_with_different_arguments(tmp_path):
         with pytest.raises(ValueError, match=what):
             call()
     with pytest.raises(ValueError, match="method='serial'"):
-        line(obj, d, steps=9, store=store, method="vmap")
+        line(obj, d, num_points=9, store=store, method="vmap")
     with pytest.raises(ValueError, match="chunk_size=3"):
-        line(obj, d, steps=9, store=store, chunk_size=4)
+        line(obj, d, num_points=9, store=store, chunk_size=4)
     # The defaults resume with the stored execution settings.
-    assert line(obj, d, steps=9, store=store).settings["chunk_size"] == 3
+    assert line(obj, d, num_points=9, store=store).settings["chunk_size"] == 3
 
 
 def test_store_is_not_a_landscape(tmp_path):
@@ -154,7 +154,7 @@ def test_store_is_not_a_landscape(tmp_path):
     np.savez(bad, a=np.zeros(3))
     obj = mlp_objective()
     with pytest.raises(ValueError, match="not a readable flatlens landscape"):
-        line(obj, random_direction(obj), steps=3, store=bad)
+        line(obj, random_direction(obj), num_points=3, store=bad)
 
 
 def margin(outputs, targets):
@@ -165,7 +165,7 @@ def margin(outputs, targets):
 def test_resume_with_a_custom_metric(tmp_path):
     obj = mlp_objective()
     d = random_direction(obj, seed=1)
-    kwargs = dict(steps=13, chunk_size=3, metrics=[margin])
+    kwargs = dict(num_points=13, chunk_size=3, metrics=[margin])
     full = line(obj, d, **kwargs)
 
     def stop_after_two(done, total):
@@ -186,4 +186,4 @@ def test_resume_with_a_custom_metric(tmp_path):
 
     other.__name__ = "margin"
     with pytest.raises(ValueError, match="centre"):
-        line(mlp_objective(), d, store=store, steps=13, chunk_size=3, metrics=[other])
+        line(mlp_objective(), d, store=store, num_points=13, chunk_size=3, metrics=[other])

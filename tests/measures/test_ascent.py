@@ -376,16 +376,17 @@ def test_config_is_built_from_rho_and_settings_or_given_whole():
     kw = resolve_config(0.2, None, {"steps": 5}, default_init=default, measure="R0")
     assert kw == AscentConfig(0.2, steps=5, init=default)
     given = AscentConfig(0.2, steps=5)
-    assert resolve_config(None, given, {}, default_init=default, measure="R0") == kw
+    assert resolve_config(0.2, given, {}, default_init=default, measure="R0") == kw
+    # The radius passed first replaces the config's: one config serves every radius.
+    other = resolve_config(0.5, given, {}, default_init=default, measure="R0")
+    assert other == AscentConfig(0.5, steps=5, init=default)
     own = AscentConfig(0.2, init=("eigen",))
-    assert resolve_config(None, own, {}, default_init=default, measure="R0") is own
-    with pytest.raises(TypeError, match="needs rho"):
+    assert resolve_config(0.2, own, {}, default_init=default, measure="R0") == own
+    with pytest.raises(TypeError, match="rho must be a real number"):
         resolve_config(None, None, {}, default_init=default, measure="R0")
-    with pytest.raises(TypeError, match="both config and \\['rho'\\]"):
-        resolve_config(0.2, given, {}, default_init=default, measure="R0")
     with pytest.raises(TypeError, match="both config and \\['steps'\\]"):
-        resolve_config(None, given, {"steps": 3}, default_init=default, measure="R0")
+        resolve_config(0.2, given, {"steps": 3}, default_init=default, measure="R0")
     with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) \\['stepz'\\]"):
         resolve_config(0.2, None, {"stepz": 3}, default_init=default, measure="R0")
     with pytest.raises(TypeError, match="config must be an AscentConfig"):
-        resolve_config(None, {"rho": 0.2}, {}, default_init=default, measure="R0")
+        resolve_config(0.2, {"rho": 0.2}, {}, default_init=default, measure="R0")

@@ -174,3 +174,38 @@ def test_bad_radii_are_clear_errors():
         check_bound(obj, [0.1], steps=0)
     with pytest.raises(ValueError, match="no rows"):
         plot_bound_rows([], "unused.png")
+
+
+# ------------------------------------------------------------------ config= and the adaptive ball
+def test_config_equals_the_keyword_settings():
+    _, obj = nonlinear_cases()[0]
+    from flatlens.measures import AscentConfig
+
+    by_keywords = check_bound(obj, [0.05, 0.2], steps=3, restarts=0, seed=1).to_dict()
+    config = AscentConfig(1.0, steps=3, restarts=0)  # its radius is replaced by each rho
+    by_config = check_bound(obj, [0.05, 0.2], config=config, seed=1).to_dict()
+    for report in (by_keywords, by_config):
+        for key in ("seconds", "peak_memory_bytes", "peak_memory_kind"):
+            report.pop(key)
+    assert by_keywords == by_config
+    with pytest.raises(TypeError, match="both config and"):
+        check_bound(obj, [0.1], config=config, steps=2)
+    with pytest.raises(ValueError, match="l2 ball"):
+        check_bound(obj, [0.1], norm="linf")
+
+
+def test_adaptive_rows_approach_the_scaled_hessians_top_eigenvalue():
+    """In the ball ||delta / s|| <= rho, R1 / rho^2 -> lambda_max(S H S) at a minimum of a
+    quadratic (least squares), S = diag(|theta| + eta)."""
+    model, data, hess = least_squares()
+    obj = Objective(model, nn.MSELoss(), data)
+    eta = 0.1
+    s = obj.theta.abs() + eta
+    lam = float(torch.linalg.eigvalsh(s[:, None] * hess * s[None, :])[-1])
+    report = check_bound(obj, [1e-3, 1e-2], adaptive=True, adaptive_eta=eta, steps=20)
+    assert report.adaptive and report.adaptive_eta == eta
+    assert report.lambda_max == pytest.approx(lam, rel=1e-4)
+    for row in report.rows:
+        assert row.r1_ratio == pytest.approx(1.0, rel=1e-3)
+        assert row.r0 / row.rho**2 == pytest.approx(lam / 2, rel=1e-3)
+        assert row.holds

@@ -206,7 +206,7 @@ def test_bad_settings_are_clear_errors(rho):
 def test_config_equals_the_keyword_form_bit_for_bit(settings):
     _, obj = nonlinear_cases()[1]
     by_keywords = first_order_flatness(obj, 0.05, seed=4, **settings)
-    by_config = first_order_flatness(obj, config=AscentConfig(0.05, **settings), seed=4)
+    by_config = first_order_flatness(obj, 0.05, config=AscentConfig(0.05, **settings), seed=4)
     da, db = by_keywords.to_dict(), by_config.to_dict()
     for key in ("seconds", "peak_memory_bytes", "peak_memory_kind"):
         da.pop(key), db.pop(key)
@@ -224,10 +224,15 @@ def test_result_keeps_the_config_with_r1s_default_starts():
     assert out["rho"] == 0.1 and out["steps"] == 2  # the flat fields stay
     # One config serves both measures; each fills in its own default starts.
     shared = AscentConfig(0.1, steps=2)
-    assert first_order_flatness(obj, config=shared).config.init == ("eigen", "gradient")
-    assert zeroth_order_sharpness(obj, config=shared).config.init == ("gradient", "eigen")
+    assert first_order_flatness(obj, 0.1, config=shared).config.init == ("eigen", "gradient")
+    assert zeroth_order_sharpness(obj, 0.1, config=shared).config.init == ("gradient", "eigen")
+    assert first_order_flatness(obj, 0.2, config=shared).config.rho == 0.2  # rho wins
     with pytest.raises(TypeError, match="both config and"):
-        first_order_flatness(obj, 0.1, config=shared)
+        first_order_flatness(obj, 0.1, config=shared, steps=3)
+    # Calls written before rho became required still work, with a warning.
+    with pytest.warns(FutureWarning, match=r"first_order_flatness\(objective, 0.1, config"):
+        old = first_order_flatness(obj, config=shared)
+    assert old.value == first_order_flatness(obj, 0.1, config=shared).value
 
 
 # ---------------------------------------------------------------------------------- at=

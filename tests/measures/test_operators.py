@@ -95,7 +95,7 @@ def test_curvlinops_ggn_and_hessian_operators():
     ours = hessian_eigenvalues(Objective(model, F.cross_entropy, data), 2, tol=1e-10)
     theirs = hessian_eigenvalues(hess, 2, tol=1e-10)
     assert torch.allclose(ours.eigenvalues, theirs.eigenvalues, rtol=1e-8, atol=1e-12)
-    tr = hessian_trace(ggn, num_samples=3 * n + 3)  # the sketch spans the space: exact
+    tr = hessian_trace(ggn, num_probes=3 * n + 3)  # the sketch spans the space: exact
     assert tr.value == pytest.approx(float(np.trace(dense_ggn)), abs=1e-9)
 
 
@@ -104,10 +104,10 @@ def test_trace_and_density_of_an_operator():
     a = dense(seed=3)
     op = SymmetricOperator(lambda v: torch.from_numpy(a) @ v, 60)
     lam = scipy.linalg.eigh(a, eigvals_only=True)
-    exact = hessian_trace(op, num_samples=183)  # sketch of 60 = n vectors: exact
+    exact = hessian_trace(op, num_probes=183)  # sketch of 60 = n vectors: exact
     assert exact.value == pytest.approx(float(np.trace(a)), abs=1e-9)
     assert exact.num_hvps == 183
-    hutch = hessian_trace(op, num_samples=40, method="hutchinson", seed=1)
+    hutch = hessian_trace(op, num_probes=40, method="hutchinson", seed=1)
     assert abs(hutch.value - float(np.trace(a))) <= 4 * hutch.stderr
     assert hutch.rounding == 0.0
     dens = hessian_density(op, num_runs=2, lanczos_steps=80)

@@ -230,7 +230,7 @@ def test_float32():
     res = hessian_eigenvalues(obj, k=3, tol=1e-5)
     assert res.eigenvectors.dtype == torch.float32
     assert_eigs_close(res.eigenvalues, expected_eigs(ref.eigenvalues, "LA", 3), rtol=1e-4)
-    tr = hessian_trace(obj, num_samples=30, seed=0)
+    tr = hessian_trace(obj, num_probes=30, seed=0)
     assert abs(tr.value - float(ref.hessian.trace())) <= 4 * tr.stderr + 1e-4
     dens = hessian_density(obj, num_runs=2, lanczos_steps=20)
     assert np.trapezoid(dens.density, dens.grid) == pytest.approx(1.0, abs=1e-6)
@@ -324,17 +324,17 @@ def test_trace_within_four_standard_errors(method, case):
     true = float(ref.hessian.trace())
     # >= 20 stochastic samples: P(|t| > 4) < 1e-3 per call for an unbiased estimator.
     for seed in range(2):
-        res = hessian_trace(obj, num_samples=60, method=method, seed=seed)
+        res = hessian_trace(obj, num_probes=60, method=method, seed=seed)
         assert res.stderr > 0
         assert abs(res.value - true) <= 4 * res.stderr + 1e-9 * float(ref.hessian.abs().sum())
         assert res.num_hvps == 60
-    assert res.method == method and res.num_samples == 60
+    assert res.method == method and res.num_probes == 60
 
 
 def test_hutchpp_is_exact_when_the_sketch_spans_the_space():
     model, loss_fn, data, a = quadratic_objective_parts(torch.linspace(-1.0, 3.0, 10))
     obj = Objective(model, loss_fn, data)
-    res = hessian_trace(obj, num_samples=33, method="hutch++")
+    res = hessian_trace(obj, num_probes=33, method="hutch++")
     assert res.value == pytest.approx(float(a.trace()), abs=1e-10)
     assert res.stderr <= 1e-10
     assert 0 < res.rounding <= 1e-12
@@ -367,7 +367,7 @@ def test_hutchpp_holds_a_third_of_its_budget_in_vectors():
         peak[0] = max(peak[0], live_vectors(n) - base)
         return lam * v
 
-    res = hessian_trace(SymmetricOperator(matvec, n), num_samples=m)
+    res = hessian_trace(SymmetricOperator(matvec, n), num_probes=m)
     assert res.num_hvps == m
     assert m // 3 <= peak[0] <= m // 3 + 4, peak[0]
     assert abs(res.value - float(lam.sum())) <= 4 * res.stderr + res.rounding
@@ -377,8 +377,8 @@ def test_hutchpp_beats_hutchinson_on_a_low_rank_spectrum():
     lam = torch.cat([torch.tensor([50.0, 40.0, 30.0, 20.0, 10.0]), torch.full((45,), 0.1)])
     model, loss_fn, data, _a = quadratic_objective_parts(lam)
     obj = Objective(model, loss_fn, data)
-    pp = [hessian_trace(obj, num_samples=30, seed=s).value for s in range(5)]
-    hu = [hessian_trace(obj, num_samples=30, method="hutchinson", seed=s).value for s in range(5)]
+    pp = [hessian_trace(obj, num_probes=30, seed=s).value for s in range(5)]
+    hu = [hessian_trace(obj, num_probes=30, method="hutchinson", seed=s).value for s in range(5)]
     true = float(lam.sum())
     assert max(abs(v - true) for v in pp) < 0.5 * max(abs(v - true) for v in hu)
 
@@ -445,9 +445,9 @@ def test_same_seed_same_result_different_seed_differs():
     e3 = hessian_eigenvalues(obj, k=2, seed=4)
     assert not torch.equal(e1.eigenvalues, e3.eigenvalues) or e1.num_hvps != e3.num_hvps
     for method in ("hutch++", "hutchinson"):
-        t1 = hessian_trace(obj, num_samples=9, method=method, seed=1)
-        t2 = hessian_trace(obj, num_samples=9, method=method, seed=1)
-        t3 = hessian_trace(obj, num_samples=9, method=method, seed=2)
+        t1 = hessian_trace(obj, num_probes=9, method=method, seed=1)
+        t2 = hessian_trace(obj, num_probes=9, method=method, seed=1)
+        t3 = hessian_trace(obj, num_probes=9, method=method, seed=2)
         assert t1.value == t2.value and t1.stderr == t2.stderr
         assert t1.value != t3.value
     d1 = hessian_density(obj, num_runs=2, lanczos_steps=10, seed=5)
@@ -460,8 +460,8 @@ def test_same_seed_same_result_different_seed_differs():
 def test_generator_seed_and_global_rng_untouched():
     obj = mlp_objective()
     state = torch.get_rng_state()
-    by_int = hessian_trace(obj, num_samples=9, seed=7)
-    by_gen = hessian_trace(obj, num_samples=9, seed=torch.Generator().manual_seed(7))
+    by_int = hessian_trace(obj, num_probes=9, seed=7)
+    by_gen = hessian_trace(obj, num_probes=9, seed=torch.Generator().manual_seed(7))
     assert by_int.value == by_gen.value
     assert by_int.seed == 7
     hessian_eigenvalues(obj, k=2, seed=torch.Generator().manual_seed(1))
@@ -483,7 +483,7 @@ def test_model_unchanged_by_every_measure():
         snap.assert_unchanged(model)
         hessian_eigenvalues(obj, k=1, method="power", max_hvps=20)
         snap.assert_unchanged(model)
-        hessian_trace(obj, num_samples=6)
+        hessian_trace(obj, num_probes=6)
         snap.assert_unchanged(model)
         hessian_density(obj, num_runs=1, lanczos_steps=5)
         snap.assert_unchanged(model)
@@ -508,7 +508,7 @@ def test_model_unchanged_when_a_measure_is_interrupted(measure, exc):
     obj = Objective(model, loss_fn, uneven_batches(x, y, [6, 7]), cache_graph=False)
     run = {
         "eigenvalues": lambda: hessian_eigenvalues(obj, k=2),
-        "trace": lambda: hessian_trace(obj, num_samples=9),
+        "trace": lambda: hessian_trace(obj, num_probes=9),
         "density": lambda: hessian_density(obj, num_runs=2, lanczos_steps=10),
     }[measure]
     with pytest.raises(type(exc)):
@@ -537,10 +537,10 @@ def test_bad_arguments():
     for kwargs, exc, match in bad_eigs:
         with pytest.raises(exc, match=match):
             hessian_eigenvalues(obj, **kwargs)
-    with pytest.raises(ValueError, match="num_samples"):
-        hessian_trace(obj, num_samples=2)
-    with pytest.raises(ValueError, match="num_samples"):
-        hessian_trace(obj, num_samples=1, method="hutchinson")
+    with pytest.raises(ValueError, match="num_probes"):
+        hessian_trace(obj, num_probes=2)
+    with pytest.raises(ValueError, match="num_probes"):
+        hessian_trace(obj, num_probes=1, method="hutchinson")
     with pytest.raises(ValueError, match="method"):
         hessian_trace(obj, method="exact")
     with pytest.raises(ValueError, match="num_runs"):
@@ -556,7 +556,7 @@ def test_bad_arguments():
 def test_results_are_json_ready_with_settings():
     obj = mlp_objective()
     eig = hessian_eigenvalues(obj, k=2, which="SA", tol=1e-6, seed=3)
-    tr = hessian_trace(obj, num_samples=9, method="hutchinson", seed=1)
+    tr = hessian_trace(obj, num_probes=9, method="hutchinson", seed=1)
     dens = hessian_density(obj, num_runs=2, lanczos_steps=8, seed=2)
     assert tr.num_hvps == 9 and dens.num_hvps == 2 * 8
     assert abs(np.trapezoid(dens.density, dens.grid) - 1.0) < 1e-3
@@ -572,7 +572,7 @@ def test_results_are_json_ready_with_settings():
     assert d["eigenvalues"] == eig.eigenvalues.tolist()
     assert len(d["residuals"]) == 2 and len(d["converged"]) == 2
     d = tr.to_dict()
-    assert d["method"] == "hutchinson" and d["num_samples"] == 9 and d["seed"] == 1
+    assert d["method"] == "hutchinson" and d["num_probes"] == 9 and d["seed"] == 1
     assert d["value"] == tr.value
     d = dens.to_dict()
     assert d["num_runs"] == 2 and d["lanczos_steps"] == 8 and d["seed"] == 2
@@ -582,7 +582,7 @@ def test_results_are_json_ready_with_settings():
 def test_progress_bars(capsys):
     obj = mlp_objective()
     hessian_eigenvalues(obj, k=1, progress=True)
-    hessian_trace(obj, num_samples=6, progress=True)
+    hessian_trace(obj, num_probes=6, progress=True)
     hessian_density(obj, num_runs=1, lanczos_steps=4, progress=True)
     err = capsys.readouterr().err
     assert "lanczos" in err and "trace" in err and "density" in err
@@ -604,10 +604,10 @@ def test_max_hvps_is_one_hard_budget_for_both_methods(method):
     assert res.num_hvps <= 7
     assert res.max_hvps == 7
     assert not bool(res.converged.all())
-    with pytest.warns(DeprecationWarning, match="max_hvps"):
+    with pytest.warns(FutureWarning, match="max_hvps"):
         old = hessian_eigenvalues(obj, k=2, method=method, tol=1e-14, max_iter=7)
     assert torch.equal(old.eigenvalues, res.eigenvalues)
-    with pytest.raises(TypeError, match="max_hvps only"):
+    with pytest.raises(TypeError, match="pass max_hvps only"):
         hessian_eigenvalues(obj, k=2, max_hvps=7, max_iter=7)
 
 
@@ -619,3 +619,11 @@ def test_basis_size_is_passed_through_and_bounds_memory():
     assert abs(float(small.eigenvalues[0] - default.eigenvalues[0])) <= 1e-6 * abs(
         float(default.eigenvalues[0])
     )
+
+
+def test_value_is_the_first_eigenvalue_as_a_float():
+    obj = mlp_objective()
+    top = hessian_eigenvalues(obj, k=2, tol=1e-8)
+    assert isinstance(top.value, float) and top.value == float(top.eigenvalues[0])
+    low = hessian_eigenvalues(obj, k=1, which="SA", tol=1e-8)
+    assert low.value == float(low.eigenvalues[0]) < top.value

@@ -114,3 +114,74 @@ def test_unused_parameters_keep_no_gradient():
     optimizer.step(make_closure(optimizer, model, x, y))
     assert extra.grad is None
     assert torch.equal(extra, torch.ones(3, dtype=torch.float64))  # no weight decay either
+
+
+# ------------------------------------------------------------------ davda54/sam's two calls
+def _bn_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+
+
+@pytest.mark.parametrize(("adaptive", "bn_first_pass"), [(False, False), (True, True)])
+def test_davda54_readme_loop_runs_unchanged_and_matches_step_closure(adaptive, bn_first_pass):
+    """The training loop of davda54/sam's README, verbatim (first case), against flatlens'
+    step(closure); with ``model=`` BatchNorm statistics come from the first pass in both."""
+    gen = torch.Generator().manual_seed(3)
+    data = [
+        (torch.randn(12, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,)))
+        for _ in range(4)
+    ]
+    loss_function = torch.nn.functional.cross_entropy
+
+    def readme(model):
+        base_optimizer = torch.optim.SGD  # define an optimizer for the "sharpness-aware" update
+        extra = {"adaptive": True, "model": model} if bn_first_pass else {}
+        optimizer = SAM(model.parameters(), base_optimizer, lr=0.1, momentum=0.9, **extra)
+        for input, output in data:
+            # first forward-backward pass
+            loss = loss_function(model(input), output)  # use this loss for any training statistics
+            loss.backward()
+            optimizer.first_step(zero_grad=True)
+
+            # second forward-backward pass
+            loss_function(model(input), output).backward()  # make sure to do a full forward pass
+            optimizer.second_step(zero_grad=True)
+
+    def closure_form(model):
+        extra = {"model": model} if bn_first_pass else {}
+        optimizer = SAM(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, adaptive=adaptive, **extra
+        )
+        for inputs, targets in data:
+
+            def closure(inputs=inputs, targets=targets):
+                optimizer.zero_grad()
+                loss = loss_function(model(inputs), targets)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+
+    a, b = _bn_net(0), _bn_net(0)
+    readme(a)
+    closure_form(b)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert float((pa.double() - pb.double()).abs().max()) <= 1e-7, name
+    assert any(float(p.abs().max()) > 0 for p in a.state_dict().values())
+
+
+def test_first_and_second_step_guard_their_order():
+    model, x, y, _ = setup()
+    optimizer = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="without first_step"):
+        optimizer.second_step()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    theta = flat(model).clone()
+    optimizer.first_step()
+    assert not torch.equal(flat(model), theta)  # at theta + e
+    with pytest.raises(RuntimeError, match="twice"):
+        optimizer.first_step()
+    optimizer.second_step(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())

@@ -32,10 +32,10 @@ CONFIG = DiagnoseConfig(
     k=3,
     measure_samples=64,
     batch_size=40,  # two uneven batches: 40 + 24
-    trace_samples=3 * 57 + 3,  # Hutch++ with a full sketch is exact
+    trace_probes=3 * 57 + 3,  # Hutch++ with a full sketch is exact
     density_runs=1,
-    density_steps=12,
-    ascent_steps=3,
+    lanczos_steps=12,
+    steps=3,
     landscape_1d=5,
     landscape_2d=5,
 )
@@ -48,7 +48,9 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def data():
-    return synthetic_classification(n=96, dim=5, num_classes=3, test_n=48, dtype=torch.float64)
+    return synthetic_classification(
+        num_train=96, num_features=5, num_classes=3, num_test=48, dtype=torch.float64
+    )
 
 
 @pytest.fixture(scope="module")

@@ -87,16 +87,16 @@ def test_write_report_is_atomic(tmp_path):
 
 @pytest.fixture(scope="module")
 def study():
-    data = synthetic_classification(n=64, dim=6, num_classes=3, test_n=32)
+    data = synthetic_classification(num_train=64, num_features=6, num_classes=3, num_test=32)
     base = TrainConfig(
         model="mlp",
         model_kwargs={"hidden": 8, "depth": 1},
         epochs=1,
         measure_samples=32,
         measure_steps=2,
-        trace_samples=3,
+        trace_probes=3,
     )
-    return compare(data, ["sgd", "sam"], seeds=[0, 1], base=base)
+    return compare(data, ["sgd", "sam"], seeds=[0, 1], config=base)
 
 
 def test_study_sections_show_the_study_numbers(study, tmp_path):

@@ -13,7 +13,9 @@ from flatlens.data import synthetic_classification
 from flatlens.train import TrainConfig, compare, train
 from flatlens.train._compare import kendall_tau
 
-DATA = synthetic_classification(80, dim=5, num_classes=3, test_n=40, seed=2, dtype=torch.float64)
+DATA = synthetic_classification(
+    80, num_features=5, num_classes=3, num_test=40, seed=2, dtype=torch.float64
+)
 BASE = TrainConfig(
     model="mlp",
     model_kwargs={"hidden": 6, "depth": 1},
@@ -21,7 +23,7 @@ BASE = TrainConfig(
     batch_size=16,
     lr=0.1,
     dtype="float64",
-    trace_samples=9,
+    trace_probes=9,
 )
 
 
@@ -31,7 +33,7 @@ def study():
         DATA,
         ["sgd", "sam"],
         seeds=[0, 1],
-        base=BASE,
+        config=BASE,
         measures=("lambda_max", "trace"),
     )
 
@@ -64,7 +66,7 @@ def test_a_factory_model_is_trained_like_a_zoo_model():
     base = TrainConfig(
         **{**BASE.__dict__, "model": "helpers:tanh_classifier", "model_kwargs": {"hidden": 4}}
     )
-    factory_study = compare(DATA, ["sgd"], seeds=[0, 1], base=base, measures=("trace",))
+    factory_study = compare(DATA, ["sgd"], seeds=[0, 1], config=base, measures=("trace",))
     assert [(r["optimizer"], r["seed"]) for r in factory_study.runs] == [("sgd", 0), ("sgd", 1)]
     alone = train(
         TrainConfig(**{**base.__dict__, "seed": 1, "measure_every": 2, "measures": ("trace",)}),
@@ -137,4 +139,4 @@ def test_kendall_tau_helper():
 )
 def test_bad_study_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
-        compare(DATA, base=BASE, **kwargs)
+        compare(DATA, config=BASE, **kwargs)

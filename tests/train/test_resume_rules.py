@@ -16,7 +16,7 @@ from flatlens.train._losses import LOSSES, MSELoss, build_loss
 from flatlens.train._resume import resume_conflicts
 from flatlens.train._trainer import CHECKPOINT_NAME
 
-DATA = synthetic_classification(64, dim=5, num_classes=3, test_n=32, seed=2)
+DATA = synthetic_classification(64, num_features=5, num_classes=3, num_test=32, seed=2)
 
 
 def _config(tmp_path, **kw) -> TrainConfig:
@@ -36,7 +36,7 @@ def test_every_result_setting_is_compared(tmp_path):
     changed = dataclasses.replace(config, lr=0.5, optimizer="sam", momentum=0.5, device="cpu")
     names = [name for name, _, _ in resume_conflicts(changed, DATA, payload, "c.pt")]
     assert names == ["optimizer", "lr", "momentum"]  # the device may change
-    other = synthetic_classification(64, dim=5, num_classes=3, test_n=32, seed=3)
+    other = synthetic_classification(64, num_features=5, num_classes=3, num_test=32, seed=3)
     assert [n for n, _, _ in resume_conflicts(config, other, payload, "c.pt")] == ["data"]
 
 
@@ -116,7 +116,7 @@ def test_losses_by_name_class_and_callable(tmp_path, monkeypatch):
         "NOT_CALLABLE = 3\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert set(LOSSES) == {"cross_entropy", "mse"}
+    assert set(LOSSES) == {"cross_entropy", "smooth_cross_entropy", "mse"}
     assert isinstance(build_loss("cross_entropy"), nn.CrossEntropyLoss)
     assert isinstance(build_loss("mse"), MSELoss)
     assert build_loss("my_losses:twice").__name__ == "twice"

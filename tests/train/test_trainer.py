@@ -25,7 +25,9 @@ from flatlens.train import (
 )
 from flatlens.train._checkpoint import load_training_checkpoint
 
-DATA = synthetic_classification(96, dim=6, num_classes=3, test_n=48, seed=1, dtype=torch.float64)
+DATA = synthetic_classification(
+    96, num_features=6, num_classes=3, num_test=48, seed=1, dtype=torch.float64
+)
 
 
 def net(seed: int = 0, dropout: float = 0.2) -> nn.Module:
@@ -197,7 +199,7 @@ def test_measures_match_the_dense_hessian_of_the_fixed_subset_and_leave_the_mode
         measure_every=1,
         measures=("lambda_max", "trace"),
         measure_samples=40,
-        trace_samples=3 * n,  # Hutch++ sketches the whole space: the trace is exact
+        trace_probes=3 * n,  # Hutch++ sketches the whole space: the trace is exact
     )
     trainer.fit(1)
     model.train()
@@ -209,7 +211,9 @@ def test_measures_match_the_dense_hessian_of_the_fixed_subset_and_leave_the_mode
     eigenvalues = torch.linalg.eigvalsh(hessian)
     assert values["lambda_max"] == pytest.approx(eigenvalues[-1].item(), rel=1e-3)
     assert values["trace"] == pytest.approx(torch.trace(hessian).item(), rel=1e-8)
-    assert trainer.history[0]["lambda_max"] == pytest.approx(values["lambda_max"], rel=1e-12)
+    # the second measurement warm-starts from the first one's eigenvector: the same value
+    # within the tolerance of both (1e-4 relative)
+    assert trainer.history[0]["lambda_max"] == pytest.approx(values["lambda_max"], rel=1e-4)
     assert len(trainer.measure_subset()[1]) == 40
 
 
@@ -248,7 +252,7 @@ def test_r0_and_r1_come_from_the_flatness_measures():
         ({"measure_every": -1}, "measure_every"),
         ({"measures": ("sharpness",)}, "unknown measures"),
         ({"measure_rho": 0.0}, "measure_rho"),
-        ({"trace_samples": 2}, "trace_samples"),
+        ({"trace_probes": 2}, "trace_probes"),
     ],
 )
 def test_bad_trainer_settings(kwargs, match):
@@ -336,10 +340,18 @@ def test_factory_errors_surface_when_the_model_is_built(spec, error, match):
     ("kwargs", "match"),
     [
         ({"optimizer": "lion"}, "optimizer"),
-        ({"model": "vit"}, r"unknown model 'vit'; use one of \['cnn', 'mlp', 'resnet18'\] or"),
+        ({"model": "vit"}, r"unknown model 'vit'; use one of \['cnn', 'mlp', 'resnet18', "),
         ({"model": "helpers:"}, "must look like package.module:factory"),
         ({"model": ":tanh_classifier"}, "must look like package.module:factory"),
-        ({"scheduler": "step"}, "scheduler"),
+        ({"scheduler": "linear"}, "scheduler"),
+        ({"milestones": (0.5, 2.0)}, "milestones are fractions"),
+        ({"lr_decay": 0.0}, "lr_decay"),
+        ({"augment": "mixup"}, "augment"),
+        ({"amp": "fp8"}, "amp"),
+        ({"label_smoothing": 0.1, "loss": "mse"}, "label_smoothing applies"),
+        ({"nesterov": True, "momentum": 0.0}, "nesterov"),
+        ({"data_mean": (0.5,)}, "data_mean and data_std go together"),
+        ({"recipe": "sgd-imagenet"}, "unknown recipe"),
         ({"dtype": "float16"}, "dtype"),
         ({"lr": 0}, "lr"),
     ],
@@ -355,7 +367,9 @@ def test_a_model_that_is_not_a_string_is_a_type_error():
 
 
 def test_a_non_finite_training_loss_stops_with_a_clear_error():
-    broken = synthetic_classification(32, dim=6, num_classes=3, seed=1, dtype=torch.float64)
+    broken = synthetic_classification(
+        32, num_features=6, num_classes=3, seed=1, dtype=torch.float64
+    )
     broken.x_train[5, 2] = float("nan")
     model = net(dropout=0.0)
     with pytest.raises(NonFiniteLossError, match="learning rate"):

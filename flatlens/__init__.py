@@ -14,6 +14,7 @@ __version__ = "0.2.0"
 _HOMES = {
     "flatlens.core": (
         "DataChangedError",
+        "HVPCheckError",
         "NonFiniteLossError",
         "Objective",
         "ParamSpace",
@@ -60,6 +61,7 @@ __all__ = [
     "DensityResult",
     "EigenResult",
     "FlatnessResult",
+    "HVPCheckError",
     "NonFiniteLossError",
     "Objective",
     "ParamSpace",
@@ -99,6 +101,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from flatlens.core import (
         DataChangedError,
+        HVPCheckError,
         NonFiniteLossError,
         Objective,
         ParamSpace,

@@ -37,6 +37,7 @@ E2E_FILES = {
     "test_distributed_diagnose.py",
     "test_distributed_objective.py",
     "test_distributed_parallel.py",
+    "test_fsdp.py",
 }
 E2E_TESTS = {
     "test_mkdocs_builds_strict",

@@ -192,6 +192,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
             memory_budget=args.memory_budget,
             blocks=args.blocks,
             seed=args.seed,
+            **_curvature_settings(args),
         )
         if args.quick:
             config = config.quick()
@@ -235,12 +236,22 @@ def _objective(
     """The risk over the first ``--samples`` training examples, as ``diagnose`` measures it."""
     from flatlens.report._diagnose import DiagnoseConfig, measure_objective
 
-    config = DiagnoseConfig(
-        measure_samples=args.samples,
-        batch_size=args.batch_size,
-        memory_budget=args.memory_budget,
-    )
+    try:
+        config = DiagnoseConfig(
+            measure_samples=args.samples,
+            batch_size=args.batch_size,
+            memory_budget=args.memory_budget,
+            **_curvature_settings(args),
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
     return measure_objective(model, data, config, loss_fn)
+
+
+def _curvature_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """--hvp-method, --basis-device and --basis-dtype, where the command has them."""
+    keys = ("hvp_method", "basis_device", "basis_dtype")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def cmd_bound(args: argparse.Namespace) -> None:
@@ -252,6 +263,9 @@ def cmd_bound(args: argparse.Namespace) -> None:
     model, data, loss_fn = _load(args, notes)
     objective = _objective(args, model, data, loss_fn)
     out = claim_out(args)
+    from flatlens.core._checks import floating_dtype
+
+    basis_dtype = floating_dtype(getattr(args, "basis_dtype", None))  # the parser's choices
     report = check_bound(
         objective,
         list(args.measure_rho),
@@ -259,6 +273,8 @@ def cmd_bound(args: argparse.Namespace) -> None:
         restarts=args.restarts,
         seed=args.seed,
         progress=progress(args),
+        basis_device=getattr(args, "basis_device", None),
+        basis_dtype=basis_dtype,
     )
     report.plot(out / "bound.png")
     payload = {**report.to_dict(), "loss": args.loss, "notes": [*notes, *report.notes]}

@@ -285,6 +285,30 @@ def _measure_args(p: argparse.ArgumentParser, batch_size: int = 512) -> None:
     )
 
 
+def _curvature_args(p: argparse.ArgumentParser) -> None:
+    """How Hessian-vector products are made and where the Lanczos bases live."""
+    p.add_argument(
+        "--hvp-method",
+        choices=["auto", "double_backward", "forward_over_reverse", "finite_difference"],
+        default="auto",
+        help="Hessian-vector products: auto (double backward, falling back to gradient "
+        "differences when autograd cannot take or misses a second derivative), or one method",
+    )
+    p.add_argument(
+        "--basis-device",
+        metavar="DEVICE",
+        default=None,
+        help="keep the Lanczos bases there, e.g. cpu for a model on a GPU (default: the "
+        "model's device)",
+    )
+    p.add_argument(
+        "--basis-dtype",
+        choices=["float64", "float32", "bfloat16", "float16"],
+        default=None,
+        help="store the Lanczos bases in this dtype, e.g. bfloat16 (default: the model's)",
+    )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from flatlens.cli._models import DEFAULT_LOSS
 
@@ -382,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MLP, norm, head) or per tensor (params); off by default",
     )
     _measure_args(p)
+    _curvature_args(p)
     g = p.add_argument_group(
         "measure settings (smaller than the library's defaults, so a report takes minutes)"
     )
@@ -488,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", metavar="N", type=_samples, default=512, help="training examples, or 'all'"
     )
     _measure_args(p)
+    _curvature_args(p)
     _common(p, "flatlens_bound")
     p.set_defaults(func=commands.cmd_bound)
 

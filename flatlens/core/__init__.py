@@ -10,6 +10,7 @@
 
 from flatlens.core._data import token_count
 from flatlens.core._derivatives import second_order
+from flatlens.core._difference import HVPCheckError
 from flatlens.core._errors import DataChangedError, NonFiniteLossError
 from flatlens.core._io import (
     CheckpointError,
@@ -31,6 +32,7 @@ from flatlens.core._results import MeasureResult, Result, to_jsonable
 __all__ = [
     "CheckpointError",
     "DataChangedError",
+    "HVPCheckError",
     "MeasureResult",
     "ModelState",
     "NonFiniteLossError",

@@ -19,6 +19,7 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "check_rho",
+    "floating_dtype",
     "make_generator",
 ]
 
@@ -90,3 +91,16 @@ def make_generator(seed: int | torch.Generator) -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or a torch.Generator, not {type(seed).__name__}")
     return torch.Generator().manual_seed(int(seed))
+
+
+def floating_dtype(value: object, name: str = "dtype") -> torch.dtype | None:
+    """``value`` as a floating torch dtype: a dtype, or its name (``"bfloat16"``, or
+    ``"torch.float32"`` as JSON holds it); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    dtype = getattr(torch, value.removeprefix("torch."), value) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{name} must be a floating torch dtype (float32, bfloat16, ...), not {value!r}"
+        )
+    return dtype

@@ -11,24 +11,43 @@ With ``cache_graph`` the first-order graph of every batch is kept between HVPs a
 point, so an HVP costs one backward pass. ``cache_graph=None`` decides at the first
 second-order call, from the bytes autograd saves for the first batch (scaled to all the
 data) against ``memory_budget``.
+
+``hvp_method="finite_difference"`` takes products from gradient differences instead
+(:mod:`flatlens.core._difference`). ``"auto"`` uses double backward, and switches to
+differences when double backward raises or when the check of the first product
+(``check_hvp``) finds that autograd misses a second derivative; ``hvp_method_used`` and
+``hvp_note`` say what happened.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flatlens.core._difference import (
+    CheckVerdict,
+    DifferenceProducts,
+    HVPCheckError,
+    cached_verdict,
+    store_verdict,
+)
 from flatlens.core._memory import available_bytes, saved_bytes
 from flatlens.core._params import eval_mode
 
-__all__ = ["DerivativesMixin", "HVPMethod", "second_order"]
+__all__ = ["HVP_METHODS", "DerivativesMixin", "HVPMethod", "second_order"]
 
-HVPMethod = Literal["auto", "double_backward", "forward_over_reverse"]
+HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
+HVP_METHODS: tuple[str, ...] = (
+    "auto",
+    "double_backward",
+    "forward_over_reverse",
+    "finite_difference",
+)
 
 
 @contextlib.contextmanager
@@ -51,6 +70,77 @@ class DerivativesMixin:
     cache_graph: bool | None
     memory_budget: float | None
     estimated_graph_bytes: int | None = None
+    hvp_method_used: str | None = None
+    hvp_note: str = ""
+    hvp_check: CheckVerdict | None = None
+
+    # ------------------------------------------------------------------ which products
+    def _setup_products(self, hvp_method: str, check_hvp: bool) -> None:
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(
+                f"hvp_method must be one of {', '.join(repr(m) for m in HVP_METHODS)}, "
+                f"not {hvp_method!r}"
+            )
+        self.hvp_method = hvp_method
+        self.check_hvp = bool(check_hvp)
+        self._differences = DifferenceProducts(
+            self._difference_gradient, self._norm, self._dot, self.dtype
+        )
+        self._switched = hvp_method == "finite_difference"
+        self._check_pending = self.check_hvp and not self._switched
+        self.hvp_method_used = None
+        self.hvp_note = ""
+        self.hvp_check = None
+
+    def _norm(self, x: Tensor) -> float:
+        """||x|| with the sum in float64 (over all ranks for a sharded objective)."""
+        return float(torch.linalg.vector_norm(x.detach().to(torch.float64)))
+
+    def _dot(self, a: Tensor, b: Tensor) -> float:
+        """a.b with the sum in float64 (over all ranks for a sharded objective)."""
+        return float(a.detach().to(torch.float64) @ b.detach().to(torch.float64))
+
+    def _difference_gradient(self, theta: Tensor) -> Tensor:
+        """grad L at ``theta`` for a difference product (counted apart from ``gradient``)."""
+        self.counts["difference_gradients"] = self.counts.get("difference_gradients", 0) + 1
+        return self._streamed_gradient(theta)[1]
+
+    def _switch_to_differences(self, note: str) -> None:
+        self._switched = True
+        self._graph = None
+        self.cache_graph = False  # difference products need no second-order graph
+        self.hvp_note = note
+
+    def _inherit_products(self, parent: DerivativesMixin) -> None:
+        """Share the parent's choice of products (a child from ``replace``)."""
+        if parent._switched and not self._switched:
+            self._switched = True
+            self.hvp_note = parent.hvp_note
+        self._check_pending = self._check_pending and parent._check_pending
+        self.hvp_check = parent.hvp_check
+        self._differences.relative_step = parent._differences.relative_step
+
+    @property
+    def products(self) -> dict[str, Any]:
+        """How products are made: ``{"hvp_method", "requested", "note", "step"}``."""
+        step = self._differences.relative_step
+        return {
+            "hvp_method": self.hvp_method_used,
+            "requested": self.hvp_method,
+            "note": self.hvp_note,
+            "relative_step": step if self._switched else None,
+        }
+
+    @property
+    def uses_differences(self) -> bool:
+        """Whether products come from gradient differences (asked for, or switched to)."""
+        return self._switched
+
+    def difference_error(self, unit: Tensor, product: Tensor, at: Tensor | None = None) -> float:
+        """The Richardson estimate ||D_2h(u) - D_h(u)|| of a difference product's error for
+        a unit vector u with product D_h(u) (two more gradients, once per point)."""
+        theta = self.point(at)
+        return self._differences.error(unit.to(self.dtype), product.to(self.dtype), theta)
 
     def _setup_caching(
         self, cache_graph: bool | None, memory_budget: float | None, *, in_memory: bool
@@ -145,6 +235,12 @@ class DerivativesMixin:
                 grad.mul_(1.0 / (self.num_samples or 1))
             self.counts["gradient"] += 1
             return value, grad
+        self.counts["gradient"] += 1
+        return self._streamed_gradient(theta)
+
+    def _streamed_gradient(self, theta: Tensor) -> tuple[float, Tensor]:
+        """L and grad L at ``theta`` in one pass over the data, batch by batch (no graph
+        kept), reduced over ranks and divided by W; not counted."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         grad = self.zeros()
         parts, count = [], 0
@@ -159,7 +255,6 @@ class DerivativesMixin:
                 parts.append(part.detach())
                 total += part.detach()
                 count += n
-        self.counts["gradient"] += 1
         value = self._finish(total, parts, count, grad)
         return value, grad
 
@@ -168,6 +263,8 @@ class DerivativesMixin:
         return self.loss_and_gradient(at)[1]
 
     def _resolved_hvp_method(self) -> str:
+        if self._switched:
+            return "finite_difference"
         if self.hvp_method != "auto":
             return self.hvp_method
         # Double backward measured faster than forward-over-reverse on the CPU
@@ -220,17 +317,72 @@ class DerivativesMixin:
             v: Flat vector of length ``num_params`` on the objective's device.
             at: Optional flat parameter vector; the Hessian is taken there instead of at the
                 model's current parameters.
+
+        Raises:
+            HVPCheckError: an exact ``hvp_method`` whose first product disagrees with
+                gradient differences (autograd misses a second derivative).
         """
         theta = self.point(at)
         if v.shape != (self.num_params,):
             raise ValueError(f"v must have shape ({self.num_params},), got {tuple(v.shape)}")
         if v.device != self.device:
             raise ValueError(f"v is on {v.device}, the model on {self.device}")
-        self._decide_caching(theta)
-        self._ensure_checked(theta, graph=True)
         v = v.detach().to(self.dtype)
-        count = 0
         method = self._resolved_hvp_method()
+        if method != "finite_difference":
+            self._decide_caching(theta)
+        self._ensure_checked(theta, graph=method != "finite_difference")
+        if method == "finite_difference":
+            out = self._differences.product(v, theta)
+        else:
+            try:
+                out = self._exact_hvp(v, theta, method)
+            except (RuntimeError, NotImplementedError) as err:
+                if isinstance(err, torch.OutOfMemoryError | HVPCheckError):
+                    raise
+                self._graph = None
+                if self.hvp_method != "auto":
+                    raise type(err)(
+                        f"{err}\n(flatlens: hvp_method={self.hvp_method!r} needs a second "
+                        "derivative autograd cannot take here; pass "
+                        "hvp_method='finite_difference', or 'auto' to fall back by itself)"
+                    ) from err
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self._switch_to_differences(
+                    f"double backward raised ({first[:160]}): products from gradient differences"
+                )
+                out = self._differences.product(v, theta)
+            else:
+                if self._check_pending:
+                    out = self._checked_product(theta, v, out, method)
+        self.hvp_method_used = self._resolved_hvp_method()
+        self.counts["hvp"] += 1
+        return out
+
+    def _checked_product(self, theta: Tensor, v: Tensor, out: Tensor, method: str) -> Tensor:
+        """Run the check of exact products once (cached per model): keep ``out``, switch
+        to differences (``"auto"``) or raise (an explicit exact method)."""
+        self._check_pending = False
+        key = (tuple(self.space.names), self.dtype, method, self.eval_mode)
+        verdict = cached_verdict(self.model, key)
+        if verdict is None:
+            verdict = self._differences.check(theta, v, out)
+            store_verdict(self.model, key, verdict)
+        self.hvp_check = verdict
+        if verdict.passed:
+            return out
+        if self.hvp_method == "auto":
+            self._switch_to_differences(verdict.note + ": products from gradient differences")
+            return self._differences.product(v, theta)
+        raise HVPCheckError(
+            f"hvp_method={self.hvp_method!r}: {verdict.note}. Pass "
+            "hvp_method='finite_difference' (or 'auto', which switches by itself), or "
+            "check_hvp=False if the model's second derivatives are known to be complete"
+        )
+
+    def _exact_hvp(self, v: Tensor, theta: Tensor, method: str) -> Tensor:
+        """(grad^2 L) v by autograd: from the cached graph, or batch by batch."""
+        count = 0
         if self.cache_graph:
             out = None  # the first batch's product is the sum so far: no zeroed buffer
             for leaf, g in self._cached_graph(theta)[0]:
@@ -254,7 +406,6 @@ class DerivativesMixin:
                 dist.all_reduce(out)
             if self.reduction == "mean":
                 out.mul_(1.0 / count)
-            self.counts["hvp"] += 1
             return out
 
         out = self.zeros()
@@ -270,7 +421,6 @@ class DerivativesMixin:
                 parts.append(part)
                 total += part
                 count += n
-        self.counts["hvp"] += 1
         self._finish(total, parts, count, out)
         return out
 

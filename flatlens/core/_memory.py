@@ -111,15 +111,27 @@ def _device_of(target: Any) -> torch.device:
 def tracks_peak_memory(measure: Callable[..., R]) -> Callable[..., R]:
     """Decorate a measure ``measure(target, ...) -> Result``: the result's
     ``peak_memory_bytes`` and ``peak_memory_kind`` record the peak while it ran, on the
-    device of its first argument (an Objective or an operator)."""
+    device of its first argument (an Objective or an operator), and ``hvp_method`` /
+    ``hvp_note`` how that Objective made the products the measure spent. On a sharded
+    Objective the measure runs inside its layout (:func:`flatlens.core._sharding.sharded`),
+    so every inner product is summed over the ranks."""
+    from flatlens.core._sharding import ShardLayout, sharded
 
     @functools.wraps(measure)
     def wrapper(target: Any, *args: Any, **kwargs: Any) -> R:
-        with PeakMemory(_device_of(target)) as peak:
+        counts = getattr(target, "counts", None)
+        before = counts.get("hvp", 0) if isinstance(counts, dict) else None
+        layout = getattr(target, "layout", None)  # a tensor's is torch.strided
+        layout = layout if isinstance(layout, ShardLayout) else None
+        with PeakMemory(_device_of(target)) as peak, sharded(layout):
             result = measure(target, *args, **kwargs)
         if hasattr(result, "peak_memory_bytes"):
             result.peak_memory_bytes = peak.bytes
             result.peak_memory_kind = peak.kind
+        if before is not None and hasattr(result, "hvp_method") and result.hvp_method is None:
+            if target.counts.get("hvp", 0) > before:
+                result.hvp_method = getattr(target, "hvp_method_used", None)
+                result.hvp_note = getattr(target, "hvp_note", "")
         return result
 
     return wrapper

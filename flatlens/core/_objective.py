@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -29,12 +28,14 @@ from flatlens.core import _data
 from flatlens.core._data import BatchWeight
 from flatlens.core._derivatives import DerivativesMixin, HVPMethod
 from flatlens.core._errors import DataChangedError, NonFiniteLossError
+from flatlens.core._interop import InteropMixin
 from flatlens.core._params import ParamSpace, ParamSpec, eval_mode, select_parameters
+from flatlens.core._sharding import ShardLayout
 
 __all__ = ["DataChangedError", "Objective"]
 
 
-class Objective(DerivativesMixin):
+class Objective(InteropMixin, DerivativesMixin):
     """Empirical risk L(theta) of ``loss_fn(model(inputs), targets)`` over a fixed data set.
 
     Args:
@@ -56,7 +57,11 @@ class Objective(DerivativesMixin):
         eval_mode: Evaluate with every module in eval mode (BatchNorm running statistics,
             dropout off). The model's own flags are restored after each call.
         hvp_method: ``"double_backward"`` (reverse-over-reverse), ``"forward_over_reverse"``
-            (``torch.func.jvp`` of ``torch.func.grad``) or ``"auto"``.
+            (``torch.func.jvp`` of ``torch.func.grad``), ``"finite_difference"`` (central
+            differences of gradients, two gradients per product, for models autograd cannot
+            differentiate twice; see :mod:`flatlens.core._difference`) or ``"auto"``:
+            double backward, switching to differences when it raises or when the check
+            below fails. ``hvp_method_used`` and ``hvp_note`` say what was used and why.
         cache_graph: Keep the first-order graph between HVPs at the same point, so each HVP
             costs one extra backward pass instead of a forward and two backward passes.
             Memory grows with the data (the saved activations of every batch are kept).
@@ -74,6 +79,13 @@ class Objective(DerivativesMixin):
         check_determinism: Before the first evaluation, compute the loss twice and raise
             :class:`DataChangedError` when the passes disagree (random augmentation, dropout
             left on, a shuffled uneven loader is fine).
+        check_hvp: Compare the first exact product with gradient differences along the
+            same vector (one extra pair of gradients, once per model: later objectives over
+            the same model reuse the verdict). Autograd silently leaves out the second
+            derivative of an operation whose backward is ``@once_differentiable`` (custom
+            ``autograd.Function`` s, fused kernels); when that is found, ``"auto"`` switches
+            to difference products and says so, an explicit exact method raises
+            :class:`~flatlens.core.HVPCheckError`. ``False`` skips the check.
         distributed: Sum the per-rank contributions with ``torch.distributed.all_reduce``
             so each rank sees the loss over all ranks' data. ``None`` detects an initialized
             process group.
@@ -81,6 +93,17 @@ class Objective(DerivativesMixin):
     Raises:
         NonFiniteLossError: (from any evaluation) the loss is NaN or infinite.
     """
+
+    layout: ShardLayout | None = None  # where the local entries sit, for a sharded model
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Objective:
+        # A fully_shard-ed (FSDP2) model gets the sharded objective (core/_sharded.py).
+        if cls is Objective:
+            from flatlens.core._sharded import ShardedObjective, is_fully_sharded
+
+            if is_fully_sharded(model):
+                return super().__new__(ShardedObjective)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -99,6 +122,7 @@ class Objective(DerivativesMixin):
         memory_budget: float | None = None,
         batch_weight: BatchWeight | None = None,
         targets_key: str = "labels",
+        check_hvp: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -134,12 +158,8 @@ class Objective(DerivativesMixin):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         self.reduction = reduction
         self.eval_mode = eval_mode
-        if hvp_method not in ("auto", "double_backward", "forward_over_reverse"):
-            raise ValueError(
-                f"hvp_method must be 'auto', 'double_backward' or 'forward_over_reverse', "
-                f"not {hvp_method!r}"
-            )
-        self.hvp_method = hvp_method
+        self.counts = {"loss": 0, "gradient": 0, "hvp": 0, "difference_gradients": 0}
+        self._setup_products(hvp_method, check_hvp)
 
         if distributed is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -162,6 +182,8 @@ class Objective(DerivativesMixin):
             self._data = [self._prepared(b, i) for i, b in enumerate(data)]
         else:
             self._data = data
+        if hvp_method == "finite_difference" and cache_graph is None:
+            cache_graph = False  # difference products need no second-order graph
         self._setup_caching(cache_graph, memory_budget, in_memory=isinstance(self._data, list))
         self._settings = {
             "reduction": self.reduction,
@@ -172,12 +194,12 @@ class Objective(DerivativesMixin):
             "memory_budget": memory_budget,
             "batch_weight": batch_weight,
             "targets_key": targets_key,
+            "check_hvp": check_hvp,
         }
 
         self._frozen = {n: p for n, p in model.named_parameters() if n not in set(self.space.names)}
         self._checked = not check_determinism
         self.num_samples: float | None = None
-        self.counts = {"loss": 0, "gradient": 0, "hvp": 0}
 
     # ------------------------------------------------------------------ basic facts
     @property
@@ -385,25 +407,6 @@ class Objective(DerivativesMixin):
             result["accuracy"] = float(correct) / float(examples)
         return result
 
-    # ------------------------------------------------------------------ interop
-    def as_linear_operator(self, at: Tensor | None = None):
-        """The Hessian at ``theta`` (or ``at``) as a ``scipy.sparse.linalg.LinearOperator``.
-
-        Vectors are NumPy arrays in float64 on the CPU; each ``matvec`` runs one HVP on the
-        model's device.
-        """
-        from scipy.sparse.linalg import LinearOperator
-
-        point = self.point(at)
-        n = self.num_params
-
-        def matvec(x: np.ndarray) -> np.ndarray:
-            vec = torch.as_tensor(np.ascontiguousarray(x).reshape(-1), dtype=self.dtype)
-            hv = self.hvp(vec.to(self.device), at=point)
-            return hv.detach().to("cpu", torch.float64).numpy()
-
-        return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np.float64)
-
     def evaluate_points(
         self,
         points: Tensor,
@@ -476,7 +479,10 @@ class Objective(DerivativesMixin):
             data = [(x, y) for x, y, _ in self._data] if in_memory else self._data
             kwargs["targets_key"] = self.targets_key
         names = list(self.space.names) if params is None else params
-        return type(self)(self.model, self.loss_fn, data, params=names, **kwargs)
+        child = type(self)(self.model, self.loss_fn, data, params=names, **kwargs)
+        if "hvp_method" not in settings:
+            child._inherit_products(self)
+        return child
 
     def __repr__(self) -> str:
         return (

@@ -63,7 +63,13 @@ class MeasureResult(Result):
             ``"cpu_process_peak_rss"`` when the CPU peak could not be reset (Linux without
             a writable ``/proc/self/clear_refs``, other systems): then it is the process's
             lifetime peak.
+        hvp_method: How the Hessian-vector products of the measure were made
+            (``"double_backward"``, ``"forward_over_reverse"``, ``"finite_difference"``);
+            ``None`` when it made none through an Objective.
+        hvp_note: Why, when ``"auto"`` switched to difference products (else empty).
     """
 
     peak_memory_bytes: int | None = dataclasses.field(default=None, kw_only=True)
     peak_memory_kind: str = dataclasses.field(default="", kw_only=True)
+    hvp_method: str | None = dataclasses.field(default=None, kw_only=True)
+    hvp_note: str = dataclasses.field(default="", kw_only=True)

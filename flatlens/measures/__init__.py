@@ -19,9 +19,10 @@ from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
 from flatlens.measures._config import AscentConfig
 from flatlens.measures._critical import CriticalSharpnessResult, critical_sharpness
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
-from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import EigshOutput, lanczos_eigsh
 from flatlens.measures._operators import SymmetricOperator
+from flatlens.measures._power import power_iteration
 from flatlens.measures._sharpness import (
     AverageSharpnessResult,
     SharpnessResult,

@@ -30,6 +30,7 @@ from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import MeasureResult
+from flatlens.core._sharding import vector_norm
 from flatlens.measures._apgd import AscentFn, AscentResult, multi_start_ascent
 from flatlens.measures._ball import Ball
 from flatlens.measures._config import AscentConfig, check_init
@@ -235,7 +236,7 @@ class WorstCase:
         single = None if self.per_batch else self.solved[0].ascent
         return {
             "delta_norm": max(s.ball.norm_of(s.ascent.delta) for s in self.solved),
-            "delta_l2": max(float(torch.linalg.vector_norm(s.ascent.delta)) for s in self.solved),
+            "delta_l2": max(float(vector_norm(s.ascent.delta)) for s in self.solved),
             "rho": cfg.rho,
             "norm": cfg.norm,
             "adaptive": cfg.adaptive,
@@ -375,6 +376,7 @@ def worst_case_ascent(
             eigen=eigen,
             num_eigen=config.num_eigen,
             eigen_tol=config.eigen_tol,
+            basis={"basis_device": config.basis_device, "basis_dtype": config.basis_dtype},
             eigen_max_hvps=None
             if config.budget is None
             else max(2 * config.num_eigen + 1, int(0.3 * config.budget)),

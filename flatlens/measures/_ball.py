@@ -22,6 +22,7 @@ from torch import Tensor
 
 from flatlens.core._checks import check_nonnegative, check_rho
 from flatlens.core._errors import NonFiniteLossError
+from flatlens.core._sharding import any_rank, random_vector, reduce_sum, vector_norm
 
 __all__ = ["NORMS", "Ball", "Norm", "check_norm"]
 
@@ -86,17 +87,17 @@ class Ball:
         u = delta
         if self.scale is not None:
             fixed = self.scale == 0
-            if bool((delta[fixed] != 0).any()):
+            if any_rank(bool((delta[fixed] != 0).any())):
                 return math.inf
             u = torch.where(fixed, torch.zeros_like(delta), delta / self.scale.where(~fixed, 1))
         p = 2 if self.norm == "l2" else math.inf
-        return float(torch.linalg.vector_norm(u.to(torch.float64), ord=p))
+        return float(vector_norm(u, ord=p))
 
     def dual_norm(self, g: Tensor) -> float:
         """The dual norm ||g||_* = max_{||d||_B <= 1} <g, d>: ||s g||_2 or ||s g||_1."""
         v = g if self.scale is None else g * self.scale
         p = 2 if self.norm == "l2" else 1
-        return float(torch.linalg.vector_norm(v.to(torch.float64), ord=p))
+        return float(vector_norm(v, ord=p))
 
     def steepest(self, g: Tensor) -> Tensor:
         """The steepest-ascent direction d = argmax_{||d||_B <= 1} <g, d>.
@@ -108,7 +109,7 @@ class Ball:
         if self.norm == "linf":
             return torch.sign(g) if s is None else s * torch.sign(g)
         sg = g if s is None else s * g
-        n = torch.linalg.vector_norm(sg)
+        n = float(vector_norm(sg))
         if n == 0:
             return torch.zeros_like(g)
         return sg / n if s is None else s * sg / n
@@ -125,7 +126,7 @@ class Ball:
         if self.norm == "linf":
             return self.rho * (torch.sign(u) if s is None else s * torch.sign(u))
         free = u if s is None else torch.where(s > 0, u, torch.zeros_like(u))
-        n = torch.linalg.vector_norm(free)
+        n = float(vector_norm(free))
         if n == 0:
             return torch.zeros_like(u)
         return self.rho * (free / n if s is None else s * free / n)
@@ -134,7 +135,7 @@ class Ball:
         self, n: int, generator: torch.Generator, *, device=None, dtype=None
     ) -> Tensor:
         """A random point on the sphere: uniform for ``l2``, a random vertex for ``linf``."""
-        u = torch.randn(n, generator=generator, dtype=torch.float64).to(device, dtype)
+        u = random_vector(n, generator, device=device, dtype=dtype)
         return self.to_sphere(u)
 
     def project(self, z: Tensor) -> Tensor:
@@ -149,7 +150,7 @@ class Ball:
             bound = self.rho if s is None else self.rho * s
             return torch.clamp(z, -bound, bound)
         if s is None:
-            n = float(torch.linalg.vector_norm(z))
+            n = float(vector_norm(z))
             return z if n <= self.rho else z * (self.rho / n)
         return _project_ellipsoid(z, s, self.rho)
 
@@ -194,14 +195,14 @@ def _project_ellipsoid(z: Tensor, s: Tensor, rho: float, max_iter: int = 100) ->
     zf = torch.where(free, z.to(torch.float64), torch.zeros_like(s64))
     c = s64 * zf
     safe = torch.where(free, s64, torch.ones_like(s64))
-    if float(torch.linalg.vector_norm(zf / safe)) <= rho:
+    if float(vector_norm(zf / safe)) <= rho:
         return zf.to(z.dtype)
-    lo, hi = 0.0, float(torch.linalg.vector_norm(c)) / rho
+    lo, hi = 0.0, float(vector_norm(c)) / rho
     mu = 0.0
     for _ in range(max_iter):
         d = a + mu
         u = torch.where(free, c / torch.where(free, d, torch.ones_like(d)), torch.zeros_like(c))
-        q = float(u @ u)
+        q = float(reduce_sum((u @ u).reshape(1))[0])
         nrm = math.sqrt(q)
         psi = 1.0 / nrm - 1.0 / rho
         if abs(psi) * rho <= 1e-14:
@@ -210,14 +211,16 @@ def _project_ellipsoid(z: Tensor, s: Tensor, rho: float, max_iter: int = 100) ->
             lo = mu
         else:
             hi = mu
-        dq = float((u * u / torch.where(free, d, torch.ones_like(d))).sum())
+        dq = float(
+            reduce_sum((u * u / torch.where(free, d, torch.ones_like(d))).sum().reshape(1))[0]
+        )
         step = -psi / (dq / (nrm * q))  # psi'(mu) = q^(-3/2) sum c^2/(a+mu)^3
         new = mu + step
         mu = new if lo < new < hi else 0.5 * (lo + hi)
         if hi - lo <= 1e-15 * max(hi, 1e-300):
             break
     x = torch.where(free, a * zf / torch.where(free, a + mu, torch.ones_like(a)), 0.0)
-    excess = float(torch.linalg.vector_norm(x / safe)) / rho
+    excess = float(vector_norm(x / safe)) / rho
     if excess > 1.0:  # rounding only: shrink by at most a few ulps
         x = x / excess
     return x.to(z.dtype)

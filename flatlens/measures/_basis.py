@@ -14,6 +14,10 @@ three times faster than casting the rows.
 6, ... rows: at most half again what it holds, at most 32 at a time), on any device and in
 any dtype; arithmetic on the rows is done in the dtype of the vector they meet (the
 operator's dtype).
+
+On a sharded objective (FSDP2) the vectors are this rank's pieces: every float64 sum here
+is then summed over the ranks (:func:`flatlens.core._sharding.reduce_sum`), once per call,
+so the results are the global inner products, the same bytes on every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["Basis", "combo_norm64", "dot64", "norm64", "rows_dot64"]
+from flatlens.core._sharding import reduce_max, reduce_sum
+
+__all__ = ["Basis", "combo_norm64", "dot64", "max_abs_sign", "norm64", "rows_dot64"]
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements of a float64 temporary (8 MiB); chunks of the vectors are cast this many at a time."""
@@ -41,11 +47,12 @@ def _slices(n: int, rows: int = 1) -> Iterator[slice]:
 def dot64(a: Tensor, b: Tensor) -> float:
     """a . b accumulated in float64 (a and b on one device)."""
     if a.dtype == b.dtype == torch.float64:
-        return float(a @ b)
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for s in _slices(a.numel()):
-        total += a[s].double() @ b[s].double()
-    return float(total)
+        total = (a @ b).reshape(1)
+    else:
+        total = torch.zeros(1, dtype=torch.float64, device=a.device)
+        for s in _slices(a.numel()):
+            total += a[s].double() @ b[s].double()
+    return float(reduce_sum(total))
 
 
 def norm64(a: Tensor) -> float:
@@ -55,26 +62,42 @@ def norm64(a: Tensor) -> float:
 
 def combo_norm64(w: Tensor, u: Tensor, c: float) -> float:
     """||w - c u|| with the difference formed and summed in float64."""
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    total = torch.zeros(1, dtype=torch.float64, device=w.device)
     for s in _slices(w.numel()):
         d = w[s].double() - c * u[s].double()
         total += d @ d
-    return math.sqrt(float(total))
+    return math.sqrt(max(float(reduce_sum(total)), 0.0))
 
 
-def rows_dot64(m: Tensor, w: Tensor) -> Tensor:
+def rows_dot64(m: Tensor, w: Tensor, *, reduce: bool = True) -> Tensor:
     """``m @ w`` for rows ``m`` (r, n): sums in the wider of the two dtypes (at least
     float32) over chunks of at most ``max(4096, PROJECT_ELEMENTS / r)`` elements, float64
-    across chunks; a float64 CPU tensor (r,)."""
+    across chunks; a float64 CPU tensor (r,). ``reduce=False`` leaves out the sum over
+    ranks (the caller reduces several at once) and leaves the result on ``m``'s device."""
     if m.dtype == w.dtype == torch.float64:
-        return (m @ w).cpu()
-    acc = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
-    work = torch.promote_types(torch.promote_types(m.dtype, w.dtype), torch.float32)
-    step = max(4096, PROJECT_ELEMENTS // max(m.shape[0], 1))
-    for start in range(0, w.numel(), step):
-        rows, part = m[:, start : start + step], w[start : start + step]
-        acc += torch.mv(rows.to(work), part.to(work)).double()
-    return acc.cpu()
+        acc = m @ w
+    else:
+        acc = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
+        work = torch.promote_types(torch.promote_types(m.dtype, w.dtype), torch.float32)
+        step = max(4096, PROJECT_ELEMENTS // max(m.shape[0], 1))
+        for start in range(0, w.numel(), step):
+            rows, part = m[:, start : start + step], w[start : start + step]
+            acc += torch.mv(rows.to(work), part.to(work)).double()
+    return reduce_sum(acc).cpu() if reduce else acc
+
+
+def max_abs_sign(rows: Tensor) -> Tensor:
+    """The sign (+1 or -1, +1 for a zero row) of each row's largest-magnitude entry; on a
+    sharded space the largest over all ranks (-1 when ranks tie with opposite signs)."""
+    idx = rows.abs().argmax(dim=1)
+    peak = rows.gather(1, idx[:, None]).squeeze(1).to(torch.float64)
+    signs = torch.where(peak < 0, -1.0, 1.0).to(torch.float64)
+    top = peak.abs()
+    best = reduce_max(top.clone())
+    # One rank per row keeps its sign: a rank whose peak is not the maximum sends 0.
+    mine = torch.where(top == best, signs, torch.zeros_like(signs))
+    first = reduce_max(torch.where(mine != 0, 2.0 - mine, torch.zeros_like(mine)))
+    return torch.where(first == 0, 1.0, 2.0 - first).to(rows.device)
 
 
 class Basis:
@@ -125,9 +148,14 @@ class Basis:
         raise IndexError(i)
 
     def project(self, w: Tensor) -> Tensor:
-        """``V w`` over the rows held, in float64 on the CPU (``w`` on the basis's device)."""
-        parts = [rows_dot64(b[lo:hi], w) for b, lo, hi, _ in self._segments(0, self.size)]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        """``V w`` over the rows held, in float64 on the CPU (``w`` on the basis's device);
+        one reduction over ranks for all rows."""
+        parts = [
+            rows_dot64(b[lo:hi], w, reduce=False) for b, lo, hi, _ in self._segments(0, self.size)
+        ]
+        if not parts:
+            return torch.zeros(0, dtype=torch.float64)
+        return reduce_sum(torch.cat(parts)).cpu()
 
     def subtract(self, w: Tensor, h: Tensor) -> Tensor:
         """``w - V^T h`` in w's dtype, in place."""

@@ -281,6 +281,8 @@ def block_spectra(
     progress: bool = False,
     density_kwargs: Mapping[str, Any] | None = None,
     max_hvps: int | None = None,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> BlockSpectraResult:
     """Top-k eigenvalues (and optionally the spectral density) of every diagonal Hessian block.
 
@@ -340,6 +342,9 @@ def block_spectra(
             (``num_runs``, ``lanczos_steps``, ``num_points``, ``kernel_width``, ``seed``).
         max_hvps: HVP budget of each block's eigenvalue solve (default: that of
             :func:`~flatlens.measures.hessian_eigenvalues`).
+        basis_device: Keep each block's Lanczos basis there (eigenvalues and density; as
+            for :func:`~flatlens.measures.hessian_eigenvalues`).
+        basis_dtype: Store each block's Lanczos basis in this dtype.
 
     Returns:
         A :class:`BlockSpectraResult`.
@@ -362,6 +367,7 @@ def block_spectra(
     density_kwargs = dict(density_kwargs or {})
     if "at" in density_kwargs:
         raise ValueError("density_kwargs may not hold 'at': blocks are measured at the model")
+    basis = {"basis_device": basis_device, "basis_dtype": basis_dtype}
     scheme, resolved = _resolve(objective.model, objective.space.names, blocks)
     loss = objective.loss()  # runs the parent's determinism check once, if it is due
     results: list[BlockSpectrum] = []
@@ -371,10 +377,10 @@ def block_spectra(
         if n <= k:
             eig = _dense_block(child, k)
         else:
-            eig = hessian_eigenvalues(child, k, tol=tol, max_hvps=max_hvps, seed=seed)
+            eig = hessian_eigenvalues(child, k, tol=tol, max_hvps=max_hvps, seed=seed, **basis)
         dens = None
         if density:
-            dens = hessian_density(child, **{"seed": seed, **density_kwargs})
+            dens = hessian_density(child, **{"seed": seed, **basis, **density_kwargs})
         results.append(
             BlockSpectrum(
                 name=name,
@@ -393,6 +399,9 @@ def block_spectra(
         )
         for key, value in child.counts.items():
             objective.counts[key] = objective.counts.get(key, 0) + value
+        if child.hvp_method_used is not None:  # the blocks' products are the parent's
+            objective.hvp_method_used = child.hvp_method_used
+            objective.hvp_note = child.hvp_note or objective.hvp_note
         del child
     return BlockSpectraResult(
         blocks=results,

@@ -264,8 +264,9 @@ def check_bound(
         progress: Show tqdm bars.
         **settings: Fields of :class:`AscentConfig` for both ascents: ``steps`` (default
             20), ``restarts`` (default 1), ``adaptive``, ``adaptive_eta``, ``init``,
-            ``budget`` and the rest. ``norm`` must be ``"l2"``: lambda_max is the curvature
-            of the l2 ball.
+            ``budget``, ``basis_device`` and ``basis_dtype`` (also those of the lambda_max
+            Lanczos basis, as for :func:`~flatlens.measures.hessian_eigenvalues`) and the
+            rest. ``norm`` must be ``"l2"``: lambda_max is the curvature of the l2 ball.
 
     Returns:
         A :class:`BoundReport`; the model is left exactly as it was.
@@ -291,13 +292,16 @@ def check_bound(
     rows = []
     with preserved(objective.model):
         scale = base.ball(theta).scale
+        basis = {"basis_device": base.basis_device, "basis_dtype": base.basis_dtype}
         if scale is None:
             eig = hessian_eigenvalues(
-                objective, 1, tol=eigen_tol, seed=gen, progress=progress, at=theta
+                objective, 1, tol=eigen_tol, seed=gen, progress=progress, at=theta, **basis
             )
         else:
             scaled = _scaled_hessian(objective, theta, scale)
-            eig = hessian_eigenvalues(scaled, 1, tol=eigen_tol, seed=gen, progress=progress)
+            eig = hessian_eigenvalues(
+                scaled, 1, tol=eigen_tol, seed=gen, progress=progress, **basis
+            )
         lam = eig.value
         loss = math.nan
         for rho in radii:

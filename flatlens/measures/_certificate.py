@@ -1,21 +1,33 @@
 """The certificate of returned eigenpairs: true residuals, a rounding allowance, bounds.
 
-For unit vectors u with fresh products w = fl(A u) (float64 sums): lambda = u.w / u.u,
-r = ||w - lambda u|| and bound = min(r + delta, (r + delta)^2 / (gap - delta) + delta), with
-delta the allowance for the operator's rounding (see :func:`certify`). Used by
-:func:`~flatlens.measures._lanczos.lanczos_eigsh`.
+For unit vectors u with products w = fl(A u) (float64 sums): lambda = u.w / u.u,
+r = ||w - lambda u|| (:func:`rayleigh`) and
+
+    bound = min(r + delta, (r + delta)^2 / (gap - delta) + delta)      (:func:`error_bounds`)
+
+with delta the allowance for the distance between the products used and exact ones
+(:func:`allowance`), and the gap estimated from the other Ritz values (:class:`Neighbours`).
+Everything here works on numbers and vectors already computed: the solver
+(:func:`~flatlens.measures._lanczos.lanczos_eigsh`) applies the operator and passes the
+products in, and :mod:`~flatlens.measures._spectrum` re-bounds with float64 products.
+
+What a bound covers is its ``kind``: ``"certified"`` when delta covers the distance between
+the products and the exact operator's (products in float64, or re-evaluated in float64),
+``"estimate"`` when part of that distance is only estimated (float32 products that share a
+systematic rounding, finite-difference products whose truncation is estimated).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from flatlens.core._sharding import global_size
 from flatlens.measures._basis import combo_norm64, dot64, norm64
 
 F64 = torch.float64
@@ -24,17 +36,24 @@ __all__ = [
     "ROUNDING_FACTOR",
     "ROUNDING_SCALE",
     "Certificate",
+    "Neighbours",
+    "allowance",
     "blocked_by_rounding",
-    "certify",
+    "bound",
     "error_bounds",
-    "rescaled",
+    "rayleigh",
+    "spread",
+    "sums_error",
     "tolerance_limit",
 ]
 
 ROUNDING_FACTOR = 4.0
 """Safety factor on a measured spread between two roundings of one product."""
 ROUNDING_SCALE = 3.0
-"""The scale s of a rounding check fl(A(s u))/s vs fl(A u) (SLQ): not a power of two."""
+"""The scale s of a rounding check fl(A(s u))/s vs fl(A u): not a power of two."""
+NEIGHBOUR_FRACTION = 0.1
+"""A neighbouring Ritz value sets the Kato-Temple gap once its radius is at most this
+fraction of its distance (and within the tolerance)."""
 
 
 def error_bounds(
@@ -53,12 +72,14 @@ def error_bounds(
     the tolerance itself (radius at most ``limit`` of it and a tenth of the distance).
     Lanczos finds extreme eigenvalues from the outside in, so by then the ones in between
     have (with high probability) appeared; an unconverged neighbour can be a mixture far
-    from any eigenvalue near the value and would overstate the gap.
+    from any eigenvalue near the value and would overstate the gap. The stop rule of
+    Lanczos and the final certificate use this same bound, so a solve stops as soon as the
+    bound it will report meets the tolerance.
     """
     rad = res + delta
     pts = values if other is None else torch.cat([values, other])
     prad = rad if other_rad is None else torch.cat([rad, other_rad])
-    bound = rad.clone()
+    out = rad.clone()
     j = values.numel()
     if pts.numel() > 1:
         dist = (values[:, None] - pts[None, :]).abs()
@@ -67,9 +88,10 @@ def error_bounds(
         near = dist.gather(1, nearest[:, None]).squeeze(1)
         near_rad = prad[nearest]
         gap = near - near_rad - delta
-        ok = (gap > 0) & (near_rad <= 0.1 * near) & (near_rad <= limit(pts[nearest]))
-        bound[ok] = torch.minimum(rad[ok], rad[ok] ** 2 / gap[ok] + delta)
-    return bound
+        ok = (gap > 0) & (near_rad <= NEIGHBOUR_FRACTION * near)
+        ok &= near_rad <= limit(pts[nearest])
+        out[ok] = torch.minimum(rad[ok], rad[ok] ** 2 / gap[ok] + delta)
+    return out
 
 
 def tolerance_limit(values: Tensor, tol: float, scale: float) -> Tensor:
@@ -77,8 +99,39 @@ def tolerance_limit(values: Tensor, tol: float, scale: float) -> Tensor:
     return tol * torch.clamp(values.abs(), min=1e-6 * scale)
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """The Ritz values not returned and their radii (residual plus allowance): where the
+    rest of the spectrum is, for the gap of Kato-Temple."""
+
+    values: Tensor
+    radii: Tensor
+
+    def widened(self, extra: float) -> Neighbours:
+        """The same values with every radius grown by ``extra``."""
+        return Neighbours(self.values, self.radii + extra)
+
+    @property
+    def scale(self) -> float:
+        return float(self.values.abs().max()) if self.values.numel() else 0.0
+
+
 @dataclass
 class Certificate:
+    """Bounds of returned pairs (float64 CPU tensors unless said otherwise).
+
+    Attributes:
+        values: Rayleigh quotients lambda_i.
+        residuals: True residual norms r_i = ||w_i - lambda_i u_i||.
+        bounds: Error bound of each value.
+        converged: bound <= limit.
+        limit: tol * max(|lambda_i|, 1e-6 ||A||).
+        delta: The allowance for the products' distance from exact ones.
+        products: The products w_i (rows, on the operator's device).
+        neighbours: The other Ritz values used for the gaps.
+        kind: ``"certified"`` or ``"estimate"`` (see the module docstring).
+    """
+
     values: Tensor
     residuals: Tensor
     bounds: Tensor
@@ -86,11 +139,92 @@ class Certificate:
     limit: Tensor
     delta: float
     products: Tensor
+    neighbours: Neighbours
+    kind: str = "certified"
 
     @property
     def score(self) -> float:
         """The worst bound relative to its limit (below 1: all converged)."""
         return float((self.bounds / self.limit.clamp_min(1e-300)).max())
+
+    def reordered(self, idx: Tensor, signs: Tensor) -> Certificate:
+        """The pairs in the order ``idx``, each product multiplied by ``signs`` (the signs
+        the returned vectors were given)."""
+        return replace(
+            self,
+            values=self.values[idx],
+            residuals=self.residuals[idx],
+            bounds=self.bounds[idx],
+            converged=self.converged[idx],
+            limit=self.limit[idx],
+            products=self.products[idx] * signs.to(self.products.dtype)[:, None],
+        )
+
+
+def rayleigh(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 Rayleigh quotients u.w / u.u and residual norms ||w - lambda u|| / ||u||."""
+    k = u.shape[0]
+    values = torch.tensor([dot64(u[i], w[i]) / dot64(u[i], u[i]) for i in range(k)], dtype=F64)
+    res = [combo_norm64(w[i], u[i], float(values[i])) / norm64(u[i]) for i in range(k)]
+    return values, torch.tensor(res, dtype=F64)
+
+
+def spread(w: Tensor, other: Tensor, scale: float = 1.0) -> float:
+    """max_i ||w_i - other_i / scale||: two roundings of the same products (``other`` the
+    products of ``scale`` times the vectors, or assembled from the Lanczos products)."""
+    return max(combo_norm64(other[i], w[i], scale) / scale for i in range(w.shape[0]))
+
+
+def sums_error(n: int, products: Tensor) -> float:
+    """The float64 sums' own error, sqrt(n) eps64 ||w|| (n the global dimension)."""
+    return math.sqrt(global_size(n)) * torch.finfo(F64).eps * max(norm64(row) for row in products)
+
+
+def _scale(values: Tensor, neighbours: Neighbours) -> float:
+    """||A|| as the largest |Ritz value| seen."""
+    return max(float(values.abs().max()), neighbours.scale)
+
+
+def allowance(
+    eps: float, values: Tensor, neighbours: Neighbours, measured: float, n: int, products: Tensor
+) -> float:
+    """delta = max(4 * measured spread, 2 eps ||A||) plus the float64 sums' error."""
+    floor = 2 * eps * _scale(values, neighbours)
+    return max(ROUNDING_FACTOR * measured, floor) + sums_error(n, products)
+
+
+def known_allowance(
+    rounding: float, values: Tensor, neighbours: Neighbours, n: int, products: Tensor
+) -> float:
+    """delta for a known relative rounding u of the operator: u ||A|| plus the sums' error."""
+    return rounding * _scale(values, neighbours) + sums_error(n, products)
+
+
+def bound(
+    values: Tensor,
+    residuals: Tensor,
+    products: Tensor,
+    delta: float,
+    neighbours: Neighbours,
+    tol: float,
+    kind: str = "certified",
+) -> Certificate:
+    """The certificate of ``values`` with ``residuals`` for the allowance ``delta``; each
+    neighbour's radius is widened by delta too."""
+    scale = _scale(values, neighbours)
+    radii = neighbours.radii + delta
+    limit_fn = partial(tolerance_limit, tol=tol, scale=scale)
+    bounds = error_bounds(values, residuals, delta, limit_fn, neighbours.values, radii)
+    limit = tolerance_limit(values, tol, scale)
+    return Certificate(
+        values, residuals, bounds, bounds <= limit, limit, delta, products, neighbours, kind
+    )
+
+
+def rebound(cert: Certificate, delta: float, tol: float, kind: str | None = None) -> Certificate:
+    """``cert`` with another allowance (its values and residuals kept)."""
+    out = bound(cert.values, cert.residuals, cert.products, delta, cert.neighbours, tol, cert.kind)
+    return out if kind is None else replace(out, kind=kind)
 
 
 def blocked_by_rounding(cert: Certificate, failing: Tensor, tol: float) -> str | None:
@@ -104,67 +238,3 @@ def blocked_by_rounding(cert: Certificate, failing: Tensor, tol: float) -> str |
             "a looser tol"
         )
     return None
-
-
-def certify(op, u, other, other_res, *, tol, delta, rounding, predicted) -> Certificate:
-    """True residuals, float64 Rayleigh quotients and bounds of the unit rows u.
-
-    With no ``delta`` or ``rounding`` yet, the rounding is measured: from the distance of
-    the fresh products to ``predicted`` (the products of u assembled from the Lanczos
-    products, V H y), or, without it, from one more product fl(A(s u_1)) / s."""
-    k = u.shape[0]
-    measure = delta is None and rounding is None
-    scaled = measure and predicted is None  # then one more product, fl(A(s u_1)) / s
-    w = op.matmat(torch.cat([u, ROUNDING_SCALE * u[:1]]) if scaled else u)
-    rho = torch.tensor([dot64(u[i], w[i]) / dot64(u[i], u[i]) for i in range(k)], dtype=F64)
-    res = [combo_norm64(w[i], u[i], float(rho[i])) / norm64(u[i]) for i in range(k)]
-    res = torch.tensor(res, dtype=F64)
-    if scaled:
-        spread = combo_norm64(w[k], w[0], ROUNDING_SCALE) / ROUNDING_SCALE
-        w = w[:k]
-    elif measure:
-        spread = max(combo_norm64(w[i], predicted[i], 1.0) for i in range(k))
-    if measure:
-        delta = _allowance(op, rho, w, other, spread)
-    elif delta is None:
-        delta = rounding * _scale(rho, other) + _sums(op, w)
-    return _bounded(rho, res, w, delta, other, other_res, tol)
-
-
-def _scale(values: Tensor, other: Tensor) -> float:
-    """||A|| as the largest |Ritz value| seen."""
-    return max(float(values.abs().max()), float(other.abs().max()) if other.numel() else 0.0)
-
-
-def _sums(op, w: Tensor) -> float:
-    """The float64 sums' own error, sqrt(n) eps64 ||w||."""
-    return math.sqrt(op.n) * torch.finfo(F64).eps * max(norm64(row) for row in w)
-
-
-def _allowance(op, values: Tensor, products: Tensor, other: Tensor, spread: float) -> float:
-    """delta = max(4 spread, 2 eps ||A||) plus the float64 sums' error."""
-    eps = torch.finfo(op.dtype).eps
-    scale = _scale(values, other)
-    return max(ROUNDING_FACTOR * spread, 2 * eps * scale) + _sums(op, products)
-
-
-def _bounded(rho, res, w, delta: float, other, other_res, tol: float) -> Certificate:
-    """The certificate of values ``rho`` with residuals ``res`` (products ``w``) for the
-    rounding allowance ``delta``."""
-    scale = _scale(rho, other)
-    bounds = error_bounds(
-        rho, res, delta, partial(tolerance_limit, tol=tol, scale=scale), other, other_res + delta
-    )
-    limit = tolerance_limit(rho, tol, scale)
-    return Certificate(rho, res, bounds, bounds <= limit, limit, delta, w)
-
-
-def rescaled(op, u: Tensor, cert: Certificate, other, other_res, tol: float) -> Certificate:
-    """``cert`` with the rounding measured by one more product, fl(A(s u_1)) / s against
-    fl(A u_1): V H y also carries the rounding of the basis arithmetic (about sqrt(p) eps
-    ||A|| after restarts), which can hide a pair that the operator's own rounding lets pass.
-    """
-    rho, res, w = cert.values, cert.residuals, cert.products
-    spread = combo_norm64(op.matvec(ROUNDING_SCALE * u[0]), w[0], ROUNDING_SCALE) / ROUNDING_SCALE
-    delta = _allowance(op, rho, w, other, spread)
-    return _bounded(rho, res, w, delta, other, other_res, tol)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, TypedDict, TypeVar
 
+import torch
 from torch import Tensor
 
 from flatlens.core._checks import (
@@ -16,6 +17,7 @@ from flatlens.core._checks import (
     check_positive,
     check_positive_int,
     check_rho,
+    floating_dtype,
 )
 from flatlens.core._renames import REMOVED_IN
 from flatlens.measures._apgd import check_momentum
@@ -49,6 +51,8 @@ class AscentSettings(TypedDict, total=False):
     num_eigen: int
     eigen_tol: float
     budget: float | None
+    basis_device: str | None
+    basis_dtype: torch.dtype | None
 
 
 def _init_kinds(init: object) -> tuple[str, ...]:
@@ -102,6 +106,9 @@ class AscentConfig:
             ``steps``) so the ascent fits what is left, and starts are dropped from the last
             (random, then the ``-eigen`` side) while even one step per start does not fit.
             The result's ``config.steps`` is what ran.
+        basis_device: Where the ``"eigen"`` start's Lanczos basis lives (e.g. ``"cpu"``
+            for a model on a GPU; as in :func:`~flatlens.measures.hessian_eigenvalues`).
+        basis_dtype: The dtype the ``"eigen"`` start's Lanczos basis is stored in.
 
     Raises:
         TypeError, ValueError: A setting of the wrong type or out of range.
@@ -120,6 +127,8 @@ class AscentConfig:
     num_eigen: int = 1
     eigen_tol: float = 1e-4
     budget: float | None = None
+    basis_device: str | None = None
+    basis_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -135,6 +144,8 @@ class AscentConfig:
             "num_eigen": check_positive_int("num_eigen", self.num_eigen),
             "eigen_tol": check_positive("eigen_tol", self.eigen_tol),
             "budget": None if self.budget is None else check_positive("budget", self.budget),
+            "basis_device": None if self.basis_device is None else str(self.basis_device),
+            "basis_dtype": floating_dtype(self.basis_dtype, "basis_dtype"),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

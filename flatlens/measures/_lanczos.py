@@ -1,15 +1,11 @@
-"""Symmetric eigensolvers over a matrix-free operator ``v -> A v`` (flat torch vectors).
+"""Thick-restart Lanczos over a matrix-free operator ``v -> A v`` (flat torch vectors).
 
 :func:`lanczos_eigsh` is thick-restart Lanczos (Wu & Simon, 2000) with full, twice-applied
 (DGKS) reorthogonalization, inner products accumulated in float64, and a final certificate
-from the true residual of every returned pair (``_certificate``; see its docstring). Plain
-Lanczos steps for SLQ and power iteration live in ``_krylov``.
-
-The basis is a :class:`~flatlens.measures._basis.Basis`: allocated as it grows, on any
-device, in any dtype. Its rows and the projected matrix H = V^T A V[:, :p] (float64, CPU)
-describe the Krylov state: the first p rows are processed (A v_i is known in the span of
-the basis), the rest are the frontier (one row, or up to k after a refinement restart).
-A Ritz pair (theta, V y) then has recurrence residual ||H[p:, :p] y||.
+from the true residual of every returned pair. Calls go one way: this driver applies the
+operator, feeds the products to the Krylov state (``_krylov``), which orthogonalizes them
+against its basis (``_basis``), and hands the checked products to the certificate
+(``_certificate``), which only computes.
 """
 
 from __future__ import annotations
@@ -25,28 +21,37 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flatlens.measures._basis import Basis, norm64
+from flatlens.core._sharding import global_size
+from flatlens.measures._basis import max_abs_sign
 from flatlens.measures._certificate import (
     ROUNDING_FACTOR,
+    ROUNDING_SCALE,
+    Certificate,
+    Neighbours,
+    allowance,
     blocked_by_rounding,
-    certify,
+    bound,
     error_bounds,
-    rescaled,
+    known_allowance,
+    rayleigh,
+    spread,
     tolerance_limit,
 )
+from flatlens.measures._krylov import KrylovState, RitzPairs, Storage
 from flatlens.measures._operators import Operator
 
 Which = Literal["LA", "SA", "LM"]
 MatVec = Callable[[Tensor], Tensor]
 F64 = torch.float64
 
-STOP_MARGIN = 0.5
-"""Lanczos stops when the recurrence bounds are this fraction of tol, so the true residual
-plus the rounding allowance (not known before the checks) meets tol at the first check."""
+STOP_MARGIN = 0.9
+"""Lanczos stops when the bounds it will report, computed from the recurrence residuals and
+an estimate of the rounding allowance, are this fraction of tol: the true residuals equal
+the recurrence ones up to rounding, so the check then meets tol (else it refines)."""
 MAX_REFINEMENTS = 3
 """Restarts from the returned vectors when their true residual misses tol."""
 
-__all__ = ["EigshOutput", "lanczos_eigsh"]
+__all__ = ["EigshOutput", "fix_signs", "lanczos_eigsh"]
 
 
 @dataclass
@@ -54,7 +59,9 @@ class EigshOutput:
     """Raw output of the eigensolvers (float64 CPU values, vectors on the device).
 
     ``rounding`` is the allowance delta for the operator's rounding in each bound,
-    ``basis_vectors`` the most vectors of length n the basis held at once.
+    ``basis_vectors`` the most vectors of length n the basis held at once, ``certificate``
+    the final certificate (in the output's order, products signed like the vectors), for
+    re-bounding.
     """
 
     eigenvalues: Tensor
@@ -67,120 +74,123 @@ class EigshOutput:
     rounding: float = 0.0
     basis_vectors: int = 0
     num_refinements: int = 0
+    certificate: Certificate | None = None
 
 
-def _order(theta: Tensor, which: Which) -> Tensor:
+def order(values: Tensor, which: Which) -> Tensor:
     """Indices of values from most to least wanted."""
     if which == "LA":
-        return torch.argsort(theta, descending=True)
+        return torch.argsort(values, descending=True)
     if which == "SA":
-        return torch.argsort(theta)
-    return torch.argsort(theta.abs(), descending=True)
+        return torch.argsort(values)
+    return torch.argsort(values.abs(), descending=True)
 
 
-class _Krylov:
-    """Basis rows (the first p processed) and H = V^T A V[:, :p] in float64 on the CPU."""
-
-    def __init__(self, n, capacity, work, basis, generator):
-        (self.dev, self.dt), (bdev, bdt) = work, basis
-        self.n, self.generator = n, generator
-        self.basis = Basis(n, capacity, device=bdev, dtype=bdt)
-        self.H = torch.zeros(capacity, capacity, dtype=torch.float64)
-        self.p, self.restarts, self.broke = 0, 0, False
-
-    def start(self, v0: Tensor) -> None:
-        self.basis.append(v0 / norm64(v0))
-
-    def load(self, u: Tensor, w: Tensor, noise: float) -> bool:
-        """Restart from unit rows u with known products w = A u (k each): u is
-        orthonormalized (u' = C u, w' = C w) and each w' is absorbed as a processed column.
-        Returns whether a frontier row was left to continue from."""
-        k = u.shape[0]
-        c = torch.zeros(k, k, dtype=torch.float64)
-        for i in range(k):
-            x, h = self.basis.orthogonalize(u[i].to(self.basis.device, self.dt, copy=True))
-            nrm = norm64(x)
-            if nrm <= 1e-6:
-                return False
-            e = torch.zeros(k, dtype=torch.float64)
-            e[i] = 1.0
-            c[i] = (e - h @ c[:i]) / nrm
-            self.basis.append(x / nrm)
-        w = c.to(w.device, w.dtype) @ w
-        for i in range(k):
-            self.absorb(w[i].to(self.basis.device, copy=True), noise)
-        return self.p < self.basis.size
-
-    def step(self, op: Operator) -> None:
-        w = op.matvec(self.basis.row(self.p).to(self.dev, self.dt))
-        # absorb works in place: copy unless the product is a new tensor of the operator's
-        self.absorb(w.to(self.basis.device, copy=not op.fresh), 0.0)
-
-    def absorb(self, w: Tensor, noise: float) -> None:
-        """Record w = A v_p: orthogonalize, fill column p of H, append the remainder."""
-        j, n = self.p, self.n
-        w, h = self.basis.orthogonalize(w)
-        rows = self.basis.size
-        self.H[:rows, j] = h
-        self.p += 1
-        scale = float(self.H[:rows, : self.p].abs().max()) or 1.0
-        beta = norm64(w)
-        if rows >= n:
-            return
-        if beta <= max(1e-12 * scale * math.sqrt(n), noise):
-            if self.p == rows:  # invariant subspace: go on from a fresh direction
-                fresh = torch.randn(n, generator=self.generator, dtype=torch.float64)
-                fresh, _ = self.basis.orthogonalize(fresh.to(self.basis.device, self.dt))
-                self.basis.append(fresh / norm64(fresh))
-                self.broke = True
-            return
-        self.basis.append(w / beta)
-        self.H[rows, j] = beta
-
-    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
-        p, rows = self.p, self.basis.size
-        hp = self.H[:p, :p]
-        theta, y = torch.linalg.eigh(torch.triu(hp) + torch.triu(hp, 1).T)
-        res = torch.linalg.vector_norm(self.H[p:rows, :p] @ y, dim=0)
-        return theta, y, res
-
-    def restart(self, theta: Tensor, y: Tensor, keep: Tensor) -> None:
-        """Thick restart: keep the Ritz vectors ``keep`` and the frontier rows."""
-        p, rows = self.p, self.basis.size
-        yk = y[:, keep]
-        coupling = self.H[p:rows, :p] @ yk
-        self.basis.rotate(yk, p, self.dt)
-        q = keep.numel()
-        self.H.zero_()
-        self.H[:q, :q] = torch.diag(theta[keep])
-        self.H[q : q + rows - p, :q] = coupling
-        self.p, self.broke = q, False
-        self.restarts += 1
+def fix_signs(vecs: Tensor) -> Tensor:
+    """Make each row's largest-magnitude entry positive, so results are reproducible."""
+    return vecs * max_abs_sign(vecs).to(vecs.dtype)[:, None]
 
 
-def _iterate(state, op, *, k, m, which, tol, stop_at, delta) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class _Settings:
+    k: int
+    m: int
+    which: Which
+    tol: float
+    rounding: float | None
+    work: Storage
+    basis: Storage
+
+    @property
+    def exact_basis(self) -> bool:
+        """The basis stores at least the operator's precision. Below it, the basis adds its
+        own rounding to V T y, which would be taken for the operator's: the rounding is then
+        measured with one more product instead."""
+        return torch.finfo(self.basis.dtype).eps <= torch.finfo(self.work.dtype).eps
+
+
+def _iterate(state: KrylovState, op: Operator, s: _Settings, stop_at: int, delta) -> RitzPairs:
     """Lanczos steps until the recurrence bounds meet tol, stagnate below the rounding
     allowance, the space is exhausted, or ``op.count`` reaches ``stop_at``."""
-    eps = torch.finfo(state.dt).eps
-    eps_b = max(eps, torch.finfo(state.basis.dtype).eps)
+    eps_b = max(torch.finfo(s.work.dtype).eps, torch.finfo(s.basis.dtype).eps)
     while True:
-        if state.p < state.basis.size:
-            state.step(op)
-        if state.p >= k:
-            theta, y, res = state.ritz()
-            scale = float(theta.abs().max())
-            d = max(delta or 0.0, 2 * eps_b * scale)
-            order = _order(theta, which)
-            want = order[:k]
-            bounds = error_bounds(theta, res, d, partial(tolerance_limit, tol=tol, scale=scale))
-            limit = tolerance_limit(theta[want], tol, scale)
+        if not state.exhausted:
+            w = op.matvec(state.frontier())
+            # absorb works in place: copy unless the product is a new tensor of the operator's
+            state.absorb(w.to(state.basis.device, copy=not op.fresh))
+        if state.processed >= s.k:
+            pairs = state.ritz()
+            scale = float(pairs.values.abs().max())
+            # The allowance the check will measure, before it is known: about
+            # 4 sqrt(p) eps ||A|| (the distance of V T y from fresh products).
+            guess = ROUNDING_FACTOR * math.sqrt(state.processed) * eps_b * scale
+            d = max(delta or 0.0, guess)
+            want = order(pairs.values, s.which)[: s.k]
+            limit_fn = partial(tolerance_limit, tol=s.tol, scale=scale)
+            bounds = error_bounds(pairs.values, pairs.residuals, d, limit_fn)
+            limit = tolerance_limit(pairs.values[want], s.tol, scale)
             met = bool((bounds[want] <= STOP_MARGIN * limit).all())
-            met = met or bool((res[want] <= 0.5 * d).all())
-            full = state.p == state.basis.size
-            if (met and (not state.broke or state.p == m)) or full or op.count >= stop_at:
-                return theta, y, res
-        if state.p == m:
-            state.restart(theta, y, order[: min(m - 1, k + (m - k) // 2)])
+            met = met or bool(
+                (pairs.residuals[want] <= 0.5 * max(delta or 0.0, 2 * eps_b * scale)).all()
+            )
+            if (met and (not state.broke or state.processed == s.m)) or state.exhausted:
+                return pairs
+            if op.count >= stop_at:
+                return pairs
+        if state.processed == s.m:
+            ranked = order(pairs.values, s.which)
+            state.restart(pairs, ranked[: min(s.m - 1, s.k + (s.m - s.k) // 2)])
+
+
+def _check(
+    op: Operator,
+    state: KrylovState,
+    pairs: RitzPairs,
+    s: _Settings,
+    delta: float | None,
+    stop_at: int,
+) -> tuple[Tensor, Certificate]:
+    """One product per returned pair and its certificate: returns the unit vectors u (on
+    the operator's device) and the certificate.
+
+    With no allowance yet (``delta`` and ``rounding`` None) the rounding is measured: from
+    the distance of the fresh products to the ones assembled from the Lanczos products
+    (V T y), or, when the basis is stored below the operator's precision, or when that
+    distance (which also carries the basis arithmetic) keeps a pair from converging, from
+    one more product fl(A(3 u_1)) / 3 against fl(A u_1).
+    """
+    ranked = order(pairs.values, s.which)
+    want, rest = ranked[: s.k], ranked[s.k :]
+    y = pairs.coefficients[:, want]
+    u, norms = state.ritz_vectors(y)
+    measure = delta is None and s.rounding is None
+    predicted = None
+    if measure and s.exact_basis:
+        predicted = state.assembled_products(y, norms).to(s.work.device)
+    u = u.to(s.work.device)
+    neighbours = Neighbours(pairs.values[rest], pairs.residuals[rest])
+    scaled = measure and predicted is None
+    w = op.matmat(torch.cat([u, ROUNDING_SCALE * u[:1]]) if scaled else u)
+    if scaled:
+        measured, w = spread(w[:1], w[s.k :], ROUNDING_SCALE), w[: s.k]
+    elif measure:
+        measured = spread(w, predicted)
+    del predicted
+    values, residuals = rayleigh(u, w)
+    eps = torch.finfo(op.dtype).eps
+    if measure:
+        delta = allowance(eps, values, neighbours, measured, op.n, w)
+    elif delta is None:
+        delta = known_allowance(s.rounding, values, neighbours, op.n, w)
+    cert = bound(values, residuals, w, delta, neighbours, s.tol)
+    if measure and not scaled and not bool(cert.converged.all()) and op.count < stop_at:
+        # V T y also carries the float32 arithmetic of the basis (about sqrt(p) eps ||A||
+        # after restarts): measure the operator's own rounding with one more product.
+        one = op.matvec(ROUNDING_SCALE * u[0])
+        measured = spread(w[:1], one[None], ROUNDING_SCALE)
+        delta = allowance(eps, values, neighbours, measured, op.n, w)
+        cert = bound(values, residuals, w, delta, neighbours, s.tol)
+    return u, cert
 
 
 def lanczos_eigsh(
@@ -207,9 +217,9 @@ def lanczos_eigsh(
     sums in float64:
 
     * lambda = u.w / u.u (the float64 Rayleigh quotient), r = ||w - lambda u||;
-    * delta = 4 max_i ||w_i - V H y_i||: the same product assembled from the Lanczos
-      products (A V = V H) rounds differently from the fresh one, so their distance
-      measures the rounding at no extra product. V H y also carries the float32 basis
+    * delta = 4 max_i ||w_i - V T y_i||: the same product assembled from the Lanczos
+      products (A V = V T) rounds differently from the fresh one, so their distance
+      measures the rounding at no extra product. V T y also carries the float32 basis
       arithmetic (about sqrt(p) eps ||A|| after restarts): when that keeps a pair from
       converging, and for a basis stored below the operator's precision, one more product
       measures it instead, delta = 4 ||fl(A(3u_1))/3 - w_1||. At least 2 eps ||A|| (||A||
@@ -220,8 +230,10 @@ def lanczos_eigsh(
       |lambda - theta_l| / 10, with gap = |lambda - theta_l| - r_l - delta.
 
     ||fl(A u) - A u|| <= delta makes both bounds hold for the exact operator. delta is an
-    estimate, not a proof: rounding that does not change with u (a cached forward pass)
-    is not seen. A pair that misses ``tol`` is refined (Lanczos restarted from the returned
+    estimate, not a proof: rounding that does not change with u (a cached forward pass, the
+    float32 operator's systematic distance from the exact one) is not seen;
+    :func:`~flatlens.measures.hessian_eigenvalues` covers it by re-evaluating the pairs in
+    float64. A pair that misses ``tol`` is refined (Lanczos restarted from the returned
     vectors and their products, at most 3 times) unless delta alone is in the way, which
     warns; then ``converged`` says so.
 
@@ -254,7 +266,7 @@ def lanczos_eigsh(
         Wanted eigenvalues in ``which`` order, unit eigenvectors as rows, true residual
         norms, error bounds and convergence flags.
     """
-    n = v0.numel()
+    n = global_size(v0.numel())  # on a sharded objective the vectors hold a part of n
     if not 1 <= k < n:
         raise ValueError(f"k must be between 1 and num_params - 1 = {n - 1}, got {k}")
     m = min(n, basis_size or max(2 * k + 10, 24))
@@ -267,14 +279,13 @@ def lanczos_eigsh(
         op = matvec
     else:
         mm = None if matmat is None else (lambda x: matmat(x.T.contiguous()).T)
-        op = Operator(matvec, n, v0.dtype, v0.device, matmat=mm)
-    dev, dt = op.device, op.dtype
-    work = (dev, dt)
-    basis = (torch.device(basis_device) if basis_device else dev, basis_dtype or dt)
-    # A basis stored below the working precision adds its own rounding to V H y, which would
-    # be taken for the operator's: then the rounding check takes one more product instead.
-    exact_basis = torch.finfo(basis[1]).eps <= torch.finfo(dt).eps
-    least = 2 * k + (rounding is None and not exact_basis)
+        op = Operator(matvec, v0.numel(), v0.dtype, v0.device, matmat=mm)
+    work = Storage(op.device, op.dtype)
+    basis = Storage(
+        torch.device(basis_device) if basis_device else op.device, basis_dtype or op.dtype
+    )
+    s = _Settings(k, m, which, tol, rounding, work, basis)
+    least = 2 * k + (rounding is None and not s.exact_basis)
     if budget < least:
         raise ValueError(
             f"max_matvecs (max_hvps) must be at least {least}: k Lanczos steps and k residual "
@@ -284,34 +295,18 @@ def lanczos_eigsh(
     bar = tqdm(desc="lanczos", unit="matvec", disable=not progress, leave=False)
     op.on_product, start_count = bar.update, op.count
     stop_at = start_count + budget
-    state = _Krylov(n, min(n, m + 1), work, basis, gen)
-    state.start(v0.to(basis[0], dt))
-    delta, peak, restarts, rounds, worst, best = None, 0, 0, 0, math.inf, None
+    state = KrylovState(op.n, min(n, m + 1), work, basis, gen)
+    state.start(v0.to(basis.device, work.dtype))
+    delta: float | None = None
+    peak, restarts, rounds, worst = 0, 0, 0, math.inf
+    best: tuple[Certificate, Tensor] | None = None
     try:
         while True:
-            measure = delta is None and rounding is None
-            reserve = k + (measure and not exact_basis)
-            theta, y, res = _iterate(
-                state, op, k=k, m=m, which=which, tol=tol, stop_at=stop_at - reserve, delta=delta
-            )
-            order = _order(theta, which)
-            u, predicted = _returned(state, y[:, order[:k]], dt, predict=measure and exact_basis)
-            u, predicted = u.to(dev), None if predicted is None else predicted.to(dev)
+            reserve = k + (delta is None and rounding is None and not s.exact_basis)
+            pairs = _iterate(state, op, s, stop_at - reserve, delta)
             peak, restarts = max(peak, state.basis.allocated), restarts + state.restarts
-            state = None  # free the basis before the checks
-            cert = certify(
-                op,
-                u,
-                theta[order[k:]],
-                res[order[k:]],
-                tol=tol,
-                delta=delta,
-                rounding=rounding,
-                predicted=predicted,
-            )
-            if predicted is not None and not bool(cert.converged.all()) and op.count < stop_at:
-                cert = rescaled(op, u, cert, theta[order[k:]], res[order[k:]], tol)
-            predicted = None
+            u, cert = _check(op, state, pairs, s, delta, stop_at)
+            state = None  # free the basis before a refinement allocates another
             delta = cert.delta
             if best is None or cert.score < best[0].score:
                 best = (cert, u)
@@ -327,48 +322,27 @@ def lanczos_eigsh(
             if rounds >= MAX_REFINEMENTS or room < k + 2 or now > 0.5 * worst:
                 break
             worst, rounds = now, rounds + 1
-            state = _Krylov(n, min(n, m + k), work, basis, gen)
+            state = KrylovState(op.n, min(n, m + k), work, basis, gen)
             if not state.load(u, cert.products, delta / ROUNDING_FACTOR):
                 break
     finally:
         op.on_product = None
         bar.close()
+    assert best is not None
     cert, u = best
-    idx = _order(cert.values, which)
+    idx = order(cert.values, which)
+    signs = max_abs_sign(u[idx]).to(u.dtype)
+    cert = cert.reordered(idx, signs)
     return EigshOutput(
-        eigenvalues=cert.values[idx],
-        eigenvectors=_fix_signs(u[idx]),
-        residuals=cert.residuals[idx],
-        error_bounds=cert.bounds[idx],
-        converged=cert.converged[idx],
+        eigenvalues=cert.values,
+        eigenvectors=u[idx] * signs[:, None],
+        residuals=cert.residuals,
+        error_bounds=cert.bounds,
+        converged=cert.converged,
         num_matvecs=op.count - start_count,
         num_restarts=restarts,
-        rounding=delta,
+        rounding=cert.delta,
         basis_vectors=peak,
         num_refinements=rounds,
+        certificate=cert,
     )
-
-
-def _returned(
-    state: _Krylov, y: Tensor, dtype: torch.dtype, *, predict: bool
-) -> tuple[Tensor, Tensor | None]:
-    """The unit Ritz vectors u = V y / ||V y|| and, with ``predict``, their products as the
-    Lanczos products give them: A V[:p] = V[:rows] H[:rows, :p], so A u = V (H y) / ||V y||,
-    which rounds differently from a fresh product fl(A u)."""
-    u = state.basis.combine(y, dtype)
-    norms = torch.tensor([norm64(row) for row in u], dtype=F64)
-    u /= norms.to(u.device, dtype)[:, None]
-    if not predict:
-        return u, None
-    rows, p = state.basis.size, state.p
-    predicted = state.basis.combine(state.H[:rows, :p] @ y, dtype)
-    predicted /= norms.to(u.device, dtype)[:, None]
-    return u, predicted
-
-
-def _fix_signs(vecs: Tensor) -> Tensor:
-    """Make each row's largest-magnitude entry positive, so results are reproducible."""
-    idx = vecs.abs().argmax(dim=1)
-    signs = torch.sign(vecs.gather(1, idx[:, None]))
-    signs[signs == 0] = 1
-    return vecs * signs

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from flatlens.core._objective import Objective
+from flatlens.core._sharding import random_vector
 
 __all__ = ["Operator", "SymmetricOperator", "as_operator"]
 
@@ -136,13 +137,9 @@ class Operator:
         return out.T.contiguous()
 
     def random(self, generator: torch.Generator, kind: str = "gaussian") -> Tensor:
-        """A random flat vector, drawn on the CPU in float64 (the same on every device/rank)."""
-        if kind == "rademacher":
-            v = torch.randint(0, 2, (self.n,), generator=generator, dtype=torch.int8)
-            v = 2 * v.to(torch.float64) - 1
-        else:
-            v = torch.randn(self.n, generator=generator, dtype=torch.float64)
-        return v.to(self.device, self.dtype)
+        """A random flat vector, drawn on the CPU in float64 (the same on every device/rank;
+        on a sharded objective this rank's entries of the one-process vector)."""
+        return random_vector(self.n, generator, kind, device=self.device, dtype=self.dtype)
 
 
 def _square(shape: Any) -> int:

@@ -24,9 +24,11 @@ from flatlens.core._renames import renamed, renamed_attribute
 from flatlens.core._results import MeasureResult
 from flatlens.measures._basis import dot64, norm64, rows_dot64
 from flatlens.measures._certificate import ROUNDING_FACTOR, ROUNDING_SCALE
-from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
-from flatlens.measures._lanczos import Which, lanczos_eigsh
+from flatlens.measures._krylov import lanczos_tridiagonal
+from flatlens.measures._lanczos import Which
 from flatlens.measures._operators import Operator, as_operator
+from flatlens.measures._power import power_iteration
+from flatlens.measures._reference import certified_lanczos
 
 __all__ = [
     "DensityResult",
@@ -48,10 +50,10 @@ def _start_vector(
     if not use_gradient or op.objective is None:
         return r, "random"
     g = op.objective.gradient(at=op.point)
-    g_norm = torch.linalg.vector_norm(g)
-    if not bool(torch.isfinite(g_norm)) or g_norm == 0:
+    g_norm = norm64(g)
+    if not math.isfinite(g_norm) or g_norm == 0:
         return r, "random"
-    return r / torch.linalg.vector_norm(r) + g / g_norm, "gradient"
+    return r / norm64(r) + g / g_norm, "gradient"
 
 
 def _starts(first: Tensor | None, draw: Callable[[], Tensor]) -> Callable[[], Tensor]:
@@ -92,6 +94,10 @@ class EigenResult(MeasureResult):
             (a warm start passed as a tensor).
         rounding: The allowance d for the rounding of one product (absolute).
         basis_vectors: Most vectors of length num_params the Lanczos basis held at once.
+        bound_kind: ``"certified"`` (the bounds cover the distance to the exact Hessian's
+            eigenvalues: float64 products, or pairs re-evaluated in float64) or
+            ``"estimate"`` (that distance is estimated; ``bound_note`` says why).
+        reference_hvps: Float64 products spent re-evaluating the pairs (not in ``num_hvps``).
 
     ``result.value`` is the first eigenvalue as a Python float (lambda_max for ``"LA"``),
     the number most users read.
@@ -113,6 +119,9 @@ class EigenResult(MeasureResult):
     start: str = "gradient"
     rounding: float = 0.0
     basis_vectors: int = 0
+    bound_kind: str = "certified"
+    reference_hvps: int = 0
+    bound_note: str = ""
 
     @property
     def value(self) -> float:
@@ -138,6 +147,7 @@ def hessian_eigenvalues(
     basis_device: torch.device | str | None = None,
     basis_dtype: torch.dtype | None = None,
     rounding: float | None = None,
+    certify: bool | None = None,
 ) -> EigenResult:
     """The k extreme eigenvalues of H = grad^2 L(theta) (or of a symmetric operator).
 
@@ -186,6 +196,9 @@ def hessian_eigenvalues(
             certificate still holds.
         rounding: Known relative rounding u of one product (||fl(Hv) - Hv|| <= u ||H||),
             instead of measuring it (from the checked products, sometimes one more).
+        certify: Re-evaluate the k pairs of an Objective below float64 with float64
+            products on a float64 copy of the model (``flatlens.measures._reference``):
+            ``None`` when the copy fits in memory, ``True`` always, ``False`` never.
 
     Returns:
         An :class:`EigenResult`.
@@ -211,10 +224,11 @@ def hessian_eigenvalues(
     elif method == "lanczos":
         v0, used = _start_vector(op, gen, use_gradient=start == "gradient" and which != "SA")
     if method == "lanczos":
-        out = lanczos_eigsh(
+        done = certified_lanczos(
             op,
             v0,
             k,
+            certify=certify,
             which=which,
             tol=tol,
             max_matvecs=max_hvps,
@@ -225,6 +239,7 @@ def hessian_eigenvalues(
             basis_dtype=basis_dtype,
             rounding=rounding,
         )
+        out, kind, extra, note = done.output, done.kind, done.reference_hvps, done.note
     else:
         used = "given" if given else "random"
         out = power_iteration(
@@ -237,6 +252,8 @@ def hessian_eigenvalues(
             make_start=_starts(v0 if given else None, lambda: op.random(gen)),
             progress=progress,
         )
+        exact = op.dtype == torch.float64 and not getattr(op.objective, "uses_differences", 0)
+        kind, extra, note = ("certified", 0, "") if exact else ("estimate", 0, "power, float32")
     return EigenResult(
         eigenvalues=out.eigenvalues,
         eigenvectors=out.eigenvectors,
@@ -254,6 +271,9 @@ def hessian_eigenvalues(
         start=used,
         rounding=out.rounding,
         basis_vectors=out.basis_vectors,
+        bound_kind=kind,
+        reference_hvps=extra,
+        bound_note=note,
     )
 
 

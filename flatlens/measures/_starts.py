@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from flatlens.core._objective import Objective
+from flatlens.core._sharding import random_vector
 from flatlens.measures._ball import Ball
 from flatlens.measures._lanczos import lanczos_eigsh
 from flatlens.measures._spectrum import EigenResult
@@ -29,12 +30,16 @@ def curvature_directions(
     tol: float = 1e-3,
     max_hvps: int | None = None,
     generator: torch.Generator,
+    basis_device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k eigenpairs of S H S (S = diag(scale), or S = I), by Lanczos at ``theta``.
 
     In the scaled coordinates u = delta / s the Hessian is S H S, so its eigenvectors are
     the directions of largest curvature in the adaptive geometry, and they transform with
     a rescaling of the network exactly as the ball does.
+
+    The basis lives on ``basis_device`` in ``basis_dtype`` when given.
 
     Returns:
         ``(eigenvalues, eigenvectors)``: float64 values, unit rows.
@@ -45,7 +50,7 @@ def curvature_directions(
             return objective.hvp(v, at=theta)
         return scale * objective.hvp(scale * v, at=theta)
 
-    v0 = torch.randn(objective.num_params, generator=generator, dtype=torch.float64)
+    v0 = random_vector(objective.num_params, generator)
     out = lanczos_eigsh(
         matvec,
         v0.to(objective.device, objective.dtype),
@@ -54,6 +59,8 @@ def curvature_directions(
         tol=tol,
         max_matvecs=max_hvps,
         generator=generator,
+        basis_device=basis_device,
+        basis_dtype=basis_dtype,
     )
     return out.eigenvalues, out.eigenvectors
 
@@ -79,6 +86,7 @@ def sphere_starts(
     eigen_tol: float = 1e-3,
     eigen_max_hvps: int | None = None,
     starts: Sequence[Tensor] | None = None,
+    basis: dict | None = None,
 ) -> list[tuple[str, Tensor]]:
     """Named start points for the ascent, all on the ball's sphere (given ones projected).
 
@@ -87,6 +95,8 @@ def sphere_starts(
       eigenvectors u_i of S H S (or those of ``eigen``, read as directions u = delta / s).
     * ``restarts`` random points on the sphere.
     * ``starts``: caller-supplied perturbations.
+
+    ``basis`` holds the ``basis_device`` / ``basis_dtype`` of the eigen start's Lanczos run.
     """
     out: list[tuple[str, Tensor]] = []
     scale = ball.scale
@@ -104,6 +114,7 @@ def sphere_starts(
                 tol=eigen_tol,
                 max_hvps=eigen_max_hvps,
                 generator=generator,
+                **(basis or {}),
             )
         else:
             rows = _eigen_rows(eigen)[:num_eigen]

@@ -7,7 +7,10 @@ GAM minimizes L(theta) + alpha * R1_rho(theta), where R1_rho(theta) = rho * max 
   the gradient norm is a finite difference of gradients, and the final direction combines
   four gradients with a GSAM-style decomposition. Four forward-backward passes per step.
 * ``mode="exact"`` (the paper's main algorithm): true Hessian-vector products. Two
-  forward-backward passes with double backward per step (three with the SAM term).
+  forward-backward passes with double backward per step (three with the SAM term); with
+  ``hvp_method="finite_difference"`` each product is a central difference of two gradients
+  instead (six plain passes, seven with the SAM term), for models autograd cannot
+  differentiate twice (fused kernels, sharded models).
 
 See ``docs/optimizers.md`` for usage and ``docs/paper-vs-code.md`` for every difference
 between the paper and the released code; :meth:`GAM.from_official` reproduces the latter.
@@ -15,6 +18,7 @@ between the paper and the released code; :meth:`GAM.from_official` reproduces th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -85,7 +89,9 @@ class GAM(PerturbationOptimizer):
 
     Its closure must accept ``create_graph`` and pass it to ``backward``; the first step
     checks that the gradients carry a graph and raises otherwise (the products would
-    silently be zero).
+    silently be zero). With ``hvp_method="finite_difference"`` no graph is needed:
+    H v ~ (g(theta + h v) - g(theta - h v)) / (2 h) for a unit v, h = sqrt(eps)
+    max(||theta||, 1), eps that of the parameters' dtype.
 
     Args:
         params: Parameters (or param-group dicts) to optimize.
@@ -113,6 +119,8 @@ class GAM(PerturbationOptimizer):
             ``no_sync``, one all-reduce of the final direction per step) or
             ``"synchronized"`` (every gradient and HVP averaged over the ranks); used when
             ``model`` is a ``DistributedDataParallel`` module (see :class:`SAM`).
+        hvp_method: Exact only: ``"double_backward"`` (default) or ``"finite_difference"``
+            (two plain passes per Hessian-vector product, no ``create_graph``).
         **base_kwargs: Settings of the base optimizer when it is passed as a class.
 
     The accelerated defaults are the released code's CIFAR-10 ResNet settings
@@ -150,8 +158,16 @@ class GAM(PerturbationOptimizer):
         eps: float = 1e-12,
         grad_scaler: torch.amp.GradScaler | None = None,
         perturbations: Perturbations = "per_rank",
+        hvp_method: Literal["double_backward", "finite_difference"] = "double_backward",
         **base_kwargs: Any,
     ) -> None:
+        if hvp_method not in ("double_backward", "finite_difference"):
+            raise ValueError(
+                f"hvp_method must be 'double_backward' or 'finite_difference', not {hvp_method!r}"
+            )
+        if hvp_method != "double_backward" and mode != "exact":
+            raise ValueError("hvp_method applies to mode='exact' (accelerated takes no HVP)")
+        self.hvp_method = hvp_method
         settings = self._resolve(
             mode=mode,
             official=False,
@@ -293,7 +309,7 @@ class GAM(PerturbationOptimizer):
         self._apply(self._resolve(**values))
 
     def _needs_graph(self) -> bool:
-        return self.mode == "exact"
+        return self.mode == "exact" and self.hvp_method == "double_backward"
 
     # ------------------------------------------------------------------ the passes
     def _direction(self, run, theta, device):
@@ -324,9 +340,39 @@ class GAM(PerturbationOptimizer):
         return _decompose(h_plus, h_minus, self.orthogonal_weight, eps, device)
 
     def _exact(self, run, theta, device):
+        if self.hvp_method == "finite_difference":
+            return self._exact_difference_step(run, theta, device)
         # Differentiated twice: attention runs on its math backend (core.second_order).
         with second_order():
             return self._exact_step(run, theta, device)
+
+    def _difference(self, run, base, unit, device):
+        """H(base) unit ~ (g(base + h unit) - g(base - h unit)) / (2 h), h = sqrt(eps)
+        max(||base||, 1): two plain passes."""
+        eps = torch.finfo(base[0].dtype).eps
+        h = math.sqrt(eps) * max(float(_norm(base, device)), 1.0)
+        self._move(base, _combine([h], [unit]))
+        plus = run().grads
+        self._move(base, _combine([-h], [unit]))
+        minus = run().grads
+        return _combine([0.5 / h, -0.5 / h], [plus, minus])
+
+    def _exact_difference_step(self, run, theta, device):
+        """The exact step with difference products (see :meth:`_exact_step`)."""
+        eps = self.eps
+        g = run().grads
+        g_unit = _combine([1.0 / (_norm(g, device) + eps)], [g])
+        f = self._difference(run, theta, g_unit, device)
+        theta_adv = self._move(theta, _ascent(f, self.rho, eps, device))
+        g_adv = run().grads
+        g_adv_unit = _combine([1.0 / (_norm(g_adv, device) + eps)], [g_adv])
+        h_norm = _combine([self.rho], [self._difference(run, theta_adv, g_adv_unit, device)])
+        if self.perturb_rho > 0:
+            self._move(theta, _ascent(g, self.perturb_rho, eps, device))
+            h_loss = run().grads
+        else:
+            h_loss = g
+        return _combine([1.0, self.flatness_weight], [h_loss, h_norm])
 
     def _exact_step(self, run, theta, device):
         eps = self.eps

@@ -26,7 +26,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from flatlens import distributed as fd
-from flatlens.core._checks import check_positive, check_positive_int, check_rho
+from flatlens.core._checks import check_positive, check_positive_int, check_rho, floating_dtype
+from flatlens.core._derivatives import HVP_METHODS
 from flatlens.core._io import write_json
 from flatlens.core._objective import Objective
 from flatlens.core._results import to_jsonable
@@ -102,6 +103,9 @@ class DiagnoseConfig:
             ``lanczos_steps`` HVPs per block), drawn beside the eigenvalues.
         seed: Seed of every random choice.
         extra: Free-form values stored with the report.
+        hvp_method: The Objective's ``hvp_method``.
+        basis_device, basis_dtype: Device and dtype (by name: ``"bfloat16"``) of every
+            Lanczos basis (spectrum, density, blocks, λ_max, the eigen start of R0/R1).
     """
 
     rhos: tuple[float, ...] = (0.01, 0.02, 0.05)
@@ -122,6 +126,9 @@ class DiagnoseConfig:
     block_density: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    hvp_method: str = "auto"
+    basis_device: str | None = None
+    basis_dtype: str | None = None
 
     def __post_init__(self) -> None:
         rhos = tuple(self.rhos)
@@ -152,6 +159,15 @@ class DiagnoseConfig:
         self.blocks = _check_blocks(self.blocks)
         if not isinstance(self.block_density, bool):
             raise TypeError(f"block_density must be True or False, not {self.block_density!r}")
+        if self.hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, not {self.hvp_method!r}")
+        floating_dtype(self.basis_dtype, "basis_dtype")  # checks the name
+
+    @property
+    def basis(self) -> dict[str, Any]:
+        """``basis_device`` and ``basis_dtype`` as the measures take them."""
+        dtype = floating_dtype(self.basis_dtype, "basis_dtype")
+        return {"basis_device": self.basis_device, "basis_dtype": dtype}
 
     def quick(self) -> DiagnoseConfig:
         """Small settings for a fast first look."""
@@ -211,6 +227,7 @@ def _objective(
     y: Tensor,
     batch_size: int,
     memory_budget: float | None = None,
+    hvp_method: str = "auto",
     input_names: tuple[str, ...] | None = None,
 ) -> Objective:
     """The risk over ``(x, y)`` in batches of ``batch_size``; under ``torchrun`` over this
@@ -229,6 +246,7 @@ def _objective(
         data,
         distributed=distributed,
         memory_budget=memory_budget,
+        hvp_method=hvp_method,
         batch_weight=getattr(loss_fn, "batch_weight", None),
     )
 
@@ -247,7 +265,14 @@ def measure_objective(
         x, y = x[: config.measure_samples], y[: config.measure_samples]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     return _objective(
-        model, loss_fn, x, y, config.batch_size, config.memory_budget, data.input_names
+        model,
+        loss_fn,
+        x,
+        y,
+        config.batch_size,
+        config.memory_budget,
+        config.hvp_method,
+        data.input_names,
     )
 
 
@@ -269,22 +294,10 @@ def _sharpness_parts(objective: Objective, config: DiagnoseConfig, progress: boo
     from flatlens.measures._sharpness import zeroth_order_sharpness
 
     rho = config.rhos[len(config.rhos) // 2]
-    adaptive = zeroth_order_sharpness(
-        objective,
-        rho,
-        adaptive=True,
-        steps=config.steps,
-        restarts=config.restarts,
-        seed=config.seed,
-    )
-    bound = check_bound(
-        objective,
-        list(config.rhos),
-        steps=config.steps,
-        restarts=config.restarts,
-        seed=config.seed,
-        progress=progress,
-    )
+    common = {"steps": config.steps, "restarts": config.restarts, "seed": config.seed}
+    common.update(config.basis)
+    adaptive = zeroth_order_sharpness(objective, rho, adaptive=True, **common)
+    bound = check_bound(objective, list(config.rhos), progress=progress, **common)
     return {"rho": rho, "adaptive_r0": adaptive.to_dict(), "bound": bound.to_dict()}
 
 
@@ -319,6 +332,7 @@ def _block_spectra(objective: Objective, config: DiagnoseConfig, progress: bool)
         seed=config.seed,
         progress=progress,
         density_kwargs={"num_runs": config.density_runs, "lanczos_steps": config.lanczos_steps},
+        **config.basis,
     )
 
 
@@ -439,6 +453,8 @@ def diagnose(
     objective = measure_objective(model, data, config, loss_fn)
     seed = config.seed
     subset = {"measure_samples": config.measure_samples, "batch_size": config.batch_size}
+    if config.hvp_method != "auto":  # other products: other parts (default reports resume)
+        subset["hvp_method"] = config.hvp_method
     report: dict[str, Any] = {
         "title": title,
         "data": data.name,
@@ -460,7 +476,9 @@ def diagnose(
     )
     report["spectrum"] = store.run(
         "spectrum",
-        lambda: hessian_eigenvalues(objective, config.k, seed=seed, progress=progress),
+        lambda: hessian_eigenvalues(
+            objective, config.k, seed=seed, progress=progress, **config.basis
+        ),
         settings={**subset, "k": config.k, "seed": seed},
     )
     report["trace"] = store.run(
@@ -478,6 +496,7 @@ def diagnose(
             lanczos_steps=config.lanczos_steps,
             seed=seed,
             progress=progress,
+            **config.basis,
         ),
         settings={
             **subset,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import symmetric_with_spectrum
 
-from flatlens.measures._krylov import lanczos_tridiagonal, power_iteration
+from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import lanczos_eigsh
+from flatlens.measures._power import power_iteration
 
 
 def wanted(lam: torch.Tensor, which: str, k: int) -> torch.Tensor:
@@ -50,7 +51,10 @@ def check_pairs(a: torch.Tensor, out, expected: torch.Tensor, rtol: float) -> No
     assert vecs.shape == (k, a.shape[0])
     assert torch.allclose(vecs @ vecs.T, torch.eye(k, dtype=vecs.dtype), atol=1e-8)
     res = torch.linalg.vector_norm(vecs @ a - out.eigenvalues[:, None] * vecs, dim=1)
-    assert bool((res <= 1e-4 * scale).all()), res
+    # A pair bounded by Kato-Temple (bound ~ r^2 / gap, gap <= 2 ||A||) may stop with a
+    # larger residual than a Weyl-bounded one: r <= sqrt(2 bound ||A||).
+    allowed = torch.clamp(torch.sqrt(2.02 * out.error_bounds * scale), min=1e-4 * scale)
+    assert bool((res <= allowed).all()), res
     # Reported residuals are the true ones (up to rounding) and the certificate holds.
     assert torch.allclose(out.residuals, res, atol=1e-8 * scale)
     assert bool((err <= out.error_bounds + 1e-11 * scale).all()), (err, out.error_bounds)

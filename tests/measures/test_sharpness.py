@@ -260,6 +260,8 @@ def test_result_keeps_the_config():
         "num_eigen": 1,
         "eigen_tol": 1e-4,
         "budget": None,
+        "basis_device": None,
+        "basis_dtype": None,
     }
     # The flat fields the reports read are still there and agree with the config.
     for key in ("rho", "norm", "adaptive", "adaptive_eta", "steps", "restarts", "init"):

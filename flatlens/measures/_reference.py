@@ -1,0 +1,199 @@
+"""What an eigenvalue bound covers: re-evaluation in float64, or an honest "estimate".
+
+The Lanczos certificate (``_certificate``) bounds the distance from each returned value to
+the spectrum of the operator *as computed*, with an allowance delta for the rounding of
+one product measured from two roundings of the same product. A float32 Hessian-vector
+product also differs from the exact one systematically (both roundings share it: the same
+float32 forward pass, the same float32 weights), and a difference product by its
+truncation. :func:`finish_certificate` decides what the bound covers:
+
+* float64 products (an Objective in float64, any float64 operator): ``"certified"``;
+* an Objective below float64 with exact (autograd) products, when a float64 copy of the
+  model fits in memory: the k returned vectors are multiplied once more by the float64
+  Hessian (k products on a float64 copy of the model and data), and the values, residuals
+  and bounds are those of the float64 products. The other Ritz values, which set the gap
+  of Kato-Temple, get a radius grown by 4 max_i ||H64 u_i - H32 u_i|| (the measured
+  distance between the two operators). ``"certified"``;
+* difference products: the allowance grows by the Richardson estimate
+  ||D_2h(u_1) - D_h(u_1)|| (two more gradients, once per point). ``"estimate"``;
+* otherwise (below float64 with ``certify=False``, no room for the copy, a GPU whose
+  float64 runs at 1/32 of float32's rate, a sharded model, or an operator that is not an
+  Objective): the bound covers the measured rounding only. ``"estimate"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flatlens.core._memory import available_bytes
+from flatlens.measures._certificate import (
+    ROUNDING_FACTOR,
+    allowance,
+    bound,
+    rayleigh,
+    rebound,
+    spread,
+)
+from flatlens.measures._lanczos import EigshOutput, Which, lanczos_eigsh, order
+from flatlens.measures._operators import Operator
+
+__all__ = ["Finished", "certified_lanczos", "finish_certificate"]
+
+F64 = torch.float64
+
+
+@dataclasses.dataclass
+class Finished:
+    """The solver's output with the bound's final kind and the extra products it took."""
+
+    output: EigshOutput
+    kind: str
+    reference_hvps: int = 0
+    note: str = ""
+
+
+def _room_for_copy(objective, k: int) -> bool:
+    """Whether a float64 copy of the model with its products fits: twice the parameters'
+    and buffers' float32 bytes for the copy, k + 3 float64 vectors, and twice the cached
+    graph's estimate (when known) for one product, within half the free memory (or the
+    objective's ``memory_budget``)."""
+    model = objective.model
+    tensors = [*model.parameters(), *model.buffers()]
+    copy_bytes = sum(t.numel() * 8 for t in tensors if t.is_floating_point())
+    need = copy_bytes + (k + 3) * objective.num_params * 8
+    need += 2 * (objective.estimated_graph_bytes or 0)
+    budget = objective.memory_budget or available_bytes(objective.device) / 2
+    return need <= budget
+
+
+FAST_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+"""CUDA compute capabilities with float64 at half the float32 rate (P100, V100, A100, H100,
+B200); other GPUs run float64 at 1/32 or 1/64 of it."""
+
+
+def _fast_float64(device: torch.device) -> bool:
+    """Whether float64 products cost a small multiple of float32 ones on ``device``."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return tuple(torch.cuda.get_device_capability(device)) in FAST_FLOAT64
+
+
+def _float64_recheck(op: Operator, out: EigshOutput, tol: float, which: Which) -> Finished:
+    objective = op.objective
+    cert = out.certificate
+    assert objective is not None and cert is not None
+    copy = objective._copy_in_dtype(F64)
+    point = op.point.to(F64)
+    u = out.eigenvectors.to(F64)
+    products = torch.stack([copy.hvp(row, at=point) for row in u])
+    values, residuals = rayleigh(u, products)
+    distance = spread(products, cert.products.to(F64))  # both in the output's order
+    eps32, eps64 = torch.finfo(op.dtype).eps, torch.finfo(F64).eps
+    delta = allowance(eps64, values, cert.neighbours, distance * eps64 / eps32, op.n, products)
+    neighbours = cert.neighbours.widened(cert.delta + ROUNDING_FACTOR * distance)
+    checked = bound(values, residuals, products, delta, neighbours, tol)
+    rank = order(checked.values, which)
+    new = dataclasses.replace(
+        out,
+        eigenvalues=checked.values[rank],
+        eigenvectors=out.eigenvectors[rank],
+        residuals=checked.residuals[rank],
+        error_bounds=checked.bounds[rank],
+        converged=checked.converged[rank],
+        rounding=delta,
+        certificate=checked,
+    )
+    del copy
+    return Finished(new, "certified", u.shape[0])
+
+
+def _with_difference_error(op: Operator, out: EigshOutput, tol: float, which: Which) -> Finished:
+    objective, cert = op.objective, out.certificate
+    assert objective is not None and cert is not None
+    error = objective.difference_error(out.eigenvectors[0], cert.products[0], at=op.point)
+    widened = rebound(cert, cert.delta + error, tol, kind="estimate")
+    rank = order(widened.values, which)
+    new = dataclasses.replace(
+        out,
+        error_bounds=widened.bounds[rank],
+        converged=widened.converged[rank],
+        rounding=widened.delta,
+        certificate=widened,
+    )
+    note = f"difference products: error estimate {error:.2e} (Richardson, steps h and 2h)"
+    return Finished(new, "estimate", 0, note)
+
+
+def finish_certificate(
+    op: Operator, out: EigshOutput, *, tol: float, which: Which, certify: bool | None
+) -> Finished:
+    """The bound's kind, re-evaluating in float64 where that makes it certified.
+
+    Args:
+        op: The operator Lanczos ran on.
+        out: Its output (with the certificate).
+        tol: The tolerance asked for.
+        which: The order of the output.
+        certify: ``None``: re-evaluate in float64 when the objective is below float64, a
+            float64 copy fits and float64 is fast on the device (the CPU, datacenter GPUs);
+            ``True``: always (an error when impossible); ``False``: never (the bound of a
+            below-float64 objective is then an estimate).
+    """
+    objective = op.objective
+    if out.certificate is None:
+        return Finished(out, "estimate")
+    if objective is not None and objective.uses_differences:
+        if certify:
+            raise ValueError(
+                "certify=True: difference products have no exact float64 counterpart here "
+                f"({objective.hvp_note or 'hvp_method=finite_difference'}); their bound is "
+                "an estimate"
+            )
+        return _with_difference_error(op, out, tol, which)
+    if op.dtype == F64:
+        return Finished(out, "certified")
+    reason = ""
+    if objective is None:
+        reason = f"a {op.dtype} operator without an Objective cannot be re-evaluated in float64"
+    elif certify is False:
+        reason = "certify=False: float32 products, their systematic rounding not covered"
+    elif objective.layout is not None:
+        reason = "a sharded model is not copied to float64"
+    elif certify is None and not _room_for_copy(objective, out.eigenvectors.shape[0]):
+        reason = "no memory for a float64 copy of the model"
+    elif certify is None and not _fast_float64(op.device):
+        reason = f"float64 is slow on {op.device} (pass certify=True to re-evaluate anyway)"
+    if reason:
+        if certify:
+            raise ValueError(f"certify=True: {reason}")
+        return Finished(out, "estimate", 0, reason)
+    try:
+        return _float64_recheck(op, out, tol, which)
+    except (RuntimeError, TypeError, ValueError) as err:
+        if certify:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Finished(out, "estimate", 0, f"the float64 re-evaluation failed: {first[:160]}")
+
+
+def certified_lanczos(
+    op: Operator, v0: Tensor, k: int, *, certify: bool | None, **kwargs: Any
+) -> Finished:
+    """:func:`~flatlens.measures.lanczos_eigsh` (``kwargs`` are its settings), then
+    :func:`finish_certificate`. A warning that the rounding of the products keeps the
+    bound above tol is passed on only when the final bound still misses tol (a float64
+    re-evaluation often meets it)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lanczos_eigsh(op, v0, k, **kwargs)
+    which, tol = kwargs.get("which", "LA"), kwargs.get("tol", 1e-4)
+    done = finish_certificate(op, out, tol=tol, which=which, certify=certify)
+    for w in caught:
+        if not bool(done.output.converged.all()) or not issubclass(w.category, RuntimeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return done

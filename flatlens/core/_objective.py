@@ -16,6 +16,7 @@ evaluated by passing ``at=``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -489,3 +490,11 @@ class Objective(InteropMixin, DerivativesMixin):
             f"Objective(num_params={self.num_params}, device={self.device}, "
             f"dtype={self.dtype}, reduction={self.reduction!r}, eval_mode={self.eval_mode})"
         )
+
+
+# help() and IDEs show __init__'s parameters, not those of the dispatching __new__.
+Objective.__signature__ = inspect.signature(
+    Objective.__init__
+).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(Objective.__init__).parameters.values())[1:]
+)

@@ -209,16 +209,18 @@ class FlatnessCallbackHooks:
     dropout), in the parameters' dtype; the model, the optimizer and the run's random state
     are left as they were. Each measurement's costs are kept in :attr:`history`.
 
+    The settings after ``loss_fn`` (``measures``, ``measure_every``,
+    ``measure_every_steps``, ``critical_every_steps``, ``measure_samples``, ``batch_size``,
+    ``measure_rho``, ``measure_steps``, ``measure_budget``, ``trace_probes``, ``seed``,
+    ``prefix``) mean what they mean for
+    :class:`~flatlens.integrations.lightning.FlatnessMonitorHooks`.
+
     Args:
         data: The fixed subset: a mapping of tensors (``input_ids``, ``attention_mask``,
             ..., and ``labels``), or a data set of such examples (the Trainer's
             ``train_dataset``); the first ``measure_samples`` examples are used. The entries
             other than ``labels`` are the model's keyword inputs.
         loss_fn: ``loss_fn(logits, labels)``; default: the loss of the model's task.
-        measures, measure_every, measure_every_steps, critical_every_steps,
-        measure_samples, batch_size, measure_rho, measure_steps, measure_budget,
-        trace_probes, seed, prefix: As for
-            :class:`~flatlens.integrations.lightning.FlatnessMonitorHooks`.
 
     Example::
 

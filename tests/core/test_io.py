@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -81,8 +82,9 @@ def test_non_state_dict_is_refused(tmp_path):
         (b"", "is an empty file"),
         (b"hello, this is text\n", "not a file torch.save wrote"),
         (b"PK\x05\x06" + b"\x00" * 18, "not a file torch.save wrote"),  # an empty zip
-        (os.urandom(64), "not a file torch.save wrote"),
+        (random.Random(0).randbytes(64), "not a file torch.save wrote"),
     ],
+    ids=["empty", "text", "empty-zip", "random-bytes"],
 )
 def test_every_reader_failure_is_one_checkpoint_error(tmp_path, content, message):
     path = tmp_path / "bad.pt"

@@ -112,6 +112,10 @@ def _float64_recheck(op: Operator, out: EigshOutput, tol: float, which: Which) -
     return Finished(new, "certified", u.shape[0])
 
 
+UNRELIABLE = 0.1
+"""A difference-product error estimate above this fraction of |lambda| is reported."""
+
+
 def _with_difference_error(op: Operator, out: EigshOutput, tol: float, which: Which) -> Finished:
     objective, cert = op.objective, out.certificate
     assert objective is not None and cert is not None
@@ -126,6 +130,18 @@ def _with_difference_error(op: Operator, out: EigshOutput, tol: float, which: Wh
         certificate=widened,
     )
     note = f"difference products: error estimate {error:.2e} (Richardson, steps h and 2h)"
+    scale = float(new.eigenvalues.abs().max()) if new.eigenvalues.numel() else 0.0
+    if error > UNRELIABLE * scale:
+        note += "; unreliable: larger than a tenth of the eigenvalues"
+        warnings.warn(
+            f"difference products are unreliable here: their error estimate {error:.3g} "
+            f"exceeds a tenth of |lambda| = {scale:.3g} (the loss is far from quadratic over "
+            "the step, which was chosen along the first vector); the eigenvalues may be "
+            "wrong by more than their bounds. Use hvp_method='double_backward' where "
+            "autograd can take second derivatives",
+            RuntimeWarning,
+            stacklevel=5,
+        )
     return Finished(new, "estimate", 0, note)
 
 

@@ -236,3 +236,89 @@ def scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
     brackets and flags left out, λ_c's bracket kept as its value only)."""
     keep = ("lambda_max", "trace", "r0", "r1", "lambda_c")
     return {f"{prefix}{k}": float(values[k]) for k in keep if k in values}
+
+
+def merge(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two tracker results as one (their costs side by side)."""
+    cost = {**first.get("cost", {}), **second.get("cost", {})}
+    return {**first, **second, "cost": cost}
+
+
+class MonitorHooks:
+    """The settings and the bookkeeping both framework callbacks share (see
+    :class:`~flatlens.integrations.lightning.FlatnessMonitorHooks` for the arguments).
+
+    A subclass supplies the framework's hooks and, where the model's output is not what
+    ``loss_fn`` takes, :meth:`_wrap_loss` and :meth:`_default_loss`.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        loss_fn: Callable[..., Tensor] | None = None,
+        *,
+        measures: Sequence[str] = ("lambda_max",),
+        measure_every: int = 1,
+        measure_every_steps: int = 0,
+        critical_every_steps: int = 0,
+        measure_samples: int | None = 256,
+        batch_size: int = 64,
+        measure_rho: float = 0.05,
+        measure_steps: int = 20,
+        measure_budget: float | None = 40.0,
+        trace_probes: int = 30,
+        seed: int = 0,
+        prefix: str = "flatness/",
+    ) -> None:
+        super().__init__()
+        self.core = MonitorCore(
+            data,
+            None if loss_fn is None else self._wrap_loss(loss_fn),
+            loss_for=lambda model: self._wrap_loss(self._default_loss(model)),
+            measures=measures,
+            measure_every=measure_every,
+            measure_every_steps=measure_every_steps,
+            critical_every_steps=critical_every_steps,
+            measure_samples=measure_samples,
+            batch_size=batch_size,
+            tracker_options={
+                "measure_rho": measure_rho,
+                "measure_steps": measure_steps,
+                "measure_budget": measure_budget,
+                "trace_probes": trace_probes,
+                "seed": seed,
+            },
+        )
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+        self._measured_step = -1
+
+    def _wrap_loss(self, loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """``loss_fn`` as the tracker calls it, ``loss(model(inputs), targets)``."""
+        return loss_fn
+
+    def _default_loss(self, model: nn.Module) -> Callable[..., Tensor]:
+        """The loss when none was given: cross-entropy."""
+        return nn.CrossEntropyLoss()
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, Any]:
+        """λ_c of the step just taken and, when due, the measures (``{}``: nothing)."""
+        record = self.core.after_step(model, step) or {}
+        if step > 0 and step != self._measured_step and self.core.step_due(step):
+            record = merge(record, self.core.measure(model))
+            self._measured_step = step
+        return record
+
+    def after_epoch(self, model: nn.Module, epochs_done: int, step: int) -> dict[str, Any]:
+        """The measures when an epoch end is due (unless this step was just measured)."""
+        if step == self._measured_step or not self.core.epoch_due(epochs_done):
+            return {}
+        self._measured_step = step
+        return self.core.measure(model)
+
+    def record(self, values: dict[str, Any], epoch: float, step: int) -> dict[str, float]:
+        """Keep a measurement in :attr:`history`; returns its logged numbers."""
+        metrics = scalars(values, self.prefix)
+        entry = {"epoch": epoch, "step": step, **metrics}
+        self.history.append({**entry, "cost": values.get("cost", {})})
+        return metrics

@@ -44,13 +44,14 @@ Lightning is imported lazily, through :mod:`flatlens._compat`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from flatlens._compat import prepare_torchvision
+from flatlens.integrations._monitor import MonitorHooks
 from flatlens.optim._perturbation import PerturbationOptimizer
 
 # Importing this module before the framework makes a plain ``import lightning`` (or
@@ -237,7 +238,7 @@ def _takes_batch_idx(step: Callable[..., Any]) -> bool:
     return len(positional) >= 2
 
 
-class FlatnessMonitorHooks:
+class FlatnessMonitorHooks(MonitorHooks):
     """The hooks of :class:`FlatnessMonitor`, a Lightning ``Callback`` built on this class.
 
     Measures the ``LightningModule`` on a fixed subset of the training data and logs the
@@ -285,48 +286,6 @@ class FlatnessMonitorHooks:
         trainer = L.Trainer(max_epochs=10, callbacks=[monitor], logger=CSVLogger("logs"))
     """
 
-    def __init__(
-        self,
-        data: Any,
-        loss_fn: Callable[..., Tensor] | None = None,
-        *,
-        measures: Sequence[str] = ("lambda_max",),
-        measure_every: int = 1,
-        measure_every_steps: int = 0,
-        critical_every_steps: int = 0,
-        measure_samples: int | None = 256,
-        batch_size: int = 256,
-        measure_rho: float = 0.05,
-        measure_steps: int = 20,
-        measure_budget: float | None = 40.0,
-        trace_probes: int = 30,
-        seed: int = 0,
-        prefix: str = "flatness/",
-    ) -> None:
-        from flatlens.integrations._monitor import MonitorCore
-
-        super().__init__()
-        self.core = MonitorCore(
-            data,
-            loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss(),
-            measures=measures,
-            measure_every=measure_every,
-            measure_every_steps=measure_every_steps,
-            critical_every_steps=critical_every_steps,
-            measure_samples=measure_samples,
-            batch_size=batch_size,
-            tracker_options={
-                "measure_rho": measure_rho,
-                "measure_steps": measure_steps,
-                "measure_budget": measure_budget,
-                "trace_probes": trace_probes,
-                "seed": seed,
-            },
-        )
-        self.prefix = prefix
-        self.history: list[dict[str, Any]] = []
-        self._measured_step = -1
-
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -340,20 +299,12 @@ class FlatnessMonitorHooks:
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """λ_c of the step just taken, and the measures every ``measure_every_steps``."""
-        step = trainer.global_step
-        record = self.core.after_step(pl_module, step) or {}
-        if step != self._measured_step and self.core.step_due(step) and step > 0:
-            record = _merge(record, self.core.measure(pl_module))
-            self._measured_step = step
-        if record:
-            self._log(trainer, record)
+        self._log(trainer, self.after_step(pl_module, trainer.global_step))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """The measures every ``measure_every`` epochs (unless this step was just measured)."""
-        step = trainer.global_step
-        if self.core.epoch_due(trainer.current_epoch + 1) and step != self._measured_step:
-            self._log(trainer, self.core.measure(pl_module))
-            self._measured_step = step
+        done = trainer.current_epoch + 1
+        self._log(trainer, self.after_epoch(pl_module, done, trainer.global_step))
 
     def state_dict(self) -> dict[str, Any]:
         """The warm-start state (Lightning stores it in the checkpoint)."""
@@ -364,21 +315,13 @@ class FlatnessMonitorHooks:
         self.core.load_state_dict(state_dict.get("tracker", {}))
         self.history = list(state_dict.get("history", []))
 
-    # ------------------------------------------------------------------ logging
-    def _log(self, trainer: Any, record: dict[str, Any]) -> None:
-        from flatlens.integrations._monitor import scalars
-
-        metrics = scalars(record, self.prefix)
-        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
-        self.history.append({**entry, "cost": record.get("cost", {})})
+    def _log(self, trainer: Any, values: dict[str, Any]) -> None:
+        if not values:
+            return
+        metrics = self.record(values, trainer.current_epoch, trainer.global_step)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _merge(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    cost = {**first.get("cost", {}), **second.get("cost", {})}
-    return {**first, **second, "cost": cost}
 
 
 def __getattr__(name: str) -> Any:

@@ -41,13 +41,13 @@ transformers is imported lazily, through :mod:`flatlens._compat`::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from flatlens._compat import prepare_torchvision
+from flatlens.integrations._monitor import MonitorHooks
 from flatlens.optim._perturbation import PerturbationOptimizer
 
 # Importing this module before the framework makes a plain ``import lightning`` (or
@@ -179,13 +179,7 @@ class _OnLogits(nn.Module):
         return self.loss(logits, labels)
 
 
-def _task_loss(model: nn.Module) -> Any:
-    from flatlens.cli._hf import task_loss
-
-    return task_loss(type(model).__name__, getattr(model, "config", None))[1]
-
-
-class FlatnessCallbackHooks:
+class FlatnessCallbackHooks(MonitorHooks):
     """The hooks of :class:`FlatnessCallback`, a ``transformers.TrainerCallback`` built on
     this class.
 
@@ -229,48 +223,15 @@ class FlatnessCallbackHooks:
                           callbacks=[callback])
     """
 
-    def __init__(
-        self,
-        data: Any,
-        loss_fn: Any = None,
-        *,
-        measures: Sequence[str] = ("lambda_max",),
-        measure_every: int = 1,
-        measure_every_steps: int = 0,
-        critical_every_steps: int = 0,
-        measure_samples: int | None = 64,
-        batch_size: int = 16,
-        measure_rho: float = 0.05,
-        measure_steps: int = 20,
-        measure_budget: float | None = 40.0,
-        trace_probes: int = 30,
-        seed: int = 0,
-        prefix: str = "flatness/",
-    ) -> None:
-        from flatlens.integrations._monitor import MonitorCore
+    def _wrap_loss(self, loss_fn: Any) -> Any:
+        """The loss on the logits of the model's output object."""
+        return _OnLogits(loss_fn)
 
-        super().__init__()
-        self.core = MonitorCore(
-            data,
-            None if loss_fn is None else _OnLogits(loss_fn),
-            loss_for=lambda model: _OnLogits(_task_loss(model)),
-            measures=measures,
-            measure_every=measure_every,
-            measure_every_steps=measure_every_steps,
-            critical_every_steps=critical_every_steps,
-            measure_samples=measure_samples,
-            batch_size=batch_size,
-            tracker_options={
-                "measure_rho": measure_rho,
-                "measure_steps": measure_steps,
-                "measure_budget": measure_budget,
-                "trace_probes": trace_probes,
-                "seed": seed,
-            },
-        )
-        self.prefix = prefix
-        self.history: list[dict[str, Any]] = []
-        self._measured_step = -1
+    def _default_loss(self, model: nn.Module) -> Any:
+        """The loss of the model's task (:func:`flatlens.cli._hf.task_loss`)."""
+        from flatlens.cli._hf import task_loss
+
+        return task_loss(type(model).__name__, getattr(model, "config", None))[1]
 
     # ------------------------------------------------------------------ Trainer hooks
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -281,32 +242,21 @@ class FlatnessCallbackHooks:
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """λ_c of the step just taken, and the measures every ``measure_every_steps``."""
-        model, step = kwargs.get("model"), state.global_step
-        if model is None:
-            return
-        record = self.core.after_step(model, step) or {}
-        if step != self._measured_step and self.core.step_due(step):
-            measured = self.core.measure(model)
-            cost = {**record.get("cost", {}), **measured.get("cost", {})}
-            record = {**record, **measured, "cost": cost}
-            self._measured_step = step
-        if record:
-            self._log(state, record)
+        model = kwargs.get("model")
+        if model is not None:
+            self._log(state, self.after_step(model, state.global_step))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The measures every ``measure_every`` epochs (unless this step was just measured)."""
-        model, step = kwargs.get("model"), state.global_step
-        epochs = round(state.epoch or 0)
-        if model is not None and step != self._measured_step and self.core.epoch_due(epochs):
-            self._log(state, self.core.measure(model))
-            self._measured_step = step
+        model = kwargs.get("model")
+        if model is not None:
+            done = round(state.epoch or 0)
+            self._log(state, self.after_epoch(model, done, state.global_step))
 
-    def _log(self, state: Any, record: dict[str, Any]) -> None:
-        from flatlens.integrations._monitor import scalars
-
-        entry = {**scalars(record, self.prefix), "epoch": state.epoch, "step": state.global_step}
-        state.log_history.append(entry)
-        self.history.append({**entry, "cost": record.get("cost", {})})
+    def _log(self, state: Any, values: dict[str, Any]) -> None:
+        if values:
+            metrics = self.record(values, state.epoch, state.global_step)
+            state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
 
 
 def __getattr__(name: str) -> Any:

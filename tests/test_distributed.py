@@ -15,9 +15,10 @@ from torch import nn
 
 from flatlens import Objective
 from flatlens.landscape import plane, random_direction
+from flatlens.measures._density import hessian_density
 from flatlens.measures._flatness import first_order_flatness
 from flatlens.measures._sharpness import zeroth_order_sharpness
-from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
+from flatlens.measures._spectrum import hessian_eigenvalues, hessian_trace
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"

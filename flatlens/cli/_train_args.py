@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import argparse
 
-from flatlens.cli._parser import (
-    _DATA_HELP,
+from flatlens.cli._argtypes import (
     _Deprecated,
     _fraction,
     _Given,
     _int_at_least,
-    _loss_arg,
     _nonnegative_float,
     _positive_float,
+)
+from flatlens.cli._parser import (
+    _DATA_HELP,
+    _loss_arg,
 )
 from flatlens.core._checks import check_finite
 

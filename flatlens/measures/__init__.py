@@ -18,6 +18,7 @@ from flatlens.measures._blocks import (
 from flatlens.measures._bounds import BoundReport, BoundRow, check_bound
 from flatlens.measures._config import AscentConfig
 from flatlens.measures._critical import CriticalSharpnessResult, critical_sharpness
+from flatlens.measures._density import DensityResult, hessian_density
 from flatlens.measures._flatness import FlatnessResult, first_order_flatness
 from flatlens.measures._krylov import lanczos_tridiagonal
 from flatlens.measures._lanczos import EigshOutput, lanczos_eigsh
@@ -29,14 +30,7 @@ from flatlens.measures._sharpness import (
     average_sharpness,
     zeroth_order_sharpness,
 )
-from flatlens.measures._spectrum import (
-    DensityResult,
-    EigenResult,
-    TraceResult,
-    hessian_density,
-    hessian_eigenvalues,
-    hessian_trace,
-)
+from flatlens.measures._spectrum import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
 
 __all__ = [
     "AscentConfig",

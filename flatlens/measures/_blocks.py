@@ -23,12 +23,8 @@ from flatlens.core._memory import tracks_peak_memory
 from flatlens.core._objective import Objective
 from flatlens.core._results import MeasureResult, Result
 from flatlens.measures._block_groups import GROUPS, chain, group_of
-from flatlens.measures._spectrum import (
-    DensityResult,
-    EigenResult,
-    hessian_density,
-    hessian_eigenvalues,
-)
+from flatlens.measures._density import DensityResult, hessian_density
+from flatlens.measures._spectrum import EigenResult, hessian_eigenvalues
 
 __all__ = ["BlockSpectraResult", "BlockSpectrum", "block_spectra", "parameter_blocks"]
 

@@ -34,7 +34,6 @@ wrote it, so another optimizer's state is refused.
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,7 +54,8 @@ from flatlens.optim._finite import (
     check_graph,
     non_finite_message,
 )
-from flatlens.optim._vectors import _dot
+from flatlens.optim._lightning_closure import _check_lightning
+from flatlens.optim._vectors import _dot, _param_groups
 
 __all__ = ["Closure", "PerturbationOptimizer", "Perturbations"]
 
@@ -89,92 +89,6 @@ class _Pass:
     loss: Any
     grads: list[Tensor | None]
     graph: list[Tensor | None] | None = None
-
-
-def _lightning_closure(closure: Any) -> tuple[Any, Any] | None:
-    """``(LightningModule, inner closure)`` when ``closure`` is the one Lightning's automatic
-    optimization hands ``optimizer.step`` (its precision plugin's ``partial(_wrap_closure,
-    module, optimizer, closure)``); None for any other closure. Lightning is not imported."""
-    if not isinstance(closure, functools.partial) or len(closure.args) < 3:
-        return None
-    module = closure.args[0]
-    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
-    if not names & {
-        "lightning.pytorch.core.module.LightningModule",
-        "pytorch_lightning.core.module.LightningModule",
-    }:
-        return None
-    return module, closure.args[2]
-
-
-def _check_lightning(name: str, closure: Any, create_graph: bool) -> Any:
-    """Refuse, with what to do, what Lightning's closure cannot give SAM/GAM: the whole window
-    of micro-batches in every pass, and ``create_graph``. Returns the closure to call: for
-    the closure of :class:`flatlens.integrations.lightning.SharpnessAwareMixin`, one that
-    takes ``create_graph`` past Lightning's wrapper (which passes no arguments)."""
-    found = _lightning_closure(closure)
-    if found is None:
-        return closure
-    module, inner = found
-    if getattr(inner, "replays_window", False):
-
-        def adapted(create_graph: bool = False) -> Any:
-            inner.create_graph = create_graph  # read by the mixin's closure
-            try:
-                return closure()
-            finally:
-                inner.create_graph = False
-
-        return adapted
-    trainer = getattr(module, "_trainer", None)
-    k = getattr(trainer, "accumulate_grad_batches", 1)
-    mixin = (
-        "mix flatlens.integrations.lightning.SharpnessAwareMixin into the LightningModule "
-        "(class Model(SharpnessAwareMixin, LightningModule))"
-    )
-    if isinstance(k, int) and k > 1:
-        raise RuntimeError(
-            f"{name} under Lightning with accumulate_grad_batches={k}: Lightning's closure "
-            f"reruns only the last of the {k} micro-batches, so every pass after the first "
-            f"would see 1/{k} of the window; {mixin}, which replays the window in every pass, "
-            "or set accumulate_grad_batches=1"
-        )
-    if create_graph:
-        raise TypeError(
-            f"{name} in exact mode needs backward(create_graph=True), which Lightning's "
-            f"closure cannot pass; {mixin}, or use mode='accelerated'"
-        )
-    return closure
-
-
-# ------------------------------------------------------------------------ vector helpers
-def _param_groups(params: Any) -> list[dict[str, Any]]:
-    """Normalize ``params`` (tensors or param-group dicts) to a list of group dicts."""
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "params must be an iterable of tensors or of param-group dicts (e.g. "
-            "model.parameters()), not a single tensor; wrap it in a list"
-        )
-    try:
-        items = list(params)
-    except TypeError as err:
-        raise TypeError(
-            f"params must be an iterable of tensors or param-group dicts, not "
-            f"{type(params).__name__}"
-        ) from err
-    if not items:
-        raise ValueError("params is empty: pass the parameters to optimize")
-    if isinstance(items[0], dict):
-        groups = []
-        for group in items:
-            if not isinstance(group, dict) or "params" not in group:
-                raise TypeError("every param group must be a dict with a 'params' entry")
-            group = dict(group)
-            ps = group["params"]
-            group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
-            groups.append(group)
-        return groups
-    return [{"params": items}]
 
 
 # ------------------------------------------------------------------------ shared base class

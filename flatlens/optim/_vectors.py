@@ -4,11 +4,12 @@ accumulated in at least float32: dot products, norms, combinations and the ascen
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["_acc_dtype", "_ascent", "_combine", "_dot", "_norm"]
+__all__ = ["_acc_dtype", "_ascent", "_combine", "_dot", "_norm", "_param_groups"]
 
 
 def _acc_dtype(tensors: Sequence[Tensor | None]) -> torch.dtype:
@@ -75,3 +76,32 @@ def _ascent(
             step = step * weights[i].pow(2)
         out.append(step)
     return out
+
+
+def _param_groups(params: Any) -> list[dict[str, Any]]:
+    """Normalize ``params`` (tensors or param-group dicts) to a list of group dicts."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors or of param-group dicts (e.g. "
+            "model.parameters()), not a single tensor; wrap it in a list"
+        )
+    try:
+        items = list(params)
+    except TypeError as err:
+        raise TypeError(
+            f"params must be an iterable of tensors or param-group dicts, not "
+            f"{type(params).__name__}"
+        ) from err
+    if not items:
+        raise ValueError("params is empty: pass the parameters to optimize")
+    if isinstance(items[0], dict):
+        groups = []
+        for group in items:
+            if not isinstance(group, dict) or "params" not in group:
+                raise TypeError("every param group must be a dict with a 'params' entry")
+            group = dict(group)
+            ps = group["params"]
+            group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+            groups.append(group)
+        return groups
+    return [{"params": items}]

@@ -194,7 +194,7 @@ def test_bound_under_a_memory_budget_streams_to_the_same_answer(trained, tmp_pat
 
 
 def test_sizes_in_bytes():
-    from flatlens.cli._parser import _bytes
+    from flatlens.cli._argtypes import _bytes
 
     assert _bytes("3G") == _bytes("3GiB") == _bytes("3gb") == 3 * 2**30
     assert _bytes("500M") == 500 * 2**20 and _bytes("2e9") == 2e9 and _bytes("1.5K") == 1536

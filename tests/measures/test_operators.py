@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 from flatlens import Objective
 from flatlens.measures import SymmetricOperator
+from flatlens.measures._density import hessian_density
 from flatlens.measures._operators import as_operator
-from flatlens.measures._spectrum import hessian_density, hessian_eigenvalues, hessian_trace
+from flatlens.measures._spectrum import hessian_eigenvalues, hessian_trace
 
 
 def dense(n: int = 60, seed: int = 0) -> np.ndarray:

@@ -33,13 +33,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flatlens import Objective
 from flatlens.measures import SymmetricOperator
-from flatlens.measures._spectrum import (
-    DensityResult,
-    EigenResult,
-    hessian_density,
-    hessian_eigenvalues,
-    hessian_trace,
-)
+from flatlens.measures._density import DensityResult, hessian_density
+from flatlens.measures._spectrum import EigenResult, hessian_eigenvalues, hessian_trace
 
 
 @functools.cache

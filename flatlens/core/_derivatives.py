@@ -33,11 +33,13 @@ from flatlens.core._difference import (
     CheckVerdict,
     DifferenceProducts,
     HVPCheckError,
+    Refined,
     cached_verdict,
     store_verdict,
 )
 from flatlens.core._memory import available_bytes, saved_bytes
 from flatlens.core._params import eval_mode
+from flatlens.core._sums import dot64, norm64
 
 __all__ = ["HVP_METHODS", "DerivativesMixin", "HVPMethod", "second_order"]
 
@@ -94,11 +96,11 @@ class DerivativesMixin:
 
     def _norm(self, x: Tensor) -> float:
         """||x|| with the sum in float64 (over all ranks for a sharded objective)."""
-        return float(torch.linalg.vector_norm(x.detach().to(torch.float64)))
+        return norm64(x, reduce=False)
 
     def _dot(self, a: Tensor, b: Tensor) -> float:
         """a.b with the sum in float64 (over all ranks for a sharded objective)."""
-        return float(a.detach().to(torch.float64) @ b.detach().to(torch.float64))
+        return dot64(a, b, reduce=False)
 
     def _difference_gradient(self, theta: Tensor) -> Tensor:
         """grad L at ``theta`` for a difference product (counted apart from ``gradient``)."""
@@ -118,7 +120,8 @@ class DerivativesMixin:
             self.hvp_note = parent.hvp_note
         self._check_pending = self._check_pending and parent._check_pending
         self.hvp_check = parent.hvp_check
-        self._differences.relative_step = parent._differences.relative_step
+        self._differences.step_length = parent._differences.step_length
+        self._differences.scale = parent._differences.scale
 
     @property
     def products(self) -> dict[str, Any]:
@@ -141,6 +144,17 @@ class DerivativesMixin:
         a unit vector u with product D_h(u) (two more gradients, once per point)."""
         theta = self.point(at)
         return self._differences.error(unit.to(self.dtype), product.to(self.dtype), theta)
+
+    def refine_difference_step(
+        self, unit: Tensor, product: Tensor, target: float, at: Tensor | None = None
+    ) -> Refined:
+        """Check the difference step along a unit vector u with product D_h(u) (the top
+        Ritz vector, where the loss is sharpest) and shorten it when the Richardson error
+        estimate exceeds ``target`` and a shorter step is clearly better there (see
+        :meth:`DifferenceProducts.refine`). ``changed`` says the products taken before are
+        stale."""
+        theta = self.point(at)
+        return self._differences.refine(unit.to(self.dtype), product.to(self.dtype), theta, target)
 
     def _setup_caching(
         self, cache_graph: bool | None, memory_budget: float | None, *, in_memory: bool
@@ -242,7 +256,7 @@ class DerivativesMixin:
         """L and grad L at ``theta`` in one pass over the data, batch by batch (no graph
         kept), reduced over ranks and divided by W; not counted."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        grad = self.zeros()
+        grad: Tensor | None = None
         parts, count = [], 0
         leaf = theta.detach().requires_grad_(True)
         with eval_mode(self.model, self.eval_mode):
@@ -251,10 +265,11 @@ class DerivativesMixin:
                 if part.requires_grad:
                     (g,) = torch.autograd.grad(part, leaf, allow_unused=True)
                     if g is not None:
-                        grad += g
+                        grad = g if grad is None else grad.add_(g)
                 parts.append(part.detach())
                 total += part.detach()
                 count += n
+        grad = self.zeros() if grad is None else grad
         value = self._finish(total, parts, count, grad)
         return value, grad
 

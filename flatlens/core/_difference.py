@@ -7,19 +7,31 @@ v_hat = v / ||v|| and a step length h,
 
 two gradients per product, no second derivative: it works through any operator autograd
 can differentiate once (fused attention, custom ``autograd.Function`` s, sharded models).
-Its error is the truncation c h^2 (smooth losses) plus the gradients' rounding, about
-eps ||theta|| / h in size. The step is chosen once per objective, at its first product,
+Its error is the truncation c h^2 (smooth losses; c grows with the third derivative along
+v, so sharp directions want short steps) plus the rounding of the gradients and of
+theta +- h v_hat, about eps ||theta|| / h in size. The step is chosen at the first product,
 from the dtype and the scale of theta and v: starting at h_0 = eps^(1/3) ||theta|| (the
-textbook balance of the two terms) and dividing by 4 while the differences of successive
-products D_{h_j} - D_{h_{j+1}} keep shrinking (truncation falls 16-fold per level, rounding
-grows 4-fold), the step taken is the one whose product agrees best with the next larger
-one. Later products reuse it: two gradients each.
+textbook balance of the two terms) and dividing by 3 until the differences of successive
+products D_{h_j} - D_{h_{j+1}}, once the products have settled (agree to a tenth), grow
+again (truncation falls 9-fold per level, rounding grows 3-fold), the step taken is the one
+whose product agrees best with the next larger one. Later products, at this point and at
+later ones, reuse it: two gradients each.
 
-**The error estimate** (Richardson, two steps): ||D_{2h}(u) - D_h(u)|| estimates the error
-of D_h(u) (three times the truncation, or the rounding when that dominates). It costs two
-more gradients and is taken once per point, when a result asks for it
-(:meth:`DifferenceProducts.error`): an eigenvalue certificate adds it to its allowance and
-calls its bound an estimate.
+**The step along the sharpest direction.** The first vector is seldom a sharp one: on
+GPT-2 small a step right for a random direction makes the products along the top
+eigenvector 100 times too small. :meth:`DifferenceProducts.refine` re-checks the step along
+a given vector (the eigensolvers pass their top Ritz vector) and walks it down when the
+error estimate there exceeds what the result needs; the solver then runs again with the
+shorter step (``flatlens.measures._reference``). A direction that is invisible at the
+first step (its product near zero and its Ritz vector nowhere near it) cannot be found so:
+the check sees only what the returned vectors feel.
+
+**The error estimate** (Richardson, two steps): ||D_{rh}(u) - D_h(u)|| with r = sqrt(3)
+estimates the error of D_h(u): twice the truncation (r^2 - 1 = 2) plus both roundings (a
+ratio that is not a power of two keeps theta +- h u and theta +- r h u on different float
+grids, so their roundings do not cancel). It costs two more gradients and is taken once
+per point and step, when a result asks for it (:meth:`DifferenceProducts.error`): an
+eigenvalue certificate adds it to its allowance and calls its bound an estimate.
 
 **The check of exact products** (``check_hvp=True``). autograd silently leaves out the
 second derivative of an operation whose backward is not itself differentiable (a custom
@@ -49,10 +61,25 @@ from torch import Tensor
 
 from flatlens.core._sharding import random_vector
 
-__all__ = ["CheckVerdict", "DifferenceProducts", "HVPCheckError", "cached_verdict"]
+__all__ = ["CheckVerdict", "DifferenceProducts", "HVPCheckError", "Refined", "cached_verdict"]
 
-MAX_LEVELS = 8
-"""Steps tried when the step is chosen (h_0, h_0/4, ...): at most 2 * MAX_LEVELS gradients."""
+MAX_LEVELS = 12
+"""Steps a walk tries (h_0, h_0/3, ..., h_0/3^11): at most 2 * MAX_LEVELS gradients."""
+MAX_QUANTIZATION = 0.1
+"""Shortest step: the move theta -> fl(theta + h u) may differ from h u by at most this
+fraction of h (below, theta +- h u round back towards theta: at h under half an ulp of
+every coordinate both points equal theta and the product is exactly zero, with an error
+estimate of zero too)."""
+SETTLED = 0.1
+"""Successive products closer than this fraction of their size have left the
+pre-asymptotic regime: only there does a growing gap mean growing rounding."""
+WALK_FACTOR = 3.0
+"""Each level of a walk divides the step by this (not a power of two: products at steps a
+power of two apart round alike, since theta +- h u is quantised on the same grid, and
+their distance would hide that rounding)."""
+RICHARDSON_RATIO = math.sqrt(3.0)
+"""The wider step of the error estimate, r h: D_rh - D_h is (r^2 - 1) = 2 times D_h's
+truncation, plus the two steps' roundings, which r (irrational) keeps apart."""
 CHECK_FLOOR = 30.0
 """Agreement within CHECK_FLOOR * sqrt(eps) relative passes the check with one pair."""
 CHECK_RATIO = 8.0
@@ -96,6 +123,26 @@ def store_verdict(model: Any, key: tuple, verdict: CheckVerdict) -> None:
 
 
 @dataclass
+class _Walk:
+    """The best step of a walk down: the gap to the next larger step's product, the step,
+    its product (for a unit vector) and the levels the walk took."""
+
+    gap: float
+    step: float
+    product: Tensor
+    levels: int
+
+
+@dataclass
+class Refined:
+    """A step checked along a vector: the error estimate there, and whether the step was
+    shortened (products taken with the old step are then stale)."""
+
+    error: float
+    changed: bool
+
+
+@dataclass
 class DifferenceProducts:
     """The difference products of one objective: the step, chosen once, and the error
     estimates, one per point.
@@ -105,85 +152,147 @@ class DifferenceProducts:
         norm: ``x -> ||x||`` in float64 (summed over ranks for sharded vectors).
         dot: ``(a, b) -> a.b`` in float64 (summed over ranks for sharded vectors).
         dtype: The parameters' dtype (sets eps).
-        relative_step: h / ||theta|| to use (``None``: chosen at the first product).
+        step_length: The step h, chosen at the first product (``None`` until then) and kept
+            for later points (a trainer's measures, an ascent's iterates).
+        scale: ||theta|| where h was chosen (``relative_step`` is h / scale).
     """
 
     gradient: Callable[[Tensor], Tensor]
     norm: Callable[[Tensor], float]
     dot: Callable[[Tensor, Tensor], float]
     dtype: torch.dtype
-    relative_step: float | None = None
+    step_length: float | None = None
+    scale: float = 1.0
     calibration_error: float | None = None
     levels_tried: int = 0
-    _error_at: tuple[Tensor, float] | None = None
+    recalibrations: int = 0
+    _error_at: tuple[Tensor, float, float] | None = None
+    _buffer: Tensor | None = None
 
     @property
     def eps(self) -> float:
         return torch.finfo(self.dtype).eps
 
+    @property
+    def relative_step(self) -> float | None:
+        """h / ||theta|| at the point where h was chosen."""
+        return None if self.step_length is None else self.step_length / self.scale
+
     def _scale(self, theta: Tensor) -> float:
         s = self.norm(theta)
         return s if s > 0 and math.isfinite(s) else 1.0
 
-    def difference(self, theta: Tensor, unit: Tensor, h: float) -> Tensor:
-        """(grad L(theta + h unit) - grad L(theta - h unit)) / (2 h) for a unit vector."""
-        plus = self.gradient(theta + h * unit)
-        minus = self.gradient(theta - h * unit)
-        plus.sub_(minus)
-        return plus.mul_(1.0 / (2 * h))
+    def _point_buffer(self, like: Tensor) -> Tensor:
+        """The vector theta +- h v is written into, kept between products: a fresh one per
+        product costs, on the CPU, page faults worth a sixth of a gradient (GPT-2 small)."""
+        buf, wanted = self._buffer, (like.shape, like.dtype, like.device)
+        if buf is None or (buf.shape, buf.dtype, buf.device) != wanted:
+            buf = self._buffer = torch.empty_like(like)
+        return buf
+
+    def difference(self, theta: Tensor, v: Tensor, h: float, size: float = 1.0) -> Tensor:
+        """size (g(theta + h v / size) - g(theta - h v / size)) / (2 h), with size = ||v||
+        (1 for a unit vector): one kept buffer for both points, no unit vector formed."""
+        shift = h / size
+        point = self._point_buffer(theta)
+        plus = self.gradient(torch.add(theta, v, alpha=shift, out=point))
+        minus = self.gradient(torch.add(theta, v, alpha=-shift, out=point))
+        return plus.sub_(minus).mul_(size / (2 * h))
+
+    def quantization(self, theta: Tensor, unit: Tensor, h: float) -> float:
+        """||(fl(theta + h u) - theta) - h u|| / h: how far the move the model sees is from
+        the one asked for, relative to h (u a unit vector; one addition, no gradient)."""
+        moved = torch.add(theta, unit, alpha=h).sub_(theta)
+        return self.norm(moved.sub_(unit, alpha=h)) / h
 
     def step(self, theta: Tensor) -> float:
-        """The step length h at ``theta`` (after the step was chosen)."""
-        assert self.relative_step is not None
-        return self.relative_step * self._scale(theta)
+        """The step length h (after it was chosen)."""
+        assert self.step_length is not None
+        return self.step_length
 
     def product(self, v: Tensor, theta: Tensor) -> Tensor:
         """D_h(v) ~ H v (the step chosen along v at the first call)."""
         nv = self.norm(v)
         if nv == 0 or not math.isfinite(nv):
             return torch.zeros_like(v) if nv == 0 else v * math.nan
-        unit = v / nv
-        if self.relative_step is None:
-            return self._choose_step(theta, unit).mul_(nv)
-        return self.difference(theta, unit, self.step(theta)).mul_(nv)
+        if self.step_length is None:
+            return self._choose_step(theta, v / nv).mul_(nv)
+        return self.difference(theta, v, self.step(theta), nv)
 
-    def _choose_step(self, theta: Tensor, unit: Tensor) -> Tensor:
-        """Walk h_0 = eps^(1/3) ||theta||, h_0 / 4, ...; keep the step whose product agrees
-        best with the next larger one. Returns that product (for the unit vector)."""
-        scale = self._scale(theta)
-        h = self.eps ** (1 / 3) * scale
-        prev = self.difference(theta, unit, h)
-        best: tuple[float, float, Tensor] | None = None  # (spread, h, product)
-        last = math.inf
-        self.levels_tried = 1
+    def _walk_down(self, theta: Tensor, unit: Tensor, h: float, first: Tensor) -> _Walk:
+        """From D_h(unit) = ``first``, try h/3, h/9, ... until the gaps between successive
+        products, once settled (within ``SETTLED`` of their size), grow again: truncation
+        falls 9-fold per level, rounding grows 3-fold. Before they settle, the step is
+        still too long for the direction (GPT-2 small along its gradient: the product grows
+        100-fold from h_0 to h_0/81) and the gaps may grow too. The step kept is the finer
+        one of the closest pair."""
+        prev, best, last, levels = first, None, math.inf, 0
         for _ in range(1, MAX_LEVELS):
-            h /= 4
-            cur = self.difference(theta, unit, h)
-            self.levels_tried += 1
-            gap = self.norm(cur - prev)
-            if best is None or gap < best[0]:
-                best = (gap, h, cur)
-            if gap > 2 * last:  # the rounding now grows faster than the truncation falls
+            h /= WALK_FACTOR
+            if self.quantization(theta, unit, h) > MAX_QUANTIZATION:
                 break
+            cur = self.difference(theta, unit, h)
+            levels += 1
+            gap = self.norm(cur - prev)
+            if best is None or gap < best.gap:
+                best = _Walk(gap, h, cur, levels)
+            if gap > 2 * last and gap <= SETTLED * self.norm(cur):
+                break  # settled, and the rounding now grows faster than the truncation falls
             last, prev = gap, cur
         assert best is not None
-        gap, h, product = best
-        self.relative_step = h / scale
-        size = self.norm(product)
-        self.calibration_error = gap / size if size > 0 else math.inf
-        return product.clone()
+        best.levels = levels
+        return best
+
+    def _choose_step(self, theta: Tensor, unit: Tensor) -> Tensor:
+        """Walk down from h_0 = eps^(1/3) ||theta||. Returns the chosen step's product (for
+        the unit vector)."""
+        scale = self._scale(theta)
+        h = self.eps ** (1 / 3) * scale
+        walk = self._walk_down(theta, unit, h, self.difference(theta, unit, h))
+        self.levels_tried = walk.levels + 1
+        self.step_length, self.scale = walk.step, scale
+        size = self.norm(walk.product)
+        self.calibration_error = walk.gap / size if size > 0 else math.inf
+        return walk.product
 
     def error(self, unit: Tensor, product: Tensor, theta: Tensor) -> float:
-        """||D_2h(u) - D_h(u)|| for a unit vector u whose product D_h(u) is ``product``:
-        the Richardson estimate of its error, taken once per point (cached by theta)."""
-        cached = self._error_at
-        if cached is not None and torch.equal(cached[0], theta):
-            return cached[1]
+        """||D_rh(u) - D_h(u)|| (r = sqrt 3) for a unit vector u whose product D_h(u) is
+        ``product``: the Richardson estimate of its error (twice its truncation, plus the
+        roundings of both), taken once per point and step (cached)."""
         h = self.step(theta)
-        wide = self.difference(theta, unit, 2 * h)
+        cached = self._error_at
+        if cached is not None and cached[1] == h and torch.equal(cached[0], theta):
+            return cached[2]
+        wide = self.difference(theta, unit, RICHARDSON_RATIO * h)
         value = self.norm(wide - product)
-        self._error_at = (theta.clone(), value)
+        self._error_at = (theta.clone(), h, value)
         return value
+
+    def refine(self, unit: Tensor, product: Tensor, theta: Tensor, target: float) -> Refined:
+        """Check the step along u (e.g. the top Ritz vector, where the loss is sharpest)
+        and shorten it when a shorter one is clearly better there.
+
+        The Richardson estimate e = ||D_rh(u) - D_h(u)|| (two gradients, as
+        :meth:`error`) is kept when e <= ``target``. Otherwise the step walks down from h
+        (two gradients per level); when the closest pair of finer products is within e / 2,
+        the step becomes that finer one (for every later product) and the caller should
+        redo the products it took with the old one.
+
+        Returns:
+            :class:`Refined`: the error estimate at the step kept, and whether it changed.
+        """
+        error = self.error(unit, product, theta)
+        if error <= target:
+            return Refined(error, False)
+        h = self.step(theta)
+        walk = self._walk_down(theta, unit, h, product)
+        self.levels_tried += walk.levels
+        if walk.gap > error / 2:
+            return Refined(error, False)
+        self.step_length, self.scale = walk.step, self._scale(theta)
+        self.recalibrations += 1
+        self._error_at = None
+        return Refined(walk.gap, True)
 
     def check(self, theta: Tensor, v: Tensor, exact: Tensor) -> CheckVerdict:
         """Compare the exact product ``exact`` = H v with gradient differences along v."""

@@ -37,6 +37,7 @@ from flatlens.core._data import BatchWeight
 from flatlens.core._objective import Objective
 from flatlens.core._params import ParamSpace, ParamSpec, eval_mode
 from flatlens.core._sharding import ShardLayout
+from flatlens.core._sums import dot64
 
 __all__ = ["ShardedObjective", "is_fully_sharded"]
 
@@ -189,12 +190,12 @@ class ShardedObjective(Objective):
             return torch.cat([t.reshape(-1) for t in self._locals])
 
     def _norm(self, x: Tensor) -> float:
-        part = (x.detach().to(torch.float64) ** 2).sum().reshape(1)
+        part = torch.tensor([dot64(x, x, reduce=False)], dtype=torch.float64, device=x.device)
         dist.all_reduce(part)
         return math.sqrt(max(float(part), 0.0))
 
     def _dot(self, a: Tensor, b: Tensor) -> float:
-        part = (a.detach().to(torch.float64) @ b.detach().to(torch.float64)).reshape(1)
+        part = torch.tensor([dot64(a, b, reduce=False)], dtype=torch.float64, device=a.device)
         dist.all_reduce(part)
         return float(part)
 

@@ -3,8 +3,8 @@
 Float32 dot products of length n ~ 1e7 lose about sqrt(n) eps of accuracy (sequential
 accumulation in SIMD lanes), which is enough to shift the Lanczos matrix T by 1e-4
 relative. The certificate's inner products and norms (:func:`dot64`, :func:`norm64`,
-:func:`combo_norm64`) are formed in float64: chunks of the vectors are cast to float64, so
-the extra memory is one float64 chunk of ``CHUNK_ELEMENTS`` elements, never a float64 copy.
+:func:`combo_norm64`, from :mod:`flatlens.core._sums`) are formed in float64 in two reused
+float64 buffers of ``CHUNK_ELEMENTS`` elements, never a float64 copy.
 The reorthogonalization's many products with the basis rows (:func:`rows_dot64`) are summed
 in float32 within chunks of at most ``PROJECT_ELEMENTS / rows`` (at least 4096) elements and
 in float64 across chunks: about 1e-8 relative to ||v|| ||w|| at n = 1.1e7 (a tenth of eps32),
@@ -22,18 +22,16 @@ so the results are the global inner products, the same bytes on every rank.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from flatlens.core._sharding import reduce_max, reduce_sum
+from flatlens.core._sums import CHUNK_ELEMENTS, combo_norm64, dot64, norm64
 
 __all__ = ["Basis", "combo_norm64", "dot64", "max_abs_sign", "norm64", "rows_dot64"]
 
-CHUNK_ELEMENTS = 1 << 20
-"""Elements of a float64 temporary (8 MiB); chunks of the vectors are cast this many at a time."""
 PROJECT_ELEMENTS = 1 << 18
 """Elements of the rows (all rows together) summed in float32 before a float64 sum."""
 
@@ -42,31 +40,6 @@ def _slices(n: int, rows: int = 1) -> Iterator[slice]:
     step = max(4096, CHUNK_ELEMENTS // max(rows, 1))
     for start in range(0, n, step):
         yield slice(start, min(start + step, n))
-
-
-def dot64(a: Tensor, b: Tensor) -> float:
-    """a . b accumulated in float64 (a and b on one device)."""
-    if a.dtype == b.dtype == torch.float64:
-        total = (a @ b).reshape(1)
-    else:
-        total = torch.zeros(1, dtype=torch.float64, device=a.device)
-        for s in _slices(a.numel()):
-            total += a[s].double() @ b[s].double()
-    return float(reduce_sum(total))
-
-
-def norm64(a: Tensor) -> float:
-    """||a|| accumulated in float64."""
-    return math.sqrt(max(dot64(a, a), 0.0))
-
-
-def combo_norm64(w: Tensor, u: Tensor, c: float) -> float:
-    """||w - c u|| with the difference formed and summed in float64."""
-    total = torch.zeros(1, dtype=torch.float64, device=w.device)
-    for s in _slices(w.numel()):
-        d = w[s].double() - c * u[s].double()
-        total += d @ d
-    return math.sqrt(max(float(reduce_sum(total)), 0.0))
 
 
 def rows_dot64(m: Tensor, w: Tensor, *, reduce: bool = True) -> Tensor:

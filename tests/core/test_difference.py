@@ -20,8 +20,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from flatlens import HVPCheckError, Objective, hessian_eigenvalues
-from flatlens.core._difference import MAX_LEVELS
+from flatlens.core._difference import MAX_LEVELS, MAX_QUANTIZATION
 from flatlens.core._sharding import RANDOM_CHUNK, ShardLayout, random_vector, sharded
+from flatlens.measures import _reference
 
 SIZES = [7, 7, 5, 4]
 
@@ -280,26 +281,89 @@ def test_a_sharded_draw_is_the_one_process_draw_restricted_to_the_pieces():
     )
 
 
-def test_difference_products_far_from_quadratic_are_reported_not_silent():
-    """A loss that oscillates over the step (as GPT-2 small's did along its sharpest
-    directions: 5.85 against 1639): the eigenvalue is wrong, and the result says so."""
+class _GentleButOneSharp(torch.nn.Module):
+    """0.5 sum a_i (w_i - 0.9)^2 (a_i in [0.5, 1.5]) plus A s^2 (1 - cos((w_0 - c) / s)):
+    curvature A + a_0 along w_0, which changes over a length s. A step right for a random
+    direction (whose w_0 part is 1/64 of it) crosses many periods along w_0: GPT-2 small in
+    miniature (random directions smooth at steps near 0.3, the sharpest one not beyond 1e-3)."""
 
-    class Wavy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.full((64,), 50.0))
+    def __init__(self, n: int = 4096, sharpness: float = 1000.0, length: float = 1e-2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(1 + 0.1 * torch.randn(n, generator=gen))
+        self.register_buffer("a", 0.5 + torch.rand(n, generator=gen))
+        self.register_buffer("c", self.w.detach()[:1].clone())
+        self.sharpness, self.length = sharpness, length
 
-        def forward(self, x):
-            return self.w
+    def forward(self, x):
+        gentle = 0.5 * (self.a * (self.w - 0.9) ** 2).sum()
+        s = self.length
+        sharp = self.sharpness * s * s * (1 - torch.cos((self.w[:1] - self.c) / s)).sum()
+        return gentle + sharp
+
+
+def test_difference_step_is_checked_along_the_top_ritz_vector(monkeypatch):
+    """The step chosen along the first vector is far too long along the sharp direction:
+    Lanczos first finds a wrong top eigenvalue, the check along its Ritz vector shortens
+    the step, and the rerun finds A + a_0 within its (estimated) bound and 1e-4."""
+    model = _GentleButOneSharp()
+    data = (torch.zeros(1), torch.zeros(1))
 
     def loss(out, y):
-        return torch.cos(300.0 * out).mean() + 1e-3 * (out**2).mean()
+        return out
 
-    model = Wavy()
-    data = (torch.zeros(1), torch.zeros(1))
+    exact = 1000.0 + float(model.a[0])
     obj = Objective(model, loss, data, hvp_method="finite_difference")
+    res = hessian_eigenvalues(obj, 1, tol=1e-4)
+    assert obj._differences.recalibrations >= 1
+    assert abs(res.value - exact) <= float(res.error_bounds[0])
+    assert abs(res.value - exact) <= 1e-4 * exact
+    # With the first vector's step alone it is 2.5% off (within its wide bound): what the
+    # check repairs.
+    monkeypatch.setattr(_reference, "MAX_STEP_REFINEMENTS", 0)
+    once = Objective(model, loss, data, hvp_method="finite_difference")
+    first = hessian_eigenvalues(once, 1, tol=1e-4)
+    assert once._differences.recalibrations == 0
+    assert abs(first.value - exact) > 1e-2 * exact
+
+
+class _Wavy(torch.nn.Module):
+    """cos(f w_i) averaged over 64 coordinates at w_i = 50, where float32's ulp is 3.8e-6."""
+
+    def __init__(self, frequency: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((64,), 50.0))
+        self.frequency = frequency
+
+    def forward(self, x):
+        return torch.cos(self.frequency * self.w).mean() + 1e-3 * (self.w**2).mean()
+
+
+def _wavy_top(frequency: float):
+    model = _Wavy(frequency)
+    data = (torch.zeros(1), torch.zeros(1))
+    obj = Objective(model, lambda out, y: out, data, hvp_method="finite_difference")
+    res = hessian_eigenvalues(obj, 1, tol=1e-3)
+    exact = hessian_eigenvalues(Objective(model.double(), lambda out, y: out, data), 1).value
+    return obj, res, exact
+
+
+def test_difference_step_stays_above_the_float_resolution():
+    """Period 0.02: the walk goes down to steps near 1e-4, but not below what float32 can
+    resolve at w = 50 (there theta +- h u round back to theta, and the product and its error
+    estimate are both exactly zero: 0 +- 0 against 632 before this guard)."""
+    obj, res, exact = _wavy_top(300.0)
+    h = obj._differences.step_length
+    unit = torch.full((64,), 1 / 8.0)
+    assert obj._differences.quantization(obj.theta, unit, h) <= MAX_QUANTIZATION
+    assert res.value > 0 and abs(res.value - exact) <= float(res.error_bounds[0])
+    assert abs(res.value - exact) <= 5e-3 * exact
+
+
+def test_difference_products_far_from_quadratic_are_reported_not_silent():
+    """Period 2e-4, under the shortest step float32 resolves at w = 50: the eigenvalue is
+    wrong, and the result says so."""
     with pytest.warns(RuntimeWarning, match="difference products are unreliable here"):
-        res = hessian_eigenvalues(obj, 1, tol=1e-3)
+        _, res, exact = _wavy_top(3e4)
     assert "unreliable" in res.bound_note and res.bound_kind == "estimate"
-    exact = hessian_eigenvalues(Objective(model.double(), loss, data), 1).value
     assert abs(res.value - exact) > 0.5 * abs(exact)  # the case is one where it is wrong

@@ -120,8 +120,9 @@ class DerivativesMixin:
             self.hvp_note = parent.hvp_note
         self._check_pending = self._check_pending and parent._check_pending
         self.hvp_check = parent.hvp_check
-        self._differences.step_length = parent._differences.step_length
-        self._differences.scale = parent._differences.scale
+        mine, theirs = self._differences, parent._differences
+        mine.step_length, mine.scale = theirs.step_length, theirs.scale
+        mine.calibration_error = theirs.calibration_error
 
     @property
     def products(self) -> dict[str, Any]:
@@ -144,6 +145,14 @@ class DerivativesMixin:
         a unit vector u with product D_h(u) (two more gradients, once per point)."""
         theta = self.point(at)
         return self._differences.error(unit.to(self.dtype), product.to(self.dtype), theta)
+
+    def difference_rounding(self, v: Tensor, at: Tensor | None = None) -> float | None:
+        """The relative error of difference products (choosing the step along v when it is
+        not chosen yet): what an eigensolver can resolve with them. None for exact ones."""
+        if not self.uses_differences:
+            return None
+        theta = self.point(at)
+        return self._differences.relative_error(theta, v.to(self.dtype))
 
     def refine_difference_step(
         self, unit: Tensor, product: Tensor, target: float, at: Tensor | None = None

@@ -219,6 +219,14 @@ class DifferenceProducts:
             return self._choose_step(theta, v / nv).mul_(nv)
         return self.difference(theta, v, self.step(theta), nv)
 
+    def relative_error(self, theta: Tensor, v: Tensor) -> float | None:
+        """The relative error of the products, ||D_h(u) - H u|| / ||H u|| as the step's
+        walk measured it (choosing the step along v first if it is not chosen yet); None
+        for a step given from outside."""
+        if self.step_length is None:
+            self.product(v, theta)
+        return self.calibration_error
+
     def _walk_down(self, theta: Tensor, unit: Tensor, h: float, first: Tensor) -> _Walk:
         """From D_h(unit) = ``first``, try h/3, h/9, ... until the gaps between successive
         products, once settled (within ``SETTLED`` of their size), grow again: truncation
@@ -290,6 +298,8 @@ class DifferenceProducts:
         if walk.gap > error / 2:
             return Refined(error, False)
         self.step_length, self.scale = walk.step, self._scale(theta)
+        size = self.norm(walk.product)
+        self.calibration_error = walk.gap / size if size > 0 else math.inf
         self.recalibrations += 1
         self._error_at = None
         return Refined(walk.gap, True)

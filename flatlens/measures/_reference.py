@@ -203,6 +203,17 @@ MAX_STEP_REFINEMENTS = 3
 """Lanczos runs redone with a shorter difference step, at most."""
 
 
+def _lanczos(op: Operator, v0: Tensor, k: int, **kwargs: Any) -> EigshOutput:
+    """:func:`~flatlens.measures.lanczos_eigsh`; with difference products and no
+    ``rounding`` given, their relative error as the step's walk measured it is passed as
+    the operator's rounding (about 1e-4 in float32), so Lanczos stops where they stop
+    resolving instead of spending its budget there."""
+    objective = op.objective
+    if kwargs.get("rounding") is None and objective is not None:
+        kwargs = {**kwargs, "rounding": objective.difference_rounding(v0, at=op.point)}
+    return lanczos_eigsh(op, v0, k, **kwargs)
+
+
 def _with_checked_step(
     op: Operator, out: EigshOutput, k: int, caught: list, **kwargs: Any
 ) -> EigshOutput:
@@ -227,7 +238,8 @@ def _with_checked_step(
         cert = out.certificate
         if cert is None or (budget is not None and budget - (op.count - used) < 2 * k + 1):
             break
-        target = 0.5 * tol * float(cert.values.abs().max())
+        scale = float(cert.values.abs().max())
+        target = 0.5 * tol * scale
         refined = objective.refine_difference_step(
             out.eigenvectors[0], cert.products[0], target, at=op.point
         )
@@ -235,7 +247,7 @@ def _with_checked_step(
             break
         remaining = None if budget is None else budget - (op.count - used)
         caught.clear()
-        out = lanczos_eigsh(op, out.eigenvectors.sum(0), k, **{**kwargs, "max_matvecs": remaining})
+        out = _lanczos(op, out.eigenvectors.sum(0), k, **{**kwargs, "max_matvecs": remaining})
     return out
 
 
@@ -249,7 +261,7 @@ def certified_lanczos(
     float64 re-evaluation often meets it)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = lanczos_eigsh(op, v0, k, **kwargs)
+        out = _lanczos(op, v0, k, **kwargs)
         out = _with_checked_step(op, out, k, caught, **kwargs)
     which, tol = kwargs.get("which", "LA"), kwargs.get("tol", 1e-4)
     done = finish_certificate(op, out, tol=tol, which=which, certify=certify)

@@ -302,6 +302,7 @@ class _GentleButOneSharp(torch.nn.Module):
         return gentle + sharp
 
 
+@pytest.mark.filterwarnings("ignore:the operator's rounding")
 def test_difference_step_is_checked_along_the_top_ritz_vector(monkeypatch):
     """The step chosen along the first vector is far too long along the sharp direction:
     Lanczos first finds a wrong top eigenvalue, the check along its Ritz vector shortens
@@ -348,6 +349,7 @@ def _wavy_top(frequency: float):
     return obj, res, exact
 
 
+@pytest.mark.filterwarnings("ignore:the operator's rounding")
 def test_difference_step_stays_above_the_float_resolution():
     """Period 0.02: the walk goes down to steps near 1e-4, but not below what float32 can
     resolve at w = 50 (there theta +- h u round back to theta, and the product and its error
@@ -360,6 +362,7 @@ def test_difference_step_stays_above_the_float_resolution():
     assert abs(res.value - exact) <= 5e-3 * exact
 
 
+@pytest.mark.filterwarnings("ignore:the operator's rounding")
 def test_difference_products_far_from_quadratic_are_reported_not_silent():
     """Period 2e-4, under the shortest step float32 resolves at w = 50: the eigenvalue is
     wrong, and the result says so."""

@@ -124,15 +124,14 @@ def _iterate(state: KrylovState, op: Operator, s: _Settings, stop_at: int, delta
             # The allowance the check will measure, before it is known: about
             # 4 sqrt(p) eps ||A|| (the distance of V T y from fresh products).
             guess = ROUNDING_FACTOR * math.sqrt(state.processed) * eps_b * scale
-            d = max(delta or 0.0, guess)
+            known = delta or (s.rounding * scale if s.rounding is not None else 0.0)
+            d = max(known, guess)
             want = order(pairs.values, s.which)[: s.k]
             limit_fn = partial(tolerance_limit, tol=s.tol, scale=scale)
             bounds = error_bounds(pairs.values, pairs.residuals, d, limit_fn)
             limit = tolerance_limit(pairs.values[want], s.tol, scale)
             met = bool((bounds[want] <= STOP_MARGIN * limit).all())
-            met = met or bool(
-                (pairs.residuals[want] <= 0.5 * max(delta or 0.0, 2 * eps_b * scale)).all()
-            )
+            met = met or bool((pairs.residuals[want] <= 0.5 * max(known, 2 * eps_b * scale)).all())
             if (met and (not state.broke or state.processed == s.m)) or state.exhausted:
                 return pairs
             if op.count >= stop_at:

@@ -205,7 +205,7 @@ class DifferenceProducts:
         moved = torch.add(theta, unit, alpha=h).sub_(theta)
         return self.norm(moved.sub_(unit, alpha=h)) / h
 
-    def step(self, theta: Tensor) -> float:
+    def step(self) -> float:
         """The step length h (after it was chosen)."""
         assert self.step_length is not None
         return self.step_length
@@ -217,7 +217,7 @@ class DifferenceProducts:
             return torch.zeros_like(v) if nv == 0 else v * math.nan
         if self.step_length is None:
             return self._choose_step(theta, v / nv).mul_(nv)
-        return self.difference(theta, v, self.step(theta), nv)
+        return self.difference(theta, v, self.step(), nv)
 
     def relative_error(self, theta: Tensor, v: Tensor) -> float | None:
         """The relative error of the products, ||D_h(u) - H u|| / ||H u|| as the step's
@@ -225,7 +225,8 @@ class DifferenceProducts:
         for a step given from outside."""
         if self.step_length is None:
             self.product(v, theta)
-        return self.calibration_error
+        error = self.calibration_error
+        return error if error is not None and math.isfinite(error) else None
 
     def _walk_down(self, theta: Tensor, unit: Tensor, h: float, first: Tensor) -> _Walk:
         """From D_h(unit) = ``first``, try h/3, h/9, ... until the gaps between successive
@@ -233,8 +234,9 @@ class DifferenceProducts:
         falls 9-fold per level, rounding grows 3-fold. Before they settle, the step is
         still too long for the direction (GPT-2 small along its gradient: the product grows
         100-fold from h_0 to h_0/81) and the gaps may grow too. The step kept is the finer
-        one of the closest pair."""
-        prev, best, last, levels = first, None, math.inf, 0
+        one of the closest pair (h itself, with an infinite gap, when no shorter step
+        resolves)."""
+        prev, best, last, levels = first, _Walk(math.inf, h, first, 0), math.inf, 0
         for _ in range(1, MAX_LEVELS):
             h /= WALK_FACTOR
             if self.quantization(theta, unit, h) > MAX_QUANTIZATION:
@@ -242,12 +244,11 @@ class DifferenceProducts:
             cur = self.difference(theta, unit, h)
             levels += 1
             gap = self.norm(cur - prev)
-            if best is None or gap < best.gap:
+            if gap < best.gap:
                 best = _Walk(gap, h, cur, levels)
             if gap > 2 * last and gap <= SETTLED * self.norm(cur):
                 break  # settled, and the rounding now grows faster than the truncation falls
             last, prev = gap, cur
-        assert best is not None
         best.levels = levels
         return best
 
@@ -260,14 +261,14 @@ class DifferenceProducts:
         self.levels_tried = walk.levels + 1
         self.step_length, self.scale = walk.step, scale
         size = self.norm(walk.product)
-        self.calibration_error = walk.gap / size if size > 0 else math.inf
+        self.calibration_error = walk.gap / size if size > 0 else None
         return walk.product
 
     def error(self, unit: Tensor, product: Tensor, theta: Tensor) -> float:
         """||D_rh(u) - D_h(u)|| (r = sqrt 3) for a unit vector u whose product D_h(u) is
         ``product``: the Richardson estimate of its error (twice its truncation, plus the
         roundings of both), taken once per point and step (cached)."""
-        h = self.step(theta)
+        h = self.step()
         cached = self._error_at
         if cached is not None and cached[1] == h and torch.equal(cached[0], theta):
             return cached[2]
@@ -292,14 +293,13 @@ class DifferenceProducts:
         error = self.error(unit, product, theta)
         if error <= target:
             return Refined(error, False)
-        h = self.step(theta)
-        walk = self._walk_down(theta, unit, h, product)
+        walk = self._walk_down(theta, unit, self.step(), product)
         self.levels_tried += walk.levels
         if walk.gap > error / 2:
             return Refined(error, False)
         self.step_length, self.scale = walk.step, self._scale(theta)
         size = self.norm(walk.product)
-        self.calibration_error = walk.gap / size if size > 0 else math.inf
+        self.calibration_error = walk.gap / size if size > 0 else None
         self.recalibrations += 1
         self._error_at = None
         return Refined(walk.gap, True)

@@ -20,7 +20,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from flatlens import HVPCheckError, Objective, hessian_eigenvalues
-from flatlens.core._difference import MAX_LEVELS, MAX_QUANTIZATION
+from flatlens.core import _difference
+from flatlens.core._difference import MAX_LEVELS, MAX_QUANTIZATION, SETTLED
 from flatlens.core._sharding import RANDOM_CHUNK, ShardLayout, random_vector, sharded
 from flatlens.measures import _reference
 
@@ -300,6 +301,26 @@ class _GentleButOneSharp(torch.nn.Module):
         s = self.length
         sharp = self.sharpness * s * s * (1 - torch.cos((self.w[:1] - self.c) / s)).sum()
         return gentle + sharp
+
+
+@pytest.mark.parametrize("settled", [SETTLED, math.inf])
+def test_difference_step_walks_past_the_products_growth(monkeypatch, settled):
+    """Along a vector mostly on the sharp coordinate the product grows as the step shrinks
+    (the step first crosses many periods of the sharp term), as along GPT-2 small's
+    gradient: the walk must not take that growth for rounding. With the rule that stopped
+    at the first growing gap (``SETTLED`` = inf) the product is 98% off."""
+    monkeypatch.setattr(_difference, "SETTLED", settled)
+    model = _GentleButOneSharp(length=1e-3)
+    data = (torch.zeros(1), torch.zeros(1))
+    u = 0.02 * torch.randn(model.w.numel(), generator=torch.Generator().manual_seed(3))
+    u[0] = 1.0
+    exact = Objective(model, lambda o, y: o, data, check_hvp=False).hvp(u)
+    obj = Objective(model, lambda o, y: o, data, hvp_method="finite_difference")
+    error = float((obj.hvp(u) - exact).norm() / exact.norm())
+    if settled == SETTLED:
+        assert error < 1e-3
+    else:
+        assert error > 0.5
 
 
 @pytest.mark.filterwarnings("ignore:the operator's rounding")

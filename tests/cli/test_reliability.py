@@ -339,7 +339,9 @@ def test_sigint_to_a_real_training_run_is_one_line(tmp_path):
     line after the progress bar, no traceback, and the run can be resumed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("FLATLENS_DEBUG", None)
-    argv = [sys.executable, "-m", "flatlens", "train", "--epochs", "50", "--out", "o"]
+    # Far more epochs than the signal needs: 50 took under a second on a fast machine, and a
+    # loaded CI runner could finish them between reading the bar and sending the signal.
+    argv = [sys.executable, "-m", "flatlens", "train", "--epochs", "20000", "--out", "o"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.read(1)  # the first progress bar: the command is running
     proc.send_signal(signal.SIGINT)

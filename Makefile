@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m flatlens demo --out demo_out --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist worksteal
+	FLATLENS_NO_SKIPS=1 $(BIN)/python -m pytest -n auto --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check flatlens tests benchmarks examples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -73,3 +74,19 @@ def _fixed_global_seed():
     """Tests draw their own data from explicit generators; pin the global RNG anyway."""
     torch.manual_seed(1234)
     yield
+
+
+# `make test` installs every extra (models, lightning, transformers, tensorboard, docs) and
+# sets FLATLENS_NO_SKIPS=1: there a skip (a missing optional package, no /proc, no browser)
+# would hide a broken integration, so it fails the test instead, with the skip's reason.
+NO_SKIPS = os.environ.get("FLATLENS_NO_SKIPS") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped where FLATLENS_NO_SKIPS=1 (make test): {reason}"

@@ -40,28 +40,22 @@ def _int_at_least(least: int, what: str = "an integer") -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    """An option type: a finite number > 0."""
-    try:
-        return check_positive("value", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+def _checked_float(check: Callable[[str, float], float], what: str) -> Callable[[str], float]:
+    """An option type: a float that passes ``check`` (a ``flatlens.core._checks`` check),
+    refused as "expected <what>" otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            return check("value", float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
 
 
-def _nonnegative_float(text: str) -> float:
-    """An option type: a finite number >= 0."""
-    try:
-        return check_nonnegative("value", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-
-
-def _fraction(text: str) -> float:
-    """An option type: a number in [0, 1]."""
-    try:
-        return check_fraction("value", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+_positive_float = _checked_float(check_positive, "a finite number > 0")
+_nonnegative_float = _checked_float(check_nonnegative, "a finite number >= 0")
+_fraction = _checked_float(check_fraction, "a number in [0, 1]")
 
 
 def _grid_points(text: str) -> int:

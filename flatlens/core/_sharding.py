@@ -121,19 +121,26 @@ def reduce_max(t: Tensor) -> Tensor:
 
 def vector_norm(x: Tensor, ord: float = 2) -> Tensor:
     """||x||_ord in float64 (a 0-d tensor on x's device) for ord 1, 2 or inf, over all
-    ranks' pieces under a sharded layout."""
-    x = x.detach().to(torch.float64)
-    layout = current_layout()
-    if layout is None:
-        return torch.linalg.vector_norm(x, ord=ord)
+    ranks' pieces under a sharded layout. Sums run in float64 chunk by chunk, never on a
+    float64 copy of x (for 1e8 entries its allocation costs ten times the sum)."""
+    # _sums builds on this module's reduce_sum, hence the import here.
+    from flatlens.core._sums import CHUNK_ELEMENTS, norm64
+
+    x = x.detach().reshape(-1)
+    f64 = {"dtype": torch.float64, "device": x.device}
+    if ord == 2:
+        return torch.tensor(norm64(x), **f64)
     if ord == math.inf:
-        part = x.abs().max().reshape(1) if x.numel() else x.new_zeros(1)
-        return layout.all_reduce(part, "max")[0]
+        part = x.abs().max().to(torch.float64).reshape(1) if x.numel() else torch.zeros(1, **f64)
+        return reduce_max(part)[0]
     if ord == 1:
-        return layout.all_reduce(x.abs().sum().reshape(1))[0]
-    if ord != 2:
+        part = torch.zeros(1, **f64)
+        for start in range(0, x.numel(), CHUNK_ELEMENTS):
+            part += x[start : start + CHUNK_ELEMENTS].abs().sum(dtype=torch.float64)
+        return reduce_sum(part)[0]
+    if current_layout() is not None:
         raise ValueError(f"ord must be 1, 2 or inf, not {ord!r}")
-    return layout.all_reduce((x @ x).reshape(1))[0].clamp_min(0).sqrt()
+    return torch.linalg.vector_norm(x.to(torch.float64), ord=ord)
 
 
 def any_rank(flag: bool) -> bool:

@@ -19,7 +19,7 @@ import threading
 import torch
 from torch import Tensor
 
-from flatlens.core._sharding import reduce_sum
+from flatlens.core._sharding import reduce_max, reduce_sum
 
 __all__ = ["CHUNK_ELEMENTS", "combo_norm64", "dot64", "norm64"]
 
@@ -66,16 +66,32 @@ def dot64(a: Tensor, b: Tensor, *, reduce: bool = True) -> float:
 
 
 def norm64(a: Tensor, *, reduce: bool = True) -> float:
-    """||a|| = sqrt(sum_i a_i^2) with the squares and the sum in float64."""
+    """||a|| = sqrt(sum_i a_i^2) with the squares and the sum in float64; a vector whose
+    squares overflow float64 (entries near 1e154 and above) is scaled by its largest
+    entry first, so only a norm that is itself beyond float64 is infinite."""
     a = a.detach().reshape(-1)
+    value = math.sqrt(max(_sum_of_squares(a, 1.0, reduce), 0.0))
+    if math.isinf(value):
+        peak = a.abs().max().to(torch.float64).reshape(1) if a.numel() else torch.zeros(1)
+        peak = float(reduce_max(peak) if reduce else peak)
+        if math.isfinite(peak) and peak > 0:
+            value = peak * math.sqrt(max(_sum_of_squares(a, peak, reduce), 0.0))
+    return value
+
+
+def _sum_of_squares(a: Tensor, scale: float, reduce: bool) -> float:
+    """sum_i (a_i / scale)^2 in float64."""
     if a.dtype == torch.float64:
-        return math.sqrt(max(_reduced((a @ a).reshape(1), reduce), 0.0))
+        scaled = a if scale == 1.0 else a / scale
+        return _reduced((scaled @ scaled).reshape(1), reduce)
     x, _ = _buffers(a.device)
     total = torch.zeros(1, dtype=torch.float64, device=a.device)
     for start, stop in _chunks(a.numel()):
         xs = x[: stop - start].copy_(a[start:stop])
+        if scale != 1.0:
+            xs.div_(scale)
         total += xs @ xs
-    return math.sqrt(max(_reduced(total, reduce), 0.0))
+    return _reduced(total, reduce)
 
 
 def combo_norm64(w: Tensor, u: Tensor, c: float, *, reduce: bool = True) -> float:

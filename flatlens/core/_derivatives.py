@@ -126,7 +126,8 @@ class DerivativesMixin:
 
     @property
     def products(self) -> dict[str, Any]:
-        """How products are made: ``{"hvp_method", "requested", "note", "step"}``."""
+        """How products are made: ``{"hvp_method", "requested", "note", "relative_step"}``
+        (the difference step over ||theta||, None for exact products)."""
         step = self._differences.relative_step
         return {
             "hvp_method": self.hvp_method_used,
@@ -141,8 +142,9 @@ class DerivativesMixin:
         return self._switched
 
     def difference_error(self, unit: Tensor, product: Tensor, at: Tensor | None = None) -> float:
-        """The Richardson estimate ||D_2h(u) - D_h(u)|| of a difference product's error for
-        a unit vector u with product D_h(u) (two more gradients, once per point)."""
+        """The Richardson estimate ||D_rh(u) - D_h(u)|| (r = sqrt 3) of a difference
+        product's error for a unit vector u with product D_h(u) (two more gradients, once
+        per point, vector and step)."""
         theta = self.point(at)
         return self._differences.error(unit.to(self.dtype), product.to(self.dtype), theta)
 

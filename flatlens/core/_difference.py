@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatlens.core._sharding import random_vector
+from flatlens.core._sharding import any_rank, random_vector
 
 __all__ = ["CheckVerdict", "DifferenceProducts", "HVPCheckError", "Refined", "cached_verdict"]
 
@@ -166,7 +166,7 @@ class DifferenceProducts:
     calibration_error: float | None = None
     levels_tried: int = 0
     recalibrations: int = 0
-    _error_at: tuple[Tensor, float, float] | None = None
+    _error_at: tuple[Tensor, Tensor, float, float] | None = None
     _buffer: Tensor | None = None
 
     @property
@@ -267,14 +267,17 @@ class DifferenceProducts:
     def error(self, unit: Tensor, product: Tensor, theta: Tensor) -> float:
         """||D_rh(u) - D_h(u)|| (r = sqrt 3) for a unit vector u whose product D_h(u) is
         ``product``: the Richardson estimate of its error (twice its truncation, plus the
-        roundings of both), taken once per point and step (cached)."""
+        roundings of both), taken once per point, vector and step (cached: the step's
+        re-check and the bound ask for it along the same top Ritz vector)."""
         h = self.step()
         cached = self._error_at
-        if cached is not None and cached[1] == h and torch.equal(cached[0], theta):
-            return cached[2]
+        if cached is not None and cached[2] == h:
+            same = torch.equal(cached[0], theta) and torch.equal(cached[1], unit)
+            if not any_rank(not same):  # every rank holds a part of theta and u
+                return cached[3]
         wide = self.difference(theta, unit, RICHARDSON_RATIO * h)
         value = self.norm(wide - product)
-        self._error_at = (theta.clone(), h, value)
+        self._error_at = (theta.clone(), unit.clone(), h, value)
         return value
 
     def refine(self, unit: Tensor, product: Tensor, theta: Tensor, target: float) -> Refined:
@@ -295,7 +298,8 @@ class DifferenceProducts:
             return Refined(error, False)
         walk = self._walk_down(theta, unit, self.step(), product)
         self.levels_tried += walk.levels
-        if walk.gap > error / 2:
+        worse = math.inf if math.isnan(error) else error / 2  # a NaN estimate as inf
+        if walk.step == self.step() or not walk.gap <= worse:
             return Refined(error, False)
         self.step_length, self.scale = walk.step, self._scale(theta)
         size = self.norm(walk.product)

@@ -72,7 +72,8 @@ def norm64(a: Tensor, *, reduce: bool = True) -> float:
     a = a.detach().reshape(-1)
     value = math.sqrt(max(_sum_of_squares(a, 1.0, reduce), 0.0))
     if math.isinf(value):
-        peak = a.abs().max().to(torch.float64).reshape(1) if a.numel() else torch.zeros(1)
+        zero = torch.zeros(1, dtype=torch.float64, device=a.device)
+        peak = a.abs().max().to(torch.float64).reshape(1) if a.numel() else zero
         peak = float(reduce_max(peak) if reduce else peak)
         if math.isfinite(peak) and peak > 0:
             value = peak * math.sqrt(max(_sum_of_squares(a, peak, reduce), 0.0))

@@ -215,7 +215,7 @@ def _lanczos(op: Operator, v0: Tensor, k: int, **kwargs: Any) -> EigshOutput:
 
 
 def _with_checked_step(
-    op: Operator, out: EigshOutput, k: int, caught: list, **kwargs: Any
+    op: Operator, out: EigshOutput, k: int, caught: list, begin: int, **kwargs: Any
 ) -> EigshOutput:
     """Difference products: check the step along the top Ritz vector and, while a shorter
     step is clearly better there, run Lanczos again with it.
@@ -227,16 +227,16 @@ def _with_checked_step(
     bound needs it anyway); above half the tolerance the step walks down, and when a
     shorter step's products agree far better, Lanczos restarts from the k Ritz vectors with
     it (the warnings ``caught`` from the runs before are dropped). Nothing happens for
-    exact products."""
+    exact products. The reruns share ``max_matvecs`` with the first run, which started
+    at the operator's count ``begin``."""
     objective = op.objective
     if objective is None or not objective.uses_differences:
         return out
     tol = kwargs.get("tol", 1e-4)
     budget = kwargs.get("max_matvecs")
-    used = op.count
     for _ in range(MAX_STEP_REFINEMENTS):
         cert = out.certificate
-        if cert is None or (budget is not None and budget - (op.count - used) < 2 * k + 1):
+        if cert is None or (budget is not None and budget - (op.count - begin) < 2 * k + 1):
             break
         scale = float(cert.values.abs().max())
         target = 0.5 * tol * scale
@@ -245,7 +245,7 @@ def _with_checked_step(
         )
         if not refined.changed:
             break
-        remaining = None if budget is None else budget - (op.count - used)
+        remaining = None if budget is None else budget - (op.count - begin)
         caught.clear()
         out = _lanczos(op, out.eigenvectors.sum(0), k, **{**kwargs, "max_matvecs": remaining})
     return out
@@ -261,8 +261,9 @@ def certified_lanczos(
     float64 re-evaluation often meets it)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        begin = op.count
         out = _lanczos(op, v0, k, **kwargs)
-        out = _with_checked_step(op, out, k, caught, **kwargs)
+        out = _with_checked_step(op, out, k, caught, begin, **kwargs)
     which, tol = kwargs.get("which", "LA"), kwargs.get("tol", 1e-4)
     done = finish_certificate(op, out, tol=tol, which=which, certify=certify)
     for w in caught:

@@ -391,3 +391,62 @@ def test_difference_products_far_from_quadratic_are_reported_not_silent():
         _, res, exact = _wavy_top(3e4)
     assert "unreliable" in res.bound_note and res.bound_kind == "estimate"
     assert abs(res.value - exact) > 0.5 * abs(exact)  # the case is one where it is wrong
+
+
+@pytest.mark.filterwarnings("ignore:the operator's rounding")
+def test_step_reruns_share_the_product_budget(monkeypatch):
+    """Lanczos reruns with a shorter step spend what the first run left of max_hvps."""
+    model, x, y = smooth_case()
+    obj = Objective(model, F.cross_entropy, (x, y), hvp_method="finite_difference")
+    stale = _difference.Refined(0.0, True)
+    monkeypatch.setattr(type(obj), "refine_difference_step", lambda *a, **k: stale)
+    res = hessian_eigenvalues(obj, 1, tol=1e-14, max_hvps=12)
+    assert res.num_hvps <= 12
+
+
+class _Quartic(torch.nn.Module):
+    """L(theta) = sum_i w_i theta_i^4: the difference error differs from direction to
+    direction (w_0 = 1e4, the others 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.full((4,), 0.5, dtype=torch.float64))
+        self.register_buffer("w", torch.tensor([1e4, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+    def forward(self, x):
+        return (self.w * self.theta**4).sum() + 0 * x.sum()
+
+
+def test_the_difference_error_is_cached_per_vector():
+    model = _Quartic()
+    data = (torch.zeros(1, dtype=torch.float64), torch.zeros(1))
+    obj = Objective(model, lambda out, y: out, data, hvp_method="finite_difference")
+    e0, e1 = torch.eye(4, dtype=torch.float64)[:2]
+    gentle = obj.difference_error(e1, obj.hvp(e1))
+    sharp = obj.difference_error(e0, obj.hvp(e0))
+    assert sharp > 1e3 * gentle  # not the gentle direction's cached estimate
+    fresh = Objective(model, lambda out, y: out, data, hvp_method="finite_difference")
+    fresh._differences.step_length = obj._differences.step_length
+    fresh._differences.scale = obj._differences.scale
+    assert sharp == fresh.difference_error(e0, fresh.hvp(e0))
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_error_estimate(monkeypatch, bad):
+    """A NaN or infinite Richardson estimate (a NaN gradient at the wider step): a shorter
+    step that resolves is taken; with none (the walk keeps h), nothing changes."""
+    model, x, y = smooth_case()
+    obj = Objective(model, F.cross_entropy, (x, y), hvp_method="finite_difference")
+    v = torch.linspace(-1, 1, obj.num_params, dtype=torch.float64)
+    unit = v / v.norm()
+    product = obj.hvp(unit)
+    diffs = obj._differences
+    step = diffs.step()
+    monkeypatch.setattr(_difference.DifferenceProducts, "error", lambda *a: bad)
+    refined = obj.refine_difference_step(unit, product, 1e-12)
+    assert refined.changed and diffs.step() < step and math.isfinite(refined.error)
+    step = diffs.step()
+    stuck = _difference._Walk(math.inf, step, product, 0)
+    monkeypatch.setattr(_difference.DifferenceProducts, "_walk_down", lambda *a: stuck)
+    refined = obj.refine_difference_step(unit, product, 1e-12)
+    assert not refined.changed and diffs.step() == step and diffs.recalibrations == 1

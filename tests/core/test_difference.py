@@ -450,3 +450,15 @@ def test_a_non_finite_error_estimate(monkeypatch, bad):
     monkeypatch.setattr(_difference.DifferenceProducts, "_walk_down", lambda *a: stuck)
     refined = obj.refine_difference_step(unit, product, 1e-12)
     assert not refined.changed and diffs.step() == step and diffs.recalibrations == 1
+
+
+def test_the_eigen_start_chooses_the_step_along_the_gradient_once():
+    from flatlens.measures._starts import curvature_directions
+
+    model, x, y = smooth_case()
+    obj = Objective(model, F.cross_entropy, (x, y), hvp_method="finite_difference")
+    theta = obj.point()
+    curvature_directions(obj, theta, 1, generator=torch.Generator().manual_seed(0))
+    assert obj.counts["gradient"] == 1 and obj.products["relative_step"] is not None
+    curvature_directions(obj, theta, 1, generator=torch.Generator().manual_seed(0))
+    assert obj.counts["gradient"] == 1  # the step is kept: no second gradient

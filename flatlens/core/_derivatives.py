@@ -148,13 +148,21 @@ class DerivativesMixin:
         theta = self.point(at)
         return self._differences.error(unit.to(self.dtype), product.to(self.dtype), theta)
 
-    def difference_rounding(self, v: Tensor, at: Tensor | None = None) -> float | None:
-        """The relative error of difference products (choosing the step along v when it is
-        not chosen yet): what an eigensolver can resolve with them. None for exact ones."""
+    def difference_rounding(
+        self, v: Tensor | None = None, at: Tensor | None = None
+    ) -> float | None:
+        """The relative error of difference products: what an eigensolver can resolve with
+        them. None for exact ones. When the step is not chosen yet it is chosen along v, or
+        along grad L (one gradient, taken only then) when v is None: the direction of an
+        ascent's own products, far sharper than a random one."""
         if not self.uses_differences:
             return None
         theta = self.point(at)
-        return self._differences.relative_error(theta, v.to(self.dtype))
+
+        def direction() -> Tensor:
+            return self.gradient(at=theta) if v is None else v.to(self.dtype)
+
+        return self._differences.relative_error(theta, direction)
 
     def refine_difference_step(
         self, unit: Tensor, product: Tensor, target: float, at: Tensor | None = None

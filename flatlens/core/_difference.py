@@ -219,12 +219,12 @@ class DifferenceProducts:
             return self._choose_step(theta, v / nv).mul_(nv)
         return self.difference(theta, v, self.step(), nv)
 
-    def relative_error(self, theta: Tensor, v: Tensor) -> float | None:
+    def relative_error(self, theta: Tensor, direction: Callable[[], Tensor]) -> float | None:
         """The relative error of the products, ||D_h(u) - H u|| / ||H u|| as the step's
-        walk measured it (choosing the step along v first if it is not chosen yet); None
-        for a step given from outside."""
+        walk measured it (choosing the step along ``direction()`` first if it is not chosen
+        yet: the vector is only formed then); None for a step given from outside."""
         if self.step_length is None:
-            self.product(v, theta)
+            self.product(direction(), theta)
         error = self.calibration_error
         return error if error is not None and math.isfinite(error) else None
 
@@ -259,10 +259,14 @@ class DifferenceProducts:
         h = self.eps ** (1 / 3) * scale
         walk = self._walk_down(theta, unit, h, self.difference(theta, unit, h))
         self.levels_tried = walk.levels + 1
+        self._adopt(walk, scale)
+        return walk.product
+
+    def _adopt(self, walk: _Walk, scale: float) -> None:
+        """Take the walk's step for every later product, with its measured relative error."""
         self.step_length, self.scale = walk.step, scale
         size = self.norm(walk.product)
         self.calibration_error = walk.gap / size if size > 0 else None
-        return walk.product
 
     def error(self, unit: Tensor, product: Tensor, theta: Tensor) -> float:
         """||D_rh(u) - D_h(u)|| (r = sqrt 3) for a unit vector u whose product D_h(u) is
@@ -301,9 +305,7 @@ class DifferenceProducts:
         worse = math.inf if math.isnan(error) else error / 2  # a NaN estimate as inf
         if walk.step == self.step() or not walk.gap <= worse:
             return Refined(error, False)
-        self.step_length, self.scale = walk.step, self._scale(theta)
-        size = self.norm(walk.product)
-        self.calibration_error = walk.gap / size if size > 0 else None
+        self._adopt(walk, self._scale(theta))
         self.recalibrations += 1
         self._error_at = None
         return Refined(walk.gap, True)

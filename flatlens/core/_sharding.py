@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,6 @@ __all__ = [
     "reduce_max",
     "reduce_sum",
     "sharded",
-    "vector_norm",
 ]
 
 RANDOM_CHUNK = 1 << 16
@@ -117,30 +115,6 @@ def reduce_max(t: Tensor) -> Tensor:
     """``t`` maximized over the ranks of the current layout (in place), or ``t`` itself."""
     layout = current_layout()
     return t if layout is None else layout.all_reduce(t, "max")
-
-
-def vector_norm(x: Tensor, ord: float = 2) -> Tensor:
-    """||x||_ord in float64 (a 0-d tensor on x's device) for ord 1, 2 or inf, over all
-    ranks' pieces under a sharded layout. Sums run in float64 chunk by chunk, never on a
-    float64 copy of x (for 1e8 entries its allocation costs ten times the sum)."""
-    # _sums builds on this module's reduce_sum, hence the import here.
-    from flatlens.core._sums import CHUNK_ELEMENTS, norm64
-
-    x = x.detach().reshape(-1)
-    f64 = {"dtype": torch.float64, "device": x.device}
-    if ord == 2:
-        return torch.tensor(norm64(x), **f64)
-    if ord == math.inf:
-        part = x.abs().max().to(torch.float64).reshape(1) if x.numel() else torch.zeros(1, **f64)
-        return reduce_max(part)[0]
-    if ord == 1:
-        part = torch.zeros(1, **f64)
-        for start in range(0, x.numel(), CHUNK_ELEMENTS):
-            part += x[start : start + CHUNK_ELEMENTS].abs().sum(dtype=torch.float64)
-        return reduce_sum(part)[0]
-    if current_layout() is not None:
-        raise ValueError(f"ord must be 1, 2 or inf, not {ord!r}")
-    return torch.linalg.vector_norm(x.to(torch.float64), ord=ord)
 
 
 def any_rank(flag: bool) -> bool:

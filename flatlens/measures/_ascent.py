@@ -30,7 +30,7 @@ from flatlens.core._errors import NonFiniteLossError
 from flatlens.core._objective import Objective
 from flatlens.core._params import preserved
 from flatlens.core._results import MeasureResult
-from flatlens.core._sharding import vector_norm
+from flatlens.core._sums import vector_norm
 from flatlens.measures._apgd import AscentFn, AscentResult, multi_start_ascent
 from flatlens.measures._ball import Ball
 from flatlens.measures._config import AscentConfig, check_init

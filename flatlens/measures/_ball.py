@@ -22,7 +22,8 @@ from torch import Tensor
 
 from flatlens.core._checks import check_nonnegative, check_rho
 from flatlens.core._errors import NonFiniteLossError
-from flatlens.core._sharding import any_rank, random_vector, reduce_sum, vector_norm
+from flatlens.core._sharding import any_rank, random_vector, reduce_sum
+from flatlens.core._sums import vector_norm
 
 __all__ = ["NORMS", "Ball", "Norm", "check_norm"]
 

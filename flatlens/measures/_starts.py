@@ -51,15 +51,10 @@ def curvature_directions(
         return scale * objective.hvp(scale * v, at=theta)
 
     v0 = random_vector(objective.num_params, generator)
-    rounding = None
-    if objective.uses_differences:
-        # The step is chosen along the gradient, the direction of the ascent's own products
-        # (a random vector is far flatter: on GPT-2 small its step misses the sharpest
-        # directions), and Lanczos stops where the differences stop resolving. Once chosen,
-        # the step is kept and the vector is not used.
-        chosen = objective.products["relative_step"] is not None
-        along = v0.to(objective.device, objective.dtype) if chosen else objective.gradient(at=theta)
-        rounding = objective.difference_rounding(along, at=theta)
+    # Difference products: Lanczos stops where they stop resolving, and their step, when not
+    # chosen yet, is chosen along the gradient (a random vector is far flatter: on GPT-2
+    # small its step misses the sharpest directions).
+    rounding = objective.difference_rounding(at=theta)
     out = lanczos_eigsh(
         matvec,
         v0.to(objective.device, objective.dtype),
